@@ -1,0 +1,1 @@
+"""The checklist's diagnostics, one package per stage: data/, model/, training/."""

@@ -1,0 +1,34 @@
+"""Diagnostics by name, in the checklist's order (data -> model -> training -> hyperparameters).
+
+Each module exposes a frozen ``Settings`` dataclass (its config is ``diagnostics.<name>``, file
+``harness/conf/diagnostics/<name>/default.yaml``) and ``run(ctx, settings) -> Outcome``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from harness.errors import HarnessError
+
+# name -> (module, checklist stage). Order matters: later diagnostics use what earlier ones share
+# (seeds gives the noise floor that controls, lr_range and capacity compare against).
+DIAGNOSTICS: dict[str, tuple[str, str]] = {
+    "data": ("harness.checks.data", "data"),
+    "model": ("harness.checks.model", "model"),
+    "overfit_batch": ("harness.checks.training.overfit_batch", "training"),
+    "seeds": ("harness.checks.training.seeds", "training"),
+    "controls": ("harness.checks.training.controls", "training"),
+    "lr_range": ("harness.checks.training.lr_range", "hyperparameters"),
+    "capacity": ("harness.checks.training.capacity", "hyperparameters"),
+}
+
+
+def diagnostic_module(name: str) -> ModuleType:
+    if name not in DIAGNOSTICS:
+        raise HarnessError(f"unknown diagnostic {name!r}; valid: {', '.join(DIAGNOSTICS)}", key="diagnostics.run")
+    return importlib.import_module(DIAGNOSTICS[name][0])
+
+
+def stage(name: str) -> str:
+    return DIAGNOSTICS[name][1]

@@ -1,0 +1,1 @@
+"""Training diagnostics: sweeps run as vmapped, jit-compiled programs (harness.engine)."""

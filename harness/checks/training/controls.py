@@ -1,0 +1,13 @@
+"""controls (placeholder: being implemented)."""
+import dataclasses
+
+from harness.checks.base import Outcome
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    enabled_note: str = ""
+
+
+def run(ctx, settings) -> Outcome:
+    return Outcome("controls", skipped="not implemented yet")

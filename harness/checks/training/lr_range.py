@@ -1,0 +1,13 @@
+"""lr_range (placeholder: being implemented)."""
+import dataclasses
+
+from harness.checks.base import Outcome
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    enabled_note: str = ""
+
+
+def run(ctx, settings) -> Outcome:
+    return Outcome("lr_range", skipped="not implemented yet")

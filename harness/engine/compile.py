@@ -1,0 +1,97 @@
+"""Compiled programs, counted and timed.
+
+Every diagnostic runs through ``compiled(name, fn, *args)``: it lowers and compiles ``fn`` once per (name, input
+shapes/dtypes/shardings, static options) and reuses the executable afterwards, so diagnostics that share a program
+shape share its compile. It records how many compiles happened and how long compiling vs running took; the report
+and ``scripts/bench.py`` print those figures, and tests assert "no recompile on a second call".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any, Callable
+
+import jax
+
+
+@dataclasses.dataclass
+class ProgramStats:
+    compiles: int = 0
+    compile_seconds: float = 0.0
+    run_seconds: float = 0.0
+    by_program: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+
+    def add(self, name: str, field: str, value: float):
+        entry = self.by_program.setdefault(name, {"compiles": 0, "compile_seconds": 0.0, "run_seconds": 0.0})
+        entry[field] += value
+
+
+STATS = ProgramStats()
+_CACHE: dict[Any, Any] = {}
+
+
+def _signature(args) -> Any:
+    leaves, treedef = jax.tree.flatten(args)
+    return treedef, tuple(
+        (getattr(x, "shape", None), str(getattr(x, "dtype", type(x))), str(getattr(x, "sharding", "")))
+        for x in leaves
+    )
+
+
+def compiled(name: str, fn: Callable, *args, static_key: Any = None, opt_level: int | None = None):
+    """The compiled executable of ``jax.jit(fn)`` for these arguments, from cache when the shapes were seen before.
+
+    ``static_key`` must identify everything ``fn`` closes over that changes its program (a frozen spec).
+    ``opt_level`` sets XLA's backend optimization level: 0 compiles several times faster and runs slower, the
+    right trade for short diagnostics on a CPU (see ../shared/ECOSYSTEM.md); None keeps XLA's default.
+    """
+    # The name is only a label for the statistics: two diagnostics that build the same program share it.
+    key = (static_key, opt_level, _signature(args))
+    exe = _CACHE.get(key)
+    if exe is None:
+        start = time.perf_counter()
+        lowered = jax.jit(fn).lower(*args)
+        options = {"xla_backend_optimization_level": opt_level} if opt_level is not None else None
+        exe = lowered.compile(options) if options else lowered.compile()
+        elapsed = time.perf_counter() - start
+        STATS.compiles += 1
+        STATS.compile_seconds += elapsed
+        STATS.add(name, "compiles", 1)
+        STATS.add(name, "compile_seconds", elapsed)
+        _CACHE[key] = exe
+    return exe
+
+
+def run(name: str, fn: Callable, *args, static_key: Any = None, opt_level: int | None = None):
+    """Compile (or reuse) and execute, blocking until the result is ready so the timing is honest."""
+    exe = compiled(name, fn, *args, static_key=static_key, opt_level=opt_level)
+    start = time.perf_counter()
+    out = jax.block_until_ready(exe(*args))
+    elapsed = time.perf_counter() - start
+    STATS.run_seconds += elapsed
+    STATS.add(name, "run_seconds", elapsed)
+    return out
+
+
+def clear_cache():
+    """Forget compiled executables (tests use this to count compiles from a clean slate)."""
+    _CACHE.clear()
+
+
+def enable_persistent_cache(directory: str | None):
+    """Turn on JAX's persistent compilation cache so a second process skips XLA compiles.
+
+    ``JAX_COMPILATION_CACHE_DIR`` (JAX's own variable) wins over the config key, as users of JAX expect.
+    """
+    directory = os.environ.get("JAX_COMPILATION_CACHE_DIR") or directory
+    if not directory:
+        return None
+    directory = os.path.expanduser(directory)
+    os.makedirs(directory, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    # Cache every program: ours are small and compile in about a second, below JAX's default 1 s threshold.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return directory

@@ -1,0 +1,354 @@
+"""The training engine: one pure, jit-compiled training program, vmapped over the members of a sweep.
+
+A *member* is one training run, described by traced hyperparameters (:class:`Hparams`): learning rate, a
+log-LR growth for the LR range test's ramp, weight decay, init and batch-order seeds, an input scale (0 gives the
+constant-input baseline) and a label-permutation seed (the shuffled-label control). Everything that changes the
+program's shapes or code (model, loss, optimizer kind, batch size, step count) is static (:class:`Problem`,
+:class:`TrainSpec`). So every training diagnostic is a choice of member rows, and diagnostics with the same static
+settings share one compiled program (PureJaxRL's ``jit(vmap(train))`` pattern, luchris429/purejaxrl).
+
+Failure is data: a member whose loss or gradient goes non-finite stops updating (its parameters stay at the last
+finite values) and records the step, so a diverging learning rate never poisons the other members.
+Long runs are cut into chunks of steps (one compiled program reused per chunk) so the host can show progress and
+evaluate on the validation set between chunks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from harness.engine import compile as programs
+from harness.engine import devices
+from harness.optim import OptimSpec, make_optimizer, set_learning_rate
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Static description of the problem and of a run.
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Problem:
+    """The static training problem: how to build the model from a PRNG key, the per-example loss, the optimizer.
+
+    ``build_model(key)`` must be traceable (it runs inside jit and vmap, so each member gets its own init).
+    Compared by identity: one Problem object per model/loss/optimizer configuration.
+    """
+
+    build_model: Callable[[jax.Array], nnx.Module]
+    loss_fn: Callable[[jax.Array, jax.Array], jax.Array]
+    optim: OptimSpec
+    classification: bool
+
+    def graphdefs(self, regularization: bool):
+        """Graph definitions for training and for evaluation. Without regularization, dropout-like layers are
+        switched to deterministic for training too (the overfit-one-batch test turns regularization off)."""
+        abstract = nnx.eval_shape(lambda: self.build_model(jax.random.key(0)))
+        if not regularization:
+            abstract.set_attributes(deterministic=True, raise_if_not_found=False)
+        train_def = nnx.split(abstract, nnx.Param, ...)[0]
+        abstract.eval()
+        eval_def = nnx.split(abstract, nnx.Param, ...)[0]
+        return train_def, eval_def
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSpec:
+    steps: int
+    batch_size: int
+    fixed_batch: bool = False  # train on the whole (small) training array every step: overfit one batch
+    regularization: bool = True
+    steps_per_call: int = 250  # chunk length: progress and validation are evaluated between chunks
+    max_members_per_call: int = 64
+    return_params: bool = False
+    max_eval_examples: int = 2048
+    opt_level: int | None = 0  # XLA backend optimization level; see harness.engine.compile
+
+
+class Hparams(NamedTuple):
+    """Traced per-member hyperparameters; every field is an array with a leading member axis."""
+
+    lr: Any
+    lr_growth: Any  # lr_t = lr * exp(lr_growth * t / (steps - 1)): 0 for a constant LR, log(max/min) for a ramp
+    weight_decay: Any
+    init_seed: Any
+    data_seed: Any
+    input_scale: Any  # 1 = real inputs, 0 = constant (all-zero) inputs
+    label_seed: Any  # -1 = real labels, otherwise the seed of a random permutation of the training labels
+
+    @classmethod
+    def make(cls, n: int | None = None, **columns) -> "Hparams":
+        """Member rows from columns; scalars broadcast. Defaults: constant LR, no decay, real data, seed 0."""
+        defaults = dict(lr=1e-3, lr_growth=0.0, weight_decay=0.0, init_seed=0, data_seed=0, input_scale=1.0,
+                        label_seed=-1)
+        unknown = set(columns) - set(defaults)
+        if unknown:
+            raise TypeError(f"unknown hparams {sorted(unknown)}")
+        values = {**defaults, **columns}
+        if n is None:
+            n = max((np.size(v) for v in values.values()), default=1)
+        dtypes = dict(lr=np.float32, lr_growth=np.float32, weight_decay=np.float32, init_seed=np.uint32,
+                      data_seed=np.uint32, input_scale=np.float32, label_seed=np.int32)
+        return cls(**{k: np.broadcast_to(np.asarray(v, dtypes[k]), (n,)).copy() for k, v in values.items()})
+
+    def __len__(self):
+        return int(np.shape(self.lr)[0])
+
+    def take(self, index) -> "Hparams":
+        return Hparams(*(np.asarray(v)[index] for v in self))
+
+    def rows(self) -> list[dict[str, float]]:
+        return [{k: np.asarray(getattr(self, k))[i].item() for k in self._fields} for i in range(len(self))]
+
+
+class Arrays(NamedTuple):
+    """Training and validation arrays as passed to compiled programs (arguments, never closed-over constants)."""
+
+    x_train: Any
+    y_train: Any
+    x_val: Any
+    y_val: Any
+
+
+class State(NamedTuple):
+    params: Any
+    rest: Any  # non-trainable model state: batch statistics, dropout RNG counters
+    opt_state: Any
+    alive: Any  # False once the member went non-finite
+    first_nonfinite: Any  # step at which it did, -1 if never
+
+
+class Records(NamedTuple):
+    loss: Any
+    grad_norm: Any
+    lr: Any
+
+
+@dataclasses.dataclass
+class SweepResult:
+    """Host-side results, one row per member (numpy arrays)."""
+
+    hparams: Hparams
+    loss: np.ndarray  # (members, steps) training minibatch loss; NaN after a member went non-finite
+    grad_norm: np.ndarray  # (members, steps)
+    lr: np.ndarray  # (members, steps)
+    eval_steps: np.ndarray  # (evals,) step count at each evaluation
+    val_loss: np.ndarray  # (members, evals)
+    val_accuracy: np.ndarray | None  # (members, evals) for classification
+    train_eval_loss: np.ndarray  # (members, evals) loss on the (fixed) training evaluation subset
+    first_nonfinite: np.ndarray  # (members,) -1 if never
+    params: Any = None  # final parameters with a leading member axis, when requested
+
+    @property
+    def diverged(self) -> np.ndarray:
+        return self.first_nonfinite >= 0
+
+    @property
+    def final_val_loss(self) -> np.ndarray:
+        return self.val_loss[:, -1]
+
+    @property
+    def final_train_loss(self) -> np.ndarray:
+        return self.train_eval_loss[:, -1]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Pure functions (traced under jit and vmap).
+
+
+def mean_loss(loss_fn, outputs, targets):
+    per_example = loss_fn(outputs, targets)
+    return jnp.mean(per_example)
+
+
+def init_member(problem: Problem, hp: Hparams) -> State:
+    """A member's initial state: its own model init (from ``init_seed``) and optimizer state."""
+    model = problem.build_model(jax.random.key(hp.init_seed))
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = make_optimizer(problem.optim, hp.lr, hp.weight_decay)
+    return State(params, rest, tx.init(params), jnp.array(True), jnp.array(-1, jnp.int32))
+
+
+def _label_permutation(hp: Hparams, n: int):
+    key = jax.random.key(jnp.maximum(hp.label_seed, 0).astype(jnp.uint32))
+    perm = jax.random.permutation(jax.random.fold_in(key, 0x5EED), n)
+    return jnp.where(hp.label_seed >= 0, perm, jnp.arange(n))
+
+
+def train_chunk(problem: Problem, spec: TrainSpec, train_def, state: State, hp: Hparams, arrays: Arrays, t0):
+    """``spec.steps_per_call`` optimizer steps for one member, from global step ``t0``; steps past ``spec.steps``
+    are masked (no update), which lets every chunk reuse one compiled program."""
+    n_train = arrays.x_train.shape[0]
+    perm = _label_permutation(hp, n_train)
+    tx = make_optimizer(problem.optim, hp.lr, hp.weight_decay)
+    data_key = jax.random.key(hp.data_seed)
+    denom = max(spec.steps - 1, 1)
+
+    def loss_and_rest(params, rest, x, y):
+        model = nnx.merge(train_def, params, rest)
+        outputs = model(x)
+        loss = mean_loss(problem.loss_fn, outputs, y)
+        _, _, new_rest = nnx.split(model, nnx.Param, ...)
+        return loss, new_rest
+
+    def step(state: State, t):
+        if spec.fixed_batch:
+            idx = jnp.arange(n_train)
+        else:
+            # i.i.d. minibatches: O(batch) per step whatever the dataset size, identical across reruns.
+            idx = jax.random.randint(jax.random.fold_in(data_key, t), (spec.batch_size,), 0, n_train)
+        x = arrays.x_train[idx] * hp.input_scale.astype(arrays.x_train.dtype)
+        y = arrays.y_train[perm[idx]]
+        lr_t = hp.lr * jnp.exp(hp.lr_growth * t.astype(jnp.float32) / denom)
+        (loss, new_rest), grads = jax.value_and_grad(loss_and_rest, has_aux=True)(state.params, state.rest, x, y)
+        grad_norm = optax.global_norm(grads)
+        opt_state = set_learning_rate(state.opt_state, lr_t)
+        updates, opt_state = tx.update(grads, opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+
+        in_range = t < spec.steps
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        now_bad = state.alive & ~finite & in_range
+        keep = state.alive & finite & in_range
+
+        def choose(new, old):
+            return jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, old)
+
+        new_state = State(
+            params=choose(params, state.params),
+            rest=choose(new_rest, state.rest),
+            opt_state=choose(opt_state, state.opt_state),
+            alive=state.alive & (finite | ~in_range),
+            first_nonfinite=jnp.where(now_bad, t.astype(jnp.int32), state.first_nonfinite),
+        )
+        recorded = jnp.where(state.alive & in_range, loss, jnp.nan)
+        return new_state, Records(recorded, jnp.where(in_range, grad_norm, jnp.nan), lr_t)
+
+    steps = t0 + jnp.arange(spec.steps_per_call)
+    return jax.lax.scan(step, state, steps)
+
+
+def evaluate_member(problem: Problem, eval_def, state: State, hp: Hparams, arrays: Arrays, x_fit):
+    """Validation loss (and accuracy) plus the loss on a fixed training subset, in evaluation mode."""
+    model = nnx.merge(eval_def, state.params, state.rest)
+    scale = hp.input_scale.astype(arrays.x_val.dtype)
+    out_val = model(arrays.x_val * scale)
+    val_loss = mean_loss(problem.loss_fn, out_val, arrays.y_val)
+    if problem.classification:
+        val_acc = jnp.mean(jnp.argmax(out_val, -1) == arrays.y_val)
+    else:
+        val_acc = jnp.array(jnp.nan)
+    # The training-subset loss uses the labels the member trained on (permuted for the shuffled-label control).
+    perm = _label_permutation(hp, arrays.x_train.shape[0])
+    fit_labels = arrays.y_train[perm[: x_fit.shape[0]]]
+    out_fit = model(x_fit * scale)
+    fit_loss = mean_loss(problem.loss_fn, out_fit, fit_labels)
+    return val_loss, val_acc, fit_loss
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Host driver.
+
+
+def _chunk_plan(spec: TrainSpec) -> tuple[int, int]:
+    """(number of calls, steps per call): calls of equal length so one compiled program serves them all."""
+    calls = max(1, math.ceil(spec.steps / max(1, spec.steps_per_call)))
+    per_call = math.ceil(spec.steps / calls)
+    return calls, per_call
+
+
+def prepare_arrays(arrays: Arrays, spec: TrainSpec) -> tuple[Arrays, Any]:
+    """Device arrays, replicated over the mesh; the validation set capped at ``spec.max_eval_examples``.
+    Evaluation on the training side uses the first examples, as many as the validation set."""
+    n_eval = min(len(arrays.x_val), spec.max_eval_examples)
+    capped = Arrays(arrays.x_train, arrays.y_train, arrays.x_val[:n_eval], arrays.y_val[:n_eval])
+    n_fit = min(len(arrays.x_train), spec.max_eval_examples)
+    return devices.replicate(capped), devices.replicate(np.asarray(arrays.x_train[:n_fit]))
+
+
+def train_members(
+    problem: Problem,
+    spec: TrainSpec,
+    hparams: Hparams,
+    arrays: Arrays,
+    *,
+    name: str = "train",
+    progress: Callable[[int, int], None] | None = None,
+) -> SweepResult:
+    """Train every member of ``hparams`` and return their curves: members in chunks of at most
+    ``spec.max_members_per_call`` (padded to a multiple of the device count, sharded across devices), steps in
+    chunks of ``spec.steps_per_call``. All chunks share one compiled training program and one evaluation program.
+    """
+    calls, per_call = _chunk_plan(spec)
+    spec = dataclasses.replace(spec, steps_per_call=per_call)
+    train_def, eval_def = problem.graphdefs(spec.regularization)
+    data, x_fit = prepare_arrays(arrays, spec)
+
+    n = len(hparams)
+    width = devices.padded_size(min(n, spec.max_members_per_call))
+    groups = [hparams.take(slice(i, i + width)) for i in range(0, n, width)]
+    total_work = len(groups) * calls
+    done = 0
+
+    init_fn = jax.vmap(lambda hp: init_member(problem, hp))
+
+    def chunk_fn(state, hp, data, t0):
+        return jax.vmap(lambda s, h: train_chunk(problem, spec, train_def, s, h, data, t0))(state, hp)
+
+    def eval_fn(state, hp, data, x_fit):
+        return jax.vmap(lambda s, h: evaluate_member(problem, eval_def, s, h, data, x_fit))(state, hp)
+
+    def key(kind):
+        return (problem, spec, kind)  # Problem hashes by identity
+
+    outputs = []
+    for group in groups:
+        real = len(group)
+        hp = devices.shard_members(devices.pad_members(group, width))
+        state = programs.run(f"{name}/init", init_fn, hp, static_key=key("init"), opt_level=spec.opt_level)
+        records, evals, eval_steps = [], [], []
+        for c in range(calls):
+            t0 = np.int32(c * per_call)
+            state, rec = programs.run(f"{name}/train", chunk_fn, state, hp, data, t0, static_key=key("train"),
+                                      opt_level=spec.opt_level)
+            ev = programs.run(f"{name}/eval", eval_fn, state, hp, data, x_fit, static_key=key("eval"),
+                              opt_level=spec.opt_level)
+            records.append(jax.tree.map(lambda a: np.asarray(a)[:real], rec))
+            evals.append(jax.tree.map(lambda a: np.asarray(a)[:real], ev))
+            eval_steps.append(min((c + 1) * per_call, spec.steps))
+            done += 1
+            if progress is not None:
+                progress(done, total_work)
+        params = jax.tree.map(lambda a: np.asarray(a)[:real], state.params) if spec.return_params else None
+        outputs.append((records, evals, np.asarray(state.first_nonfinite)[:real], params))
+
+    def stack_records(field):
+        per_group = [np.concatenate([getattr(r, field) for r in recs], axis=1) for recs, *_ in outputs]
+        return np.concatenate(per_group, axis=0)[:, : spec.steps]
+
+    def stack_evals(i):
+        return np.concatenate([np.stack([e[i] for e in evs], axis=1) for _, evs, *_ in outputs], axis=0)
+
+    val_acc = stack_evals(1) if problem.classification else None
+    params = None
+    if spec.return_params:
+        params = jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *[p for *_, p in outputs])
+    return SweepResult(
+        hparams=hparams,
+        loss=stack_records("loss"),
+        grad_norm=stack_records("grad_norm"),
+        lr=stack_records("lr"),
+        eval_steps=np.asarray(eval_steps),
+        val_loss=stack_evals(0),
+        val_accuracy=val_acc,
+        train_eval_loss=stack_evals(2),
+        first_nonfinite=np.concatenate([o[2] for o in outputs]),
+        params=params,
+    )

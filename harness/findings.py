@@ -1,0 +1,124 @@
+"""Findings: what every check yields, and the stable ids they use.
+
+A finding names a problem (``id``), how bad it is (``severity``), what was seen (``message`` and ``evidence``) and
+what to do about it (``suggestion``). Ids are public interface: users filter on them in CI and W&B.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any
+
+
+class Severity(str, enum.Enum):
+    ERROR = "error"
+    WARNING = "warning"
+    INFO = "info"
+
+    @property
+    def rank(self) -> int:
+        return {"error": 0, "warning": 1, "info": 2}[self.value]
+
+
+# The stable ids, in the checklist's order (data -> model -> training -> hyperparameters). The report sorts the
+# first thing to fix by this order, so a data problem is named before the training symptom it causes.
+FINDING_IDS: tuple[str, ...] = (
+    "data.nonfinite",
+    "data.shape",
+    "data.label_range",
+    "data.label_distribution",
+    "data.class_imbalance",
+    "data.feature_scale",
+    "data.target_scale",
+    "data.leakage",
+    "data.conflicting_labels",
+    "data.nondeterministic",
+    "data.constant_features",
+    "model.forward",
+    "model.initial_loss",
+    "model.output_range",
+    "model.gradient_flow",
+    "model.gradient_check",
+    "model.batch_dependence",
+    "model.dead_units",
+    "model.saturated_units",
+    "train.overfit_batch",
+    "train.loss_increasing",
+    "train.divergence",
+    "train.nondeterministic",
+    "train.no_signal",
+    "train.capacity",
+    "train.learning_rate",
+    "train.overfitting",
+)
+_ORDER = {fid: i for i, fid in enumerate(FINDING_IDS)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    id: str
+    severity: Severity
+    message: str
+    evidence: dict[str, Any] = dataclasses.field(default_factory=dict)
+    suggestion: str = ""
+
+    def __post_init__(self):
+        if self.id not in _ORDER:
+            raise ValueError(f"unknown finding id {self.id!r}; known ids: {', '.join(FINDING_IDS)}")
+        object.__setattr__(self, "severity", Severity(self.severity))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "severity": self.severity.value,
+            "message": self.message,
+            "evidence": to_jsonable(self.evidence),
+            "suggestion": self.suggestion,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Finding":
+        return cls(d["id"], Severity(d["severity"]), d["message"], d.get("evidence", {}), d.get("suggestion", ""))
+
+
+def error(fid: str, message: str, suggestion: str = "", **evidence) -> Finding:
+    return Finding(fid, Severity.ERROR, message, evidence, suggestion)
+
+
+def warning(fid: str, message: str, suggestion: str = "", **evidence) -> Finding:
+    return Finding(fid, Severity.WARNING, message, evidence, suggestion)
+
+
+def info(fid: str, message: str, suggestion: str = "", **evidence) -> Finding:
+    return Finding(fid, Severity.INFO, message, evidence, suggestion)
+
+
+def checklist_order(findings: list[Finding]) -> list[Finding]:
+    """Most severe first; within a severity, in the checklist's order (data before model before training)."""
+    return sorted(findings, key=lambda f: (f.severity.rank, _ORDER[f.id]))
+
+
+def first_to_fix(findings: list[Finding]) -> Finding | None:
+    """The first thing to fix: the earliest error in checklist order, else the earliest warning."""
+    ranked = [f for f in checklist_order(findings) if f.severity is not Severity.INFO]
+    return ranked[0] if ranked else None
+
+
+def to_jsonable(x: Any) -> Any:
+    """Numpy/JAX scalars and arrays to plain Python so evidence can go to JSON, W&B and the terminal."""
+    import numpy as np
+
+    if isinstance(x, dict):
+        return {str(k): to_jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [to_jsonable(v) for v in x]
+    if isinstance(x, (bool, int, str)) or x is None:
+        return x
+    if isinstance(x, float):
+        return x if np.isfinite(x) else str(x)
+    if isinstance(x, np.generic):
+        return to_jsonable(x.item())
+    if hasattr(x, "shape") and hasattr(x, "tolist"):
+        return to_jsonable(np.asarray(x).tolist())
+    return str(x)

@@ -1,0 +1,185 @@
+"""The checklist, end to end, without Hydra: load data, build the problem, run the diagnostics in order, report.
+
+``run(rc, output_dir)`` is what the CLI calls and what tests call with a composed config. Bad input raises
+:class:`HarnessError` before any work; the problems the harness exists to find become findings; a diagnostic that
+crashes on something unforeseen is recorded as skipped with the reason, and the others still run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+import traceback
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from flax import nnx
+
+from harness import losses
+from harness.checks.base import Context, Outcome
+from harness.checks.registry import diagnostic_module, stage
+from harness.config import FactoryConfig, RunConfig
+from harness.data.dataset import Dataset, from_mapping
+from harness.engine.train import Arrays, Problem
+from harness.errors import HarnessError
+from harness.findings import Finding, Severity
+
+# An error with one of these ids makes the later stages meaningless (no shapes to train on, no forward pass):
+# they are skipped, with the reason, instead of producing a cascade of misleading findings.
+BLOCKING = {"data.shape": "model", "model.forward": "training"}
+STAGE_ORDER = ("data", "model", "training", "hyperparameters")
+
+
+def load_dataset(fc: FactoryConfig, name: str = "data") -> Dataset:
+    factory = fc.resolve("data._target_")
+    try:
+        mapping = factory(**fc.kwargs)
+    except HarnessError:
+        raise
+    except TypeError as err:
+        raise HarnessError(f"calling {fc.target} failed: {err}", key="data") from None
+    except Exception as err:
+        raise HarnessError(f"the data factory {fc.target} raised {type(err).__name__}: {err}", key="data") from None
+    return from_mapping(mapping, source=f"data ({fc.target})", name=name)
+
+
+def make_model_builder(fc: FactoryConfig, dataset: Dataset) -> Callable[..., nnx.Module]:
+    """``build(key, **overrides)``: the user's model factory called the documented way."""
+    factory = fc.resolve("model._target_")
+
+    def build(key, **overrides):
+        return factory(rngs=nnx.Rngs(key), input_shape=dataset.input_shape, num_outputs=dataset.num_outputs,
+                       **{**fc.kwargs, **overrides})
+
+    return build
+
+
+def check_model_builds(build, fc: FactoryConfig):
+    """Build once (abstractly: no FLOPs) so a wrong config key is a clear error, not a trace inside a sweep."""
+    try:
+        model = nnx.eval_shape(lambda: build(jax.random.key(0)))
+    except HarnessError:
+        raise
+    except TypeError as err:
+        raise HarnessError(f"calling {fc.target} failed: {err}", key="model") from None
+    except Exception as err:
+        raise HarnessError(f"building the model with {fc.target} raised {type(err).__name__}: {err}",
+                           key="model") from None
+    if not isinstance(model, nnx.Module):
+        raise HarnessError(f"{fc.target} must return a flax.nnx.Module, got {type(model).__name__}", key="model")
+    return model
+
+
+def make_loss(fc: FactoryConfig, dataset: Dataset) -> tuple[Callable, str]:
+    target = fc.resolve("loss._target_")
+    if target is losses.auto:
+        fn = losses.auto(dataset.num_classes)
+        return fn, fn.__name__
+    if fc.partial:
+        return (functools.partial(target, **fc.kwargs) if fc.kwargs else target), fc.target.rsplit(".", 1)[-1]
+    try:
+        fn = target(**fc.kwargs)
+    except TypeError as err:
+        raise HarnessError(
+            f"{fc.target} was called without outputs and targets ({err}); a loss function needs `_partial_: true`",
+            key="loss",
+        ) from None
+    if not callable(fn):
+        raise HarnessError(f"{fc.target} must be a loss function f(outputs, targets) (set `_partial_: true`)",
+                           key="loss")
+    return fn, fc.target.rsplit(".", 1)[-1]
+
+
+def build_context(rc: RunConfig, progress=None) -> Context:
+    data_name = rc.choices.get("data") or rc.data.target.rsplit(".", 1)[-1]
+    dataset = load_dataset(rc.data, data_name)
+    build = make_model_builder(rc.model, dataset)
+    check_model_builds(build, rc.model)
+    loss_fn, loss_name = make_loss(rc.loss, dataset)
+    problem = Problem(build_model=build, loss_fn=loss_fn, optim=rc.optim, classification=dataset.classification)
+    return Context(
+        dataset=dataset,
+        arrays=Arrays(*dataset.training_arrays()),
+        problem=problem,
+        build_model=build,
+        model_config=dict(rc.model.kwargs),
+        loss_name=loss_name,
+        optim=rc.optim,
+        batch_size=rc.batch_size,
+        seed=rc.seed,
+        engine=rc.engine,
+        reload_data=lambda: load_dataset(rc.data, data_name),
+        progress=progress,
+    )
+
+
+def _blocked_stages(findings: list[Finding]) -> dict[str, str]:
+    """Stages that cannot run, from the earliest blocking error, with the reason."""
+    for f in findings:
+        if f.severity is Severity.ERROR and f.id in BLOCKING:
+            first = STAGE_ORDER.index(BLOCKING[f.id])
+            return {s: f"skipped: {f.id} ({f.message})" for s in STAGE_ORDER[first:]}
+    return {}
+
+
+def run_diagnostics(rc: RunConfig, ctx: Context, on_outcome: Callable[[Outcome], None] | None = None
+                    ) -> list[Outcome]:
+    outcomes: list[Outcome] = []
+    for name in rc.diagnostics:
+        blocked = _blocked_stages([f for o in outcomes for f in o.findings])
+        if stage(name) in blocked:
+            outcome = Outcome(name, skipped=blocked[stage(name)])
+        else:
+            start = time.perf_counter()
+            try:
+                outcome = diagnostic_module(name).run(ctx, rc.settings[name])
+            except HarnessError:
+                raise
+            except Exception as err:  # an unforeseen failure costs this diagnostic, never the report
+                if rc.debug:
+                    raise
+                detail = traceback.format_exception_only(type(err), err)[-1].strip()
+                outcome = Outcome(name, skipped=f"crashed: {detail[:500]}")
+            outcome.seconds = time.perf_counter() - start
+        outcomes.append(outcome)
+        if on_outcome is not None:
+            on_outcome(outcome)
+    return outcomes
+
+
+@dataclasses.dataclass
+class RunResult:
+    outcomes: list[Outcome]
+    findings: list[Finding]
+    status: str
+    seconds: float
+    context: Context | None = None
+
+    @property
+    def has_error(self) -> bool:
+        return any(f.severity is Severity.ERROR for f in self.findings)
+
+
+def run(rc: RunConfig, progress=None, on_outcome=None) -> RunResult:
+    start = time.perf_counter()
+    ctx = build_context(rc, progress)
+    outcomes = run_diagnostics(rc, ctx, on_outcome)
+    findings = [f for o in outcomes for f in o.findings]
+    status = "unhealthy" if any(f.severity is Severity.ERROR for f in findings) else "healthy"
+    return RunResult(outcomes, findings, status, time.perf_counter() - start, ctx)
+
+
+def flat_metrics(outcomes: list[Outcome]) -> dict[str, Any]:
+    """Every diagnostic's scalar metrics in one flat mapping (``<diagnostic>/<quantity>...``)."""
+    out: dict[str, Any] = {}
+    for o in outcomes:
+        for k, v in o.metrics.items():
+            out[k if k.startswith(o.name + "/") else f"{o.name}/{k}"] = v
+    return out
+
+
+def finite_or_none(x) -> float | None:
+    x = float(x)
+    return x if np.isfinite(x) else None

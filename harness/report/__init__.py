@@ -1,0 +1,1 @@
+"""The report: report.json, report.md with plots, the terminal view, and W&B logging."""

@@ -1,0 +1,1 @@
+"""Sweeps from the command line: multirun collapsing, compare, reproduce, sync."""

@@ -60,12 +60,34 @@ class Context:
 
     def train(self, name: str, spec: TrainSpec, hparams: Hparams, arrays: Arrays | None = None,
               problem: Problem | None = None) -> SweepResult:
-        """Run members through the engine with a progress callback labelled ``name``."""
-        progress = None
-        if self.progress is not None:
-            progress = lambda done, total: self.progress(name, done, total)  # noqa: E731
-        return train_members(problem or self.problem, spec, hparams, arrays or self.arrays, name=name,
-                             progress=progress)
+        """Train members through the engine (progress labelled ``name``).
+
+        Every training diagnostic trains through here, so (1) identical requests are computed once per run
+        (the controls reuse the seed runs' real-data members), and (2) a collapsed multirun can replace this
+        method to merge the same request from many sweep points into one vmapped program. Requests that must be
+        compared bitwise (determinism) are issued with equal shapes, so they stay like with like either way.
+        """
+        problem = problem or self.problem
+        arrays = arrays if arrays is not None else self.arrays
+        fingerprints = self.shared.setdefault("_arrays_keys", {})  # id -> (arrays, digest): hash each array once
+        if id(arrays) not in fingerprints:
+            fingerprints[id(arrays)] = (arrays, _arrays_key(arrays))
+        key = (id(problem), spec, fingerprints[id(arrays)][1], _hparams_key(hparams))
+        memo = self.shared.setdefault("_train_memo", {})
+        if key not in memo:
+            progress = None
+            if self.progress is not None:
+                progress = lambda done, total: self.progress(name, done, total)  # noqa: E731
+            memo[key] = train_members(problem, spec, hparams, arrays, name=name, progress=progress)
+        return memo[key]
+
+    def reloaded_arrays(self) -> Arrays:
+        """The training arrays from a second call of the data factory (once per run)."""
+        if "_reloaded_arrays" not in self.shared:
+            if self.reload_data is None:
+                raise RuntimeError("this context cannot reload its data")
+            self.shared["_reloaded_arrays"] = Arrays(*self.reload_data().training_arrays())
+        return self.shared["_reloaded_arrays"]
 
 
 @dataclasses.dataclass
@@ -87,6 +109,22 @@ class Outcome:
     members: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # sweep rows: hparams + results
     seconds: float = 0.0
     skipped: str | None = None  # why it did not run (e.g. blocked by an earlier error)
+
+
+def _arrays_key(arrays: Arrays):
+    """Identity for the run's own arrays; a content fingerprint for arrays a diagnostic made (a fixed batch)."""
+    import hashlib
+
+    digest = hashlib.sha1()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        digest.update(str((a.shape, a.dtype)).encode())
+        digest.update(a.tobytes())
+    return digest.hexdigest()
+
+
+def _hparams_key(hparams: Hparams):
+    return tuple(np.asarray(v).tobytes() for v in hparams)
 
 
 def nanmin_or(values, default=np.nan) -> float:

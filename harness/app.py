@@ -20,6 +20,13 @@ def run_and_report(rc: RunConfig, output_dir: str, *, command: list[str], consol
     console = console or terminal.make_console()
     with terminal.progress(console) as progress:
         result = run(rc, progress=progress.update, on_outcome=progress.outcome_done)
+    write_outputs(rc, result, output_dir, command=command, console=console)
+    return result
+
+
+def write_outputs(rc: RunConfig, result: RunResult, output_dir: str, *, command: list[str], console=None):
+    """Everything a finished run leaves behind: plots, report.json, report.md, the terminal view, then W&B."""
+    console = console or terminal.make_console()
     os.makedirs(output_dir, exist_ok=True)
     plot_files = plots.draw_all(result.outcomes, output_dir)
     env = environment.environment()
@@ -35,4 +42,4 @@ def run_and_report(rc: RunConfig, output_dir: str, *, command: list[str], consol
         except Exception as err:  # the local report is already on disk; say what failed and go on
             print(f"harness: warning: W&B logging failed ({type(err).__name__}: {err}); the local report in "
                   f"{output_dir} is complete", file=sys.stderr)
-    return result
+    return report

@@ -42,6 +42,11 @@ def task(cfg) -> int:
     from harness.config import from_hydra
 
     _quiet_logs()
+    if cfg.get("harness_collapse_group"):
+        # A group of sweep points that the harness sweeper collapsed into one job.
+        from harness.sweeps.collapse import run_group
+
+        return run_group(cfg.harness_collapse_group, command=["harness", *sys.argv[1:]])
     hc = HydraConfig.get()
     choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra")}
     rc = from_hydra(cfg, choices)

@@ -45,6 +45,8 @@ class Context:
     reload_data: Callable[[], Dataset] | None = None  # calls the data factory again (determinism checks)
     progress: Callable[[str, int, int], None] | None = None  # (task, done, total)
     shared: dict[str, Any] = dataclasses.field(default_factory=dict)  # results diagnostics share, by name
+    # What actually trains: the engine, or a collapsed multirun's batching trainer (harness.sweeps.collapse).
+    train_fn: Callable[..., SweepResult] = train_members
 
     def spec(self, steps: int, **overrides) -> TrainSpec:
         """A TrainSpec with the engine settings and this run's batch size; diagnostics override what they need."""
@@ -78,7 +80,7 @@ class Context:
             progress = None
             if self.progress is not None:
                 progress = lambda done, total: self.progress(name, done, total)  # noqa: E731
-            memo[key] = train_members(problem, spec, hparams, arrays, name=name, progress=progress)
+            memo[key] = self.train_fn(problem, spec, hparams, arrays, name=name, progress=progress)
         return memo[key]
 
     def reloaded_arrays(self) -> Arrays:

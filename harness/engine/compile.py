@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 import time
 from typing import Any, Callable
 
@@ -30,6 +31,8 @@ class ProgramStats:
 
 STATS = ProgramStats()
 _CACHE: dict[Any, Any] = {}
+# Collapsed sweeps run points in threads; the lock makes a program that several threads want compile once.
+_LOCK = threading.RLock()
 
 
 def _signature(args) -> Any:
@@ -49,18 +52,21 @@ def compiled(name: str, fn: Callable, *args, static_key: Any = None, opt_level: 
     """
     # The name is only a label for the statistics: two diagnostics that build the same program share it.
     key = (static_key, opt_level, _signature(args))
-    exe = _CACHE.get(key)
-    if exe is None:
-        start = time.perf_counter()
-        lowered = jax.jit(fn).lower(*args)
-        options = {"xla_backend_optimization_level": opt_level} if opt_level is not None else None
-        exe = lowered.compile(options) if options else lowered.compile()
-        elapsed = time.perf_counter() - start
-        STATS.compiles += 1
-        STATS.compile_seconds += elapsed
-        STATS.add(name, "compiles", 1)
-        STATS.add(name, "compile_seconds", elapsed)
-        _CACHE[key] = exe
+    with _LOCK:
+        return _CACHE.get(key) or _compile(name, fn, args, key, opt_level)
+
+
+def _compile(name, fn, args, key, opt_level):
+    start = time.perf_counter()
+    lowered = jax.jit(fn).lower(*args)
+    options = {"xla_backend_optimization_level": opt_level} if opt_level is not None else None
+    exe = lowered.compile(options) if options else lowered.compile()
+    elapsed = time.perf_counter() - start
+    STATS.compiles += 1
+    STATS.compile_seconds += elapsed
+    STATS.add(name, "compiles", 1)
+    STATS.add(name, "compile_seconds", elapsed)
+    _CACHE[key] = exe
     return exe
 
 

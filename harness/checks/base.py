@@ -24,7 +24,7 @@ from harness.optim import OptimSpec
 class EngineSettings:
     """How training programs are cut and compiled (config group ``engine``)."""
 
-    steps_per_call: int = 250
+    steps_per_call: int = 500
     max_members_per_call: int = 64
     opt_level: int | None = 0
     max_eval_examples: int = 2048

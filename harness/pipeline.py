@@ -98,7 +98,9 @@ def build_context(rc: RunConfig, progress=None) -> Context:
     build = make_model_builder(rc.model, dataset)
     check_model_builds(build, rc.model)
     loss_fn, loss_name = make_loss(rc.loss, dataset)
-    problem = Problem(build_model=build, loss_fn=loss_fn, optim=rc.optim, classification=dataset.classification)
+    fingerprint = _fingerprint(rc, dataset)
+    problem = Problem(build_model=build, loss_fn=loss_fn, optim=rc.optim, classification=dataset.classification,
+                      fingerprint=fingerprint)
     return Context(
         dataset=dataset,
         arrays=Arrays(*dataset.training_arrays()),
@@ -112,6 +114,21 @@ def build_context(rc: RunConfig, progress=None) -> Context:
         engine=rc.engine,
         reload_data=lambda: load_dataset(rc.data, data_name),
         progress=progress,
+    )
+
+
+def _fingerprint(rc: RunConfig, dataset: Dataset):
+    """Everything that shapes a training program, as a hashable value (the learning rate and weight decay are
+    traced, so they are left out: points of a sweep over them share programs)."""
+    import json
+
+    def frozen(x):
+        return json.dumps(x, sort_keys=True, default=str)
+
+    optim = rc.optim
+    return (
+        rc.model.target, frozen(rc.model.kwargs), dataset.input_shape, dataset.num_outputs, dataset.classification,
+        rc.loss.target, frozen(rc.loss.kwargs), optim.name, optim.factory, frozen(optim.kwargs), optim.clip_norm,
     )
 
 

@@ -39,13 +39,26 @@ class Problem:
     """The static training problem: how to build the model from a PRNG key, the per-example loss, the optimizer.
 
     ``build_model(key)`` must be traceable (it runs inside jit and vmap, so each member gets its own init).
-    Compared by identity: one Problem object per model/loss/optimizer configuration.
+    Compiled programs are cached per Problem: two Problems with the same ``fingerprint`` (everything that shapes
+    the program: model factory and its config, data shapes, loss, optimizer kind) share programs, so a second run
+    in the same process, or a second group of a sweep, compiles nothing. Without a fingerprint, identity counts.
     """
 
     build_model: Callable[[jax.Array], nnx.Module]
     loss_fn: Callable[[jax.Array, jax.Array], jax.Array]
     optim: OptimSpec
     classification: bool
+    fingerprint: Any = None
+
+    def __eq__(self, other):
+        if not isinstance(other, Problem):
+            return NotImplemented
+        if self.fingerprint is None or other.fingerprint is None:
+            return self is other
+        return self.fingerprint == other.fingerprint
+
+    def __hash__(self):
+        return hash(self.fingerprint) if self.fingerprint is not None else id(self)
 
     def graphdefs(self, regularization: bool):
         """Graph definitions for training and for evaluation. Without regularization, dropout-like layers are
@@ -311,7 +324,7 @@ def train_members(
         return advance(jax.vmap(lambda h: init_member(problem, h))(hp), hp, data, x_fit, 0)
 
     def key(kind):
-        return (problem, spec, kind)  # Problem hashes by identity
+        return (problem, spec, kind)  # Problems with equal fingerprints share programs
 
     outputs = []
     for group in groups:

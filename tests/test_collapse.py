@@ -63,6 +63,14 @@ def test_points_run_as_one_program_and_match_running_alone(probe_registered):
     assert len(set(np.round(losses, 6))) == 4  # the points really trained differently
 
 
+def test_identical_members_of_different_points_train_once(probe_registered):
+    # The probe ignores weight decay, so these two points ask for the same member: it is trained once.
+    rcs = [compose([*TINY, "optim.weight_decay=0.0"]), compose([*TINY, "optim.weight_decay=0.1"])]
+    results, trainer = collapse.run_points(rcs)
+    assert (trainer.members_requested, trainer.members_trained) == (2, 1)
+    assert results[0].outcomes[0].metrics == results[1].outcomes[0].metrics
+
+
 def test_second_collapsed_group_compiles_nothing(probe_registered):
     rcs = [compose([*TINY, f"optim.lr={lr}", "seed=5"]) for lr in (1e-3, 2e-3, 4e-3, 8e-3)]
     collapse.run_points(rcs)

@@ -46,8 +46,24 @@ class _Request:
     done: bool = False
 
 
-def _split_rows(result: SweepResult, start: int, stop: int, hparams: Hparams) -> SweepResult:
-    rows = slice(start, stop)
+def _unique_rows(hparams: Hparams) -> tuple[Hparams, np.ndarray]:
+    """Distinct member rows and, for every row, the index of its distinct row. Points of a sweep often ask for
+    the same member (the LR range test's grid does not depend on the configured LR): it is trained once."""
+    columns = [np.asarray(getattr(hparams, f)) for f in Hparams._fields]
+    position: dict[bytes, int] = {}
+    representatives: list[int] = []
+    inverse = np.empty(len(hparams), dtype=int)
+    for i in range(len(hparams)):
+        key = b"".join(c[i].tobytes() for c in columns)
+        if key not in position:
+            position[key] = len(representatives)
+            representatives.append(i)
+        inverse[i] = position[key]
+    return hparams.take(np.array(representatives)), inverse
+
+
+def _take_rows(result: SweepResult, rows: np.ndarray, hparams: Hparams) -> SweepResult:
+    """The rows of a merged result that belong to one request (``rows`` indexes the merged members)."""
 
     def take(x):
         return None if x is None else np.asarray(x)[rows]
@@ -77,6 +93,8 @@ class BatchingTrainer:
         self._active = num_points
         self.merged_calls = 0
         self.requests = 0
+        self.members_requested = 0
+        self.members_trained = 0  # fewer than requested when points ask for identical members (e.g. an LR grid)
 
     # Called from point threads.
     def train_for(self, point: int):
@@ -127,17 +145,20 @@ class BatchingTrainer:
             self.requests += len(requests)
             self.merged_calls += 1
             first = requests[0]
+            rows = _concat([r.hparams for r in requests])
+            unique, inverse = _unique_rows(rows)
             try:
-                merged = train_members(first.problem, first.spec, _concat([r.hparams for r in requests]),
-                                       first.arrays, name=first.name)
+                merged = train_members(first.problem, first.spec, unique, first.arrays, name=first.name)
             except BaseException as err:  # surfaces in each point's thread, where the pipeline handles it
                 for r in requests:
                     r.error = err
                 continue
+            self.members_trained += len(unique)
+            self.members_requested += len(rows)
             start = 0
             for r in requests:
                 stop = start + len(r.hparams)
-                r.result = _split_rows(merged, start, stop, r.hparams)
+                r.result = _take_rows(merged, inverse[start:stop], r.hparams)
                 start = stop
 
 
@@ -243,5 +264,6 @@ def run_group(path: str, *, command: list[str]) -> int:
         if rc.fail_on_error and result.has_error:
             code = 1
     print(f"harness: {len(rcs)} sweep points ran as {trainer.merged_calls} merged training calls "
-          f"(from {trainer.requests} requests)")
+          f"(from {trainer.requests} requests; {trainer.members_trained} distinct members of "
+          f"{trainer.members_requested} requested)")
     return code

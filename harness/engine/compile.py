@@ -33,6 +33,7 @@ STATS = ProgramStats()
 _CACHE: dict[Any, Any] = {}
 # Collapsed sweeps run points in threads; the lock makes a program that several threads want compile once.
 _LOCK = threading.RLock()
+_LAST_BY_NAME: dict[str, Any] = {}
 
 
 def _signature(args) -> Any:
@@ -67,7 +68,13 @@ def _compile(name, fn, args, key, opt_level):
     STATS.add(name, "compiles", 1)
     STATS.add(name, "compile_seconds", elapsed)
     _CACHE[key] = exe
+    _LAST_BY_NAME[name] = exe
     return exe
+
+
+def last_executable(name: str):
+    """The most recently compiled executable labelled ``name`` (for cost analysis in benchmarks)."""
+    return _LAST_BY_NAME.get(name)
 
 
 def run(name: str, fn: Callable, *args, static_key: Any = None, opt_level: int | None = None):

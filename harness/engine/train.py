@@ -343,14 +343,15 @@ def train_members(
             # Re-place the state on the member sharding so every continuation call sees the same input layout
             # and one executable serves them all (another layout would be another program).
             state = devices.shard_members(state)
-            records.append(jax.tree.map(lambda a: np.asarray(a)[:real], rec))
-            evals.append(jax.tree.map(lambda a: np.asarray(a)[:real], ev))
+            # to_host: multi-host, every process gathers every member (harness.engine.devices).
+            records.append(jax.tree.map(lambda a: a[:real], devices.to_host(rec)))
+            evals.append(jax.tree.map(lambda a: a[:real], devices.to_host(ev)))
             eval_steps.append(min((c + 1) * per_call, spec.steps))
             done += 1
             if progress is not None:
                 progress(done, total_work)
-        params = jax.tree.map(lambda a: np.asarray(a)[:real], state.params) if spec.return_params else None
-        outputs.append((records, evals, np.asarray(state.first_nonfinite)[:real], params))
+        params = jax.tree.map(lambda a: a[:real], devices.to_host(state.params)) if spec.return_params else None
+        outputs.append((records, evals, devices.to_host(state.first_nonfinite)[:real], params))
 
     def stack_records(field):
         per_group = [np.concatenate([getattr(r, field) for r in recs], axis=1) for recs, *_ in outputs]

@@ -1,0 +1,231 @@
+"""What a harness process sets up before JAX starts a backend: GPU memory policy and multi-host JAX.
+
+Both must happen before the first JAX computation: XLA reads ``XLA_PYTHON_CLIENT_*`` when it creates the GPU client,
+and ``jax.distributed.initialize`` refuses to run once a backend exists (JAX docs, "Multi-host and multi-process
+environments"). The CLI calls :func:`setup_process` first thing in every job, from two config keys:
+
+``engine.gpu_memory``: ``auto`` | ``preallocate`` | ``no_prealloc`` | a fraction in (0, 1]
+    JAX preallocates 75% of a GPU at start-up (JAX docs, "GPU memory allocation"), so a second job on the same GPU
+    fails with out-of-memory. ``no_prealloc`` sets ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` (allocate on demand), a
+    fraction sets ``XLA_PYTHON_CLIENT_MEM_FRACTION``. ``auto`` (default) picks ``no_prealloc`` under launchers that
+    run several jobs on one host (joblib, submitit local, ray) and leaves JAX's default otherwise. A variable
+    already in the environment always wins, as JAX users expect.
+
+``engine.distributed``: ``auto`` | ``true`` | ``false``
+    ``auto`` (default) calls ``jax.distributed.initialize`` only when the environment describes more than one
+    process: SLURM tasks (submitit's ``tasks_per_node``/``nodes``; JAX reads the coordinator from the node list),
+    submitit's local executor with ``tasks_per_node > 1`` (coordinator on localhost), or explicit variables
+    ``JAX_COORDINATOR_ADDRESS`` (host:port of process 0, JAX's own variable), ``JAX_NUM_PROCESSES`` and
+    ``JAX_PROCESS_ID``. ``true`` requires such an environment (or one JAX detects itself: Open MPI, Kubernetes,
+    Cloud TPU); ``false`` never initializes. On CPU, cross-process collectives need gloo
+    (``jax_cpu_collectives_implementation``), which is set before initializing.
+
+The member mesh then spans every process's devices (:mod:`harness.engine.devices`), every process runs the same
+diagnostics on its share of the members and gathers all results, and only process 0 writes the report and logs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from typing import Any, Mapping
+
+from harness.errors import HarnessError
+
+# Our names for what JAX needs besides its own JAX_COORDINATOR_ADDRESS (and JAX_COORDINATOR_PORT, which JAX's
+# cluster detection already honours for SLURM).
+ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
+ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
+ENV_PROCESS_ID = "JAX_PROCESS_ID"
+ENV_PORT = "JAX_COORDINATOR_PORT"
+
+# Variables SLURM's srun sets for every task (JAX's SlurmCluster needs the same ones).
+SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+# Variables submitit's local executor sets for every task (submitit/local/local.py).
+SUBMITIT_LOCAL_VARS = ("SUBMITIT_LOCAL_JOB_ID", "SUBMITIT_LOCAL_NTASKS", "SUBMITIT_LOCAL_GLOBALID",
+                       "SUBMITIT_LOCAL_LOCALID")
+
+GPU_MEMORY_CHOICES = ("auto", "preallocate", "no_prealloc")
+PREALLOCATE = "XLA_PYTHON_CLIENT_PREALLOCATE"
+MEM_FRACTION = "XLA_PYTHON_CLIENT_MEM_FRACTION"
+# Launchers (by the class name in hydra.launcher._target_) that run several jobs on one host at once.
+SHARED_HOST_LAUNCHERS = ("JoblibLauncher", "LocalLauncher", "RayLauncher")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Settings
+
+
+def distributed_setting(value: Any) -> str:
+    """``engine.distributed`` as 'auto', 'true' or 'false' (YAML gives booleans for true/false)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str) and value.lower() in ("auto", "true", "false"):
+        return value.lower()
+    raise HarnessError(f"must be auto, true or false, got {value!r}", key="engine.distributed")
+
+
+def gpu_memory_setting(value: Any) -> str | float:
+    """``engine.gpu_memory`` as one of :data:`GPU_MEMORY_CHOICES` or a fraction in (0, 1]."""
+    if isinstance(value, str) and value in GPU_MEMORY_CHOICES:
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1:
+        return float(value)
+    raise HarnessError(f"must be auto, preallocate, no_prealloc or a fraction in (0, 1], got {value!r}",
+                       key="engine.gpu_memory")
+
+
+def gpu_memory_env(setting: str | float, launcher_target: str | None) -> dict[str, str]:
+    """The XLA client variables for a GPU memory setting (empty: JAX's default, preallocate 75%)."""
+    if setting == "auto":
+        shared = bool(launcher_target) and launcher_target.rsplit(".", 1)[-1] in SHARED_HOST_LAUNCHERS
+        setting = "no_prealloc" if shared else "preallocate"
+    if setting == "preallocate":
+        return {}
+    if setting == "no_prealloc":
+        return {PREALLOCATE: "false"}
+    return {MEM_FRACTION: f"{setting:g}"}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The process layout
+
+
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    """How this process fits into a multi-process run. ``coordinator`` None leaves it to JAX's own detection."""
+
+    source: str  # "env", "slurm" or "submitit_local"
+    num_processes: int
+    process_id: int
+    coordinator: str | None = None
+    local_device_ids: tuple[int, ...] | None = None
+
+
+def _int_var(environ: Mapping[str, str], name: str) -> int:
+    try:
+        return int(environ[name])
+    except KeyError:
+        raise HarnessError(f"{ENV_COORDINATOR} is set, so {name} must be set too (an integer)") from None
+    except ValueError:
+        raise HarnessError(f"environment variable {name} must be an integer, got {environ[name]!r}") from None
+
+
+def job_port(job_id: str) -> int:
+    """A coordinator port all tasks of a job agree on without talking: derived from the job id, in the top 4096
+    ports (the same rule JAX uses for SLURM, jax/_src/clusters/slurm_cluster.py)."""
+    digits = "".join(ch for ch in job_id if ch.isdigit()) or "0"
+    return int(digits) % 2**12 + (65535 - 2**12 + 1)
+
+
+def detect(environ: Mapping[str, str] | None = None) -> Cluster | None:
+    """The multi-process layout the environment describes, or None. Explicit variables win over a scheduler's."""
+    environ = os.environ if environ is None else environ
+    if environ.get(ENV_COORDINATOR):
+        n, pid = _int_var(environ, ENV_NUM_PROCESSES), _int_var(environ, ENV_PROCESS_ID)
+        if n < 1 or not 0 <= pid < n:
+            raise HarnessError(f"{ENV_PROCESS_ID}={pid} must be in [0, {ENV_NUM_PROCESSES}={n})")
+        return Cluster("env", n, pid, environ[ENV_COORDINATOR])
+    if all(v in environ for v in SLURM_VARS):
+        return Cluster("slurm", int(environ["SLURM_NTASKS"]), int(environ["SLURM_PROCID"]))
+    if all(v in environ for v in SUBMITIT_LOCAL_VARS):
+        port = int(environ.get(ENV_PORT) or job_port(environ["SUBMITIT_LOCAL_JOB_ID"]))
+        # Every local task sees every GPU submitit gave the job; one GPU per process, as JAX does under SLURM.
+        gpus = environ.get("CUDA_VISIBLE_DEVICES", "")
+        local = (int(environ["SUBMITIT_LOCAL_LOCALID"]),) if gpus.strip() else None
+        return Cluster("submitit_local", int(environ["SUBMITIT_LOCAL_NTASKS"]),
+                       int(environ["SUBMITIT_LOCAL_GLOBALID"]), f"127.0.0.1:{port}", local)
+    return None
+
+
+def plan(setting: str, environ: Mapping[str, str] | None = None) -> Cluster | None:
+    """Which layout to initialize for ``engine.distributed`` (None: stay a single process)."""
+    if setting == "false":
+        return None
+    cluster = detect(environ)
+    if setting == "auto":
+        return cluster if cluster is not None and cluster.num_processes > 1 else None
+    return cluster or Cluster("jax", 0, 0)  # "true" with nothing we know: let JAX detect (MPI, k8s, TPU)
+
+
+def _backend_started() -> bool:
+    try:
+        from jax._src import xla_bridge
+
+        return xla_bridge.backends_are_initialized()
+    except (ImportError, AttributeError):  # private API moved: assume not, and let JAX raise its own error
+        return False
+
+
+def initialize(cluster: Cluster, *, timeout_s: int = 300) -> None:
+    """``jax.distributed.initialize`` for ``cluster``; a no-op when this process already is initialized."""
+    import jax
+
+    if jax.distributed.is_initialized():
+        return
+    if _backend_started():
+        raise HarnessError("engine.distributed: JAX already started a backend in this process, so it cannot join "
+                           "a multi-process run; run each process as a fresh `harness` command")
+    # CPU backends exchange data between processes (the result gathers) only through a collectives library.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs: dict[str, Any] = {"initialization_timeout": timeout_s}
+    if cluster.source != "jax":
+        kwargs.update(num_processes=cluster.num_processes, process_id=cluster.process_id)
+    if cluster.coordinator:
+        kwargs["coordinator_address"] = cluster.coordinator
+    if cluster.local_device_ids is not None:
+        kwargs["local_device_ids"] = list(cluster.local_device_ids)
+    try:
+        jax.distributed.initialize(**kwargs)
+    except (ValueError, RuntimeError) as err:
+        where = {"env": f"{ENV_COORDINATOR}={cluster.coordinator}", "slurm": "SLURM",
+                 "submitit_local": f"submitit local, coordinator {cluster.coordinator}",
+                 "jax": "no cluster environment found"}[cluster.source]
+        raise HarnessError(f"engine.distributed: jax.distributed.initialize failed ({where}): "
+                           f"{str(err).splitlines()[0]}") from None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The entry point's one call
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessSetup:
+    env: dict[str, str]  # XLA variables this call set (ones already in the environment are left alone)
+    cluster: Cluster | None
+
+
+def setup_process(engine: Mapping[str, Any] | None, launcher_target: str | None = None,
+                  environ: dict[str, str] | None = None) -> ProcessSetup:
+    """Apply ``engine.gpu_memory`` and ``engine.distributed`` to this process, before any JAX computation.
+
+    ``engine`` is the ``engine`` config node (a mapping); ``launcher_target`` is ``hydra.launcher._target_``.
+    Safe to call once per job in a process that runs several jobs (Hydra's basic launcher, joblib's workers).
+    """
+    engine = engine or {}
+    environ = os.environ if environ is None else environ
+    memory = gpu_memory_setting(engine.get("gpu_memory", "auto"))
+    cluster = plan(distributed_setting(engine.get("distributed", "auto")), environ)
+    applied = {}
+    for name, value in gpu_memory_env(memory, launcher_target).items():
+        if name not in environ:
+            if _backend_started():
+                print(f"harness: warning: engine.gpu_memory: a JAX backend already runs in this process; "
+                      f"{name}={value} takes effect in new processes only", file=sys.stderr)
+            environ[name] = value
+            applied[name] = value
+    if cluster is not None:
+        initialize(cluster)
+    return ProcessSetup(applied, cluster)
+
+
+def setup_from_hydra(cfg) -> ProcessSetup:
+    """:func:`setup_process` for a Hydra job: the ``engine`` node and the launcher from the Hydra config."""
+    from hydra.core.hydra_config import HydraConfig
+
+    launcher = None
+    if HydraConfig.initialized():
+        launcher = HydraConfig.get().launcher.get("_target_")
+    engine = cfg.get("engine") if hasattr(cfg, "get") else None
+    return setup_process(dict(engine) if engine is not None else None, launcher)

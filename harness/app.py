@@ -1,7 +1,8 @@
 """One run, start to finish: compile cache, progress, diagnostics, report files, terminal view, W&B.
 
-The local report is written before anything is sent to W&B, and a logging failure only costs a warning: nothing
-the user produced is lost.
+The local report (report.json, report.md, plots) is written before anything is sent to W&B, and a logging failure
+only costs a warning: nothing the user produced is lost. W&B's import and service start (about 1.2 s) happen in a
+background thread while the diagnostics compute.
 """
 
 from __future__ import annotations
@@ -15,31 +16,52 @@ from harness.pipeline import RunResult, run
 from harness.report import environment, plots, terminal, writer
 
 
-def run_and_report(rc: RunConfig, output_dir: str, *, command: list[str], console=None) -> RunResult:
+def _warn(message: str):
+    print(f"harness: warning: {message}", file=sys.stderr)
+
+
+def wandb_enabled(rc: RunConfig) -> bool:
+    if rc.logger.kind != "wandb":
+        return False
+    from harness.report.wandb_logger import resolve_mode
+
+    return resolve_mode(rc.logger.mode) != "disabled"
+
+
+def run_and_report(rc: RunConfig, output_dir: str, *, command: list[str], console=None,
+                   run_name: str | None = None, group: str | None = None) -> RunResult:
+    """Run the checklist on ``rc`` and write its report into ``output_dir``.
+
+    ``command`` is recorded for ``harness reproduce``; ``run_name`` and ``group`` name the W&B runs (defaults: the
+    output directory's name and a fresh group; ``logger.group`` wins over ``group``).
+    """
     enable_persistent_cache(rc.compilation_cache)
     console = console or terminal.make_console()
-    with terminal.progress(console) as progress:
-        result = run(rc, progress=progress.update, on_outcome=progress.outcome_done)
-    write_outputs(rc, result, output_dir, command=command, console=console)
-    return result
+    log_to_wandb = wandb_enabled(rc)
+    if log_to_wandb:
+        from harness.report import wandb_logger
 
+        wandb_logger.start_warmup()
+    with terminal.progress(console, rc.diagnostics) as view:
+        result = run(rc, progress=view.update, on_outcome=view.outcome_done)
+    from harness.engine.devices import is_primary
 
-def write_outputs(rc: RunConfig, result: RunResult, output_dir: str, *, command: list[str], console=None):
-    """Everything a finished run leaves behind: plots, report.json, report.md, the terminal view, then W&B."""
-    console = console or terminal.make_console()
+    if not is_primary():
+        return result  # multi-host: every process holds every member's results; process 0 writes and logs them
+
     os.makedirs(output_dir, exist_ok=True)
-    plot_files = plots.draw_all(result.outcomes, output_dir)
-    env = environment.environment()
-    report = writer.build_report(result, config=rc.raw, command=command, environment=env, plots=plot_files)
+    plot_files = plots.draw_all(result.outcomes, output_dir, warn=_warn)
+    report = writer.build_report(result, config=rc.raw, command=command, environment=environment.environment(),
+                                 plots=plot_files, choices=rc.choices, output_dir=os.path.abspath(output_dir))
     writer.write_json(report, output_dir)
     writer.write_markdown(report, output_dir)
     terminal.print_report(console, report, output_dir)
-    if rc.logger.kind == "wandb":
-        from harness.report import wandb_logger
 
+    if log_to_wandb:
         try:
-            wandb_logger.log_run(rc, result, report, output_dir, plot_files)
+            logged = wandb_logger.log_run(rc, result, report, output_dir, plot_files, run_name=run_name,
+                                          group=group)
+            console.print(logged.describe(), style="dim", soft_wrap=True)
         except Exception as err:  # the local report is already on disk; say what failed and go on
-            print(f"harness: warning: W&B logging failed ({type(err).__name__}: {err}); the local report in "
-                  f"{output_dir} is complete", file=sys.stderr)
-    return report
+            _warn(f"W&B logging failed ({type(err).__name__}: {err}); the local report in {output_dir} is complete")
+    return result

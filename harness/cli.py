@@ -1,9 +1,18 @@
-"""The ``harness`` command: a thin Hydra entry point over :mod:`harness.pipeline`.
+"""The ``harness`` command: a thin Hydra entry point over :mod:`harness.app`.
 
 ``harness [overrides]`` runs the checklist; ``harness -m ...`` runs a sweep (Hydra multirun);
-``harness compare DIR...`` and ``harness reproduce RUN_DIR`` work on finished runs.
-Bad input ends with one line naming the key or file and exit code 2 (``debug=true`` shows the traceback);
-``fail_on_error=true`` makes an error finding exit with 1, for CI.
+``harness compare DIR...``, ``harness reproduce RUN_DIR`` and ``harness sync`` work on finished runs.
+
+Exit codes (stable, for CI):
+
+* 0: the run finished (findings or not, unless ``fail_on_error=true``);
+* 1: ``fail_on_error=true`` and the report has an error finding (in a sweep: any point has one);
+* 2: bad input: a wrong config value or key, an unknown option, a factory that raised, a missing file. One line
+  ``harness: error: <key>: <what is wrong>`` on stderr, no traceback;
+* 3: an internal error (a bug in the harness): one line naming the exception;
+* 130: interrupted.
+
+``debug=true`` or ``HARNESS_DEBUG=1`` shows the Python traceback instead of the one-line message.
 """
 
 from __future__ import annotations
@@ -12,8 +21,11 @@ import logging
 import os
 import sys
 
+EXIT_OK = 0
 EXIT_FINDINGS = 1
 EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 3
+EXIT_INTERRUPTED = 130
 
 SUBCOMMANDS = ("compare", "reproduce", "sync")
 
@@ -24,68 +36,130 @@ def _quiet_logs():
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def _fail(message: str, code: int = EXIT_BAD_INPUT):
+def _print_error(message: str):
     print(f"harness: error: {message}", file=sys.stderr)
+
+
+def _fail(message: str, code: int = EXIT_BAD_INPUT):
+    _print_error(message)
     sys.exit(code)
 
 
 def _debug_requested(argv: list[str]) -> bool:
-    return os.environ.get("HARNESS_DEBUG") == "1" or any(a in ("debug=true", "debug=True", "+debug=true")
-                                                          for a in argv)
+    return os.environ.get("HARNESS_DEBUG", "").lower() in ("1", "true", "yes") or any(
+        a.lstrip("+").lower() in ("debug=true", "debug=1", "debug=yes") for a in argv)
+
+
+def _internal_error(err: BaseException) -> str:
+    return (f"internal error: {type(err).__name__}: {err} (this is a bug in harness; rerun with debug=true for the "
+            f"traceback and report it)")
+
+
+def _wandb_names(hc) -> tuple[str, str]:
+    """W&B run name and group from Hydra's runtime: a run is named by its overrides; a single run is its own
+    group, the points of a sweep share the sweep's group."""
+    from hydra.types import RunMode
+
+    overrides = [o for o in hc.overrides.task if not o.startswith(("logger", "hydra"))]
+    name = " ".join(overrides)[:128] or "defaults"
+    if hc.mode == RunMode.MULTIRUN:
+        return name, f"sweep-{os.path.basename(os.path.normpath(hc.sweep.dir))}"
+    run_dir = os.path.normpath(hc.runtime.output_dir)
+    stamp = "_".join(run_dir.split(os.sep)[-2:])  # outputs/<date>/<time> -> <date>_<time>
+    return name, f"run-{stamp}"
+
+
+def _start_wandb_early(cfg):
+    """Start importing wandb and its service now, before JAX is imported and the config validated: in a short run
+    that hides most of its ~1.2 s start-up. Bad input found later exits without ever opening a W&B run."""
+    logger = cfg.get("logger") or {}
+    if logger.get("kind") != "wandb":
+        return
+    from harness.report import wandb_logger
+
+    if wandb_logger.resolve_mode(logger.get("mode")) != "disabled":
+        wandb_logger.start_warmup()
 
 
 def task(cfg) -> int:
     """One run of the checklist on a composed config; returns the exit code."""
     from hydra.core.hydra_config import HydraConfig
 
+    from harness.sweeps.distributed import setup_from_hydra
+
+    setup_from_hydra(cfg)  # GPU memory policy and multi-host JAX: before anything starts a JAX backend
+    _start_wandb_early(cfg)
     from harness.app import run_and_report
     from harness.config import from_hydra
 
     _quiet_logs()
-    if cfg.get("harness_collapse_group"):
-        # A group of sweep points that the harness sweeper collapsed into one job.
-        from harness.sweeps.collapse import run_group
-
-        return run_group(cfg.harness_collapse_group, command=["harness", *sys.argv[1:]])
     hc = HydraConfig.get()
-    choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra")}
+    choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra") and v is not None}
     rc = from_hydra(cfg, choices)
     output_dir = cfg.get("output_dir") or hc.runtime.output_dir
-    result = run_and_report(rc, output_dir, command=["harness", *sys.argv[1:]])
-    return EXIT_FINDINGS if (rc.fail_on_error and result.has_error) else 0
+    name, group = _wandb_names(hc)
+    result = run_and_report(rc, output_dir, command=["harness", *sys.argv[1:]], run_name=name, group=group)
+    return EXIT_FINDINGS if (rc.fail_on_error and result.has_error) else EXIT_OK
 
 
-def _hydra_main(argv: list[str]):
+def _short_hydra_message(err: BaseException) -> str:
+    """Hydra's message for a bad override or group option, without the config search path listing."""
+    message = str(err)
+    cause = err.__cause__
+    if cause is not None and str(cause) and str(cause) not in message:
+        message += "\n" + str(cause)
+    message = message.split("\nConfig search path:")[0]
+    return message.strip()
+
+
+def _hydra_main(argv: list[str]) -> int:
     import hydra
 
     from harness.config import config_dir
     from harness.errors import HarnessError
 
     debug = _debug_requested(argv)
+    codes: list[int] = []  # one per job: a sweep runs many in this process
 
     @hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")
     def entry(cfg):
         try:
             code = task(cfg)
         except HarnessError as err:
-            if debug:
+            if debug or cfg.get("debug"):
                 raise
-            _fail(str(err))
+            _print_error(str(err))
+            code = EXIT_BAD_INPUT
         except KeyboardInterrupt:
-            _fail("interrupted", 130)
-        if code:
-            sys.exit(code)
+            _fail("interrupted", EXIT_INTERRUPTED)
+        except Exception as err:  # a bug in harness: one line, the traceback on request
+            if debug or cfg.get("debug"):
+                raise
+            _print_error(_internal_error(err))
+            code = EXIT_INTERNAL
+        codes.append(code)
+        return code
 
+    # Hydra prints its own errors (a bad override, an unknown group option) with a hint about HYDRA_FULL_ERROR and
+    # exits 1, the code we keep for error findings. Asking it to raise instead lets us print one line and exit 2.
+    user_full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"
     sys.argv = [sys.argv[0], *argv]
-    entry()
+    try:
+        entry()
+    except Exception as err:
+        if debug or user_full_error:
+            raise
+        _print_error(_short_hydra_message(err))
+        return EXIT_BAD_INPUT
+    finally:
+        if not user_full_error:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+    return max(codes, default=EXIT_OK)
 
 
 def main(argv: list[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    # Users name their own factories by module path (data._target_=my_project.make_data), run from their project
-    # directory: make that directory importable for the `harness` script too, as `python -m harness` does.
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
     if argv and argv[0] in SUBCOMMANDS:
         from harness.errors import HarnessError
         from harness.sweeps import commands
@@ -96,7 +170,7 @@ def main(argv: list[str] | None = None):
             if _debug_requested(argv):
                 raise
             _fail(str(err))
-    _hydra_main(argv)
+    sys.exit(_hydra_main(argv))
 
 
 if __name__ == "__main__":

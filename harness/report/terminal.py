@@ -1,70 +1,169 @@
-"""The report in the terminal (rich): findings in the checklist's order, then the status and the first fix."""
+"""The report in the terminal (rich), and the progress view while diagnostics run.
+
+The report reads top to bottom the way the checklist does: findings grouped by stage (data -> model -> training
+-> hyperparameters), each with its severity, message, evidence and fix; a compact table of the diagnostics (time,
+headline metrics, why one was skipped); then the status and the first thing to fix. It renders the JSON-able
+report, so ``report.json`` read back from disk prints the same.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import sys
+import os
 
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich import box
+from rich.console import Console, Group
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.rule import Rule
 from rich.table import Table
+from rich.text import Text
 
-SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "dim"}
+from harness.report import format as fmt
+
+SEVERITY_STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
+STATUS_STYLE = {"ok": "green", "error": "bold red", "warning": "yellow", "skipped": "dim", "crashed": "bold magenta"}
 
 
-def make_console() -> Console:
-    return Console(highlight=False)
+def make_console(**kwargs) -> Console:
+    return Console(highlight=False, **kwargs)
 
 
-class _ProgressView:
-    """Adapts the pipeline's (task, done, total) callbacks to a rich progress bar."""
+# ----------------------------------------------------------------------------------------------------------------
+# Progress
 
-    def __init__(self, progress: Progress | None):
+
+class ProgressView:
+    """Adapts the pipeline's callbacks to a rich progress display: one line for the checklist (which diagnostic
+    runs, how many are done, findings so far) and a bar per training program while it runs. With ``progress=None``
+    (stdout is not a terminal: CI, pipes) every method is a no-op."""
+
+    def __init__(self, progress: Progress | None, names: tuple[str, ...] = ()):
         self._progress = progress
+        self._names = tuple(names)
+        self._done = 0
+        self._counts = {"error": 0, "warning": 0, "info": 0}
         self._tasks: dict[str, int] = {}
+        self._overall = None
+        if progress is not None and self._names:
+            self._overall = progress.add_task(self._describe(), total=len(self._names))
+
+    def _describe(self) -> str:
+        found = fmt.counts_text(self._counts) if any(self._counts.values()) else ""
+        if self._done < len(self._names):
+            current = f"[bold]{self._names[self._done]}[/] ({self._done + 1}/{len(self._names)})"
+        else:
+            current = "writing the report"
+        return f"checklist: {current}" + (f"  [dim]{found} so far[/]" if found else "")
 
     def update(self, task: str, done: int, total: int):
+        """A training program's progress: ``done`` of ``total`` steps."""
         if self._progress is None:
             return
         if task not in self._tasks:
-            self._tasks[task] = self._progress.add_task(task, total=total)
-        self._progress.update(self._tasks[task], completed=done, total=total)
+            self._tasks[task] = self._progress.add_task(f"  {task}", total=total)
+        self._progress.update(self._tasks[task], completed=done, total=total, visible=done < total)
 
     def outcome_done(self, outcome):
-        pass
+        """A diagnostic finished: advance the checklist line and hide its finished training bars."""
+        self._done += 1
+        for f in outcome.findings:
+            self._counts[f.severity.value] = self._counts.get(f.severity.value, 0) + 1
+        if self._progress is None:
+            return
+        for task_id in self._tasks.values():
+            self._progress.update(task_id, visible=False)
+        self._tasks.clear()
+        if self._overall is not None:
+            self._progress.update(self._overall, completed=self._done, description=self._describe())
+
+
+def show_progress(console: Console) -> bool:
+    """Live progress only for a person at a terminal: not in CI, pipes or dumb terminals."""
+    return console.is_terminal and not console.is_dumb_terminal and not os.environ.get("CI")
 
 
 @contextlib.contextmanager
-def progress(console: Console):
-    if not console.is_terminal:
-        yield _ProgressView(None)
+def progress(console: Console, names: tuple[str, ...] = ()):
+    """A transient progress display while the diagnostics run (it disappears when the report prints)."""
+    if not show_progress(console):
+        yield ProgressView(None, names)
         return
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                   TimeElapsedColumn(), console=console, transient=True)
+    bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=30),
+                   TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=console,
+                   transient=True)
     with bar:
-        yield _ProgressView(bar)
+        yield ProgressView(bar, names)
 
 
-def print_report(console: Console, report: dict, output_dir: str):
-    table = Table(title="harness report", show_lines=False, expand=False)
-    table.add_column("severity")
-    table.add_column("id")
-    table.add_column("finding")
-    for f in report["findings"]:
-        style = SEVERITY_STYLE.get(f["severity"], "")
-        text = f["message"] + (f"\n→ {f['suggestion']}" if f["suggestion"] else "")
-        table.add_row(f"[{style}]{f['severity']}[/]", f["id"], text)
-    if report["findings"]:
-        console.print(table)
+# ----------------------------------------------------------------------------------------------------------------
+# The report
+
+
+def findings_table(report: dict) -> Table | Text:
+    if not report["findings"]:
+        return Text("No findings: every check that ran passed.", style="green")
+    table = Table(box=box.SIMPLE_HEAD, show_header=False, expand=False, padding=(0, 1), pad_edge=False)
+    table.add_column("severity", no_wrap=True)
+    table.add_column("id", no_wrap=True, style="bold")
+    table.add_column("finding", overflow="fold")
+    for stage, findings in fmt.by_stage(report["findings"]):
+        table.add_row(Text(fmt.STAGE_TITLES.get(stage, stage), style="bold underline"), "", "")
+        for f in findings:
+            details = Text(f["message"])
+            if f.get("evidence"):
+                details.append("\nevidence: ", style="dim").append(fmt.evidence_line(f["evidence"]), style="dim")
+            if f.get("suggestion"):
+                details.append("\nfix: ", style="green").append(f["suggestion"])
+            table.add_row(Text(f["severity"], style=SEVERITY_STYLE.get(f["severity"], "")), f["id"], details)
+    return table
+
+
+def diagnostics_table(report: dict) -> Table:
+    table = Table(box=box.SIMPLE_HEAD, expand=False, padding=(0, 1), pad_edge=False, title_justify="left")
+    table.add_column("diagnostic", no_wrap=True)
+    table.add_column("result", overflow="fold")
+    table.add_column("time", justify="right", no_wrap=True)
+    table.add_column("key metrics", overflow="fold")
     for name, d in report["diagnostics"].items():
+        status = d.get("status", "ok")
         if d.get("skipped"):
-            console.print(f"[dim]{name}: {d['skipped']}[/]")
+            result = Text(d["skipped"], style=STATUS_STYLE.get(status, ""))
+        else:
+            found = [f for f in report["findings"] if f.get("diagnostic") == name]
+            result = Text(fmt.counts_text(fmt.counts(found)) if found else "ok", style=STATUS_STYLE.get(status, ""))
+        metrics = ", ".join(f"{k} {v}" for k, v in fmt.key_metrics(d.get("metrics") or {}, name))
+        time = "–" if d.get("skipped") else fmt.seconds(d.get("seconds"))
+        table.add_row(name, result, time, Text(metrics, style="dim"))
+    return table
+
+
+def footer(report: dict, output_dir: str | None) -> Group:
     status = report["status"]
-    colour = "green" if status == "healthy" else "red"
-    console.print(f"status: [bold {colour}]{status}[/]  ({report['seconds']:.1f} s, "
-                  f"{report['programs']['compiles']} compiles)")
+    counts = report.get("counts") or fmt.counts(report["findings"])
+    programs = report.get("programs") or {}
+    line = Text("status: ").append(status, style="bold green" if status == "healthy" else "bold red")
+    line.append(f"  {fmt.counts_text(counts)} · {fmt.seconds(report.get('seconds'))} · "
+                f"{fmt.plural(programs.get('compiles', 0), 'compile')} "
+                f"({fmt.seconds(programs.get('compile_seconds'))} compiling)", style="dim")
+    parts = [line]
+    not_run = [n for n, d in report["diagnostics"].items() if d.get("skipped")]
+    if not_run:
+        parts.append(Text(f"did not run: {', '.join(not_run)} (reasons above)", style="dim"))
     first = report.get("first_to_fix")
     if first:
-        console.print(f"first to fix: [bold]{first['id']}[/]: {first['message']}"
-                      + (f" → {first['suggestion']}" if first["suggestion"] else ""))
-    console.print(f"report: {output_dir}/report.md")
+        fix = Text("first to fix: ", style="bold").append(first["id"], style=SEVERITY_STYLE.get(first["severity"]))
+        fix.append(f": {first['message']}")
+        if first.get("suggestion"):
+            fix.append("\n  fix: ", style="green").append(first["suggestion"])
+        parts.append(fix)
+    if output_dir:
+        parts.append(Text(f"report: {os.path.join(output_dir, 'report.md')}", style="dim"))
+    return Group(*parts)
+
+
+def print_report(console: Console, report: dict, output_dir: str | None):
+    console.print(Rule("harness report", align="left"))
+    console.print(findings_table(report))
+    console.print()
+    console.print(diagnostics_table(report))
+    console.print(footer(report, output_dir))

@@ -1,8 +1,15 @@
-"""report.json and report.md, written atomically into the run directory."""
+"""report.json and report.md, written atomically into the run directory.
+
+``report.json`` is the machine-readable record (CI, ``harness compare``, ``harness reproduce``): the status, the
+findings in checklist order (each with the diagnostic and stage that produced it), every diagnostic's metrics,
+curves and sweep members, the compiled programs' counts and times, plots, and what is needed to rerun it (the full
+resolved config, the command line, the environment). ``report.md`` is the same for a person: what to fix first,
+the findings by checklist stage with their evidence, the per-diagnostic summary, the plots, and how to reproduce.
+"""
 
 from __future__ import annotations
 
-import json
+import datetime
 import os
 import tempfile
 from typing import Any
@@ -10,6 +17,9 @@ from typing import Any
 from harness.engine.compile import STATS
 from harness.findings import checklist_order, first_to_fix, to_jsonable
 from harness.pipeline import RunResult, flat_metrics
+from harness.report import format as fmt
+
+REPORT_VERSION = 1
 
 
 def atomic_write(path: str, text: str):
@@ -17,28 +27,75 @@ def atomic_write(path: str, text: str):
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _outcome_status(outcome) -> str:
+    if outcome.skipped:
+        return "crashed" if outcome.skipped.startswith("crashed") else "skipped"
+    severities = {f.severity.value for f in outcome.findings}
+    return "error" if "error" in severities else "warning" if "warning" in severities else "ok"
+
+
+def _findings(result: RunResult) -> dict[int, dict[str, Any]]:
+    """Every finding as a dict with the diagnostic and checklist stage it came from, in checklist order, keyed by
+    the Finding object's id()."""
+    source = {}
+    for outcome in result.outcomes:
+        for f in outcome.findings:
+            source.setdefault(id(f), outcome.name)
+    out = {}
+    for f in checklist_order(result.findings):
+        diagnostic = source.get(id(f))
+        out[id(f)] = {**f.to_dict(), "diagnostic": diagnostic, "stage": fmt.stage_of(diagnostic, f.id)}
+    return out
 
 
 def build_report(result: RunResult, *, config: dict, command: list[str], environment: dict,
-                 plots: dict[str, str] | None = None) -> dict[str, Any]:
+                 plots: dict[str, dict] | None = None, choices: dict[str, str] | None = None,
+                 output_dir: str | None = None) -> dict[str, Any]:
+    """The report as plain JSON-able data. ``plots`` is :func:`harness.report.plots.draw_all`'s result."""
+    by_finding = _findings(result)
+    findings = list(by_finding.values())
     first = first_to_fix(result.findings)
+    plots = plots or {}
     return to_jsonable({
+        "report_version": REPORT_VERSION,
         "status": result.status,
-        "first_to_fix": first.to_dict() if first else None,
-        "findings": [f.to_dict() for f in checklist_order(result.findings)],
+        "counts": fmt.counts(findings),
+        "first_to_fix": by_finding[id(first)] if first is not None else None,
+        "findings": findings,
         "metrics": flat_metrics(result.outcomes),
         "diagnostics": {
-            o.name: {"seconds": round(o.seconds, 3), "skipped": o.skipped, "metrics": o.metrics,
-                     "series": o.series, "members": o.members}
+            o.name: {
+                "stage": fmt.stage_of(o.name, ""),
+                "status": _outcome_status(o),
+                "seconds": round(o.seconds, 3),
+                "skipped": o.skipped,
+                "findings": [f.id for f in o.findings],
+                "metrics": o.metrics,
+                "series": o.series,
+                "members": o.members,
+                "plots": [k for k, p in plots.items() if p.get("diagnostic") == o.name],
+            }
             for o in result.outcomes
         },
         "programs": {"compiles": STATS.compiles, "compile_seconds": round(STATS.compile_seconds, 3),
                      "run_seconds": round(STATS.run_seconds, 3), "by_program": STATS.by_program},
-        "plots": plots or {},
+        "plots": plots,
         "seconds": round(result.seconds, 3),
+        "finished": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "output_dir": output_dir,
+        "choices": choices or {},
         "config": config,
         "command": command,
         "environment": environment,
@@ -47,29 +104,156 @@ def build_report(result: RunResult, *, config: dict, command: list[str], environ
 
 def write_json(report: dict, output_dir: str) -> str:
     path = os.path.join(output_dir, "report.json")
-    atomic_write(path, json.dumps(report, indent=2, allow_nan=False, default=str))
+    atomic_write(path, fmt.dumps(report) + "\n")
     return path
 
 
-def write_markdown(report: dict, output_dir: str) -> str:
-    lines = [f"# harness report: {report['status']}", ""]
+# ----------------------------------------------------------------------------------------------------------------
+# report.md
+
+_SEVERITY_MARK = {"error": "❌ error", "warning": "⚠️ warning", "info": "ℹ️ info"}
+_STATUS_MARK = {"ok": "✅ ok", "error": "❌ error", "warning": "⚠️ warning", "skipped": "⏭️ skipped",
+                "crashed": "💥 crashed"}
+
+
+def _cell(text: Any) -> str:
+    """Text safe inside a markdown table cell."""
+    return str(text).replace("|", "\\|").replace("\n", "<br>")
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def _run_line(report: dict) -> str:
+    choices = report.get("choices") or {}
+    parts = [f"{g}={choices[g]}" for g in ("data", "model", "loss", "optim") if choices.get(g)]
+    optim = (report.get("config") or {}).get("optim") or {}
+    if "lr" in optim:
+        parts.append(f"lr={fmt.number(optim['lr'])}")
+    n = len(report["diagnostics"])
+    programs = report.get("programs", {})
+    parts += [fmt.plural(n, "diagnostic"), fmt.seconds(report.get("seconds")),
+              f"{fmt.plural(programs.get('compiles', 0), 'compile')} ({fmt.seconds(programs.get('compile_seconds'))})"]
+    return " · ".join(parts)
+
+
+def _finding_md(f: dict) -> list[str]:
+    lines = [f"#### {_SEVERITY_MARK.get(f['severity'], f['severity'])} `{f['id']}`", "", f["message"], ""]
+    if f.get("suggestion"):
+        lines += [f"**Fix:** {f['suggestion']}", ""]
+    items = fmt.evidence_items(f.get("evidence") or {}, max_items=20)
+    if items:
+        source = f" (from `{f['diagnostic']}`)" if f.get("diagnostic") else ""
+        lines += [f"<details><summary>Evidence{source}</summary>", ""]
+        lines += _table(["", "value"], [[f"`{k}`", v] for k, v in items])
+        lines += ["</details>", ""]
+    return lines
+
+
+def _diagnostics_md(report: dict) -> list[str]:
+    rows = []
+    for name, d in report["diagnostics"].items():
+        mark = _STATUS_MARK.get(d.get("status"), "").split(" ")[0]
+        if d.get("skipped"):
+            result = f"{mark} {d['status']}: {fmt.skip_reason(d['skipped'])}"
+        else:
+            found = [f for f in report["findings"] if f.get("diagnostic") == name]
+            result = f"{mark} {fmt.counts_text(fmt.counts(found)) if found else 'ok'}"
+        metrics = ", ".join(f"{k} {v}" for k, v in fmt.key_metrics(d.get("metrics") or {}, name))
+        rows.append([f"`{name}`", fmt.STAGE_TITLES.get(d.get("stage"), d.get("stage", "")), result,
+                     fmt.seconds(d.get("seconds")) if not d.get("skipped") else "–", metrics])
+    return _table(["diagnostic", "stage", "result", "time", "key metrics"], rows)
+
+
+def _members_md(name: str, members: list[dict], limit: int = 50) -> list[str]:
+    columns: list[str] = []
+    for row in members:
+        columns += [k for k in row if k not in columns]
+    rows = [[fmt.value(row.get(c), max_chars=40) for c in columns] for row in members[:limit]]
+    more = f" (first {limit} of {len(members)})" if len(members) > limit else ""
+    lines = [f"<details><summary><code>{name}</code>: {fmt.plural(len(members), 'member')}{more}</summary>", ""]
+    return lines + _table(columns, rows) + ["</details>", ""]
+
+
+def _reproduce_md(report: dict) -> list[str]:
+    env = report.get("environment") or {}
+    versions = env.get("versions") or {}
+    command = " ".join(_shell_quote(a) for a in report.get("command") or ["harness"])
+    lines = ["## Reproduce", "", "```sh"]
+    if env.get("cwd"):
+        lines.append(f"cd {_shell_quote(env['cwd'])}")
+    lines += [command, "```", ""]
+    pkgs = ", ".join(f"{k} {v}" for k, v in versions.items() if v and k in ("jax", "jaxlib", "flax", "optax", "python"))
+    device = f"{env.get('device_count', '?')} × {env.get('device_kind', '?')} ({env.get('backend', '?')})"
+    rows = [["packages", pkgs], ["devices", device], ["git revision", env.get("git_revision") or "not a git checkout"]]
+    if env.get("env"):
+        rows.append(["environment", ", ".join(f"{k}={v}" for k, v in env["env"].items())])
+    lines += _table(["", ""], rows)
+    lines += ["The full resolved configuration is under `config` in `report.json`.", ""]
+    return lines
+
+
+def _shell_quote(arg: str) -> str:
+    import shlex
+
+    return shlex.quote(str(arg))
+
+
+def render_markdown(report: dict) -> str:
+    status = report["status"]
+    counts = report.get("counts") or fmt.counts(report["findings"])
+    icon = "✅" if status == "healthy" else "❌"
+    lines = [f"# {icon} harness report: {status}", "", _run_line(report), ""]
+
     first = report.get("first_to_fix")
     if first:
-        lines += [f"**First to fix:** `{first['id']}`: {first['message']}", ""]
-        if first["suggestion"]:
-            lines += [f"Fix: {first['suggestion']}", ""]
+        lines += [f"> **First to fix** ({first['severity']}, `{first['id']}`): {first['message']}"]
+        if first.get("suggestion"):
+            lines += [">", f"> **Fix:** {first['suggestion']}"]
+        lines += [""]
+    not_run = [n for n, d in report["diagnostics"].items() if d.get("skipped")]
+    summary = f"{fmt.counts_text(counts).capitalize()}."
+    if not_run:
+        summary += f" {fmt.plural(len(not_run), 'diagnostic')} did not run ({', '.join(not_run)}): see below."
+    lines += [summary, ""]
+
     lines += ["## Findings", ""]
     if not report["findings"]:
-        lines += ["No findings.", ""]
-    for f in report["findings"]:
-        lines += [f"- **{f['severity']}** `{f['id']}`: {f['message']}"]
-        if f["suggestion"]:
-            lines += [f"  - fix: {f['suggestion']}"]
-        if f["evidence"]:
-            lines += [f"  - evidence: `{json.dumps(f['evidence'], default=str)[:800]}`"]
-    lines += [""]
-    for name, path in report.get("plots", {}).items():
-        lines += [f"![{name}]({path})", ""]
+        lines += ["No findings: every check that ran passed.", ""]
+    for stage, findings in fmt.by_stage(report["findings"]):
+        lines += [f"### {fmt.STAGE_TITLES.get(stage, stage)}", ""]
+        for f in findings:
+            lines += _finding_md(f)
+
+    lines += ["## Diagnostics", ""] + _diagnostics_md(report)
+
+    plots = report.get("plots") or {}
+    if plots:
+        lines += ["## Plots", ""]
+        for key, p in plots.items():
+            source = f" (`{p['diagnostic']}`)" if p.get("diagnostic") else ""
+            lines += [f"### {p.get('title') or key}{source}", "", f"![{_cell(p.get('title') or key)}]({p['path']})", ""]
+
+    swept = [(n, d["members"]) for n, d in report["diagnostics"].items() if d.get("members")]
+    if swept:
+        lines += ["## Sweep members", ""]
+        for name, members in swept:
+            lines += _members_md(name, members)
+
+    metrics = report.get("metrics") or {}
+    if metrics:
+        lines += ["## All metrics", "", f"<details><summary>{fmt.plural(len(metrics), 'metric')}</summary>", ""]
+        lines += _table(["metric", "value"], [[f"`{k}`", fmt.value(v)] for k, v in metrics.items()])
+        lines += ["</details>", ""]
+
+    lines += _reproduce_md(report)
+    return "\n".join(lines)
+
+
+def write_markdown(report: dict, output_dir: str) -> str:
     path = os.path.join(output_dir, "report.md")
-    atomic_write(path, "\n".join(lines))
+    atomic_write(path, render_markdown(report))
     return path

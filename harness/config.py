@@ -42,7 +42,7 @@ class LoggerConfig:
     group: str | None = None
     tags: tuple[str, ...] = ()
     dir: str | None = None
-    log_members: bool = True
+    log_members: bool = False  # one W&B run per sweep member costs ~0.05 s each; see conf/logger/wandb.yaml
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,8 +140,32 @@ def _optim(node: dict, key: str = "optim") -> OptimSpec:
                 key=f"{key}.{unknown[0]}",
             )
     name = fc.target.rsplit(".", 1)[-1]
-    return OptimSpec(factory=factory, kwargs=tuple(sorted(kwargs.items())), lr=lr, weight_decay=wd, clip_norm=clip,
+    spec = OptimSpec(factory=factory, kwargs=tuple(sorted(kwargs.items())), lr=lr, weight_decay=wd, clip_norm=clip,
                      name=name)
+    _check_optimizer_runs(spec, fc.target, key)
+    return spec
+
+
+def _check_optimizer_runs(spec: OptimSpec, target: str, key: str):
+    """One abstract update on a two-number parameter (``jax.eval_shape``: no compile, no FLOPs), so a bad optimizer
+    argument (``optim.b1=abc``, ``optim.eps=null``) is a clear error now instead of a crash inside every training
+    diagnostic."""
+    import jax
+    import jax.numpy as jnp
+
+    from harness.optim import make_optimizer
+
+    def one_update():
+        params = {"w": jnp.zeros(2)}
+        tx = make_optimizer(spec, spec.lr, spec.weight_decay)
+        return tx.update(params, tx.init(params), params)
+
+    try:
+        jax.eval_shape(one_update)
+    except Exception as err:
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        args = ", ".join(f"{k}={v!r}" for k, v in spec.kwargs)
+        raise HarnessError(f"{target}({args}) does not work as an optimizer: {detail}", key=key) from None
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
@@ -216,6 +240,8 @@ def from_hydra(cfg: DictConfig, choices: dict[str, str] | None = None) -> RunCon
     run = diagnostics.get("run", [])
     if isinstance(run, str):
         run = [run]
+    if not run:
+        raise HarnessError(f"is empty; pick at least one of {', '.join(DIAGNOSTICS)}", key="diagnostics.run")
     for name in run:
         if name not in DIAGNOSTICS:
             raise HarnessError(f"unknown diagnostic {name!r}; valid: {', '.join(DIAGNOSTICS)}", key="diagnostics.run")

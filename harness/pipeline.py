@@ -86,6 +86,8 @@ def make_loss(fc: FactoryConfig, dataset: Dataset) -> tuple[Callable, str]:
             f"{fc.target} was called without outputs and targets ({err}); a loss function needs `_partial_: true`",
             key="loss",
         ) from None
+    except Exception as err:
+        raise HarnessError(f"the loss factory {fc.target} raised {type(err).__name__}: {err}", key="loss") from None
     if not callable(fn):
         raise HarnessError(f"{fc.target} must be a loss function f(outputs, targets) (set `_partial_: true`)",
                            key="loss")

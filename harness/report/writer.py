@@ -128,9 +128,14 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
 
 
 def _run_line(report: dict) -> str:
-    choices = report.get("choices") or {}
-    parts = [f"{g}={choices[g]}" for g in ("data", "model", "loss", "optim") if choices.get(g)]
-    optim = (report.get("config") or {}).get("optim") or {}
+    choices, config = report.get("choices") or {}, report.get("config") or {}
+    parts = []
+    for group in ("data", "model", "loss", "optim"):
+        target = (config.get(group) or {}).get("_target_") if isinstance(config.get(group), dict) else None
+        name = choices.get(group) or (str(target).rsplit(".", 1)[-1] if target else None)
+        if name:
+            parts.append(f"{group}={name}")
+    optim = config.get("optim") or {}
     if "lr" in optim:
         parts.append(f"lr={fmt.number(optim['lr'])}")
     n = len(report["diagnostics"])

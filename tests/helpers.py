@@ -19,6 +19,7 @@ REPO_DIR = os.path.dirname(TESTS_DIR)
 # JAX's persistent compile cache for CLI subprocesses: a second run skips XLA compiles, and nothing is written to
 # the home directory.
 JAX_CACHE_DIR = "/tmp/harness-tests-jax-cache"
+WANDB_DATA_DIR = "/tmp/harness-tests-wandb-data"
 
 
 def compose_config(overrides: Sequence[str] = ()):
@@ -65,6 +66,7 @@ def cli_env(**extra: str) -> dict[str, str]:
         WANDB_CONSOLE="off",
         WANDB_CACHE_DIR=os.environ.get("WANDB_CACHE_DIR", "/tmp/harness-tests-wandb-cache"),
         WANDB_CONFIG_DIR=os.environ.get("WANDB_CONFIG_DIR", "/tmp/harness-tests-wandb-config"),
+        WANDB_DATA_DIR=os.environ.get("WANDB_DATA_DIR", WANDB_DATA_DIR),  # artifact staging (tables), not ~/.local
         JAX_COMPILATION_CACHE_DIR=JAX_CACHE_DIR,
         PYTHONPATH=os.pathsep.join([TESTS_DIR, REPO_DIR, env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
     )
@@ -91,6 +93,40 @@ def run_dirs(cwd: str) -> list[str]:
         for time in sorted(os.listdir(os.path.join(root, date))):
             found.append(os.path.join(root, date, time))
     return found
+
+
+def offline_runs(wandb_parent: str) -> list[str]:
+    """The offline W&B run directories under ``<wandb_parent>/wandb``, oldest first."""
+    root = os.path.join(wandb_parent, "wandb")
+    if not os.path.isdir(root):
+        return []
+    return sorted((os.path.join(root, d) for d in os.listdir(root) if d.startswith("offline-run-")),
+                  key=lambda d: (os.path.getmtime(d), d))
+
+
+def _leet(run_dir: str, *flags: str) -> str:
+    wandb_cli = os.path.join(os.path.dirname(sys.executable), "wandb")
+    out = subprocess.run([wandb_cli, "leet", "inspect", *flags, "--json", run_dir], capture_output=True, text=True,
+                         timeout=60, env=cli_env())
+    if out.returncode != 0:
+        raise RuntimeError(f"wandb leet inspect failed: {out.stderr}")
+    return out.stdout
+
+
+def wandb_summary(run_dir: str) -> dict:
+    """An offline run read back by W&B's own reader: ``wandb leet inspect --summary --json`` (config, summary,
+    state, name, notes, tags). About 1 s per call: read few runs."""
+    import json
+
+    return json.loads(_leet(run_dir, "--summary"))
+
+
+def wandb_records(run_dir: str) -> list[dict]:
+    """Every record of an offline run (``wandb leet inspect --json``); the ``run`` record holds ``run_group``,
+    ``job_type``, ``display_name`` and the initial config."""
+    import json
+
+    return [json.loads(line) for line in _leet(run_dir).splitlines() if line.strip()]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ diagnostics on its share of the members and gathers all results, and only proces
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import sys
 from typing import Any, Mapping
@@ -45,6 +46,8 @@ SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROC
 # Variables submitit's local executor sets for every task (submitit/local/local.py).
 SUBMITIT_LOCAL_VARS = ("SUBMITIT_LOCAL_JOB_ID", "SUBMITIT_LOCAL_NTASKS", "SUBMITIT_LOCAL_GLOBALID",
                        "SUBMITIT_LOCAL_LOCALID")
+
+log = logging.getLogger(__name__)  # a Hydra job's log goes to its console and <run dir>/harness.log
 
 GPU_MEMORY_CHOICES = ("auto", "preallocate", "no_prealloc")
 PREALLOCATE = "XLA_PYTHON_CLIENT_PREALLOCATE"
@@ -215,8 +218,16 @@ def setup_process(engine: Mapping[str, Any] | None, launcher_target: str | None 
                       f"{name}={value} takes effect in new processes only", file=sys.stderr)
             environ[name] = value
             applied[name] = value
+    if applied:
+        why = f" ({launcher_target.rsplit('.', 1)[-1]} runs jobs side by side)" if memory == "auto" else ""
+        log.info("engine.gpu_memory=%s: %s%s", memory, " ".join(f"{k}={v}" for k, v in applied.items()), why)
     if cluster is not None:
         initialize(cluster)
+        import jax
+
+        log.info("engine.distributed: process %d of %d (%s%s), %d of %d devices here", jax.process_index(),
+                 jax.process_count(), cluster.source, f", coordinator {cluster.coordinator}" if cluster.coordinator
+                 else "", jax.local_device_count(), jax.device_count())
     return ProcessSetup(applied, cluster)
 
 

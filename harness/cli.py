@@ -69,18 +69,6 @@ def _wandb_names(hc) -> tuple[str, str]:
     return name, f"run-{stamp}"
 
 
-def _start_wandb_early(cfg):
-    """Start importing wandb and its service now, before JAX is imported and the config validated: in a short run
-    that hides most of its ~1.2 s start-up. Bad input found later exits without ever opening a W&B run."""
-    logger = cfg.get("logger") or {}
-    if logger.get("kind") != "wandb":
-        return
-    from harness.report import wandb_logger
-
-    if wandb_logger.resolve_mode(logger.get("mode")) != "disabled":
-        wandb_logger.start_warmup()
-
-
 def task(cfg) -> int:
     """One run of the checklist on a composed config; returns the exit code."""
     from hydra.core.hydra_config import HydraConfig
@@ -88,7 +76,6 @@ def task(cfg) -> int:
     from harness.sweeps.distributed import setup_from_hydra
 
     setup_from_hydra(cfg)  # GPU memory policy and multi-host JAX: before anything starts a JAX backend
-    _start_wandb_early(cfg)
     from harness.app import run_and_report
     from harness.config import from_hydra
 

@@ -155,3 +155,8 @@ def tiny_classification(n_train: int = 96, n_val: int = 32, features: int = 6, c
 def failing_data(message: str = "corrupt shard 3 in /data/train"):
     """A data factory that raises, like a user's loader hitting a bad file."""
     raise ValueError(message)
+
+
+def failing_factory(*args, **kwargs):
+    """Any factory (model, loss, optimizer) that raises when called, whatever its arguments."""
+    raise RuntimeError("factory exploded on purpose")

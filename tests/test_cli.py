@@ -125,6 +125,8 @@ TINY_DATA = replace_group("data", "helpers.tiny_classification")
     ([*TINY_DATA, "model._target_=nowhere.Model"], ["model._target_: cannot import 'nowhere.Model'"]),
     ([*TINY_DATA, *replace_group("loss", "helpers.failing_data")],
      ["loss: the loss factory helpers.failing_data raised ValueError"]),
+    ([*TINY_DATA, *replace_group("model", "helpers.failing_factory")],
+     ["model: building the model with helpers.failing_factory raised RuntimeError: factory exploded on purpose"]),
     (["data=nope"], ["Could not find 'data/nope'"]),
     (["data=file"], ["data.path: is required"]),
     (replace_group("data", "helpers.failing_data"),
@@ -133,7 +135,8 @@ TINY_DATA = replace_group("data", "helpers.tiny_classification")
      ["data: calling helpers.tiny_classification failed", "unexpected keyword argument 'nope'"]),
 ])
 def test_bad_input_is_one_line_naming_the_key(tmp_path, monkeypatch, capsys, args, fragments):
-    code = run_main([*TINY_MODEL, "diagnostics.run=[data]", *args], tmp_path, monkeypatch)
+    model = [] if "~model" in args else TINY_MODEL
+    code = run_main(["diagnostics.run=[data]", *model, *args], tmp_path, monkeypatch)
     captured = capsys.readouterr()
     assert code == cli.EXIT_BAD_INPUT, captured
     assert_one_line_error(captured.err, *fragments)

@@ -173,6 +173,23 @@ def test_series_are_read_as_curves():
     assert wandb_logger.curves({"x": [1, 2, 3], "y": [1, 2]}, []) is None  # mismatched axis
 
 
+def test_series_become_charts_against_their_axes():
+    series = {
+        "lr_range/ramp_lr": [1e-4, 1e-3, 1e-2], "lr_range/ramp_loss": [2.0, 1.0, 3.0],
+        "lr_range/ramp_smoothed_loss": [2.0, 1.5, 2.0],
+        "lr_range/grid_lr": [1e-3, 1e-2], "lr_range/grid_val_loss": [0.5, 0.4],
+        "lr_range/configured_loss": [3.0, 2.0, 1.0], "lr_range/verdict": "ok",
+        "seeds/val_loss": np.ones((2, 3)),
+    }
+    out = wandb_logger.charts(series, ["#0 seed=0", "#1 seed=1"])
+    assert list(out) == ["lr_range/ramp", "lr_range/grid", "lr_range/configured_loss", "seeds/val_loss"]
+    ramp = out["lr_range/ramp"]
+    assert (ramp.xs, ramp.keys, ramp.xname) == ([1e-4, 1e-3, 1e-2], ["loss", "smoothed_loss"], "lr")
+    assert out["lr_range/grid"].ys == [[0.5, 0.4]]
+    assert (out["lr_range/configured_loss"].xname, out["lr_range/configured_loss"].keys) == ("step", ["configured_loss"])
+    assert out["seeds/val_loss"].keys == ["#0 seed=0", "#1 seed=1"]
+
+
 def test_thin_keeps_ends():
     assert wandb_logger.thin(5, 10).tolist() == [0, 1, 2, 3, 4]
     idx = wandb_logger.thin(1000, 100)

@@ -16,9 +16,11 @@ What goes where (all runs of one harness run share one W&B ``group``):
 
 How ``Outcome.series`` and ``Outcome.members`` are read (what diagnostics should produce):
 
-* a series value that is a 1-D list is one curve over its index (x = "step"); a 2-D list/array (curves × points)
-  is one curve per row; rows are named after the members when there are as many rows as members. A dict
-  ``{"x": [...], "y": [...] or [[...]], "keys": [...], "xname": "lr"}`` gives the x axis and names explicitly.
+* a 2-D series (curves × points) is one chart with a curve per row, named after the members when there are as
+  many rows as members (and, in member runs, each member's own row as its history); a dict
+  ``{"x": [...], "y": [...] or [[...]], "keys": [...], "xname": "lr"}`` gives the x axis and names explicitly;
+  1-D series named ``<group>_<quantity>`` are drawn together against their group's axis series
+  (``<group>_lr``, ``_step``, ``_width``, ...) when one of the same length exists, else against their index.
 * a member row is either ``{"hparams": {...}, "results": {...}}`` or flat; in a flat row the hyperparameter
   columns (the engine's ``Hparams`` fields, ``seed``, ``width``, ``depth``, ``control``, ``member``, and any text
   value) become the member run's config and the rest its summary.
@@ -37,6 +39,7 @@ import datetime
 import json
 import math
 import os
+import re
 import threading
 import uuid
 from typing import Any, Iterable
@@ -179,6 +182,54 @@ def curves(value: Any, member_labels: list[str]) -> Curves | None:
     if len(keys) != len(ys):
         keys = member_labels if len(member_labels) == len(ys) else [f"#{i}" for i in range(len(ys))]
     return Curves(xs.tolist(), ys.tolist(), keys, str(spec.get("xname") or ("step" if spec.get("x") is None else "x")))
+
+
+# A 1-D series whose last name segment is ``[<group>_]<axis>`` is an x axis for the other 1-D series of its group
+# (``lr_range/ramp_lr`` is the x of ``lr_range/ramp_loss`` and ``lr_range/ramp_smoothed_loss``).
+_AXIS = re.compile(r"^(?:(?P<group>.+?)_)?(?P<axis>lr|lrs|learning_rate|step|steps|width|widths|depth|seed|seeds|x)$")
+
+
+def _numeric_1d(value: Any) -> np.ndarray | None:
+    if isinstance(value, dict) or isinstance(value, str):
+        return None
+    try:
+        a = np.asarray(value, dtype=float)
+    except (TypeError, ValueError):
+        return None
+    return a if a.ndim == 1 and a.size >= 2 else None
+
+
+def charts(series: dict[str, Any], member_labels: list[str]) -> dict[str, Curves]:
+    """The charts of a diagnostic's series, for ``wandb.plot.line_series``: a 2-D series or an explicit dict is one
+    chart; 1-D series of one group (``<group>_<quantity>``) that share an axis series (``<group>_lr``, ``_step``,
+    ...) of their length are drawn together against it; other 1-D series against their index."""
+    leaf = {k: k.rsplit("/", 1)[-1] for k in series}
+    axes: dict[str, tuple[str, np.ndarray]] = {}
+    for key, name in leaf.items():
+        match, values = _AXIS.match(name), _numeric_1d(series[key])
+        if match and values is not None:
+            axes[match.group("group") or ""] = (match.group("axis"), values)
+    out: dict[str, Curves] = {}
+    grouped: dict[str, Curves] = {}
+    for key, value in series.items():
+        if _AXIS.match(leaf[key]) and _numeric_1d(value) is not None:
+            continue  # an axis, drawn as the x of its group
+        values = _numeric_1d(value)
+        group = leaf[key].split("_", 1)[0] if "_" in leaf[key] else ""
+        axis = axes.get(group)
+        if values is not None and axis is not None and len(axis[1]) == len(values):
+            chart = f"{key.rsplit('/', 1)[0]}/{group}" if "/" in key else group
+            quantity = leaf[key][len(group) + 1:]
+            c = grouped.setdefault(chart, Curves(axis[1].tolist(), [], [], axis[0]))
+            c.ys.append(values.tolist())
+            c.keys.append(quantity)
+            continue
+        c = curves(value, member_labels)
+        if c is not None:
+            if values is not None:
+                c.keys = [leaf[key]]  # one curve: named after its quantity
+            out[key] = c
+    return {**grouped, **out}
 
 
 def thin(n: int, limit: int) -> np.ndarray:
@@ -361,7 +412,7 @@ def log_run(rc, result, report: dict, output_dir: str, plot_files: dict[str, dic
         if outcome is None or not outcome.members:
             continue
         labels = [member_label(i, row) for i, row in enumerate(outcome.members)]
-        series = {k: c for k, v in outcome.series.items() if (c := curves(v, labels)) is not None}
+        series = charts(outcome.series, labels)
         sweep_config = {"diagnostic": diag_name, "members": len(outcome.members), "main_run": name,
                         "settings": dataclasses.asdict(rc.settings[diag_name])
                         if dataclasses.is_dataclass(rc.settings.get(diag_name)) else {}}
@@ -384,7 +435,8 @@ def _log_members(runs: _Runs, diag_name: str, outcome, labels: list[str], series
     for i, row in enumerate(outcome.members):
         hparams, results = split_member(row)
         config = {k: cell(v) for k, v in hparams.items()}
-        own = {k: c for k, c in series.items() if len(c.ys) == len(outcome.members)}
+        own = {k: c for k, v in outcome.series.items()
+               if np.ndim(v) == 2 and (c := curves(v, labels)) is not None and len(c.ys) == len(outcome.members)}
         with _finishing(runs.open(lean=True, job_type=diag_name, name=f"{name}/{diag_name}/{labels[i]}",
                                   notes=notes, config={**config, "diagnostic": diag_name, "member": i})) as run:
             for key, c in own.items():

@@ -170,10 +170,12 @@ def runs(tmp_path_factory):
         for i in range(2)
     ]
     procs.append(_start(tmp / "two_devices.npz", XLA_FLAGS="--xla_force_host_platform_device_count=2"))
+    # The single-process reference runs here, in pytest's own process (whatever its device count), while the
+    # workers start up and wait for each other.
+    one_device = _sweep()[0]
     logs = [_finish(p) for p in procs]
     results = {name: dict(np.load(tmp / f"{name}.npz")) for name in ("proc0", "proc1", "two_devices")}
-    # The single-process reference runs here, in pytest's own process, whatever its device count.
-    results["one_device"] = _sweep()[0]
+    results["one_device"] = one_device
     return results, logs
 
 
@@ -216,8 +218,8 @@ def test_two_processes_match_one_device_within_float32_noise(runs):
 # The worker (run as a script by the fixture above).
 
 
-def _sweep():
-    """Train the test sweep; returns its arrays (every member) and this process's layout."""
+def _sweep(members=slice(None)):
+    """Train the test sweep (or a slice of its members); returns the results and this process's layout."""
     import jax
     import optax
     from flax import nnx
@@ -235,7 +237,7 @@ def _sweep():
                       losses.cross_entropy, OptimSpec(optax.adam), classification=True)
     spec = TrainSpec(steps=12, batch_size=16, steps_per_call=6, max_members_per_call=8)
     hp = Hparams.make(lr=[1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1], init_seed=[0, 1, 2, 3, 4, 5], data_seed=[5, 4, 3, 2, 1, 0])
-    result = train_members(problem, spec, hp, arrays)
+    result = train_members(problem, spec, hp.take(members), arrays)
     layout = dict(process_index=jax.process_index(), process_count=jax.process_count(),
                   device_count=devices.device_count(), primary=devices.is_primary())
     return {f: getattr(result, f) for f in FIELDS}, layout

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -46,23 +47,33 @@ def run(ctx, settings):
                    members=[{**row, "final_loss": float(result.loss[i, -1])} for i, row in enumerate(hp.rows())])
 
 
-@pytest.fixture
-def probe(monkeypatch):
+@pytest.fixture(scope="module")
+def probe():
     from harness.checks import registry
 
-    monkeypatch.setitem(registry.DIAGNOSTICS, PROBE, (__name__, "training"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(registry.DIAGNOSTICS, PROBE, (__name__, "training"))
+        yield
 
 
-@pytest.fixture
-def original_run(probe, tmp_path):
+@pytest.fixture(scope="module")
+def original_once(probe, tmp_path_factory):
     from helpers import compose
 
     from harness.app import run_and_report
 
     rc = compose([f"diagnostics.run=[{PROBE}]", *SMALL])
-    run_dir = tmp_path / "original"
+    run_dir = tmp_path_factory.mktemp("reproduce") / "original"
     run_and_report(rc, str(run_dir), command=["harness", *SMALL])
     return run_dir
+
+
+@pytest.fixture
+def original_run(original_once, tmp_path):
+    """A private copy of the original run: tests tamper with its report."""
+    copy = tmp_path / "original"
+    shutil.copytree(original_once, copy)
+    return copy
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -77,6 +77,12 @@ def test_true_without_environment_defers_to_jax_detection():
     assert dist.plan("true", {}).source == "jax"
 
 
+def test_true_without_any_cluster_is_a_clear_error():
+    # JAX finds no cluster either (or this process already runs JAX): one line naming the key, no traceback.
+    with pytest.raises(HarnessError, match="^engine.distributed: "):
+        dist.initialize(dist.Cluster("jax", 0, 0), timeout_s=5)
+
+
 @pytest.mark.parametrize("value, expected", [("auto", "auto"), (True, "true"), (False, "false"), ("TRUE", "true")])
 def test_distributed_setting(value, expected):
     assert dist.distributed_setting(value) == expected

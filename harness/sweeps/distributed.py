@@ -185,8 +185,12 @@ def initialize(cluster: Cluster, *, timeout_s: int = 300) -> None:
         where = {"env": f"{ENV_COORDINATOR}={cluster.coordinator}", "slurm": "SLURM",
                  "submitit_local": f"submitit local, coordinator {cluster.coordinator}",
                  "jax": "no cluster environment found"}[cluster.source]
+        hint = ""
+        if cluster.source == "jax":
+            hint = (f"; set {ENV_COORDINATOR}, {ENV_NUM_PROCESSES} and {ENV_PROCESS_ID}, run under SLURM or "
+                    f"submitit, or use engine.distributed=auto")
         raise HarnessError(f"engine.distributed: jax.distributed.initialize failed ({where}): "
-                           f"{str(err).splitlines()[0]}") from None
+                           f"{str(err).splitlines()[0]}{hint}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ def run_and_report(rc: RunConfig, output_dir: str, *, command: list[str], consol
     if log_to_wandb:
         from harness.report import wandb_logger
 
-        wandb_logger.start_warmup()
+        wandb_logger.start_warmup(wandb_logger.resolve_mode(rc.logger.mode))
     with terminal.progress(console, rc.diagnostics) as view:
         result = run(rc, progress=view.update, on_outcome=view.outcome_done)
     from harness.engine.devices import is_primary

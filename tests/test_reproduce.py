@@ -105,6 +105,9 @@ def test_a_one_ulp_change_is_a_mismatch(original_run, tmp_path):
     assert not outcome.matched
     assert [m.key for m in outcome.mismatches] == [f"metrics/{key}"]
     assert outcome.mismatches[0].max_rel < 1e-6  # tiny, and still caught: the comparison is bitwise
+    summary = json.loads((tmp_path / "rerun" / "reproduction.json").read_text())
+    assert summary["matched"] is False and summary["rule"] == "bitwise"
+    assert summary["mismatches"][0]["key"] == f"metrics/{key}"
 
 
 def test_other_environment_compares_within_tolerance(original_run, tmp_path):

@@ -23,7 +23,8 @@ from harness.sweeps.runs import Run, display_names, load_runs, natural_key, spli
 # columns keep working while diagnostics rename or add metrics; a column no run has is left out.
 KEY_METRICS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("overfit steps", ("overfit_batch/steps_to_target", "overfit_batch/*steps_to*", "overfit_batch/*steps*")),
-    ("val loss", ("seeds/val_loss/mean", "seeds/*val_loss*mean*", "*/final_val_loss", "*/val_loss")),
+    ("val loss", ("seeds/val_loss/mean", "seeds/*val_loss*mean*", "*/final_val_loss", "*/val_loss",
+                  "lr_range/configured_val_loss")),
     ("seed spread", ("seeds/*spread*", "seeds/*std*", "seeds/*noise*")),
     ("capacity", ("capacity/verdict", "capacity/*verdict*")),
     ("suggested lr", ("lr_range/suggested_lr", "lr_range/*suggest*")),

@@ -12,7 +12,8 @@ compares every metric and every curve:
 * **within tolerance** otherwise (``|a - b| <= atol + rtol * |b|``, numpy's ``allclose`` rule; rtol 1e-3 by
   default, the float32 noise of a different vmap width or device layout), with a warning naming what differs.
 
-Exit 0 when everything matches, 1 when something does not (a table lists the mismatches), 2 for bad input.
+Exit 0 when everything matches, 1 when something does not (a table lists the mismatches), 2 for bad input. The
+verdict is also written to ``reproduction.json`` beside the rerun's report.
 W&B logging is off for the rerun unless ``--wandb``: a reproduction should not add runs to the project.
 """
 
@@ -248,7 +249,27 @@ def reproduce(run_dir: str, *, out_dir: str | None = None, mode: str = "auto", r
     run_and_report(rc, out_dir, command=["harness", "reproduce", run_dir], console=console)
     rerun = load_report(os.path.join(out_dir, REPORT))
     compared, mismatches = compare_reports(original, rerun, exact=exact, rtol=rtol, atol=atol)
-    return Outcome(exact, compared, mismatches, differences, out_dir, rtol, atol)
+    outcome = Outcome(exact, compared, mismatches, differences, out_dir, rtol, atol)
+    write_summary(outcome, os.path.abspath(os.path.dirname(path)))
+    return outcome
+
+
+def write_summary(outcome: Outcome, original_dir: str) -> str:
+    """``reproduction.json`` beside the rerun's report: the verdict for CI and for a later look."""
+    from harness.report.writer import atomic_write
+
+    summary = {
+        "original": original_dir,
+        "matched": outcome.matched,
+        "rule": "bitwise" if outcome.exact else {"rtol": outcome.rtol, "atol": outcome.atol},
+        "compared": outcome.compared,
+        "mismatches": [dataclasses.asdict(m) for m in outcome.mismatches],
+        "environment_differences": [{"what": w, "original": a, "now": b, "affects_numbers": n}
+                                    for w, a, b, n in outcome.differences],
+    }
+    path = os.path.join(outcome.out_dir, "reproduction.json")
+    atomic_write(path, json.dumps(summary, indent=2, default=str) + "\n")
+    return path
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -146,3 +146,10 @@ def _render(comparison) -> str:
     console = Console(width=200, record=True, file=open(os.devnull, "w"))
     console.print(cmp.table(comparison))
     return console.export_text()
+
+
+def test_brackets_in_values_are_shown_not_taken_for_markup(tmp_path):
+    write_run(tmp_path / "a", ["diagnostics.run=[data,model]"], {})
+    write_run(tmp_path / "b", ["diagnostics.run=[data]"], {})
+    text = _render(cmp.build([str(tmp_path)]))
+    assert "[data,model]" in text and "[data]" in text

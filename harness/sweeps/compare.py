@@ -142,6 +142,7 @@ def error_ids(run: Run) -> list[str]:
 
 def table(comparison: Comparison):
     from rich.table import Table
+    from rich.text import Text
 
     t = Table(title=f"harness compare: {len(comparison.runs)} run{'s' if len(comparison.runs) != 1 else ''}")
     t.add_column("run", overflow="fold")
@@ -155,15 +156,16 @@ def table(comparison: Comparison):
         t.add_column(col.title, justify="right" if col.numeric else "left")
     for i in comparison.sort_order():
         run = comparison.runs[i]
-        status = run.report.get("status", "?")
-        style = "green" if status == "healthy" else "red"
-        cells = [comparison.names[i]]
+        status = str(run.report.get("status", "?"))
+        # Text, not markup: override values such as diagnostics.run=[data,model] hold brackets.
+        cells = [Text(comparison.names[i])]
         if comparison.differing:
-            cells += [fmt(values[i]) for values in comparison.differing.values()]
+            cells += [Text(fmt(values[i])) for values in comparison.differing.values()]
         else:
-            cells.append(" ".join(run.overrides) or "(defaults)")
-        cells += [f"[{style}]{status}[/]", ", ".join(error_ids(run)) or "–"]
-        cells += [fmt(col.values[i]) for col in comparison.columns]
+            cells.append(Text(" ".join(run.overrides) or "(defaults)"))
+        cells += [Text(status, style="green" if status == "healthy" else "red"),
+                  Text(", ".join(error_ids(run)) or "–")]
+        cells += [Text(fmt(col.values[i])) for col in comparison.columns]
         t.add_row(*cells)
     return t
 
@@ -252,5 +254,5 @@ def main(args: list[str]) -> int:
     console.print(table(comparison))
     if not opts.no_plot:
         path = plot(comparison, opts.out or default_plot_path(comparison))
-        console.print(f"plot: {path}")
+        console.print(f"plot: {path}", markup=False)
     return 0

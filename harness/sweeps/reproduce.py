@@ -284,30 +284,36 @@ def _fmt(v: Any) -> str:
 
 
 def print_outcome(console, outcome: Outcome, run_dir: str):
+    from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
+
+    def shown(v):
+        return "(unset)" if v is None else '""' if v == "" else v
 
     for what, a, b, numeric in outcome.differences:
         label = "[yellow]warning" if numeric else "[dim]note"  # notes: differences that cannot change numbers
-        console.print(f"{label}: {what} differs: {a} (original) -> {b} (now)[/]", soft_wrap=True)
+        console.print(f"{label}: {escape(f'{what} differs: {shown(a)} (original) -> {shown(b)} (now)')}[/]",
+                      soft_wrap=True)
     rule = "bitwise" if outcome.exact else f"within rtol={outcome.rtol:g}, atol={outcome.atol:g}"
     if outcome.mismatches:
         t = Table(title=f"mismatches ({rule})")
         for col in ("metric or curve", "original", "rerun", "differing", "max |diff|", "max rel diff"):
             t.add_column(col, overflow="fold", justify="right" if col.startswith(("max", "diff")) else "left")
         for m in outcome.mismatches:
-            t.add_row(m.key, _fmt(m.original), _fmt(m.rerun), f"{m.count}/{m.total}",
+            t.add_row(Text(m.key), Text(_fmt(m.original)), Text(_fmt(m.rerun)), f"{m.count}/{m.total}",
                       "–" if m.max_abs is None else f"{m.max_abs:.3g}",
                       "–" if m.max_rel is None else f"{m.max_rel:.3g}")
         console.print(t)
         n = len(outcome.mismatches)
         what = "metric or curve differs" if n == 1 else "metrics or curves differ"
         console.print(f"[bold red]not reproduced[/]: {n} {what} ({rule}) out of {outcome.compared} values "
-                      f"compared; rerun in {outcome.out_dir}")
+                      f"compared; rerun in {escape(outcome.out_dir)}")
     else:
         why = "same environment" if outcome.exact and not any(d[3] for d in outcome.differences) else (
             "environment differs" if not outcome.exact else "forced")
         console.print(f"[bold green]reproduced[/]: all {outcome.compared} values match {rule} ({why}); "
-                      f"rerun in {outcome.out_dir}")
+                      f"rerun in {escape(outcome.out_dir)}")
 
 
 def parser() -> argparse.ArgumentParser:

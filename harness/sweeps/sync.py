@@ -123,7 +123,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(args: list[str]) -> int:
+    from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
     from harness.sweeps.runs import make_console
 
@@ -136,7 +138,7 @@ def main(args: list[str]) -> int:
     skipped = len(runs) - len(pending)
     note = f" ({skipped} already synced, skipped; --include-synced to upload again)" if skipped else ""
     if not pending:
-        console.print(f"nothing to sync: {len(runs)} offline W&B runs below {', '.join(opts.dirs)}{note}")
+        console.print(f"nothing to sync: {len(runs)} offline W&B runs below {escape(', '.join(opts.dirs))}{note}")
         return 0
     options = dict(jobs=opts.jobs, project=opts.project, entity=opts.entity, include_synced=opts.include_synced)
     commands = wandb_commands(pending, **options)
@@ -146,9 +148,9 @@ def main(args: list[str]) -> int:
             table.add_column(col, overflow="fold")
         cwd = os.getcwd()
         for r in pending:
-            table.add_row(os.path.relpath(r.dir, cwd), r.run_id, _size(r.size))
+            table.add_row(Text(os.path.relpath(r.dir, cwd)), Text(r.run_id), _size(r.size))
         console.print(table)
-        console.print(f"command: {shlex.join(wandb_base(**options))} <{len(pending)} run directories>"
+        console.print(f"command: {escape(shlex.join(wandb_base(**options)))} <{len(pending)} run directories>"
                       + (f" (in {len(commands)} calls)" if len(commands) > 1 else ""), soft_wrap=True)
         return 0
     console.print(f"syncing {len(pending)} offline W&B runs with {len(commands)} `wandb sync` call(s){note}")

@@ -35,20 +35,28 @@ def run_and_report(rc: RunConfig, output_dir: str, *, command: list[str], consol
     ``command`` is recorded for ``harness reproduce``; ``run_name`` and ``group`` name the W&B runs (defaults: the
     output directory's name and a fresh group; ``logger.group`` wins over ``group``).
     """
+    from harness.engine.devices import is_primary
+
     enable_persistent_cache(rc.compilation_cache)
     console = console or terminal.make_console()
-    log_to_wandb = wandb_enabled(rc)
-    if log_to_wandb:
+    if wandb_enabled(rc) and is_primary():
         from harness.report import wandb_logger
 
         wandb_logger.start_warmup(wandb_logger.resolve_mode(rc.logger.mode))
     with terminal.progress(console, rc.diagnostics) as view:
         result = run(rc, progress=view.update, on_outcome=view.outcome_done)
-    from harness.engine.devices import is_primary
-
     if not is_primary():
         return result  # multi-host: every process holds every member's results; process 0 writes and logs them
+    write_outputs(rc, result, output_dir, command=command, console=console, run_name=run_name, group=group)
+    return result
 
+
+def write_outputs(rc: RunConfig, result: RunResult, output_dir: str, *, command: list[str], console=None,
+                  run_name: str | None = None, group: str | None = None) -> dict:
+    """Everything a finished run leaves behind: plots, report.json, report.md, the terminal view, then W&B.
+    Returns the report. A collapsed sweep calls this once per point (:mod:`harness.sweeps.collapse`)."""
+    console = console or terminal.make_console()
+    log_to_wandb = wandb_enabled(rc)
     os.makedirs(output_dir, exist_ok=True)
     plot_files = plots.draw_all(result.outcomes, output_dir, warn=_warn)
     report = writer.build_report(result, config=rc.raw, command=command, environment=environment.environment(),
@@ -58,10 +66,12 @@ def run_and_report(rc: RunConfig, output_dir: str, *, command: list[str], consol
     terminal.print_report(console, report, output_dir)
 
     if log_to_wandb:
+        from harness.report import wandb_logger
+
         try:
             logged = wandb_logger.log_run(rc, result, report, output_dir, plot_files, run_name=run_name,
                                           group=group)
             console.print(logged.describe(), style="dim", soft_wrap=True)
         except Exception as err:  # the local report is already on disk; say what failed and go on
             _warn(f"W&B logging failed ({type(err).__name__}: {err}); the local report in {output_dir} is complete")
-    return result
+    return report

@@ -60,10 +60,12 @@ def _wandb_names(hc) -> tuple[str, str]:
     group, the points of a sweep share the sweep's group."""
     from hydra.types import RunMode
 
-    overrides = [o for o in hc.overrides.task if not o.startswith(("logger", "hydra"))]
-    name = " ".join(overrides)[:128] or "defaults"
+    from harness.report.wandb_logger import name_from_overrides
+
+    name = name_from_overrides(hc.overrides.task)
     if hc.mode == RunMode.MULTIRUN:
-        return name, f"sweep-{os.path.basename(os.path.normpath(hc.sweep.dir))}"
+        sweep = os.path.basename(os.path.normpath(hc.sweep.dir))
+        return name, sweep if sweep.startswith("sweep") else f"sweep-{sweep}"
     run_dir = os.path.normpath(hc.runtime.output_dir)
     stamp = "_".join(run_dir.split(os.sep)[-2:])  # outputs/<date>/<time> -> <date>_<time>
     return name, f"run-{stamp}"
@@ -81,10 +83,18 @@ def task(cfg) -> int:
 
     _quiet_logs()
     hc = HydraConfig.get()
+    name, group = _wandb_names(hc)
+    if cfg.get("harness_collapse_group"):
+        # A group of sweep points that the harness sweeper collapsed into one job; each point logs to W&B under
+        # the sweep's group and is named by its own overrides.
+        from harness.report.wandb_logger import use_group
+        from harness.sweeps.collapse import run_group
+
+        use_group(group)
+        return run_group(cfg.harness_collapse_group, command=["harness", *sys.argv[1:]])
     choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra") and v is not None}
     rc = from_hydra(cfg, choices)
     output_dir = cfg.get("output_dir") or hc.runtime.output_dir
-    name, group = _wandb_names(hc)
     result = run_and_report(rc, output_dir, command=["harness", *sys.argv[1:]], run_name=name, group=group)
     return EXIT_FINDINGS if (rc.fail_on_error and result.has_error) else EXIT_OK
 

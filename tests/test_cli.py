@@ -209,15 +209,16 @@ def test_a_sweep_exits_with_its_worst_code(tmp_path, monkeypatch, capsys):
 def test_wandb_names_follow_hydra(tmp_path):
     from hydra.types import RunMode
 
-    def hc(mode, overrides):
+    def hc(mode, overrides, sweep="multirun/lr-1a2b"):
         return types.SimpleNamespace(mode=mode, overrides=types.SimpleNamespace(task=overrides),
-                                     sweep=types.SimpleNamespace(dir="multirun/lr-sweep-1a2b"),
+                                     sweep=types.SimpleNamespace(dir=sweep),
                                      runtime=types.SimpleNamespace(output_dir="/x/outputs/2026-01-02/03-04-05"))
 
     assert cli._wandb_names(hc(RunMode.RUN, ["optim.lr=0.1", "logger.tags=[a]"])) == (
         "optim.lr=0.1", "run-2026-01-02_03-04-05")
     assert cli._wandb_names(hc(RunMode.RUN, [])) == ("defaults", "run-2026-01-02_03-04-05")
-    assert cli._wandb_names(hc(RunMode.MULTIRUN, ["seed=1"])) == ("seed=1", "sweep-lr-sweep-1a2b")
+    assert cli._wandb_names(hc(RunMode.MULTIRUN, ["seed=1"])) == ("seed=1", "sweep-lr-1a2b")
+    assert cli._wandb_names(hc(RunMode.MULTIRUN, ["seed=1"], "multirun/sweep-0f3c")) == ("seed=1", "sweep-0f3c")
 
 
 def test_exit_codes_are_documented():

@@ -277,6 +277,22 @@ def default_group() -> str:
     return f"harness-{datetime.datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:4]}"
 
 
+_JOB_GROUP: list[str] = []  # the group of the current CLI job, for runs logged without an explicit group
+
+
+def use_group(name: str | None):
+    """Make ``name`` the group of every run this process logs without an explicit group (the CLI sets it per
+    Hydra job, so the points of a collapsed sweep share their sweep's group)."""
+    _JOB_GROUP[:] = [name] if name else []
+
+
+def name_from_overrides(overrides: Iterable[str]) -> str:
+    """A run's W&B name: its command-line overrides (``optim.lr=0.1 seed=2``) without the logger's and Hydra's
+    own, or 'defaults'."""
+    kept = [o for o in overrides if "=" in o and not o.lstrip("+~").startswith(("logger", "hydra"))]
+    return " ".join(kept)[:128] or "defaults"
+
+
 class _Runs:
     """Opens runs with shared arguments and finishes every one of them, also when logging fails."""
 
@@ -398,8 +414,8 @@ def log_run(rc, result, report: dict, output_dir: str, plot_files: dict[str, dic
         return logged
     wandb.setup(_setup_settings(mode))
     os.makedirs(directory, exist_ok=True)
-    group = cfg.group or group or default_group()
-    name = run_name or os.path.basename(os.path.normpath(output_dir))
+    group = cfg.group or group or (_JOB_GROUP[0] if _JOB_GROUP else default_group())
+    name = run_name or name_from_overrides((report.get("command") or [])[1:])
     runs = _Runs(wandb, mode=mode, directory=directory, project=cfg.project, entity=cfg.entity, group=group,
                  tags=tuple(cfg.tags), logged=logged)
     plot_files = plot_files or {}

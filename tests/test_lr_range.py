@@ -1,0 +1,251 @@
+"""The LR range test: the published ramp rules on hand-built curves with known answers, the grid's usable range and
+the configured LR's verdict on hand-built readings, then the compiled test on real jobs (healthy LRs silent,
+too-high and too-low LRs flagged the right way, a diverging member contained, no recompile on a second run).
+
+Compiled runs use a small grid (12 LRs, 100 steps) so the whole file stays fast; the default budgets are measured in
+scripts/lr_quality.py and the module docstring of harness/checks/training/lr_range.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import compose
+
+from harness.checks.training import curves
+from harness.checks.training import lr_range as lr
+from harness.config import settings_from
+from harness.engine import compile as programs
+from harness.engine.train import Problem
+from harness.errors import HarnessError
+from harness.pipeline import build_context
+
+SMALL = lr.Settings(grid_size=12, grid_steps=100)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Curve rules on hand-built curves.
+
+
+def test_ema_bias_correction_keeps_a_constant_curve_constant():
+    np.testing.assert_allclose(curves.ema(np.full(50, 3.0), 0.98), 3.0, rtol=1e-12)
+    raw = curves.ema(np.full(3, 3.0), 0.5, bias_correction=False)
+    np.testing.assert_allclose(raw, [1.5, 2.25, 2.625])
+
+
+def test_torch_lr_finder_smoothing_starts_from_the_first_point():
+    np.testing.assert_allclose(curves.ema_unbiased_start([2.0, 4.0], 0.05), [2.0, 2.1])
+
+
+def test_divergence_stop_at_four_times_the_best():
+    assert curves.divergence_stop([1.0, 0.5, 0.4, 1.5, 1.7, 9.0]) == 4  # 1.7 > 4 * 0.4
+    assert curves.divergence_stop([1.0, 0.5, np.nan, 0.1]) == 2
+    assert curves.divergence_stop([3.0, 2.0, 1.0]) == 3
+
+
+def test_valley_rule_known_answer():
+    # The longest strictly decreasing run is 3.0 (index 3) ... 0.4 (index 9): fastai's max_start = 9 - 7 = 2,
+    # sections = 7/3, index = 2 + 2 + 1 = 5.
+    losses = [3, 3, 3, 3, 2.5, 2.0, 1.5, 1.0, 0.5, 0.4, 3.0, 9.0]
+    assert curves.valley_index(losses) == 5
+    assert curves.valley_index([1.0]) is None
+
+
+def test_steepest_rule_known_answer_and_skips():
+    losses = np.array([5.0] * 12 + [4.9, 4.0, 2.0, 1.5, 1.4] + [1.4] * 8)
+    # Central differences: index 13 -> (2.0 - 4.9) / 2 = -1.45 is the steepest.
+    assert curves.steepest_index(losses, skip_start=10, skip_end=5) == 13
+    # A steeper drop inside the skipped start does not count.
+    early = losses.copy()
+    early[2] = -50.0
+    assert curves.steepest_index(early, skip_start=10, skip_end=5) == 13
+    assert curves.steepest_index(losses[:11], skip_start=10, skip_end=5) is None
+
+
+def test_fastai_window_drops_first_tenth_and_last_five():
+    assert curves.fastai_window(200, 200) == slice(20, 195)
+    assert curves.fastai_window(100, 200) == slice(20, 95)
+
+
+def test_read_ramp_on_a_synthetic_ramp():
+    """Loss falls as LR grows from 1e-5, bottoms out near 1e-2 and explodes past 1e-1: the ramp is cut at the
+    explosion, the valley sits in the falling part and below the minimum, steepest descent near the fastest fall."""
+    lrs = lr.ramp_lrs(lr.Settings(grid_steps=200))
+    x = np.log10(lrs)
+    loss = 2.3 - 2.2 / (1 + np.exp(-3 * (x + 3))) + np.where(x > -1, 50 * (x + 1) ** 2, 0)
+    ramp = lr.read_ramp(loss, lrs, beta=0.0)  # no smoothing: exact positions
+    assert lrs[ramp.stop] > 0.1 and lrs[ramp.stop] < 0.3
+    assert 1e-4 < ramp.valley_lr < ramp.min_lr
+    assert ramp.steepest_lr == pytest.approx(1e-3, rel=0.2)  # the logistic's inflection at log10(lr) = -3
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The grid and the verdict on hand-built readings.
+
+GRID = np.geomspace(1e-5, 1.0, 11)  # half-decade steps
+VAL = np.array([2.29, 2.2, 1.5, 0.6, 0.2, 0.1, 0.1, 0.3, 1.5, 2.3, 2.3])
+DIVERGED = np.array([False] * 10 + [True])
+
+
+def hand_reading():
+    return lr.read_grid(GRID, VAL, DIVERGED, untrained=2.3, margin=0.05)
+
+
+def test_running_median_ignores_one_outlier():
+    np.testing.assert_allclose(lr.running_median3([1.0, 1.0, 9.0, 1.0, 1.0]), [1.0, 1.0, 1.0, 1.0, 1.0])
+
+
+def test_usable_range_known_answers():
+    g = hand_reading()
+    assert g.best_index == 5 and g.best_loss == pytest.approx(0.1)
+    assert g.lowest_learning_lr == pytest.approx(GRID[1])  # 2.2 < 2.3 - 0.05; 2.29 is within the margin
+    # p(1.5) = log(2.3/1.5)/log(23) = 0.136 >= 0.1 (index 2); p(2.2) = 0.014 is not.
+    assert g.usable_low_lr == pytest.approx(GRID[2])
+    # p(0.3) = 0.65 >= 0.5 (index 7); p(1.5) at index 8 is not.
+    assert g.usable_high_lr == pytest.approx(GRID[7])
+    assert g.divergence_lr == pytest.approx(GRID[9])  # first LR above the best that ends no better than untrained
+    # Basin: smoothed losses within 0.05 of 0.1 are indices 5..6; centre 5.5 minus half a step = index 5.
+    assert g.suggested_lr == pytest.approx(GRID[5])
+
+
+def test_grid_where_nothing_learns():
+    g = lr.read_grid(GRID, np.full(11, 2.3), np.zeros(11, bool), untrained=2.3, margin=0.05)
+    assert not g.learns_at_all and g.suggested_lr is None
+
+
+@pytest.mark.parametrize("configured, val, diverged, direction, severity", [
+    (GRID[5], 0.1, -1, None, None),  # the best LR
+    (GRID[3], 0.6, -1, None, None),  # low side but inside the lenient usable range
+    (GRID[8], 1.5, -1, "high", "warning"),  # learns a little, far above the usable range
+    (GRID[10], 2.3, 7, "high", "error"),  # non-finite
+    (GRID[0] / 10, 2.3, -1, "low", "error"),  # cannot learn, below the range
+])
+def test_verdict_directions(configured, val, diverged, direction, severity):
+    train_loss = np.linspace(2.3, max(val, 0.1), 100)
+    v = lr.judge_configured(hand_reading(), configured, val, train_loss, diverged)
+    assert (v.direction, v.severity) == (direction, severity)
+    assert v.factor >= 1.0
+
+
+def test_an_exploding_configured_run_is_divergence_even_if_finite():
+    train_loss = np.concatenate([[2.3, 40.0, 60.0], np.full(97, 2.3)])  # spiked to 26x, died at the start level
+    v = lr.judge_configured(hand_reading(), GRID[9], 2.3, train_loss, -1)
+    assert v.exploded and (v.direction, v.severity) == ("high", "error")
+    findings = lr.findings_for(hand_reading(), v, lr.read_ramp(np.linspace(2.3, 0.1, 50), lr.ramp_lrs(
+        lr.Settings(grid_steps=50))), 100)
+    assert {f.id for f in findings} == {"train.divergence", "train.learning_rate"}
+
+
+def test_noise_margin_uses_the_seed_spread_when_known():
+    assert lr.noise_margin({"seed_spread": {"val_loss_std": 0.01, "val_loss_mean": 0.1, "steps": 200}}, 2.3,
+                           0.02) == (pytest.approx(0.02), "seed_spread")
+    assert lr.noise_margin({}, 2.3, 0.02) == (pytest.approx(0.046), "relative")
+
+
+def test_settings_validation_and_config_file_match():
+    with pytest.raises(HarnessError, match="min_lr"):
+        settings_from(lr.Settings, {"min_lr": 1.0, "max_lr": 0.1}, "diagnostics.lr_range")
+    with pytest.raises(HarnessError, match="grid_size"):
+        settings_from(lr.Settings, {"grid_size": 2}, "diagnostics.lr_range")
+    import yaml
+
+    path = os.path.join(os.path.dirname(lr.__file__), "..", "..", "conf", "diagnostics", "lr_range", "default.yaml")
+    with open(path) as f:
+        node = yaml.safe_load(f)
+    assert set(node) == {f.name for f in dataclasses.fields(lr.Settings)}
+    assert settings_from(lr.Settings, node, "diagnostics.lr_range") == lr.Settings()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Compiled runs on real jobs.
+
+
+def with_lr(ctx, value):
+    return dataclasses.replace(ctx, optim=dataclasses.replace(ctx.optim, lr=value))
+
+
+@pytest.fixture(scope="module")
+def digits_ctx():
+    return build_context(compose(["logger=none"]))
+
+
+@pytest.fixture(scope="module")
+def healthy(digits_ctx):
+    return lr.run(digits_ctx, SMALL)
+
+
+def test_reference_job_healthy_lr_is_not_flagged(healthy):
+    m = healthy.metrics
+    assert healthy.findings == []
+    assert m["lr_range/configured_direction"] == "ok"
+    assert m["lr_range/usable_low_lr"] < 1e-3 < m["lr_range/usable_high_lr"]
+    assert 1e-3 <= m["lr_range/suggested_lr"] <= 3e-2  # Adam on this MLP learns fastest around 1e-2 (grid)
+    assert m["lr_range/valley_lr"] is not None and m["lr_range/steepest_lr"] is not None
+
+
+def test_members_table_series_and_plot(healthy, tmp_path):
+    assert len(healthy.members) == SMALL.grid_size
+    assert set(healthy.members[0]) >= {"lr", "final_train_loss", "final_val_loss", "diverged"}
+    assert len(healthy.series["lr_range/ramp_loss"]) == SMALL.grid_steps
+    path = tmp_path / "lr.png"
+    healthy.plots[0].draw(str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("value, direction", [(0.5, "high"), (3.0, "high"), (1e-6, "low")])
+def test_bad_lrs_are_flagged_with_direction(digits_ctx, healthy, value, direction):
+    before = programs.STATS.compiles
+    out = lr.run(with_lr(digits_ctx, value), SMALL)
+    assert programs.STATS.compiles == before  # same program as the healthy run: only a traced LR changed
+    found = {f.id: f for f in out.findings}
+    finding = found["train.learning_rate"]
+    assert finding.severity.value == "error"
+    assert finding.evidence["direction"] == direction
+    assert ("too high" if direction == "high" else "too low") in finding.message
+    assert finding.evidence["factor"] > 3
+    if direction == "high":
+        assert "train.divergence" in found  # Adam at 0.5 or 3 blows the loss up before the net dies
+
+
+def test_second_run_compiles_nothing(digits_ctx, healthy):
+    before = programs.STATS.compiles
+    fresh = dataclasses.replace(digits_ctx, shared={})  # no memo: the engine really runs again
+    again = lr.run(fresh, SMALL)
+    assert programs.STATS.compiles == before
+    assert again.metrics["lr_range/suggested_lr"] == healthy.metrics["lr_range/suggested_lr"]  # bitwise reruns
+
+
+def test_regression_job_healthy_lr_is_not_flagged():
+    ctx = build_context(compose(["logger=none", "data=regression"]))
+    out = lr.run(ctx, SMALL)
+    assert out.findings == []
+    assert out.metrics["lr_range/usable_low_lr"] < 1e-3 < out.metrics["lr_range/usable_high_lr"]
+
+
+def naive_cross_entropy(logits, labels):
+    """A planted numerics bug: log of a softmax that underflows to 0 once the logits are large (high LRs)."""
+    probs = jax.nn.softmax(logits)
+    return -jnp.log(jnp.take_along_axis(probs, labels[:, None].astype(jnp.int32), axis=1)[:, 0])
+
+
+def test_a_diverging_member_does_not_poison_the_others(digits_ctx):
+    p = digits_ctx.problem
+    problem = Problem(p.build_model, naive_cross_entropy, p.optim, True)
+    ctx = dataclasses.replace(digits_ctx, problem=problem, loss_name="naive_cross_entropy", shared={})
+    settings = lr.Settings(grid_size=8, grid_steps=60)
+    plan, result = lr.run_program(ctx, settings)
+    grid = result.first_nonfinite[plan.grid_rows]
+    assert (grid >= 0).any(), "the planted loss should overflow at the highest LRs"
+    first_bad = int(np.argmax(grid >= 0))
+    assert first_bad > 0
+    healthy_rows = np.arange(1, 1 + first_bad)
+    assert np.isfinite(result.loss[healthy_rows]).all() and np.isfinite(result.final_val_loss[healthy_rows]).all()
+    assert np.isfinite(result.loss[plan.configured_row]).all()
+    ramp, reading, verdict = lr.analyse(result, plan, {})
+    assert reading.divergence_lr is not None and reading.divergence_lr <= plan.grid_lrs[first_bad]
+    assert verdict.direction is None

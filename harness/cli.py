@@ -157,6 +157,10 @@ def _hydra_main(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Users name their own factories by module path (data._target_=my_project.make_data), run from their project
+    # directory: make that directory importable for the `harness` script too, as `python -m harness` does.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     if argv and argv[0] in SUBCOMMANDS:
         from harness.errors import HarnessError
         from harness.sweeps import commands

@@ -78,11 +78,20 @@ def test_run_logs_offline_to_wandb_in_the_run_directory(healthy_run):
     assert main["notes"].startswith("harness ~data")
 
 
+PROJECT_LOADER = """
+def load(path="train.npz"):
+    raise FileNotFoundError(f"no such file: {path}")
+"""
+
+
 @pytest.mark.parametrize("args, fragments", [
-    (["optim.lr=abc"], ["optim.lr: must be a number, got 'abc'"]),
+    # a factory in the user's project directory (importable because harness runs from there) that raises
+    ([*replace_group("data", "my_loader.load")], ["data: the data factory my_loader.load raised FileNotFoundError: "
+                                                    "no such file: train.npz"]),
     (["data=nope"], ["Could not find 'data/nope'", "Available options in 'data'", "wine"]),
 ])
 def test_bad_input_in_a_real_process(tmp_path, args, fragments):
+    (tmp_path / "my_loader.py").write_text(PROJECT_LOADER)
     proc = run_cli([*args, "logger=none"], str(tmp_path), module=False)  # the installed `harness` script
     assert proc.returncode == cli.EXIT_BAD_INPUT
     assert_one_line_error(proc.stderr, *fragments)

@@ -83,16 +83,16 @@ def _setup_settings(mode: str):
 class _Warmup:
     def __init__(self):
         self.thread: threading.Thread | None = None
-        self.error: BaseException | None = None
 
-    def _work(self, mode: str):
+    @staticmethod
+    def _work(mode: str):
         try:
             import wandb
             import wandb.sdk.launch  # noqa: F401  # the first init imports it (0.4 s); do it off the critical path
 
             wandb.setup(_setup_settings(mode))
-        except BaseException as err:  # surfaced (or retried) by log_run on the main thread
-            self.error = err
+        except BaseException:  # noqa: BLE001  # log_run imports and sets up again on the main thread, where a
+            pass  # failure becomes the usual "W&B logging failed" warning instead of a thread traceback
 
     def start(self, mode: str):
         if self.thread is None:

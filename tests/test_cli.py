@@ -78,6 +78,20 @@ def test_run_logs_offline_to_wandb_in_the_run_directory(healthy_run):
     assert main["notes"].startswith("harness ~data")
 
 
+def test_planted_nan_fails_ci_with_exit_code_1(tmp_path):
+    """The real data check in a real process: NaN rows are a finding, not a crash; fail_on_error makes CI fail."""
+    proc = run_cli([*replace_group("data", "helpers.tiny_classification", nan_rows=3), *TINY[2:],
+                    "diagnostics.run=[data]", "logger=none", "fail_on_error=true"], str(tmp_path))
+    [run_dir] = run_dirs(str(tmp_path))
+    report = json.load(open(os.path.join(run_dir, "report.json")))
+    if "not implemented" in (report["diagnostics"]["data"]["skipped"] or ""):
+        pytest.skip("the data diagnostic is not implemented yet")
+    assert proc.returncode == cli.EXIT_FINDINGS, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert report["status"] == "unhealthy" and report["first_to_fix"]["id"] == "data.nonfinite"
+    assert "first to fix: data.nonfinite" in proc.stdout
+
+
 PROJECT_LOADER = """
 def load(path="train.npz"):
     raise FileNotFoundError(f"no such file: {path}")

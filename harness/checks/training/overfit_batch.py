@@ -1,13 +1,486 @@
-"""overfit_batch (placeholder: being implemented)."""
-import dataclasses
+"""Overfit a single batch: can the model memorize a few examples when nothing stands in its way?
 
-from harness.checks.base import Outcome
+"The single most useful debugging technique" (seed 001, Level 3; seed 002's "Golden Rule"; Karpathy, "A Recipe for
+Training Neural Networks", 2019: "overfit a single batch of only a few examples"). With regularization off
+(dropout deterministic, weight decay 0), any model with enough capacity drives the loss on one fixed batch to about
+zero; if it cannot, the loss, the gradient path, the labels or the learning rate is broken, and the way the curve
+fails says which (seed 003: "if the loss increases, your loss might be ill-defined (flipped sign), learning rate too
+high, numerical instabilities...").
+
+The batch: ``batch_size`` examples chosen deterministically (class-stratified, in dataset order; independent of
+``seed``), so the same request from many sweep points is one merged program. The engine trains on it every step
+(``fixed_batch``) and, given ``Arrays(xb, yb, xb, yb)``, evaluates loss and accuracy on the same batch between
+chunks of ``eval_every`` steps.
+
+Members of the one program (all on the same batch and init):
+
+* the configured run: ``lr`` (default ``optim.lr``) with the configured optimizer;
+* LR probes at ``probe_lr_factors`` x that LR: evidence to rank causes (if 100x the LR memorizes the batch, the LR
+  is too low; if 0.1x does and 1x diverges, it is too high);
+* the configured LR on all-zero inputs: if real inputs do no better, the output ignores its input;
+* LR 0: the untrained loss and accuracy on the batch (the baseline a sign-flipped loss falls below).
+
+Pass: the batch loss goes under the target (0.01 for classification, seed 001's "< 0.01 working correctly"; 1% of
+the batch's target variance for regression, i.e. R^2 >= 0.99). A classification run that memorized the batch (100%
+accuracy) and whose loss still falls geometrically fast enough to reach the target within twice the budget passes
+with a note (the small CNN on digits at Adam 1e-3 ends at 0.02, 100% accuracy, still halving every ~70 steps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+
+from harness.checks.base import Outcome, Plot
+from harness.checks.training import curves
+from harness.engine.train import Arrays, Hparams, SweepResult
+from harness.errors import HarnessError
+from harness.findings import error, info, warning
+
+NAME = "overfit_batch"
+CLASSIFICATION_TARGET = 0.01  # seed 001: final loss "< 0.01: working correctly"
+REGRESSION_TARGET_FRACTION = 0.01  # of the batch target variance: R^2 >= 0.99 on the batch
+# The loss is "flat" when it fell less than this fraction of its initial value over the whole budget: 1e-7 with
+# Adam moves the reference job's loss 0.2%, a healthy run 99.9%.
+FLAT_FRACTION = 0.1
+# "Rising": the late window's median above the early window's by 10% (Adam on a fixed batch at a sane LR is
+# monotone up to spikes a median ignores), or a rebound to over 2x the lowest window median.
+RISE_FACTOR = 1.1
+REBOUND_FACTOR = 2.0
+# A probe "did much better" when its final loss is under a tenth of the configured run's (or reached the target).
+PROBE_BETTER = 0.1
+# A memorized classification batch passes if its loss is on track to reach the target within this many budgets.
+ON_TRACK_BUDGETS = 2.0
+KNOWN_NONNEGATIVE_LOSSES = ("cross_entropy", "mse")
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    enabled_note: str = ""
+    steps: int = 500
+    batch_size: int = 32
+    target_loss: float | None = None
+    lr: float | None = None
+    eval_every: int = 50
+    probe_lr_factors: tuple[float, ...] = (0.01, 0.1, 10.0, 100.0)
+
+    def validate(self, key: str):
+        if self.steps < 20:
+            raise HarnessError(f"must be at least 20, got {self.steps}", key=f"{key}.steps")
+        if self.batch_size < 1:
+            raise HarnessError(f"must be positive, got {self.batch_size}", key=f"{key}.batch_size")
+        if self.target_loss is not None and not np.isfinite(self.target_loss):
+            raise HarnessError(f"must be a finite number or null, got {self.target_loss}", key=f"{key}.target_loss")
+        if self.lr is not None and not self.lr > 0:
+            raise HarnessError(f"must be positive or null (null = optim.lr), got {self.lr}", key=f"{key}.lr")
+        if not 1 <= self.eval_every <= self.steps:
+            raise HarnessError(f"must be in [1, steps], got {self.eval_every}", key=f"{key}.eval_every")
+        bad = [f for f in self.probe_lr_factors if not f > 0 or f == 1]
+        if bad:
+            raise HarnessError(f"factors must be positive and not 1, got {bad[0]}", key=f"{key}.probe_lr_factors")
 
 
-def run(ctx, settings) -> Outcome:
-    return Outcome("overfit_batch", skipped="not implemented yet")
+# --------------------------------------------------------------------------------------------------------------
+# The batch and the members.
+
+
+def choose_batch(y, size: int, classification: bool) -> np.ndarray:
+    """Indices of the batch: for classification, round-robin over the classes in dataset order (the first example of
+    every class, then the second, ...), so every class present is represented; for regression the first ``size``."""
+    n = len(y)
+    size = min(size, n)
+    if not classification:
+        return np.arange(size)
+    y = np.asarray(y)
+    per_class = [np.flatnonzero(y == c) for c in np.unique(y)]
+    order = []
+    for rank in range(max(len(p) for p in per_class)):
+        order.extend(int(p[rank]) for p in per_class if rank < len(p))
+        if len(order) >= size:
+            break
+    return np.asarray(order[:size])
+
+
+def default_target(classification: bool, yb) -> float:
+    if classification:
+        return CLASSIFICATION_TARGET
+    variance = float(np.var(np.asarray(yb, dtype=np.float64)))
+    return REGRESSION_TARGET_FRACTION * variance if variance > 0 else 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    lr: float
+    probe_factors: tuple[float, ...]
+
+    @property
+    def probe_rows(self) -> range:
+        return range(1, 1 + len(self.probe_factors))
+
+    @property
+    def zero_input_row(self) -> int:
+        return 1 + len(self.probe_factors)
+
+    @property
+    def untrained_row(self) -> int:
+        return 2 + len(self.probe_factors)
+
+    def hparams(self, seed: int) -> Hparams:
+        lrs = [self.lr] + [self.lr * f for f in self.probe_factors] + [self.lr, 0.0]
+        scale = np.ones(len(lrs))
+        scale[self.zero_input_row] = 0.0
+        return Hparams.make(lr=lrs, weight_decay=0.0, init_seed=seed, data_seed=seed, input_scale=scale)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading one member's curve.
+
+
+@dataclasses.dataclass
+class Curve:
+    loss: np.ndarray  # per step, NaN after going non-finite
+    initial: float
+    final: float  # median of the last few finite steps
+    best: float
+    steps_to_target: int | None
+    first_nonfinite: int
+    grad_norm0: float
+
+    @property
+    def diverged(self) -> bool:
+        return self.first_nonfinite >= 0
+
+    @property
+    def reached(self) -> bool:
+        return self.steps_to_target is not None
+
+
+def read_curve(loss, target: float, first_nonfinite: int, grad_norm) -> Curve:
+    loss = np.asarray(loss, dtype=np.float64)
+    finite = loss[np.isfinite(loss)]
+    n_tail = max(3, len(loss) // 50)
+    return Curve(
+        loss=loss,
+        initial=float(finite[0]) if finite.size else float("nan"),
+        final=float(np.median(finite[-n_tail:])) if finite.size else float("nan"),
+        best=float(finite.min()) if finite.size else float("nan"),
+        steps_to_target=curves.first_below(loss, target),
+        first_nonfinite=int(first_nonfinite),
+        grad_norm0=float(np.asarray(grad_norm)[0]),
+    )
+
+
+def rising(loss, target: float) -> dict | None:
+    """Evidence that the loss rises (None if it does not): the late window's median above the early window's, or a
+    rebound from the lowest window. Medians over windows, so Adam's occasional spike on a fixed batch is ignored;
+    nothing below the target counts (a loss of 1e-5 wobbling to 1e-4 is memorized either way)."""
+    loss = np.asarray(loss, dtype=np.float64)
+    n = int(np.isfinite(loss).sum())
+    if n < 20:
+        return None
+    early_w, late_w = max(5, n // 20), max(5, n // 10)
+    early = curves.window_median(loss, 0, early_w)
+    late = curves.window_median(loss, n - late_w, n)
+    windows = [curves.window_median(loss, s, s + late_w) for s in range(0, n - late_w + 1, max(1, late_w // 2))]
+    lowest = float(np.nanmin(windows))
+    if not late > target:
+        return None
+    if late > early * RISE_FACTOR and late - early > 1e-6 * max(1.0, abs(early)):
+        return dict(kind="net_rise", early_median=early, late_median=late, lowest_window_median=lowest)
+    if lowest > 0 and late > REBOUND_FACTOR * lowest:
+        return dict(kind="rebound", early_median=early, late_median=late, lowest_window_median=lowest)
+    return None
+
+
+def sign_flipped(curve: Curve, loss_name: str, classification: bool, final_acc: float, untrained_acc: float,
+                 num_classes: int | None) -> str | None:
+    """Why the loss's sign looks flipped (None if it does not): a loss that cannot be negative went negative; or
+    the loss fell while the batch accuracy fell below both chance and the untrained model; or it fell without bound
+    below zero. Minimizing a flipped loss maximizes the real one, so the model gets worse while the number falls."""
+    if loss_name in KNOWN_NONNEGATIVE_LOSSES and curve.best < -1e-6:
+        return f"the loss {loss_name} cannot be negative, yet it reached {curve.best:.3g}"
+    fell = curve.final < curve.initial - 0.5 * abs(curve.initial)
+    if classification and fell and np.isfinite(final_acc):
+        chance = 1.0 / num_classes if num_classes else 0.5
+        if final_acc < min(untrained_acc, chance):
+            return (f"the loss fell ({curve.initial:.3g} -> {curve.final:.3g}) while the batch accuracy fell to "
+                    f"{final_acc:.0%} (untrained {untrained_acc:.0%}, chance {chance:.0%})")
+    if curve.final < 0 and curve.final < -10 * max(abs(curve.initial), 1e-3):
+        return f"the loss falls without bound below zero ({curve.initial:.3g} -> {curve.final:.3g})"
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Ranking causes from the evidence.
+
+
+def failure_shape(curve: Curve, target: float) -> str:
+    """'diverged', 'flat' (barely moved), 'slow' (still falling at the end) or 'stalled' (fell, then plateaued)."""
+    if curve.diverged:
+        return "diverged"
+    scale = max(abs(curve.initial), 1e-12)
+    if (curve.initial - curve.final) / scale < FLAT_FRACTION:
+        return "flat"
+    n = int(np.isfinite(curve.loss).sum())
+    tail = np.arange(n - max(10, n // 5), n)
+    slope = curves.log_slope(tail, curve.loss[tail])
+    more = curves.steps_to_reach(curve.final, target, slope)
+    return "slow" if np.isfinite(more) and more <= 10 * n else "stalled"
+
+
+def probe_evidence(plan: Plan, probes: list[Curve], configured: Curve) -> tuple[dict | None, dict | None]:
+    """The best higher-LR and lower-LR probes that did much better than the configured run."""
+
+    configured_drop = configured.initial - configured.final
+
+    def better(c: Curve) -> bool:
+        if c.diverged:
+            return False
+        drop = c.initial - c.final
+        # Reached the target, ended 10x lower, or (from a flat start) moved the loss 10x farther and by a real amount.
+        return (c.reached or c.final < PROBE_BETTER * configured.final
+                or (drop > FLAT_FRACTION * abs(c.initial) and drop > max(configured_drop, 0) / PROBE_BETTER))
+
+    def describe(factor, c: Curve):
+        return dict(factor=factor, lr=plan.lr * factor, final_loss=c.final, steps_to_target=c.steps_to_target)
+
+    up = [(f, c) for f, c in zip(plan.probe_factors, probes) if f > 1 and better(c)]
+    down = [(f, c) for f, c in zip(plan.probe_factors, probes) if f < 1 and better(c)]
+    pick = lambda xs: describe(*min(xs, key=lambda fc: (fc[1].steps_to_target or math.inf, fc[1].final)))  # noqa
+    return (pick(up) if up else None), (pick(down) if down else None)
+
+
+def rank_causes(shape: str, configured: Curve, zero_input: Curve, higher: dict | None, lower: dict | None,
+                probes: list[Curve], steps: int, target: float) -> list[str]:
+    causes = []
+    spike = float(np.nanmax(configured.loss[: max(5, len(configured.loss) // 10)]))
+    if lower and spike > 1.5 * abs(configured.initial) and shape in ("flat", "stalled"):
+        causes.append(f"the learning rate is too high: the loss jumped to {spike:.3g} in the first steps (from "
+                      f"{configured.initial:.3g}) and then stalled, the signature of units killed by oversized "
+                      f"updates; {lower['factor']:g}x the LR ({lower['lr']:.3g}) "
+                      + (f"reached the target at step {lower['steps_to_target']}" if lower["steps_to_target"]
+                         is not None else f"reached loss {lower['final_loss']:.3g}"))
+    if higher:
+        causes.append(f"the learning rate is too low: {higher['factor']:g}x it ({higher['lr']:.3g}) "
+                      + (f"reached the target at step {higher['steps_to_target']}" if higher["steps_to_target"]
+                         is not None else f"reached loss {higher['final_loss']:.3g}"))
+    if lower and not any(c.startswith("the learning rate is too high") for c in causes):
+        causes.append(f"the learning rate is too high: {lower['factor']:g}x it ({lower['lr']:.3g}) "
+                      + (f"reached the target at step {lower['steps_to_target']}" if lower["steps_to_target"]
+                         is not None else f"reached loss {lower['final_loss']:.3g}"))
+    no_gradient = configured.grad_norm0 < 1e-12 or not np.isfinite(configured.grad_norm0)
+    # Same init, same batch: if all-zero inputs give the same initial loss, the output does not depend on the input.
+    ignores_input = abs(zero_input.initial - configured.initial) <= 1e-5 * max(abs(configured.initial), 1e-6)
+    if shape == "flat":
+        if no_gradient:
+            causes.append("no gradient reaches the parameters (gradient norm 0 at step 0): a stop_gradient, a "
+                          "detached or zero-initialized path, or dead units")
+        if ignores_input:
+            causes.append(f"the output ignores its input: all-zero inputs give the same loss "
+                          f"({zero_input.initial:.4g}) as the real batch")
+        if all(p.diverged or (p.initial - p.final) < FLAT_FRACTION * abs(p.initial) for p in probes) \
+                and not no_gradient:
+            causes.append("every probe LR stayed flat too: dead units, a model disconnected from its output, or "
+                          "a loss that does not depend on the outputs")
+        if not (higher or lower):
+            causes.append("labels that cannot be matched (wrong targets or loss for this output, e.g. probabilities "
+                          "into a loss expecting logits)")
+    elif shape == "diverged":
+        if not lower:
+            causes.append("numerics: a log(0), division by zero or overflow in the model or loss (every probe LR "
+                          "below it diverged or failed as well)" if all(p.diverged or not p.reached for p in probes)
+                          else "the learning rate is too high")
+        causes.append("numerics: add an epsilon inside logs and divisions, or clip gradients")
+    elif shape == "slow":
+        if not higher:
+            causes.append("the model is too small or the budget too short for this batch: the loss still falls")
+        causes.append(f"the budget: {steps} steps are not enough at this rate")
+    else:  # stalled
+        if ignores_input:
+            causes.append(f"the output ignores its input: all-zero inputs give the same loss "
+                          f"({zero_input.initial:.4g}) as the real batch")
+        causes.append("too little capacity, dead units (ReLU) or saturated activations: the loss plateaued at "
+                      f"{configured.final:.3g}, above the target {target:.3g}")
+        if not higher and not lower:
+            causes.append("the learning rate (neither 0.01x nor 100x did much better)")
+    # Deduplicate, keeping the evidence-backed order.
+    return list(dict.fromkeys(causes))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Plot and run.
+
+
+def draw(path: str, plan: Plan, curves_by_label: dict[str, np.ndarray], target: float, steps_to_target):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    all_values = np.concatenate([c[np.isfinite(c)] for c in curves_by_label.values()] + [np.array([target])])
+    for label, loss in curves_by_label.items():
+        main = label.startswith("configured")
+        ax.plot(np.arange(len(loss)), loss, lw=2.0 if main else 0.9, alpha=1.0 if main else 0.6,
+                ls="--" if "zero" in label else "-", label=label)
+    ax.axhline(target, color="crimson", ls=":", lw=1.2, label=f"target {target:.3g}")
+    if steps_to_target is not None:
+        ax.axvline(steps_to_target, color="green", ls=":", lw=1, label=f"reached at step {steps_to_target}")
+    if all_values.size and all_values.min() > 0:
+        ax.set_yscale("log")
+    else:
+        ax.set_yscale("symlog", linthresh=max(target, 1e-6))
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss on the batch")
+    ax.set_title("Overfit one batch")
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def batch_arrays(ctx, settings: Settings) -> tuple[Arrays, np.ndarray]:
+    idx = choose_batch(ctx.arrays.y_train, settings.batch_size, ctx.problem.classification)
+    xb, yb = ctx.arrays.x_train[idx], ctx.arrays.y_train[idx]
+    return Arrays(xb, yb, xb, yb), idx
+
+
+def run_program(ctx, settings: Settings) -> tuple[Plan, Arrays, SweepResult]:
+    arrays, _ = batch_arrays(ctx, settings)
+    lr = settings.lr if settings.lr is not None else ctx.optim.lr
+    plan = Plan(float(lr), tuple(settings.probe_lr_factors))
+    spec = ctx.spec(settings.steps, fixed_batch=True, batch_size=len(arrays.x_train), regularization=False,
+                    steps_per_call=settings.eval_every)
+    return plan, arrays, ctx.train(NAME, spec, plan.hparams(ctx.seed), arrays)
+
+
+def run(ctx, settings: Settings) -> Outcome:
+    plan, arrays, r = run_program(ctx, settings)
+    classification = ctx.problem.classification
+    target = settings.target_loss if settings.target_loss is not None else default_target(classification,
+                                                                                          arrays.y_train)
+    read = lambda i: read_curve(r.loss[i], target, r.first_nonfinite[i], r.grad_norm[i])  # noqa: E731
+    configured = read(0)
+    probes = [read(i) for i in plan.probe_rows]
+    zero_input = read(plan.zero_input_row)
+    untrained_loss = float(r.val_loss[plan.untrained_row, -1])
+    acc = r.val_accuracy if classification else None
+    final_acc = float(acc[0, -1]) if acc is not None else float("nan")
+    untrained_acc = float(acc[plan.untrained_row, -1]) if acc is not None else float("nan")
+    num_classes = ctx.dataset.num_classes
+
+    flipped = sign_flipped(configured, ctx.loss_name, classification, final_acc, untrained_acc, num_classes)
+    rise = None if flipped else rising(configured.loss, target)
+    passed = configured.reached and not flipped and not configured.diverged
+    on_track = None
+    n_steps = settings.steps
+    if not passed and not flipped and not configured.diverged and classification and final_acc >= 1.0:
+        n = int(np.isfinite(configured.loss).sum())
+        tail = np.arange(n - max(10, n // 5), n)
+        more = curves.steps_to_reach(configured.final, target, curves.log_slope(tail, configured.loss[tail]))
+        if n + more <= ON_TRACK_BUDGETS * n_steps:
+            on_track = float(n + more)
+            passed = True
+
+    evidence: dict[str, Any] = dict(
+        batch_size=len(arrays.x_train), steps=n_steps, lr=plan.lr, target_loss=target,
+        initial_loss=configured.initial, final_loss=configured.final, best_loss=configured.best,
+        steps_to_target=None if flipped else configured.steps_to_target, untrained_loss=untrained_loss,
+        first_nonfinite_step=configured.first_nonfinite,
+    )
+    if classification:
+        evidence.update(final_batch_accuracy=final_acc, untrained_batch_accuracy=untrained_acc)
+    findings = []
+    higher, lower = probe_evidence(plan, probes, configured)
+    shape = None
+    if flipped:
+        findings.append(error(
+            "train.loss_increasing",
+            f"the loss's sign is flipped: {flipped}"
+            + (f"; batch accuracy fell from {untrained_acc:.0%} untrained to {final_acc:.0%}"
+               if classification and final_acc < untrained_acc else "")
+            + ". Minimizing it makes the model worse on the very batch it trains on.",
+            "Return the loss to minimize (e.g. +cross-entropy, not -cross-entropy); check the loss function's sign "
+            "and that it is a per-example loss, not a score or log-likelihood to maximize.",
+            **evidence))
+    elif rise:
+        severity = error if rise["kind"] == "net_rise" and not configured.reached else warning
+        what = ("rises: its median went from {early_median:.3g} over the first steps to {late_median:.3g} over the "
+                "last" if rise["kind"] == "net_rise" else
+                "rebounds: after falling to a median of {lowest_window_median:.3g} it climbed back to {late_median:.3g}")
+        findings.append(severity(
+            "train.loss_increasing",
+            f"training on one fixed batch, the loss {what.format(**rise)} (lr {plan.lr:.3g}, {n_steps} steps).",
+            ("Lower the learning rate" + (f" (0.1x reached {lower['final_loss']:.3g})" if lower else "")
+             + "; check the loss's sign and numerics (log of 0, division by zero) and that inputs and labels are "
+               "aligned."),
+            **evidence, **rise))
+    if configured.diverged:
+        findings.append(error(
+            "train.divergence",
+            f"training on one fixed batch went non-finite at step {configured.first_nonfinite} (lr {plan.lr:.3g}; "
+            f"last finite loss {configured.final:.3g}).",
+            "Lower the learning rate" + (f" ({lower['factor']:g}x it, {lower['lr']:.3g}, trained finitely)"
+                                         if lower else "")
+            + "; if every LR diverges, look for log(0), division by zero or overflow in the model and loss, and "
+              "consider gradient clipping (optim.clip_norm=1.0).",
+            **evidence))
+    if not passed:
+        shape = "sign_flipped" if flipped else failure_shape(configured, target)
+        causes = (["the loss's sign is flipped (see train.loss_increasing)"] if flipped else
+                  rank_causes(shape, configured, zero_input, higher, lower, probes, n_steps, target))
+        seen = {
+            "sign_flipped": "the loss fell only because its sign is flipped",
+            "diverged": f"the loss went non-finite at step {configured.first_nonfinite}",
+            "flat": f"the loss stayed flat ({configured.initial:.3g} -> {configured.final:.3g})",
+            "slow": f"the loss fell too slowly ({configured.initial:.3g} -> {configured.final:.3g})",
+            "stalled": f"the loss fell then plateaued ({configured.initial:.3g} -> {configured.final:.3g})",
+        }[shape]
+        acc_text = f", batch accuracy {final_acc:.0%}" if classification else ""
+        findings.append(error(
+            "train.overfit_batch",
+            f"the model could not memorize one batch of {len(arrays.x_train)} examples in {n_steps} steps with "
+            f"regularization off: {seen}{acc_text}; target {target:.3g}. Likely causes, most likely first: "
+            + "; ".join(f"({i + 1}) {c}" for i, c in enumerate(causes)) + ".",
+            "Fix the first cause; a model that cannot memorize one batch will not learn the data set. Re-run "
+            "`harness diagnostics.run=[overfit_batch]` after each change.",
+            **evidence, failure=shape, causes=causes, probe_higher_lr=higher, probe_lower_lr=lower,
+            zero_input_final_loss=zero_input.final))
+    elif on_track is not None:
+        findings.append(info(
+            "train.overfit_batch",
+            f"the model memorized the batch (100% accuracy) but its loss {configured.final:.3g} is still above the "
+            f"target {target:.3g} after {n_steps} steps; falling at its current rate it reaches the target near step "
+            f"{on_track:.0f}.",
+            "Nothing to fix; a higher learning rate or longer budget (diagnostics.overfit_batch.steps) would reach "
+            "the target.",
+            **evidence, projected_steps_to_target=on_track))
+
+    metrics = {
+        f"{NAME}/passed": bool(passed),
+        f"{NAME}/steps_to_target": None if flipped else configured.steps_to_target,
+        f"{NAME}/final_loss": configured.final,
+        f"{NAME}/initial_loss": configured.initial,
+        f"{NAME}/target_loss": target,
+        f"{NAME}/lr": plan.lr,
+        f"{NAME}/batch_size": len(arrays.x_train),
+        f"{NAME}/failure": shape or "none",
+    }
+    if classification:
+        metrics[f"{NAME}/final_batch_accuracy"] = final_acc
+    labels = {"configured": configured}
+    for f, c in zip(plan.probe_factors, probes):
+        labels[f"lr_x{f:g}"] = c
+    labels["zero_input"] = zero_input
+    series = {f"{NAME}/loss": configured.loss.tolist(), f"{NAME}/eval_step": r.eval_steps.tolist()}
+    series.update({f"{NAME}/loss/{k}": c.loss.tolist() for k, c in labels.items() if k != "configured"})
+    if classification:
+        series[f"{NAME}/batch_accuracy"] = acc[0].tolist()
+    members = []
+    for (label, c), lr in zip(labels.items(), [plan.lr] + [plan.lr * f for f in plan.probe_factors] + [plan.lr]):
+        members.append({"member": label, "lr": lr, "input_scale": 0.0 if label == "zero_input" else 1.0,
+                        "final_loss": c.final, "steps_to_target": c.steps_to_target, "diverged": c.diverged})
+    plotted = {f"configured (lr {plan.lr:.2g})": configured.loss}
+    plotted.update({k: c.loss for k, c in labels.items() if k != "configured"})
+    plot = Plot(NAME, "Overfit one batch: loss vs step",
+                lambda path: draw(path, plan, plotted, target, configured.steps_to_target))
+    return Outcome(NAME, findings=findings, metrics=metrics, series=series, plots=[plot], members=members)

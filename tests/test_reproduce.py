@@ -49,10 +49,14 @@ def run(ctx, settings):
 
 @pytest.fixture(scope="module")
 def probe():
+    """The probe diagnostic registered, and a fixed git revision: other engineers commit to this repository while
+    the tests run, and a new revision rightly switches reproduce to tolerance."""
     from harness.checks import registry
+    from harness.report import environment
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(registry.DIAGNOSTICS, PROBE, (__name__, "training"))
+        mp.setattr(environment, "git_revision", lambda *args, **kwargs: "fixed-revision")
         yield
 
 
@@ -219,7 +223,8 @@ def test_cli_reproduce_then_tamper(tmp_path):
     assert first.returncode == 0, first.stderr[-2000:]
     (run_dir,) = run_dirs(str(tmp_path))
 
-    again = run_cli(["reproduce", run_dir, "--out", str(tmp_path / "rerun1")], cwd=tmp_path)
+    # --mode bitwise: the harness checkout's git revision may move between the runs (shared repository).
+    again = run_cli(["reproduce", run_dir, "--mode", "bitwise", "--out", str(tmp_path / "rerun1")], cwd=tmp_path)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     assert "reproduced" in again.stdout and "bitwise" in again.stdout
 
@@ -233,7 +238,7 @@ def test_cli_reproduce_then_tamper(tmp_path):
         report["metrics"]["data/planted"] = 1.5
         tampered = "metrics/data/planted"
     open(path, "w").write(json.dumps(report))
-    bad = run_cli(["reproduce", run_dir, "--out", str(tmp_path / "rerun2")], cwd=tmp_path)
+    bad = run_cli(["reproduce", run_dir, "--mode", "bitwise", "--out", str(tmp_path / "rerun2")], cwd=tmp_path)
     assert bad.returncode == 1, bad.stdout[-2000:] + bad.stderr[-2000:]
     assert "not reproduced" in bad.stdout and tampered in bad.stdout.replace("\n", "")
 

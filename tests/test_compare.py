@@ -133,11 +133,20 @@ def test_cli(lr_sweep, tmp_path):
     done = run_cli(["compare", str(lr_sweep), "--out", str(out)], cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "optim.lr" in done.stdout and "suggested lr" in done.stdout and out.is_file()
-    bad = run_cli(["compare", str(tmp_path / "nowhere")], cwd=tmp_path)
-    assert bad.returncode == 2 and bad.stderr.strip() == f"harness: error: {tmp_path / 'nowhere'}: no such file " \
-                                                         f"or directory"
-    usage = run_cli(["compare"], cwd=tmp_path)
-    assert usage.returncode == 2 and "DIR" in usage.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["compare", "{tmp}/nowhere"], "harness: error: {tmp}/nowhere: no such file or directory"),
+    (["compare"], "the following arguments are required: DIR"),
+    (["compare", "{tmp}", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+])
+def test_cli_bad_input_exits_2(tmp_path, capsys, args, message):
+    from harness.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([a.format(tmp=tmp_path) for a in args])
+    assert exit_info.value.code == 2
+    assert message.format(tmp=tmp_path) in capsys.readouterr().err
 
 
 def _render(comparison) -> str:

@@ -242,5 +242,12 @@ def test_cli_reproduce_then_tamper(tmp_path):
     assert bad.returncode == 1, bad.stdout[-2000:] + bad.stderr[-2000:]
     assert "not reproduced" in bad.stdout and tampered in bad.stdout.replace("\n", "")
 
-    missing = run_cli(["reproduce", str(tmp_path / "nowhere")], cwd=tmp_path)
-    assert missing.returncode == 2 and "nowhere: no such file or directory" in missing.stderr
+
+
+def test_cli_bad_run_dir_exits_2(tmp_path, capsys):
+    from harness.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["reproduce", str(tmp_path / "nowhere")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == f"harness: error: {tmp_path / 'nowhere'}: no such file or directory"

@@ -104,7 +104,6 @@ class FeatureStats:
     std: np.ndarray
     min: np.ndarray
     max: np.ndarray
-    integer_valued: bool  # every value is a whole number (raw pixel intensities, counts, codes)
 
     @property
     def range(self) -> np.ndarray:
@@ -140,28 +139,37 @@ def feature_stats(x: np.ndarray, keep: np.ndarray | None = None) -> FeatureStats
     count = int(keep.sum())
     if count == 0:
         empty = np.full(d, np.nan)
-        return FeatureStats(0, empty, empty, empty, empty, False)
+        return FeatureStats(0, empty, empty, empty, empty)
     shift = x2[int(np.argmax(keep))].astype(np.float64)
     s1 = np.zeros(d)
     s2 = np.zeros(d)
     lo = np.full(d, np.inf)
     hi = np.full(d, -np.inf)
-    integer_valued = True
     for rows in row_chunks(n, d):
         chunk = x2[rows][keep[rows]]
         if not len(chunk):
             continue
         lo = np.minimum(lo, chunk.min(axis=0))
         hi = np.maximum(hi, chunk.max(axis=0))
-        if integer_valued and chunk.dtype.kind == "f":
-            integer_valued = bool(np.all(chunk == np.round(chunk)))
         centred = chunk.astype(np.float64) - shift
         s1 += centred.sum(axis=0)
         s2 += np.einsum("ij,ij->j", centred, centred)
     mean_shifted = s1 / count
     var = np.maximum(s2 / count - mean_shifted ** 2, 0.0)
-    return FeatureStats(count, mean_shifted + shift, np.sqrt(var), lo.astype(np.float64), hi.astype(np.float64),
-                        integer_valued)
+    return FeatureStats(count, mean_shifted + shift, np.sqrt(var), lo.astype(np.float64), hi.astype(np.float64))
+
+
+def integer_valued(x: np.ndarray, keep: np.ndarray) -> bool:
+    """Every kept value is a whole number (raw pixel intensities, counts, codes); stops at the first chunk that
+    is not."""
+    x2 = flat(x)
+    if x2.dtype.kind != "f":
+        return True
+    for rows in row_chunks(*x2.shape):
+        chunk = x2[rows][keep[rows]]
+        if not np.all(chunk == np.round(chunk)):
+            return False
+    return True
 
 
 def constant_mask(stats: FeatureStats, dtype: np.dtype) -> np.ndarray:

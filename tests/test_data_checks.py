@@ -1,0 +1,552 @@
+"""The data checks: every check fires on a planted bug and stays silent on the healthy builtins.
+
+Contexts are built cheaply (only ``dataset`` and ``reload_data`` matter to the data stage); one test goes through the
+composed config and ``harness.pipeline`` to prove the wiring (settings from YAML, outcome, blocking).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import numpy as np
+import pytest
+import yaml
+
+from harness.checks import data as data_checks
+from harness.checks.base import Context
+from harness.checks.data import stats
+from harness.data import builtin
+from harness.data.dataset import from_mapping
+from harness.engine.train import Arrays
+from harness.errors import HarnessError
+from harness.findings import Severity
+
+SETTINGS = data_checks.Settings()
+
+
+def make_context(mapping, reload=None, with_arrays=False) -> Context:
+    dataset = from_mapping(mapping)
+    arrays = Arrays(*dataset.training_arrays()) if with_arrays else None
+    return Context(dataset=dataset, arrays=arrays, problem=None, build_model=None, model_config={},
+                   loss_name="", optim=None, batch_size=128, seed=0, reload_data=reload)
+
+
+def check(mapping, reload=None, **settings):
+    return data_checks.run(make_context(mapping, reload), dataclasses.replace(SETTINGS, **settings))
+
+
+def found(outcome, fid, severity=None):
+    return [f for f in outcome.findings if f.id == fid and (severity is None or f.severity.value == severity)]
+
+
+def problems(outcome):
+    return [f for f in outcome.findings if f.severity is not Severity.INFO]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return builtin.digits()
+
+
+def copy(mapping):
+    return {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in mapping.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Healthy data: no error, no warning
+
+
+HEALTHY = {
+    "digits": lambda: builtin.digits(),
+    "digits_image": lambda: builtin.digits(form="image"),
+    "wine": builtin.wine,
+    "breast_cancer": builtin.breast_cancer,
+    "regression": builtin.regression,
+}
+
+
+@pytest.mark.parametrize("name", sorted(HEALTHY))
+def test_healthy_builtins_raise_no_error_or_warning(name):
+    factory = HEALTHY[name]
+    outcome = check(factory(), reload=lambda: from_mapping(factory()))
+    assert problems(outcome) == [], [f.message for f in problems(outcome)]
+    assert outcome.metrics["data/nondeterministic/status"] == "identical"
+    assert outcome.metrics["data/leakage/count"] == 0
+    assert outcome.metrics["data/feature_scale/rms"] < SETTINGS.max_input_rms
+
+
+def test_digits_constant_border_pixels_are_info_only(digits):
+    outcome = check(digits)
+    constant = found(outcome, "data.constant_features")
+    assert [f.severity for f in constant] == [Severity.INFO]
+    assert constant[0].evidence["count"] == 3 and constant[0].evidence["first"] == [0, 32, 39]
+    # digits/16: RMS 0.48, range ratio 16 (rare border pixels have tiny std but the same 1/16 steps)
+    assert outcome.metrics["data/feature_scale/rms"] == pytest.approx(0.484, abs=0.01)
+    assert outcome.metrics["data/feature_scale/range_ratio"] == pytest.approx(16.0)
+    assert outcome.metrics["data/examples/train"] == 1348 and outcome.metrics["data/examples/val"] == 449
+    assert list(outcome.metrics)[:4] == list(data_checks.HEADLINE)
+    assert outcome.series["data/class_counts"]["y"][0][:3] == [139, 135, 137]
+    assert {p.name for p in outcome.plots} == {"label_distribution", "feature_scale"}
+
+
+def test_plots_draw(digits, tmp_path):
+    from harness.report.plots import draw_all
+
+    files = draw_all([check(digits)], str(tmp_path))
+    assert set(files) == {"data/label_distribution", "data/feature_scale"}
+    for f in files.values():
+        assert os.path.getsize(tmp_path / f["path"]) > 1000
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# data.nonfinite
+
+
+def test_nan_rows_are_an_error_naming_rows_features_and_what_is_left(digits):
+    d = copy(digits)
+    d["x_train"][[3, 7], 5] = np.nan
+    d["x_train"][11, 9] = np.inf
+    d["y_val"] = d["y_val"].astype(np.float64)
+    d["y_val"][2] = np.nan
+    outcome = check(d)
+    [f] = found(outcome, "data.nonfinite")
+    assert f.severity is Severity.ERROR
+    assert f.evidence["x_train"] == {"nan": 2, "inf": 1, "rows": 3, "first_rows": [3, 7, 11], "features": [5, 9],
+                                     "feature_counts": [2, 1]}
+    assert f.evidence["y_val"]["first_rows"] == [2]
+    assert f.evidence["finite_rows"] == {"train": 1345, "val": 448}
+    assert "rows 3, 7, 11" in f.message and "features 5, 9" in f.message and "train 1345 of 1348" in f.message
+    assert outcome.metrics["data/nonfinite/rows/train"] == 3
+    # the other checks run on the finite rows: scale statistics stay finite
+    assert np.isfinite(outcome.metrics["data/feature_scale/rms"])
+    assert not found(outcome, "data.shape", "error")
+
+
+def test_all_rows_nonfinite_blocks_later_stages():
+    d = builtin.regression(num_examples=40)
+    d["x_val"][:] = np.nan
+    outcome = check(d)
+    blocking = found(outcome, "data.shape", "error")
+    assert len(blocking) == 1 and "val" in blocking[0].message
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# data.shape
+
+
+def test_mismatched_train_val_shapes_are_a_blocking_error(digits):
+    from harness.pipeline import _blocked_stages
+
+    d = copy(digits)
+    d["x_val"] = d["x_val"][:, :60]
+    outcome = check(d)
+    [f] = found(outcome, "data.shape", "error")
+    assert f.evidence == {"x_train_shape": [1348, 64], "x_val_shape": [449, 60]}
+    assert set(_blocked_stages(outcome.findings)) == {"model", "training", "hyperparameters"}
+    assert "data/leakage/count" not in outcome.metrics  # rows of different widths are not compared
+
+
+def test_label_encodings(digits):
+    d = copy(digits)
+    d["y_train"] = np.eye(10, dtype=np.float32)[d["y_train"]]  # one-hot: converted, info
+    d["y_val"] = d["y_val"][:, None]  # a column: squeezed, info
+    outcome = check(d)
+    messages = [f.message for f in found(outcome, "data.shape", "info")]
+    assert any("one-hot" in m for m in messages) and any("label column" in m for m in messages)
+    assert problems(outcome) == []
+
+    soft = copy(digits)
+    soft["y_train"] = np.eye(10)[soft["y_train"]] * 0.9 + 0.01  # label smoothing
+    assert found(check(soft), "data.shape", "warning")
+
+    multi = copy(digits)
+    multi["y_train"] = np.eye(10)[multi["y_train"]]
+    rows = np.flatnonzero(digits["y_train"] != 0)[:2]
+    multi["y_train"][rows, 0] = 1  # rows with two 1s (multi-label)
+    [f] = found(check(multi), "data.shape", "error")
+    assert f.evidence["rows"] == 2 and f.evidence["first_rows"] == rows.tolist()
+
+    wrong = copy(digits)
+    wrong["y_train"] = np.eye(7)[wrong["y_train"] % 7]  # (N, 7) with num_classes 10
+    assert "y_train has shape (1348, 7)" in found(check(wrong), "data.shape", "error")[0].message
+
+
+def test_float_labels(digits):
+    d = copy(digits)
+    d["y_train"] = d["y_train"].astype(np.float32)
+    [f] = found(check(d), "data.shape")
+    assert f.severity is Severity.INFO and "floats" in f.message
+    d["y_train"][[5, 6]] = [2.5, 7.25]
+    [f] = found(check(d), "data.shape", "error")
+    assert f.evidence["count"] == 2 and f.evidence["values"] == [2.5, 7.25] and f.evidence["first_rows"] == [5, 6]
+
+
+def test_one_feature_inputs_are_noted():
+    d = builtin.regression(num_features=1)
+    d["x_train"], d["x_val"] = d["x_train"][:, 0], d["x_val"][:, 0]
+    outcome = check(d)
+    assert any("single number" in f.message for f in found(outcome, "data.shape", "info"))
+    assert problems(outcome) == []
+
+
+def test_regression_with_class_like_targets_is_flagged(digits):
+    d = {k: v for k, v in digits.items() if k != "num_classes"}  # forgot num_classes
+    [f] = [f for f in found(check(d), "data.shape") if "class indices" in f.message]
+    assert f.severity is Severity.WARNING and "num_classes=10" in f.suggestion
+    ratings = builtin.regression()
+    ratings["y_train"] = np.rint(np.clip(ratings["y_train"] + 3, 1, 5))
+    [f] = [f for f in found(check(ratings), "data.shape") if "whole-number" in f.message]
+    assert f.severity is Severity.INFO  # ratings 1..5 may well be regression
+
+
+def test_regression_target_shapes():
+    d = builtin.regression()
+    d["y_val"] = np.stack([d["y_val"], d["y_val"]], axis=1)
+    assert found(check(d), "data.shape", "error")
+    column = builtin.regression()
+    column["y_val"] = column["y_val"][:, None]  # (N,) vs (N, 1): the loss reshapes, nothing to say
+    assert not found(check(column), "data.shape")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# data.label_range
+
+
+def test_one_based_labels(digits):
+    d = copy(digits)
+    d["y_train"], d["y_val"] = d["y_train"] + 1, d["y_val"] + 1
+    [f] = found(check(d), "data.label_range")
+    assert f.severity is Severity.ERROR and f.evidence["looks_one_based"]
+    assert f.evidence["y_train"]["values"] == [10] and f.evidence["y_train"]["count"] == 138
+    assert "1-based" in f.suggestion and "Subtract 1" in f.suggestion
+
+
+def test_labels_beyond_num_classes_and_negative(digits):
+    d = copy(digits)
+    d["num_classes"] = 8
+    [f] = found(check(d), "data.label_range")
+    assert f.evidence["out_of_range"] == int(np.sum(d["y_train"] >= 8) + np.sum(d["y_val"] >= 8))
+    assert "num_classes to 10" in f.suggestion
+    n = copy(digits)
+    n["y_train"][:3] = -1
+    [f] = found(check(n), "data.label_range")
+    assert f.evidence["y_train"] == {"count": 3, "values": [-1], "value_counts": [3], "first_rows": [0, 1, 2]}
+    assert "Negative" in f.suggestion
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# data.label_distribution and data.class_imbalance
+
+
+def test_single_class_is_an_error(digits):
+    d = copy(digits)
+    d["y_train"][:] = 3
+    [f] = found(check(d), "data.label_distribution", "error")
+    assert f.evidence["class_present"] == 3
+
+
+def test_classes_missing_from_train_and_val(digits):
+    d = copy(digits)
+    keep = d["y_train"] != 9
+    d["x_train"], d["y_train"] = d["x_train"][keep], d["y_train"][keep]
+    outcome = check(d)
+    assert any(f.evidence.get("missing") == [9] for f in found(outcome, "data.label_distribution", "warning"))
+    v = copy(digits)
+    keep = v["y_val"] != 4
+    v["x_val"], v["y_val"] = v["x_val"][keep], v["y_val"][keep]
+    [f] = found(check(v), "data.label_distribution")
+    # 400 validation examples would hold ~40 fours: chance cannot explain their absence
+    assert f.severity is Severity.WARNING and f.evidence["missing"] == [4] and f.evidence["chance"] < 1e-10
+
+
+def test_small_validation_split_missing_a_class_is_info():
+    d = builtin.wine()
+    keep = d["y_val"] != 0  # 8 of 44 val examples are class 0; a random 6-example val set can miss it
+    d["x_val"], d["y_val"] = d["x_val"][keep][:6], d["y_val"][keep][:6]
+    [f] = found(check(d), "data.label_distribution")
+    assert f.severity is Severity.INFO and f.evidence["missing"] == [0]
+
+
+def test_split_of_sorted_data_is_a_warning(digits):
+    x = np.concatenate([digits["x_train"], digits["x_val"]])
+    y = np.concatenate([digits["y_train"], digits["y_val"]])
+    order = np.argsort(y, kind="stable")
+    x, y = x[order], y[order]
+    # sorted, then the last 25% taken as val, leaving one class in both splits with very different shares
+    d = {"x_train": x[:1300], "y_train": y[:1300], "x_val": x[1300:], "y_val": y[1300:], "num_classes": 10}
+    outcome = check(d)
+    fids = [(f.id, f.severity.value) for f in outcome.findings]
+    assert ("data.label_distribution", "warning") in fids
+    assert outcome.metrics["data/label_distribution/shift_distance"] > 0.5
+
+
+def test_wine_random_split_shift_is_not_reported():
+    outcome = check(builtin.wine())
+    assert outcome.metrics["data/label_distribution/shift_distance"] == pytest.approx(0.199, abs=0.01)
+    assert not found(outcome, "data.label_distribution")
+
+
+def test_imbalance_20_to_1_is_a_warning():
+    rng = np.random.default_rng(0)
+    y = np.r_[np.zeros(1000, int), np.ones(50, int)]
+    x = rng.normal(size=(len(y), 5)).astype(np.float32) + y[:, None]
+    d = {**builtin.split(x, y, seed=0), "num_classes": 2}
+    outcome = check(d)
+    [f] = found(outcome, "data.class_imbalance")
+    assert f.severity is Severity.WARNING
+    assert f.evidence["majority_class"] == 0 and f.evidence["ratio"] == pytest.approx(
+        f.evidence["counts"][0] / f.evidence["counts"][1]) and 15 < f.evidence["ratio"] < 25
+    assert "bias" in f.suggestion and "prior" in f.suggestion
+    # 4:1 is info; the builtins (<= 1.6:1) say nothing
+    y4 = np.r_[np.zeros(800, int), np.ones(200, int)]
+    d4 = {**builtin.split(rng.normal(size=(1000, 5)), y4, seed=0), "num_classes": 2}
+    assert found(check(d4), "data.class_imbalance")[0].severity is Severity.INFO
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# data.feature_scale, data.target_scale, data.constant_features
+
+
+def test_raw_digits_pixels():
+    outcome = check(builtin.digits(pixel_scale=1.0))
+    [f] = found(outcome, "data.feature_scale")
+    assert f.severity is Severity.WARNING and f.evidence["rms"] == pytest.approx(7.75, abs=0.05)
+    assert "raw pixel" in f.suggestion and "divide by 16" in f.suggestion
+    raw255 = check(builtin.digits(pixel_scale=16 / 255))
+    assert found(raw255, "data.feature_scale")[0].evidence["rms"] > 100
+
+
+def test_raw_wine_scales():
+    [f] = found(check(builtin.wine(standardize=False)), "data.feature_scale")
+    assert f.severity is Severity.WARNING
+    assert f.evidence["range_ratio"] > 1000 and f.evidence["widest_feature"] == 12  # proline, in the 1000s
+    assert "differ by" in f.message and "Standardize each feature" in f.suggestion
+
+
+def test_one_feature_on_another_scale_fires_on_ranges_only():
+    d = builtin.breast_cancer()
+    d["x_train"][:, 3] *= 300.0
+    d["x_val"][:, 3] *= 300.0
+    [f] = found(check(d), "data.feature_scale")
+    assert f.evidence["widest_feature"] == 3 and f.evidence["range_ratio"] > 100
+
+
+def test_val_preprocessed_differently():
+    raw = builtin.wine(standardize=False)
+    d = builtin.wine()
+    d["x_val"] = raw["x_val"]  # standardized train, raw val
+    [f] = found(check(d), "data.feature_scale")
+    assert "val inputs are on a different scale" in f.message and f.evidence["split_rms_ratio"] > 100
+
+
+def test_offset_and_tiny_inputs():
+    rng = np.random.default_rng(0)
+    x = 1.0 + 0.05 * rng.normal(size=(500, 6))
+    y = rng.integers(0, 2, 500)
+    [f] = found(check({**builtin.split(x, y), "num_classes": 2}), "data.feature_scale")
+    assert f.severity is Severity.WARNING and "offset" in f.message
+    [f] = found(check({**builtin.split(x * 0.001 - 0.001, y), "num_classes": 2}), "data.feature_scale")
+    assert f.severity is Severity.INFO and "tiny" in f.message
+
+
+def test_big_regression_targets():
+    d = builtin.regression()
+    d["y_train"] = d["y_train"] * 3000 + 180_000
+    d["y_val"] = d["y_val"] * 3000 + 180_000
+    [f] = found(check(d), "data.target_scale")
+    assert f.severity is Severity.WARNING and f.evidence["abs_mean"] > 1e5
+    assert "output bias" in f.suggestion
+    both = builtin.regression()
+    both["y_val"] = both["y_val"] * 50  # val targets scaled, train not
+    [f] = found(check(both), "data.target_scale")
+    assert "val targets" in f.message
+
+
+def test_all_features_constant_is_an_error(digits):
+    d = copy(digits)
+    d["x_train"] = np.zeros_like(d["x_train"])
+    [f] = found(check(d), "data.constant_features")
+    assert f.severity is Severity.ERROR and f.evidence["count"] == 64
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# data.leakage and data.conflicting_labels
+
+
+def test_leaked_validation_rows(digits):
+    d = copy(digits)
+    d["x_val"][:30] = d["x_train"][100:130]
+    d["x_val"][5] = -0.0 * d["x_val"][5] + d["x_train"][105]  # -0.0 vs 0.0 still counts as the same value
+    outcome = check(d)
+    [f] = found(outcome, "data.leakage")
+    assert f.severity is Severity.ERROR and f.evidence["count"] == 30
+    assert f.evidence["val_rows"][:3] == [0, 1, 2] and f.evidence["train_rows"][:3] == [100, 101, 102]
+    assert outcome.metrics["data/leakage/fraction"] == pytest.approx(30 / 449)
+    few = copy(digits)
+    few["x_val"][7] = few["x_train"][0]  # 1 of 449 (0.2%): a warning
+    assert found(check(few), "data.leakage")[0].severity is Severity.WARNING
+
+
+def test_leakage_across_dtypes(digits):
+    d = copy(digits)
+    d["x_val"] = d["x_val"].astype(np.float64)
+    d["x_val"][:10] = d["x_train"][:10]
+    assert found(check(d), "data.leakage")[0].evidence["count"] == 10
+
+
+def test_duplicates_within_validation_are_info(digits):
+    d = copy(digits)
+    d["x_val"][:40] = d["x_val"][40]
+    outcome = check(d)
+    [f] = found(outcome, "data.leakage")
+    assert f.severity is Severity.INFO and f.evidence["val_duplicates"] == 40
+
+
+def test_conflicting_duplicates(digits):
+    d = copy(digits)
+    d["x_train"][500:520] = d["x_train"][:20]
+    d["y_train"][500:520] = (d["y_train"][:20] + 1) % 10
+    outcome = check(d)
+    [f] = found(outcome, "data.conflicting_labels")
+    assert f.severity is Severity.WARNING and f.evidence["count"] == 40 and f.evidence["groups"] == 20
+    assert f.evidence["example_rows"] == [0, 500]
+    # harmless duplicates (same label) are not conflicts
+    same = copy(digits)
+    same["x_train"][500:520], same["y_train"][500:520] = same["x_train"][:20], same["y_train"][:20]
+    assert not found(check(same), "data.conflicting_labels")
+    # labels shuffled independently of the inputs on duplicated data: most duplicates conflict -> error
+    many = copy(digits)
+    many["x_train"][674:] = many["x_train"][:674]
+    many["y_train"][674:] = np.random.default_rng(0).permutation(many["y_train"][:674])
+    assert found(check(many), "data.conflicting_labels")[0].severity is Severity.ERROR
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# data.nondeterministic
+
+
+def unseeded_digits():
+    """A user's factory that shuffles with an unseeded generator (the bug)."""
+    d = builtin.digits()
+    order = np.random.default_rng().permutation(len(d["x_train"]))
+    return {**d, "x_train": d["x_train"][order], "y_train": d["y_train"][order]}
+
+
+def test_unseeded_shuffle_is_an_error():
+    ctx = make_context(unseeded_digits(), reload=lambda: from_mapping(unseeded_digits()))
+    outcome = data_checks.run(ctx, SETTINGS)
+    [f] = found(outcome, "data.nondeterministic")
+    assert f.severity is Severity.ERROR and f.evidence["differing"] == ["x_train", "y_train"]
+    assert f.evidence["x_train"]["same_rows_reordered"] and "unseeded shuffle" in f.message
+    assert "_reloaded_arrays" in ctx.shared  # the second load is shared with later determinism checks
+
+
+def test_nondeterminism_skips_and_reload_failures(digits):
+    outcome = check(digits)
+    assert outcome.metrics["data/nondeterministic/status"].startswith("skipped")
+    assert not found(outcome, "data.nondeterministic")
+    off = check(digits, reload=lambda: 1 / 0, check_determinism=False)
+    assert not found(off, "data.nondeterministic")
+
+    def broken():
+        raise HarnessError("data (mine.load): file moved")
+
+    [f] = found(check(digits, reload=broken), "data.nondeterministic")
+    assert "second time failed" in f.message
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Settings, config, pipeline
+
+
+def test_yaml_lists_exactly_the_settings_with_comments():
+    from harness.config import config_dir
+
+    path = os.path.join(config_dir(), "diagnostics", "data", "default.yaml")
+    with open(path) as f:
+        text = f.read()
+    values = yaml.safe_load(text)
+    fields = {f.name: f.default for f in dataclasses.fields(data_checks.Settings)}
+    assert values == fields
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            assert "#" in line, f"no comment: {line}"
+
+
+@pytest.mark.parametrize("key, value", [("max_input_rms", -1.0), ("imbalance_warning_ratio", 2.0),
+                                        ("leakage_error_fraction", 1.5), ("max_feature_range_ratio", 0.5),
+                                        ("min_input_rms", 5.0), ("max_listed", 0)])
+def test_settings_validation_names_the_key(key, value):
+    from harness.config import settings_from
+
+    with pytest.raises(HarnessError, match=f"diagnostics.data.{key}"):
+        settings_from(data_checks.Settings, {key: value}, "diagnostics.data")
+
+
+def test_through_the_pipeline_with_composed_config():
+    from helpers import compose
+
+    from harness import pipeline
+
+    rc = compose(["data=wine", "data.standardize=false", "diagnostics.run=[data]", "logger=none",
+                  "diagnostics.data.max_feature_range_ratio=1e6", "diagnostics.data.max_input_rms=1000"])
+    result = pipeline.run(rc)
+    [outcome] = result.outcomes
+    assert outcome.name == "data" and outcome.skipped is None
+    assert problems(outcome) == []  # thresholds from the command line reached the checks
+    assert outcome.metrics["data/nondeterministic/status"] == "identical"  # reload_data wired by build_context
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scale: 100k x 1k
+
+
+def test_large_inputs_stay_fast():
+    rng = np.random.default_rng(0)
+    x_train = rng.standard_normal((100_000, 1000), dtype=np.float32)
+    x_val = rng.standard_normal((10_000, 1000), dtype=np.float32)
+    x_val[:25] = x_train[:25]
+    y_train, y_val = rng.integers(0, 10, 100_000), rng.integers(0, 10, 10_000)
+    d = {"x_train": x_train, "y_train": y_train, "x_val": x_val, "y_val": y_val, "num_classes": 10}
+    ctx = make_context(d, reload=lambda: from_mapping(d), with_arrays=True)  # as build_context makes it
+    start = time.perf_counter()
+    outcome = data_checks.run(ctx, SETTINGS)
+    seconds = time.perf_counter() - start
+    assert ctx.shared["_reloaded_arrays"] is ctx.arrays  # identical reload: no second conversion
+    assert outcome.metrics["data/leakage/count"] == 25
+    assert outcome.metrics["data/feature_scale/rms"] == pytest.approx(1.0, abs=0.01)
+    assert problems(outcome) == [f for f in problems(outcome) if f.id == "data.leakage"]
+    assert seconds < 15, seconds  # about 1.5 s on an idle 2-core machine
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Helpers with analytic answers
+
+
+def test_row_hash_groups_and_matches():
+    x = np.array([[0.0, 1.0], [1.0, 2.0], [-0.0, 1.0], [np.nan, 1.0], [1.0, 2.0]], np.float32)
+    h = stats.row_hashes(x)
+    rows = np.array([0, 1, 2, 4])  # the finite rows
+    groups = stats.group_rows(x, h, rows)
+    assert groups.duplicated.tolist() == [True, True, True, True] and groups.extra_copies == 2
+    q = np.array([[1.0, 2.0], [5.0, 5.0]], np.float64)
+    query, ref = stats.matches_in(q, stats.row_hashes(q, np.float64), np.arange(2), x,
+                                  stats.row_hashes(x, np.float64), rows)
+    assert query.tolist() == [0] and ref.tolist() in ([1], [4])
+
+
+def test_feature_stats_in_chunks_match_numpy(monkeypatch):
+    monkeypatch.setattr(stats, "CHUNK_ELEMENTS", 7)  # many small chunks
+    rng = np.random.default_rng(1)
+    x = (rng.normal(size=(50, 3)) * [1, 10, 1e-3] + [0, 1e6, 5]).astype(np.float64)
+    keep = np.ones(50, bool)
+    keep[[3, 9]] = False
+    st = stats.feature_stats(x, keep)
+    np.testing.assert_allclose(st.mean, x[keep].mean(0), rtol=1e-12)
+    np.testing.assert_allclose(st.std, x[keep].std(0), rtol=1e-6)
+    np.testing.assert_array_equal(st.max, x[keep].max(0))
+    assert st.rms == pytest.approx(float(np.sqrt(np.mean(x[keep] ** 2))), rel=1e-9)
+    bad = stats.nonfinite(np.where(np.eye(50, 3, dtype=bool), np.inf, x))
+    assert bad.inf == 3 and bad.rows.tolist() == [0, 1, 2] and bad.columns.tolist() == [0, 1, 2]

@@ -152,7 +152,9 @@ def _hydra_main(argv: list[str]) -> int:
     finally:
         if not user_full_error:
             os.environ.pop("HYDRA_FULL_ERROR", None)
-    return max(codes, default=EXIT_OK)
+    sweeper = sys.modules.get("hydra_plugins.harness_sweeper.harness_sweeper")
+    job_codes = list(getattr(sweeper, "JOB_CODES", []))  # sweep jobs that ran in other processes
+    return max(codes + job_codes, default=EXIT_OK)
 
 
 def main(argv: list[str] | None = None):

@@ -32,6 +32,11 @@ def atomic_write(path: str, text: str):
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp creates the file 0600; give it the permissions of an ordinary file (0666 less the umask) so
+        # colleagues on a shared cluster can read the report.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import threading
 import time
 from typing import Any
@@ -234,17 +235,21 @@ def run_points(rcs: list[RunConfig]) -> tuple[list[RunResult], BatchingTrainer]:
     return results, trainer
 
 
-def load_group(path: str) -> tuple[dict, list[RunConfig]]:
-    """The group file the sweeper wrote, and each point's validated config."""
+def load_group(path: str) -> tuple[dict, list[RunConfig | HarnessError]]:
+    """The group file the sweeper wrote, and each point's validated config (or the error that rejected it: one
+    bad point of a sweep must not cost the others)."""
     try:
         with open(path) as f:
             group = json.load(f)
     except (OSError, ValueError) as err:
         raise HarnessError(f"cannot read the sweep group file {path}: {err}") from None
-    rcs = []
+    rcs: list[RunConfig | HarnessError] = []
     for point in group["points"]:
-        cfg = OmegaConf.load(f"{point['dir']}/.hydra/config.yaml")
-        rcs.append(from_hydra(cfg, point.get("choices")))
+        try:
+            cfg = OmegaConf.load(f"{point['dir']}/.hydra/config.yaml")
+            rcs.append(from_hydra(cfg, point.get("choices")))
+        except HarnessError as err:
+            rcs.append(err)
     return group, rcs
 
 
@@ -253,16 +258,30 @@ def run_group(path: str, *, command: list[str]) -> int:
     point's own directory (report.json, report.md, plots, W&B run), as if it had run alone."""
     from harness.app import write_outputs
     from harness.engine.compile import enable_persistent_cache
+    from harness.engine.devices import is_primary
 
-    group, rcs = load_group(path)
+    group, loaded = load_group(path)
+    code = 0
+    points, rcs = [], []
+    for point, rc in zip(group["points"], loaded):
+        if isinstance(rc, HarnessError):
+            print(f"harness: error: sweep point {point['index']} ({' '.join(point['overrides'])}): {rc}",
+                  file=sys.stderr)
+            code = 2
+        else:
+            points.append(point)
+            rcs.append(rc)
+    if not rcs:
+        return code
     enable_persistent_cache(rcs[0].compilation_cache)
     results, trainer = run_points(rcs)
-    code = 0
-    for point, rc, result in zip(group["points"], rcs, results):
+    if not is_primary():  # in a multi-process job every process computes; process 0 alone writes
+        return code
+    for point, rc, result in zip(points, rcs, results):
         point_command = [command[0], *point["overrides"]]
         write_outputs(rc, result, point["dir"], command=point_command)
         if rc.fail_on_error and result.has_error:
-            code = 1
+            code = max(code, 1)
     print(f"harness: {len(rcs)} sweep points ran as {trainer.merged_calls} merged training calls "
           f"(from {trainer.requests} requests; {trainer.members_trained} distinct members of "
           f"{trainer.members_requested} requested)")

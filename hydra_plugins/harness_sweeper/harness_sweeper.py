@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 # Config keys whose values the training engine traces (harness.engine.train.Hparams): sweep points that differ only
 # in these share every compiled program. Anything else may change shapes or code.
 COLLAPSIBLE_KEYS = ("optim.lr", "optim.weight_decay", "seed")
+# Exit codes of the jobs this process launched (the CLI exits with the worst): jobs in other processes (joblib,
+# submitit) report theirs only through their JobReturn.
+JOB_CODES: List[int] = []
+EXIT_INTERNAL = 3
 GROUP_KEY = "harness_collapse_group"
 
 
@@ -72,6 +76,19 @@ def point_complete(point_dir: Path, overrides: Sequence[str]) -> bool:
         return list(OmegaConf.load(recorded)) == list(overrides)
     except Exception:
         return False  # unreadable: run it again
+
+
+def record_job_codes(results) -> None:
+    """Collect each job's exit code; a job that raised counts as an internal error (its error is logged)."""
+    from hydra.core.utils import JobStatus
+
+    for r in results:
+        if r.status == JobStatus.FAILED:
+            log.error(f"sweep job failed: {r._return_value!r}")
+            JOB_CODES.append(EXIT_INTERNAL)
+        else:
+            value = r.return_value
+            JOB_CODES.append(value if isinstance(value, int) else 0)
 
 
 def _quote(value: str) -> str:
@@ -123,7 +140,9 @@ class HarnessSweeper(BasicSweeper):
             # One job per point; the explicit subdir keeps point numbers stable when resuming skips some.
             batch = [list(points[i]) + [f"hydra.sweep.dir={pinned}", f"hydra.sweep.subdir={i}"] for i in todo]
             self.validate_batch_is_legal(batch)
-            return [self.launcher.launch(batch, initial_job_idx=0)]
+            results = self.launcher.launch(batch, initial_job_idx=0)
+            record_job_codes(results)
+            return [results]
 
         groups = group_points([points[i] for i in todo], self.collapsible)
         batch = []
@@ -142,7 +161,9 @@ class HarnessSweeper(BasicSweeper):
                                                       f"hydra.sweep.subdir=.groups/{indices[0]}"])
             log.info(f"Group {g}: points {indices} run as one vmapped job")
         self.validate_batch_is_legal(batch)
-        return [self.launcher.launch(batch, initial_job_idx=0)]
+        results = self.launcher.launch(batch, initial_job_idx=0)
+        record_job_codes(results)
+        return [results]
 
 
 # The default sweep directory is named by harness_sweep_id (a hash of the command's overrides).

@@ -148,6 +148,13 @@ def test_mismatched_train_val_shapes_are_a_blocking_error(digits):
     assert "data/leakage/count" not in outcome.metrics  # rows of different widths are not compared
 
 
+def test_featureless_inputs_are_a_blocking_error():
+    d = builtin.regression()
+    d["x_train"], d["x_val"] = d["x_train"][:, :0], d["x_val"][:, :0]
+    outcome = check(d)
+    assert [(f.id, f.severity.value) for f in problems(outcome)] == [("data.shape", "error")]
+
+
 def test_label_encodings(digits):
     d = copy(digits)
     d["y_train"] = np.eye(10, dtype=np.float32)[d["y_train"]]  # one-hot: converted, info
@@ -314,8 +321,10 @@ def test_raw_digits_pixels():
     [f] = found(outcome, "data.feature_scale")
     assert f.severity is Severity.WARNING and f.evidence["rms"] == pytest.approx(7.75, abs=0.05)
     assert "raw pixel" in f.suggestion and "divide by 16" in f.suggestion
-    raw255 = check(builtin.digits(pixel_scale=16 / 255))
-    assert found(raw255, "data.feature_scale")[0].evidence["rms"] > 100
+    d = builtin.digits(pixel_scale=16 / 255, form="image")
+    d["x_train"], d["x_val"] = (np.rint(d[k]).astype(np.uint8) for k in ("x_train", "x_val"))  # 8-bit images
+    [f] = found(check(d), "data.feature_scale")
+    assert f.evidence["rms"] > 100 and "divide by 255" in f.suggestion
 
 
 def test_raw_wine_scales():

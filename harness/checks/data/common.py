@@ -149,6 +149,10 @@ class Views:
     def same_input_shape(self) -> bool:
         return self.x("train").shape[1:] == self.x("val").shape[1:]
 
+    @property
+    def has_features(self) -> bool:
+        return self.x("train")[0].size > 0 if self.x("train").ndim > 1 else True
+
     @functools.cached_property
     def layouts(self) -> dict[str, str]:
         return {s: label_layout(self.y(s), self.dataset.num_classes) for s in SPLITS}

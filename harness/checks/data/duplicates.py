@@ -29,6 +29,8 @@ def check_leakage(v: Views) -> Part:
     (info from ``val_duplicate_fraction``: they weight a few examples' errors several times)."""
     s = v.settings
     part = Part()
+    if not v.has_features:
+        return part  # data.shape reports it; featureless rows would all "match"
     g_train, g_val = v.groups["train"], v.groups["val"]
     part.metrics["data/duplicates/train"] = g_train.extra_copies
     part.metrics["data/duplicates/val"] = g_val.extra_copies
@@ -80,6 +82,8 @@ def check_conflicting_labels(v: Views) -> Part:
     In regression, repeated inputs with different targets are ordinary noise, so only the count is recorded."""
     s = v.settings
     part = Part()
+    if not v.has_features:
+        return part
     groups = v.groups["train"]
     labels = v.labels["train"] if v.dataset.classification else None
     if labels is None:

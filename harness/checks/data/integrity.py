@@ -82,6 +82,13 @@ def check_shapes(v: Views) -> Part:
             "Apply the same preprocessing (reshape, crop, feature selection) to both splits.",
             x_train_shape=list(d.x_train.shape), x_val_shape=list(d.x_val.shape),
         ))
+    if d.x_train.ndim > 1 and d.x_train[0].size == 0:
+        part.findings.append(error(
+            "data.shape",
+            f"x_train examples have no features (shape {d.x_train.shape}): there is nothing to learn from, so the "
+            f"later stages are skipped.",
+            "Check the feature selection (an empty column list, a filter that drops every column).",
+            x_train_shape=list(d.x_train.shape)))
     if d.x_train.ndim == 1:
         part.findings.append(info(
             "data.shape",

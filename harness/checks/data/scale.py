@@ -49,7 +49,7 @@ def check_feature_scale(v: Views) -> Part:
     s = v.settings
     st = v.x_stats["train"]
     part = Part()
-    if st.count == 0:
+    if st.count == 0 or st.mean.size == 0:
         return part
     dtype = v.x("train").dtype
     constant = stats.constant_mask(st, dtype)
@@ -205,7 +205,7 @@ def check_constant_features(v: Views) -> Part:
     s = v.settings
     part = Part()
     st = v.x_stats["train"]
-    if st.count == 0:
+    if st.count == 0 or st.mean.size == 0:
         return part
     constant = np.flatnonzero(stats.constant_mask(st, v.x("train").dtype))
     total = st.mean.size

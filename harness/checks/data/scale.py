@@ -117,7 +117,8 @@ def check_feature_scale(v: Views) -> Part:
             "If the inputs were scaled twice (e.g. divided by 255 twice), scale them once; sparse, normalized "
             "features (tf-idf) are fine as they are.", **evidence))
     if st.mean.size <= MAX_SERIES_FEATURES:
-        part.series["data/feature_std"] = {"x": list(range(st.mean.size)), "y": st.std.tolist(), "xname": "feature"}
+        part.series["data/feature_std"] = {"x": list(range(st.mean.size)), "y": st.std.tolist(), "keys": ["std"],
+                                          "xname": "feature"}
         part.plots.append(Plot("feature_scale", "Per-feature scale (training split)",
                                lambda path: _draw_feature_scale(path, st, constant)))
     return part

@@ -61,13 +61,15 @@ class Context:
         return TrainSpec(**{**base, **overrides})
 
     def train(self, name: str, spec: TrainSpec, hparams: Hparams, arrays: Arrays | None = None,
-              problem: Problem | None = None) -> SweepResult:
+              problem: Problem | None = None, *, rerun: bool = False) -> SweepResult:
         """Train members through the engine (progress labelled ``name``).
 
         Every training diagnostic trains through here, so (1) identical requests are computed once per run
         (the controls reuse the seed runs' real-data members), and (2) a collapsed multirun can replace this
         method to merge the same request from many sweep points into one vmapped program. Requests that must be
         compared bitwise (determinism) are issued with equal shapes, so they stay like with like either way.
+        ``rerun=True`` trains again even when an identical request was already computed: a determinism check
+        must really run twice (identical reloaded data has the same fingerprint, so the memo would answer).
         """
         problem = problem or self.problem
         arrays = arrays if arrays is not None else self.arrays
@@ -76,12 +78,14 @@ class Context:
             fingerprints[id(arrays)] = (arrays, _arrays_key(arrays))
         key = (id(problem), spec, fingerprints[id(arrays)][1], _hparams_key(hparams))
         memo = self.shared.setdefault("_train_memo", {})
-        if key not in memo:
-            progress = None
-            if self.progress is not None:
-                progress = lambda done, total: self.progress(name, done, total)  # noqa: E731
-            memo[key] = self.train_fn(problem, spec, hparams, arrays, name=name, progress=progress)
-        return memo[key]
+        if key in memo and not rerun:
+            return memo[key]
+        progress = None
+        if self.progress is not None:
+            progress = lambda done, total: self.progress(name, done, total)  # noqa: E731
+        result = self.train_fn(problem, spec, hparams, arrays, name=name, progress=progress)
+        memo.setdefault(key, result)
+        return result
 
     def reloaded_arrays(self) -> Arrays:
         """The training arrays from a second call of the data factory (once per run)."""

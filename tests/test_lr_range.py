@@ -109,13 +109,22 @@ def test_usable_range_known_answers():
     # p(0.3) = 0.65 >= 0.5 (index 7); p(1.5) at index 8 is not.
     assert g.usable_high_lr == pytest.approx(GRID[7])
     assert g.divergence_lr == pytest.approx(GRID[9])  # first LR above the best that ends no better than untrained
-    # Basin: smoothed losses within 0.05 of 0.1 are indices 5..6; centre 5.5 minus half a step = index 5.
-    assert g.suggested_lr == pytest.approx(GRID[5])
+
+
+def test_suggestion_is_the_valley_when_the_grid_confirms_it():
+    g = hand_reading()
+    # Between GRID[4] (0.2) and GRID[5] (0.1): a third of the way in log LR interpolates to 0.1667 = 1.67x the best.
+    far = GRID[4] ** (2 / 3) * GRID[5] ** (1 / 3)
+    assert lr.suggest(g, far) == lr.Suggestion(g.best_lr, "grid_best", pytest.approx(1 + 2 / 3))
+    near = GRID[5] ** 0.95 * GRID[6] ** 0.05  # inside the flat bottom: 1.0x
+    assert lr.suggest(g, near).rule == "valley" and lr.suggest(g, near).lr == near
+    assert lr.suggest(g, None).rule == "grid_best"
+    assert lr.suggest(lr.read_grid(GRID, np.full(11, 2.3), np.zeros(11, bool), 2.3, 0.05), near).lr is None
 
 
 def test_grid_where_nothing_learns():
     g = lr.read_grid(GRID, np.full(11, 2.3), np.zeros(11, bool), untrained=2.3, margin=0.05)
-    assert not g.learns_at_all and g.suggested_lr is None
+    assert not g.learns_at_all and g.best_lr is None
 
 
 @pytest.mark.parametrize("configured, val, diverged, direction, severity", [
@@ -136,8 +145,8 @@ def test_an_exploding_configured_run_is_divergence_even_if_finite():
     train_loss = np.concatenate([[2.3, 40.0, 60.0], np.full(97, 2.3)])  # spiked to 26x, died at the start level
     v = lr.judge_configured(hand_reading(), GRID[9], 2.3, train_loss, -1)
     assert v.exploded and (v.direction, v.severity) == ("high", "error")
-    findings = lr.findings_for(hand_reading(), v, lr.read_ramp(np.linspace(2.3, 0.1, 50), lr.ramp_lrs(
-        lr.Settings(grid_steps=50))), 100)
+    ramp = lr.read_ramp(np.linspace(2.3, 0.1, 50), lr.ramp_lrs(lr.Settings(grid_steps=50)))
+    findings = lr.findings_for(hand_reading(), v, ramp, lr.suggest(hand_reading(), ramp.valley_lr), 100)
     assert {f.id for f in findings} == {"train.divergence", "train.learning_rate"}
 
 
@@ -246,6 +255,6 @@ def test_a_diverging_member_does_not_poison_the_others(digits_ctx):
     healthy_rows = np.arange(1, 1 + first_bad)
     assert np.isfinite(result.loss[healthy_rows]).all() and np.isfinite(result.final_val_loss[healthy_rows]).all()
     assert np.isfinite(result.loss[plan.configured_row]).all()
-    ramp, reading, verdict = lr.analyse(result, plan, {})
+    ramp, reading, verdict, _ = lr.analyse(result, plan, {})
     assert reading.divergence_lr is not None and reading.divergence_lr <= plan.grid_lrs[first_bad]
     assert verdict.direction is None

@@ -2,7 +2,7 @@
 steps to target reported), the regression job (passes), shuffled labels (still memorizes: that is the point) and
 planted bugs (each fires with the right id and the evidence-ranked cause).
 
-Compiled runs use 300 steps (the reference job reaches the target near step 100); planted models and losses are
+Compiled runs use 250 steps (the reference job reaches the target near step 100); planted models and losses are
 defined here, small, so each costs one compile.
 """
 
@@ -25,7 +25,7 @@ from harness.engine.train import Arrays, Problem
 from harness.errors import HarnessError
 from harness.pipeline import build_context
 
-FAST = ob.Settings(steps=300)
+FAST = ob.Settings(steps=250)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -239,9 +239,10 @@ def probe_evidence(plan: Plan, probes: list[Curve], configured: Curve) -> tuple[
         if c.diverged:
             return False
         drop = c.initial - c.final
-        # Reached the target, ended 10x lower, or (from a flat start) moved the loss 10x farther and by a real amount.
+        # Reached the target, ended 10x lower, or (from a flat start) moved the loss 10x farther, by more than 1%
+        # of its start (a fixed batch has no minibatch noise: 1% is far above float round-off).
         return (c.reached or c.final < PROBE_BETTER * configured.final
-                or (drop > FLAT_FRACTION * abs(c.initial) and drop > max(configured_drop, 0) / PROBE_BETTER))
+                or (drop > 0.01 * abs(c.initial) and drop > max(configured_drop, 0) / PROBE_BETTER))
 
     def describe(factor, c: Curve):
         return dict(factor=factor, lr=plan.lr * factor, final_loss=c.final, steps_to_target=c.steps_to_target)
@@ -318,16 +319,22 @@ def draw(path: str, plan: Plan, curves_by_label: dict[str, np.ndarray], target: 
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     all_values = np.concatenate([c[np.isfinite(c)] for c in curves_by_label.values()] + [np.array([target])])
+    log_y = all_values.size > 0 and all_values.min() >= 0
+    floor = min(target, 1e-8) / 10  # a loss of exactly 0 (float32 cross-entropy can reach it) plots at the floor
     for label, loss in curves_by_label.items():
         main = label.startswith("configured")
-        ax.plot(np.arange(len(loss)), loss, lw=2.0 if main else 0.9, alpha=1.0 if main else 0.6,
-                ls="--" if "zero" in label else "-", label=label)
+        ax.plot(np.arange(len(loss)), np.maximum(loss, floor) if log_y else loss, lw=2.0 if main else 0.9,
+                alpha=1.0 if main else 0.6, ls="--" if "zero" in label else "-", label=label)
+    main_curve = next(iter(curves_by_label.values()))
+    main_finite = main_curve[np.isfinite(main_curve)]
     ax.axhline(target, color="crimson", ls=":", lw=1.2, label=f"target {target:.3g}")
     if steps_to_target is not None:
         ax.axvline(steps_to_target, color="green", ls=":", lw=1, label=f"reached at step {steps_to_target}")
-    if all_values.size and all_values.min() > 0:
+    if log_y:
         ax.set_yscale("log")
-    else:
+        if main_finite.size:  # probes at 100x the LR may explode to 1e12: keep the configured run readable
+            ax.set_ylim(top=10 * max(main_finite.max(), target))
+    else:  # a sign-flipped loss goes negative
         ax.set_yscale("symlog", linthresh=max(target, 1e-6))
     ax.set_xlabel("step")
     ax.set_ylabel("loss on the batch")

@@ -1,0 +1,150 @@
+"""How good is an LR suggestion? Judge each rule by the validation loss that training at its LR reaches.
+
+    /tmp/venv/bin/python scripts/lr_quality.py                       # digits, wine, regression (about 10 min here)
+    /tmp/venv/bin/python scripts/lr_quality.py --jobs digits,cnn --ramp-seeds 2
+
+For every job: the LR range test (harness/checks/training/lr_range.py) runs once per ramp seed; every rule turns
+that run into a suggested LR: ours (the reported ``suggested_lr``), fastai's ``valley`` (its smoothing, 4x stop and
+window), torch-lr-finder's steepest slope (its ``smooth_f=0.05``, 5x stop, ``skip_start=10, skip_end=5``) and
+Lightning's default (steepest gradient of the raw recorded curve, ``skip_begin=10, skip_end=1``), all computed from
+our own ramp. Then ONE vmapped program per job trains, for ``--steps`` steps with the job's optimizer and batch
+size and ``--train-seeds`` seeds each: every suggestion, and a fine grid of ``--fine`` LRs log-spaced over the
+range. A rule's score is the mean-over-seeds validation loss at its LR divided by the best fine-grid LR's
+(1.00 = as good as the best LR in hindsight), averaged over ramp seeds; the worst ramp seed is shown too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+
+import numpy as np
+
+JOBS = {
+    "digits": [],  # the reference job: MLP 64-128-128-10 on digits/16, Adam 1e-3, batch 128
+    "wine": ["data=wine"],
+    "breast_cancer": ["data=breast_cancer"],
+    "regression": ["data=regression"],
+    "cnn": ["data=digits_image", "model=cnn"],
+}
+
+
+def context_for(overrides):
+    from hydra import compose, initialize_config_dir
+
+    from harness.checks.registry import DIAGNOSTICS
+    from harness.config import config_dir, from_hydra
+    from harness.pipeline import build_context
+
+    # Only lr_range's settings matter here: drop the other diagnostics' nodes so this script does not depend on
+    # their configs (they fall back to their Settings defaults).
+    others = [f"~diagnostics.{name}" for name in DIAGNOSTICS if name != "lr_range"]
+    with initialize_config_dir(config_dir(), version_base="1.3"):
+        cfg = compose("config", overrides=["logger=none", *others, *overrides])
+    return build_context(from_hydra(cfg))
+
+
+def rule_suggestions(result, plan, lr_range) -> dict[str, float | None]:
+    """Every rule's LR from one LR range run."""
+    from harness.checks.training import curves
+
+    ramp, reading, _, suggestion = lr_range.analyse(result, plan, {})
+    raw = np.asarray(result.loss[0], dtype=np.float64)
+    lrs = ramp.lrs
+    # torch-lr-finder: its own smoothing and divergence threshold, then its skips.
+    tlf = curves.ema_unbiased_start(raw, 0.05)
+    tlf_stop = curves.divergence_stop(tlf, 5.0)
+    tlf_i = curves.steepest_index(tlf[:tlf_stop], skip_start=10, skip_end=5)
+    light_i = curves.steepest_index(raw, skip_start=10, skip_end=1)
+    out = {
+        "ours": suggestion.lr,
+        "valley": ramp.valley_lr,
+        "steepest": float(lrs[tlf_i]) if tlf_i is not None else None,
+        "lightning": float(lrs[light_i]) if light_i is not None else None,
+    }
+    # Candidates considered while choosing the reported rule (kept so the choice can be re-checked).
+    if reading.learns_at_all:
+        out["grid_best"] = reading.best_lr  # the grid alone, median-of-3 smoothed
+        out["grid_argmin_raw"] = float(reading.lrs[int(np.argmin(reading.val))])
+    return out
+
+
+def evaluate_job(name, overrides, args):
+    from harness.checks.training import lr_range
+    from harness.engine.train import Hparams
+
+    ctx = context_for(overrides)
+    settings = lr_range.Settings()
+    t0 = time.perf_counter()
+    per_seed = []
+    for seed in range(args.ramp_seeds):
+        plan, result = lr_range.run_program(ctx, settings, seed=seed)
+        per_seed.append(rule_suggestions(result, plan, lr_range))
+    rules = list(per_seed[0])
+    t_range = time.perf_counter() - t0
+
+    fine = np.geomspace(settings.min_lr, settings.max_lr, args.fine)
+    suggested = [per_seed[s].get(r) for s in range(args.ramp_seeds) for r in rules]
+    suggested = [np.nan if v is None else v for v in suggested]
+    lrs = np.concatenate([fine, np.nan_to_num(suggested, nan=settings.min_lr)])
+    train_seeds = 100 + np.arange(args.train_seeds)  # not the ramp's seeds: judge on fresh inits and batch orders
+    lr_col = np.repeat(lrs, len(train_seeds))
+    seed_col = np.tile(train_seeds, len(lrs))
+    hp = Hparams.make(lr=lr_col, weight_decay=ctx.optim.weight_decay, init_seed=seed_col, data_seed=seed_col)
+    t1 = time.perf_counter()
+    result = ctx.train("lr_quality", ctx.spec(args.steps), hp)
+    val = np.where(result.diverged, np.inf, result.final_val_loss).reshape(len(lrs), len(train_seeds))
+    mean_val = np.where(np.isfinite(val).all(axis=1), val.mean(axis=1), np.inf)
+    best_i = int(np.argmin(mean_val[: len(fine)]))
+    best = mean_val[best_i]
+    scores = mean_val[len(fine):].reshape(args.ramp_seeds, len(rules)) / best
+    for s in range(args.ramp_seeds):
+        for j, r in enumerate(rules):
+            if per_seed[s].get(r) is None:
+                scores[s, j] = np.inf
+    t_train = time.perf_counter() - t1
+    return dict(name=name, best_lr=float(fine[best_i]), best=float(best), rules=rules, scores=scores,
+                lrs={r: [per_seed[s].get(r) for s in range(args.ramp_seeds)] for r in rules},
+                seconds=(t_range, t_train))
+
+
+def print_table(rows, columns, file=None):
+    head = f"{'job':<14}{'best lr':>9}{'best loss':>10}" + "".join(f"{c:>19}" for c in columns)
+    print(head, file=file)
+    for row in rows:
+        cells = []
+        for c in columns:
+            j = row["rules"].index(c)
+            mean, worst = np.mean(row["scores"][:, j]), np.max(row["scores"][:, j])
+            cells.append(f"{mean:7.2f}x (max {worst:5.2f})" if np.isfinite(mean) else f"{'failed':>19}")
+        print(f"{row['name']:<14}{row['best_lr']:9.2g}{row['best']:10.4f}" + "".join(f"{c:>19}" for c in cells),
+              file=file)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", default="digits,wine,regression", help=f"comma-separated, from {', '.join(JOBS)}")
+    parser.add_argument("--ramp-seeds", type=int, default=3)
+    parser.add_argument("--train-seeds", type=int, default=3)
+    parser.add_argument("--fine", type=int, default=48)
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--all-rules", action="store_true", help="also show the candidate rules considered")
+    args = parser.parse_args(argv)
+    rows = []
+    for name in args.jobs.split(","):
+        row = evaluate_job(name, JOBS[name], args)
+        rows.append(row)
+        print(f"{name}: LR range {row['seconds'][0]:.0f}s, judging program {row['seconds'][1]:.0f}s; suggestions "
+              + ", ".join(f"{r}={[None if x is None else round(x, 5) for x in v]}" for r, v in row["lrs"].items()),
+              file=sys.stderr)
+        print_table([row], row["rules"], file=sys.stderr)  # as it comes: a long run keeps what it measured
+    columns = rows[0]["rules"] if args.all_rules else ["ours", "valley", "steepest", "lightning"]
+    print(f"\nvalidation loss after {args.steps} steps at the suggested LR / best of {args.fine} fixed LRs "
+          f"(mean of {args.train_seeds} seeds; mean over {args.ramp_seeds} ramp seeds, worst in brackets)\n")
+    print_table(rows, columns)
+
+
+if __name__ == "__main__":
+    main()

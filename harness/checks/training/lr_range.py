@@ -382,10 +382,11 @@ def findings_for(reading: GridReading, verdict: Verdict, ramp: RampReading, sugg
     if verdict.direction is None:
         return out
     if verdict.direction == "high":
+        blew_up = verdict.diverged_at >= 0 or verdict.exploded
         what = (f"the configured learning rate {verdict.lr:.3g} is too high: "
-                + ("training at it blew up (see train.divergence)" if verdict.diverged_at >= 0 or verdict.exploded else
-                   f"it reached validation loss {_fmt(verdict.val)} after {steps} steps, against {_fmt(reading.best_loss)} "
-                   f"at the best LR {_fmt(reading.best_lr)}")
+                + ("training at it blew up (see train.divergence)" if blew_up else
+                   f"it reached validation loss {_fmt(verdict.val)} after {steps} steps, against "
+                   f"{_fmt(reading.best_loss)} at the best LR {_fmt(reading.best_lr)}")
                 + f"; it is {verdict.factor:.3g}x above the usable range {usable}")
     else:
         what = (f"the configured learning rate {verdict.lr:.3g} is too low: "
@@ -419,7 +420,8 @@ def draw(path: str, reading: GridReading, ramp: RampReading, verdict: Verdict, s
     ax.axhline(reading.untrained, color="gray", ls=":", lw=1, label="untrained")
     if reading.usable_low_lr is not None:
         ax.axvspan(reading.usable_low_lr, reading.usable_high_lr, color="green", alpha=0.08, label="usable range")
-    marks = [(f"suggested ({suggestion.rule})", suggestion.lr, "green", "-"), ("valley", ramp.valley_lr, "purple", "--"),
+    marks = [(f"suggested ({suggestion.rule})", suggestion.lr, "green", "-"),
+             ("valley", ramp.valley_lr, "purple", "--"),
              ("steepest", ramp.steepest_lr, "orange", "--"), ("configured", verdict.lr, "black", "-.")]
     for label, lr, color, ls in marks:
         if lr is not None and np.isfinite(lr):

@@ -223,16 +223,14 @@ def failure_shape(curve: Curve, target: float) -> str:
     scale = max(abs(curve.initial), 1e-12)
     if (curve.initial - curve.final) / scale < FLAT_FRACTION:
         return "flat"
+    # Still falling geometrically fast enough to reach the target within 10x the steps taken so far: slow.
     n = int(np.isfinite(curve.loss).sum())
-    tail = np.arange(n - max(10, n // 5), n)
-    slope = curves.log_slope(tail, curve.loss[tail])
-    more = curves.steps_to_reach(curve.final, target, slope)
-    return "slow" if np.isfinite(more) and more <= 10 * n else "stalled"
+    projected = projected_steps(curve, target)
+    return "slow" if np.isfinite(projected) and projected <= 11 * n else "stalled"
 
 
 def probe_evidence(plan: Plan, probes: list[Curve], configured: Curve) -> tuple[dict | None, dict | None]:
     """The best higher-LR and lower-LR probes that did much better than the configured run."""
-
     configured_drop = configured.initial - configured.final
 
     def better(c: Curve) -> bool:
@@ -249,7 +247,11 @@ def probe_evidence(plan: Plan, probes: list[Curve], configured: Curve) -> tuple[
 
     up = [(f, c) for f, c in zip(plan.probe_factors, probes) if f > 1 and better(c)]
     down = [(f, c) for f, c in zip(plan.probe_factors, probes) if f < 1 and better(c)]
-    pick = lambda xs: describe(*min(xs, key=lambda fc: (fc[1].steps_to_target or math.inf, fc[1].final)))  # noqa
+
+    def pick(candidates):  # the fastest to the target, else the lowest final loss
+        return describe(*min(candidates, key=lambda fc: (
+            math.inf if fc[1].steps_to_target is None else fc[1].steps_to_target, fc[1].final)))
+
     return (pick(up) if up else None), (pick(down) if down else None)
 
 
@@ -360,134 +362,175 @@ def run_program(ctx, settings: Settings) -> tuple[Plan, Arrays, SweepResult]:
     return plan, arrays, ctx.train(NAME, spec, plan.hparams(ctx.seed), arrays)
 
 
+@dataclasses.dataclass
+class Reading:
+    """Everything the members' curves say, before any wording."""
+
+    plan: Plan
+    batch_size: int
+    steps: int
+    target: float
+    classification: bool
+    configured: Curve
+    probes: list[Curve]
+    zero_input: Curve
+    untrained_loss: float
+    final_acc: float  # batch accuracy at the end (NaN for regression)
+    untrained_acc: float
+    flipped: str | None  # why the loss's sign looks flipped
+    rise: dict | None  # evidence of a rising loss
+    passed: bool
+    on_track: float | None  # projected step to target of a memorized-but-slow classification run
+    shape: str | None  # how it failed, None when passed
+    higher: dict | None  # a higher-LR probe that did much better
+    lower: dict | None
+
+    def evidence(self) -> dict[str, Any]:
+        c = self.configured
+        out: dict[str, Any] = dict(
+            batch_size=self.batch_size, steps=self.steps, lr=self.plan.lr, target_loss=self.target,
+            initial_loss=c.initial, final_loss=c.final, best_loss=c.best,
+            steps_to_target=None if self.flipped else c.steps_to_target, untrained_loss=self.untrained_loss,
+            first_nonfinite_step=c.first_nonfinite)
+        if self.classification:
+            out.update(final_batch_accuracy=self.final_acc, untrained_batch_accuracy=self.untrained_acc)
+        return out
+
+
+def projected_steps(curve: Curve, target: float) -> float:
+    """The step at which the loss would reach the target at its current geometric rate (last fifth of the run)."""
+    n = int(np.isfinite(curve.loss).sum())
+    tail = np.arange(n - max(10, n // 5), n)
+    return n + curves.steps_to_reach(curve.final, target, curves.log_slope(tail, curve.loss[tail]))
+
+
+def read(plan: Plan, r: SweepResult, *, target: float, steps: int, batch_size: int, classification: bool,
+         loss_name: str, num_classes: int | None) -> Reading:
+    def curve(i):
+        return read_curve(r.loss[i], target, r.first_nonfinite[i], r.grad_norm[i])
+
+    configured = curve(0)
+    probes = [curve(i) for i in plan.probe_rows]
+    acc = r.val_accuracy if classification else None
+    final_acc = float(acc[0, -1]) if acc is not None else float("nan")
+    untrained_acc = float(acc[plan.untrained_row, -1]) if acc is not None else float("nan")
+    flipped = sign_flipped(configured, loss_name, classification, final_acc, untrained_acc, num_classes)
+    passed = configured.reached and not flipped and not configured.diverged
+    on_track = None
+    if not passed and not flipped and not configured.diverged and classification and final_acc >= 1.0:
+        projected = projected_steps(configured, target)
+        if projected <= ON_TRACK_BUDGETS * steps:
+            on_track, passed = float(projected), True
+    higher, lower = probe_evidence(plan, probes, configured)
+    shape = None if passed else ("sign_flipped" if flipped else failure_shape(configured, target))
+    return Reading(plan, batch_size, steps, target, classification, configured, probes, curve(plan.zero_input_row),
+                   float(r.val_loss[plan.untrained_row, -1]), final_acc, untrained_acc, flipped,
+                   None if flipped else rising(configured.loss, target), passed, on_track, shape, higher, lower)
+
+
+def _lr_evidence(probe: dict) -> str:
+    return (f"{probe['factor']:g}x the LR ({probe['lr']:.3g}) "
+            + (f"reached the target at step {probe['steps_to_target']}" if probe["steps_to_target"] is not None
+               else f"reached loss {probe['final_loss']:.3g}"))
+
+
+def findings_for(g: Reading) -> list:
+    c, evidence, findings = g.configured, g.evidence(), []
+    if g.flipped:
+        findings.append(error(
+            "train.loss_increasing",
+            f"the loss's sign is flipped: {g.flipped}"
+            + (f"; batch accuracy fell from {g.untrained_acc:.0%} untrained to {g.final_acc:.0%}"
+               if g.classification and g.final_acc < g.untrained_acc else "")
+            + ". Minimizing it makes the model worse on the very batch it trains on.",
+            "Return the loss to minimize (e.g. +cross-entropy, not -cross-entropy); check the loss function's sign "
+            "and that it is a per-example loss, not a score or log-likelihood to maximize.",
+            **evidence))
+    elif g.rise:
+        severity = error if g.rise["kind"] == "net_rise" and not c.reached else warning
+        what = ("rises: its median went from {early_median:.3g} over the first steps to {late_median:.3g} over the "
+                "last" if g.rise["kind"] == "net_rise" else
+                "rebounds: after falling to a median of {lowest_window_median:.3g} it climbed back to "
+                "{late_median:.3g}")
+        findings.append(severity(
+            "train.loss_increasing",
+            f"training on one fixed batch, the loss {what.format(**g.rise)} (lr {g.plan.lr:.3g}, {g.steps} steps).",
+            "Lower the learning rate" + (f" ({_lr_evidence(g.lower)})" if g.lower else "")
+            + "; check the loss's sign and numerics (log of 0, division by zero) and that inputs and labels are "
+              "aligned.",
+            **evidence, **g.rise))
+    if c.diverged:
+        findings.append(error(
+            "train.divergence",
+            f"training on one fixed batch went non-finite at step {c.first_nonfinite} (lr {g.plan.lr:.3g}; "
+            f"last finite loss {c.final:.3g}).",
+            "Lower the learning rate" + (f" ({_lr_evidence(g.lower)})" if g.lower else "")
+            + "; if every LR diverges, look for log(0), division by zero or overflow in the model and loss, and "
+              "consider gradient clipping (optim.clip_norm=1.0).",
+            **evidence))
+    if not g.passed:
+        causes = (["the loss's sign is flipped (see train.loss_increasing)"] if g.flipped else
+                  rank_causes(g.shape, c, g.zero_input, g.higher, g.lower, g.probes, g.steps, g.target))
+        seen = {
+            "sign_flipped": "the loss fell only because its sign is flipped",
+            "diverged": f"the loss went non-finite at step {c.first_nonfinite}",
+            "flat": f"the loss stayed flat ({c.initial:.3g} -> {c.final:.3g})",
+            "slow": f"the loss fell too slowly ({c.initial:.3g} -> {c.final:.3g})",
+            "stalled": f"the loss fell then plateaued ({c.initial:.3g} -> {c.final:.3g})",
+        }[g.shape]
+        acc_text = f", batch accuracy {g.final_acc:.0%}" if g.classification else ""
+        findings.append(error(
+            "train.overfit_batch",
+            f"the model could not memorize one batch of {g.batch_size} examples in {g.steps} steps with "
+            f"regularization off: {seen}{acc_text}; target {g.target:.3g}. Likely causes, most likely first: "
+            + "; ".join(f"({i + 1}) {cause}" for i, cause in enumerate(causes)) + ".",
+            "Fix the first cause; a model that cannot memorize one batch will not learn the data set. Re-run "
+            "`harness diagnostics.run=[overfit_batch]` after each change.",
+            **evidence, failure=g.shape, causes=causes, probe_higher_lr=g.higher, probe_lower_lr=g.lower,
+            zero_input_final_loss=g.zero_input.final))
+    elif g.on_track is not None:
+        findings.append(info(
+            "train.overfit_batch",
+            f"the model memorized the batch (100% accuracy) but its loss {c.final:.3g} is still above the target "
+            f"{g.target:.3g} after {g.steps} steps; falling at its current rate it reaches the target near step "
+            f"{g.on_track:.0f}.",
+            "Nothing to fix; a higher learning rate or a longer budget (diagnostics.overfit_batch.steps) reaches "
+            "the target.",
+            **evidence, projected_steps_to_target=g.on_track))
+    return findings
+
+
 def run(ctx, settings: Settings) -> Outcome:
     plan, arrays, r = run_program(ctx, settings)
     classification = ctx.problem.classification
     target = settings.target_loss if settings.target_loss is not None else default_target(classification,
                                                                                           arrays.y_train)
-    read = lambda i: read_curve(r.loss[i], target, r.first_nonfinite[i], r.grad_norm[i])  # noqa: E731
-    configured = read(0)
-    probes = [read(i) for i in plan.probe_rows]
-    zero_input = read(plan.zero_input_row)
-    untrained_loss = float(r.val_loss[plan.untrained_row, -1])
-    acc = r.val_accuracy if classification else None
-    final_acc = float(acc[0, -1]) if acc is not None else float("nan")
-    untrained_acc = float(acc[plan.untrained_row, -1]) if acc is not None else float("nan")
-    num_classes = ctx.dataset.num_classes
-
-    flipped = sign_flipped(configured, ctx.loss_name, classification, final_acc, untrained_acc, num_classes)
-    rise = None if flipped else rising(configured.loss, target)
-    passed = configured.reached and not flipped and not configured.diverged
-    on_track = None
-    n_steps = settings.steps
-    if not passed and not flipped and not configured.diverged and classification and final_acc >= 1.0:
-        n = int(np.isfinite(configured.loss).sum())
-        tail = np.arange(n - max(10, n // 5), n)
-        more = curves.steps_to_reach(configured.final, target, curves.log_slope(tail, configured.loss[tail]))
-        if n + more <= ON_TRACK_BUDGETS * n_steps:
-            on_track = float(n + more)
-            passed = True
-
-    evidence: dict[str, Any] = dict(
-        batch_size=len(arrays.x_train), steps=n_steps, lr=plan.lr, target_loss=target,
-        initial_loss=configured.initial, final_loss=configured.final, best_loss=configured.best,
-        steps_to_target=None if flipped else configured.steps_to_target, untrained_loss=untrained_loss,
-        first_nonfinite_step=configured.first_nonfinite,
-    )
-    if classification:
-        evidence.update(final_batch_accuracy=final_acc, untrained_batch_accuracy=untrained_acc)
-    findings = []
-    higher, lower = probe_evidence(plan, probes, configured)
-    shape = None
-    if flipped:
-        findings.append(error(
-            "train.loss_increasing",
-            f"the loss's sign is flipped: {flipped}"
-            + (f"; batch accuracy fell from {untrained_acc:.0%} untrained to {final_acc:.0%}"
-               if classification and final_acc < untrained_acc else "")
-            + ". Minimizing it makes the model worse on the very batch it trains on.",
-            "Return the loss to minimize (e.g. +cross-entropy, not -cross-entropy); check the loss function's sign "
-            "and that it is a per-example loss, not a score or log-likelihood to maximize.",
-            **evidence))
-    elif rise:
-        severity = error if rise["kind"] == "net_rise" and not configured.reached else warning
-        what = ("rises: its median went from {early_median:.3g} over the first steps to {late_median:.3g} over the "
-                "last" if rise["kind"] == "net_rise" else
-                "rebounds: after falling to a median of {lowest_window_median:.3g} it climbed back to {late_median:.3g}")
-        findings.append(severity(
-            "train.loss_increasing",
-            f"training on one fixed batch, the loss {what.format(**rise)} (lr {plan.lr:.3g}, {n_steps} steps).",
-            ("Lower the learning rate" + (f" (0.1x reached {lower['final_loss']:.3g})" if lower else "")
-             + "; check the loss's sign and numerics (log of 0, division by zero) and that inputs and labels are "
-               "aligned."),
-            **evidence, **rise))
-    if configured.diverged:
-        findings.append(error(
-            "train.divergence",
-            f"training on one fixed batch went non-finite at step {configured.first_nonfinite} (lr {plan.lr:.3g}; "
-            f"last finite loss {configured.final:.3g}).",
-            "Lower the learning rate" + (f" ({lower['factor']:g}x it, {lower['lr']:.3g}, trained finitely)"
-                                         if lower else "")
-            + "; if every LR diverges, look for log(0), division by zero or overflow in the model and loss, and "
-              "consider gradient clipping (optim.clip_norm=1.0).",
-            **evidence))
-    if not passed:
-        shape = "sign_flipped" if flipped else failure_shape(configured, target)
-        causes = (["the loss's sign is flipped (see train.loss_increasing)"] if flipped else
-                  rank_causes(shape, configured, zero_input, higher, lower, probes, n_steps, target))
-        seen = {
-            "sign_flipped": "the loss fell only because its sign is flipped",
-            "diverged": f"the loss went non-finite at step {configured.first_nonfinite}",
-            "flat": f"the loss stayed flat ({configured.initial:.3g} -> {configured.final:.3g})",
-            "slow": f"the loss fell too slowly ({configured.initial:.3g} -> {configured.final:.3g})",
-            "stalled": f"the loss fell then plateaued ({configured.initial:.3g} -> {configured.final:.3g})",
-        }[shape]
-        acc_text = f", batch accuracy {final_acc:.0%}" if classification else ""
-        findings.append(error(
-            "train.overfit_batch",
-            f"the model could not memorize one batch of {len(arrays.x_train)} examples in {n_steps} steps with "
-            f"regularization off: {seen}{acc_text}; target {target:.3g}. Likely causes, most likely first: "
-            + "; ".join(f"({i + 1}) {c}" for i, c in enumerate(causes)) + ".",
-            "Fix the first cause; a model that cannot memorize one batch will not learn the data set. Re-run "
-            "`harness diagnostics.run=[overfit_batch]` after each change.",
-            **evidence, failure=shape, causes=causes, probe_higher_lr=higher, probe_lower_lr=lower,
-            zero_input_final_loss=zero_input.final))
-    elif on_track is not None:
-        findings.append(info(
-            "train.overfit_batch",
-            f"the model memorized the batch (100% accuracy) but its loss {configured.final:.3g} is still above the "
-            f"target {target:.3g} after {n_steps} steps; falling at its current rate it reaches the target near step "
-            f"{on_track:.0f}.",
-            "Nothing to fix; a higher learning rate or longer budget (diagnostics.overfit_batch.steps) would reach "
-            "the target.",
-            **evidence, projected_steps_to_target=on_track))
-
+    g = read(plan, r, target=target, steps=settings.steps, batch_size=len(arrays.x_train),
+             classification=classification, loss_name=ctx.loss_name, num_classes=ctx.dataset.num_classes)
+    c = g.configured
     metrics = {
-        f"{NAME}/passed": bool(passed),
-        f"{NAME}/steps_to_target": None if flipped else configured.steps_to_target,
-        f"{NAME}/final_loss": configured.final,
-        f"{NAME}/initial_loss": configured.initial,
+        f"{NAME}/passed": bool(g.passed),
+        f"{NAME}/steps_to_target": None if g.flipped else c.steps_to_target,
+        f"{NAME}/final_loss": c.final,
+        f"{NAME}/initial_loss": c.initial,
         f"{NAME}/target_loss": target,
         f"{NAME}/lr": plan.lr,
-        f"{NAME}/batch_size": len(arrays.x_train),
-        f"{NAME}/failure": shape or "none",
+        f"{NAME}/batch_size": g.batch_size,
+        f"{NAME}/failure": g.shape or "none",
     }
     if classification:
-        metrics[f"{NAME}/final_batch_accuracy"] = final_acc
-    labels = {"configured": configured}
-    for f, c in zip(plan.probe_factors, probes):
-        labels[f"lr_x{f:g}"] = c
-    labels["zero_input"] = zero_input
-    series = {f"{NAME}/loss": configured.loss.tolist(), f"{NAME}/eval_step": r.eval_steps.tolist()}
-    series.update({f"{NAME}/loss/{k}": c.loss.tolist() for k, c in labels.items() if k != "configured"})
+        metrics[f"{NAME}/final_batch_accuracy"] = g.final_acc
+    labelled = {"configured": (plan.lr, c)}
+    labelled.update({f"lr_x{f:g}": (plan.lr * f, p) for f, p in zip(plan.probe_factors, g.probes)})
+    labelled["zero_input"] = (plan.lr, g.zero_input)
+    series = {f"{NAME}/loss": c.loss.tolist(), f"{NAME}/eval_step": r.eval_steps.tolist()}
+    series.update({f"{NAME}/loss/{k}": p.loss.tolist() for k, (_, p) in labelled.items() if k != "configured"})
     if classification:
-        series[f"{NAME}/batch_accuracy"] = acc[0].tolist()
-    members = []
-    for (label, c), lr in zip(labels.items(), [plan.lr] + [plan.lr * f for f in plan.probe_factors] + [plan.lr]):
-        members.append({"member": label, "lr": lr, "input_scale": 0.0 if label == "zero_input" else 1.0,
-                        "final_loss": c.final, "steps_to_target": c.steps_to_target, "diverged": c.diverged})
-    plotted = {f"configured (lr {plan.lr:.2g})": configured.loss}
-    plotted.update({k: c.loss for k, c in labels.items() if k != "configured"})
+        series[f"{NAME}/batch_accuracy"] = r.val_accuracy[0].tolist()
+    members = [{"member": k, "lr": lr, "input_scale": 0.0 if k == "zero_input" else 1.0, "final_loss": p.final,
+                "steps_to_target": p.steps_to_target, "diverged": p.diverged} for k, (lr, p) in labelled.items()]
+    plotted = {(f"configured (lr {plan.lr:.2g})" if k == "configured" else k): p.loss
+               for k, (_, p) in labelled.items()}
     plot = Plot(NAME, "Overfit one batch: loss vs step",
-                lambda path: draw(path, plan, plotted, target, configured.steps_to_target))
-    return Outcome(NAME, findings=findings, metrics=metrics, series=series, plots=[plot], members=members)
+                lambda path: draw(path, plan, plotted, target, c.steps_to_target))
+    return Outcome(NAME, findings=findings_for(g), metrics=metrics, series=series, plots=[plot], members=members)

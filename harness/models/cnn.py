@@ -6,6 +6,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from harness.errors import HarnessError
+from harness.models import width_mask
 from harness.models.common import ACTIVATIONS, INITIALIZERS, lookup
 
 
@@ -21,6 +22,7 @@ class CNN(nnx.Module):
         kernel_size: int = 3,
         activation: str = "relu",
         init: str = "he_normal",
+        active_width=None,  # capacity ladder: live channels (may be traced), see harness/models/width_mask.py
     ):
         if len(input_shape) != 3:
             raise HarnessError(
@@ -38,9 +40,13 @@ class CNN(nnx.Module):
             ]
         )
         self.head = nnx.Linear(channels[-1], num_outputs, kernel_init=nnx.initializers.lecun_normal(), rngs=rngs)
+        masked = active_width is not None
+        self.width_mask = width_mask.mask_stack(self.convs, self.head, active_width, init) if masked else None
 
     def __call__(self, x):
         for conv in self.convs:
             x = self.activation(conv(x))
+            if self.width_mask is not None:
+                x = x * self.width_mask[...]
         x = jnp.mean(x, axis=(1, 2))  # global average pool keeps the head independent of the image size
         return self.head(x)

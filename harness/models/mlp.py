@@ -10,6 +10,7 @@ import math
 import jax.numpy as jnp
 from flax import nnx
 
+from harness.models import width_mask
 from harness.models.common import ACTIVATIONS, INITIALIZERS, lookup
 
 
@@ -25,6 +26,7 @@ class MLP(nnx.Module):
         activation: str = "relu",
         init: str = "he_normal",
         dropout: float = 0.0,
+        active_width=None,  # capacity ladder: live hidden units (may be traced), see harness/models/width_mask.py
     ):
         self.activation = lookup(ACTIVATIONS, activation, "model.activation")
         kernel_init = lookup(INITIALIZERS, init, "model.init")
@@ -36,11 +38,15 @@ class MLP(nnx.Module):
         # The output layer keeps a fan-in-scaled (LeCun) init whatever the hidden init: initial logits near zero
         # give the expected initial loss -log(1/C) (Karpathy, "A Recipe for Training Neural Networks").
         self.out = nnx.Linear(sizes[-1], num_outputs, kernel_init=nnx.initializers.lecun_normal(), rngs=rngs)
+        masked = active_width is not None
+        self.width_mask = width_mask.mask_stack(self.hidden, self.out, active_width, init) if masked else None
 
     def __call__(self, x):
         x = jnp.reshape(x, (x.shape[0], -1))
         for layer in self.hidden:
             x = self.activation(layer(x))
+            if self.width_mask is not None:
+                x = x * self.width_mask[...]
             if self.dropout is not None:
                 x = self.dropout(x)
         return self.out(x)

@@ -1,13 +1,418 @@
-"""capacity (placeholder: being implemented)."""
-import dataclasses
+"""The capacity ladder: is the configured model too small for the task?
 
-from harness.checks.base import Outcome
+Seed 003: "Fit a simple, low capacity model ... then increase the model's capacity ... The loss should decrease";
+seeds 000/001: underfitting is "both train and val loss high -> increase capacity". The configured model is trained
+at a ladder of widths (the model config's ``width_key``; depths too when ``depths`` is set) for the same budget as
+the other diagnostics, and its final training and validation losses are compared with the larger rungs'.
+``train.capacity`` (warning) when a larger model reaches a lower loss on *both* the training and the validation set
+by a clear margin: the configured model underfits, and capacity, not data or optimization, is what limits it (a
+larger model that only fits the training set better is overfitting, not evidence of too little capacity). When
+even the ladder's largest rung is still improving and has not fit the training set, the finding says so. The
+margin is ``min_improvement`` of the untrained loss (5%: far above the seed-to-seed scatter of the healthy
+reference job's final losses, under 0.5% of it) and at least ``margin_std`` seed-to-seed standard deviations.
+
+The default ladder doubles up to ``max(2 x configured width, 64)`` over six rungs (8...256 for the reference
+width 128), always includes the configured width and at least one larger rung.
+
+**One program for the whole ladder.** Every width is a different program shape, so a ladder costs a compile per
+rung unless the rungs share one. The built-in models support *width masking* (:mod:`harness.models.width_mask`):
+built at the ladder's largest width with a traced number of live units and an initialization rescaled to the live
+fans, a masked rung trains like the real small model, and all rungs become members of one vmapped program. A
+member's width travels in its init seed (``seed * 4096 + width``; the model reads it back from its PRNG key), so
+the engine needs no new per-member field. Measured for the default 6-rung, 500-step ladder of the reference job
+(2 shared cores under load, ``engine.opt_level=0``): one program per rung 18 s compile + 4 s run = 22 s; masked 4.4 s
+compile + 7.8 s run = 12 s (with ``opt_level=None``: 9 s + 3.5 s); with a warm persistent compilation cache (a
+second process), 4.7 + 5.0 s per rung vs 0.9 + 7.5 s masked. Masking wastes FLOPs on the masked units (every rung
+costs the widest), which the saved compiles repay when small models run faster than they compile, as here; for
+conv models whose run time dominates, set ``masking: false``. Models without masking support train one program
+per rung (each rung's seeds are members of its program).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import weakref
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from harness.checks.base import Context, Outcome, Plot
+from harness.engine.train import Hparams, Problem, SweepResult
+from harness.errors import HarnessError
+from harness.findings import warning
+from harness.models import width_mask
+
+# A member's width is encoded in its init seed as seed * WIDTH_CODE + width, so masked widths must be below it.
+WIDTH_CODE = 4096
+SEED_RANGE = 2**20  # seeds wrap here so the code stays a uint32
+AUTO_RUNGS = 6
+AUTO_MIN_TOP = 64
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    enabled_note: str = ""
+    steps: int = 500
+    widths: tuple[int, ...] | None = None
+    width_key: str = "width"
+    depths: tuple[int, ...] | None = None
+    depth_key: str = "depth"
+    seeds_per_rung: int = 1
+    masking: bool = True
+    min_improvement: float = 0.05
+    margin_std: float = 3.0
+    fit_fraction: float = 0.5
+
+    def validate(self, key: str):
+        if self.steps < 1:
+            raise HarnessError(f"must be at least 1, got {self.steps}", key=f"{key}.steps")
+        for name in ("widths", "depths"):
+            values = getattr(self, name)
+            if values is not None and (not values or min(values) < 1):
+                raise HarnessError(f"must be a non-empty list of positive integers, got {list(values)}",
+                                   key=f"{key}.{name}")
+        if self.seeds_per_rung < 1:
+            raise HarnessError(f"must be at least 1, got {self.seeds_per_rung}", key=f"{key}.seeds_per_rung")
+        for name in ("min_improvement", "margin_std", "fit_fraction"):
+            if getattr(self, name) < 0:
+                raise HarnessError(f"must be zero or more, got {getattr(self, name)}", key=f"{key}.{name}")
 
 
-def run(ctx, settings) -> Outcome:
-    return Outcome("capacity", skipped="not implemented yet")
+# ---------------------------------------------------------------------------------------------------------------
+# The ladder.
+
+
+@dataclasses.dataclass(frozen=True)
+class Rung:
+    overrides: tuple[tuple[str, int], ...]  # model config overrides, e.g. (("width", 16),)
+    params: int
+
+    @property
+    def label(self) -> str:
+        return ",".join(f"{k}={v}" for k, v in self.overrides)
+
+    def get(self, key: str) -> int | None:
+        return dict(self.overrides).get(key)
+
+
+def ladder_widths(configured: int, widths: tuple[int, ...] | None) -> list[int]:
+    """The widths to train: ``widths`` or the default doubling ladder, plus the configured width and at least one
+    width above it (the question is whether a larger model does better)."""
+    if widths is None:
+        top = max(2 * configured, AUTO_MIN_TOP)
+        widths = tuple(max(1, top // 2**k) for k in range(AUTO_RUNGS - 1, -1, -1))
+    chosen = sorted(set(widths) | {configured})
+    if chosen[-1] <= configured:
+        chosen.append(2 * configured)
+    return chosen
+
+
+def count_params(ctx: Context, overrides: dict[str, int]) -> int:
+    """Trainable parameters of the model with ``overrides``, from shapes only (no FLOPs)."""
+    model = nnx.eval_shape(lambda: ctx.build_model(jax.random.key(0), **overrides))
+    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
+
+
+def build_rungs(ctx: Context, settings: Settings, configured: dict[str, int]) -> tuple[list[Rung], list[str]]:
+    """Rungs that build (with their parameter counts), and a note for each that does not."""
+    widths = ladder_widths(configured[settings.width_key], settings.widths)
+    depths: list[int | None] = [None]
+    if settings.depths is not None:
+        depths = sorted(set(settings.depths) | {configured[settings.depth_key]})
+    rungs, failures = [], []
+    for d in depths:
+        for w in widths:
+            overrides = {settings.width_key: w, **({settings.depth_key: d} if d is not None else {})}
+            try:
+                rungs.append(Rung(tuple(overrides.items()), count_params(ctx, overrides)))
+            except Exception as err:  # a user model may reject some sizes (e.g. heads must divide the width)
+                failures.append(f"{overrides}: {type(err).__name__}: {str(err)[:120]}")
+    return rungs, failures
+
+
+# Problems derived from the run's Problem, cached on it: a second run (or a collapsed multirun's points, which
+# share the Problem) gets the same objects, hence the same compiled programs.
+_DERIVED: "weakref.WeakKeyDictionary[Problem, dict]" = weakref.WeakKeyDictionary()
+
+
+def _derived(base: Problem, key, make) -> Problem | None:
+    cache = _DERIVED.setdefault(base, {})
+    if key not in cache:
+        cache[key] = make()
+    return cache[key]
+
+
+def rung_problem(ctx: Context, overrides: tuple[tuple[str, int], ...]) -> Problem:
+    """The model at one rung's size: its own program."""
+    base = ctx.problem
+    return _derived(base, ("rung", overrides), lambda: Problem(
+        functools.partial(ctx.build_model, **dict(overrides)), base.loss_fn, base.optim, base.classification))
+
+
+def width_from_key(key) -> jax.Array:
+    """The live width a masked ladder member was given, read back from its PRNG key (see :func:`encode`)."""
+    return jax.random.key_data(key)[..., -1] % WIDTH_CODE
+
+
+def encode(seed, width):
+    return (np.asarray(seed) % SEED_RANGE) * WIDTH_CODE + np.asarray(width)
+
+
+def _key_encodes_seed() -> bool:
+    """The masked ladder reads the seed back from the key data; true for JAX's default threefry keys."""
+    code = int(encode(5, 37))
+    return int(jax.random.key_data(jax.random.key(np.uint32(code)))[..., -1]) == code
+
+
+def masked_problem(ctx: Context, width_key: str, full_width: int, fixed: tuple[tuple[str, int], ...]
+                   ) -> Problem | None:
+    """One Problem for every width up to ``full_width`` (a width-masked model), or None when the model does not
+    support masking (see harness.models.width_mask) or widths cannot be encoded."""
+    if full_width >= WIDTH_CODE or not _key_encodes_seed():
+        return None
+    base = ctx.problem
+
+    def build(key):
+        return ctx.build_model(key, **dict(fixed), **{width_key: full_width}, active_width=width_from_key(key))
+
+    def make():
+        try:
+            model = nnx.eval_shape(lambda: build(jax.random.key(0)))
+        except TypeError:  # the factory takes no active_width (or width_mask.MaskingUnsupported)
+            return None
+        if not width_mask.is_masked(model):
+            return None
+        return Problem(build, base.loss_fn, base.optim, base.classification)
+
+    return _derived(base, ("masked", width_key, full_width, fixed), make)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training.
+
+
+@dataclasses.dataclass
+class RungResult:
+    rung: Rung
+    train_loss: np.ndarray  # (seeds,)
+    val_loss: np.ndarray
+    val_accuracy: np.ndarray | None
+    initial_loss: np.ndarray  # first minibatch loss
+
+
+def _rung_result(rung: Rung, result: SweepResult, rows) -> RungResult:
+    acc = result.val_accuracy[rows, -1] if result.val_accuracy is not None else None
+    return RungResult(rung, result.final_train_loss[rows], result.final_val_loss[rows], acc, result.loss[rows, 0])
+
+
+def train_ladder(ctx: Context, settings: Settings, rungs: list[Rung]) -> tuple[list[RungResult], dict[str, Any]]:
+    """Train every rung; masked groups (rungs that differ only in width) as one program each."""
+    spec = ctx.spec(settings.steps)
+    seeds = ctx.seed + np.arange(settings.seeds_per_rung)
+    groups: dict[tuple, list[Rung]] = {}
+    for rung in rungs:
+        fixed = tuple((k, v) for k, v in rung.overrides if k != settings.width_key)
+        groups.setdefault(fixed, []).append(rung)
+    results: dict[Rung, RungResult] = {}
+    programs, masked_groups = 0, 0
+    for fixed, group in groups.items():
+        widths = [r.get(settings.width_key) for r in group]
+        problem = masked_problem(ctx, settings.width_key, max(widths), fixed) if settings.masking else None
+        if problem is not None:
+            member_widths = np.repeat(widths, len(seeds))
+            member_seeds = np.tile(seeds, len(group))
+            hp = Hparams.make(lr=ctx.optim.lr, weight_decay=ctx.optim.weight_decay,
+                              init_seed=encode(member_seeds, member_widths), data_seed=member_seeds)
+            result = ctx.train("capacity", spec, hp, problem=problem)
+            for i, rung in enumerate(group):
+                results[rung] = _rung_result(rung, result, slice(i * len(seeds), (i + 1) * len(seeds)))
+            programs += 1
+            masked_groups += 1
+            continue
+        for rung in group:
+            hp = Hparams.make(lr=ctx.optim.lr, weight_decay=ctx.optim.weight_decay, init_seed=seeds,
+                              data_seed=seeds)
+            result = ctx.train(f"capacity/{rung.label}", spec, hp, problem=rung_problem(ctx, rung.overrides))
+            results[rung] = _rung_result(rung, result, slice(None))
+            programs += 1
+    info = {"programs": programs, "masked": masked_groups == len(groups)}
+    return [results[r] for r in rungs], info
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The verdict (host numbers in, finding out).
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    configured: RungResult
+    better: list[RungResult]  # larger rungs that beat the configured model on train and val by the margins
+    sufficient: RungResult  # the smallest rung within the margins of the ladder's best on train and val
+    reference_loss: float  # the untrained loss: the scale of the margins
+    train_margin: float
+    val_margin: float
+
+
+def mean(values) -> float:
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    return float(values.mean()) if values.size else float("nan")
+
+
+def judge(results: list[RungResult], configured: Rung, settings: Settings, noise: dict[str, Any] | None) -> Verdict:
+    by_rung = {r.rung: r for r in results}
+    cfg = by_rung[configured]
+    reference = float(np.nanmedian(np.concatenate([r.initial_loss for r in results])))
+    noise = noise or {}
+    floor = settings.min_improvement * abs(reference)
+    train_margin = max(floor, settings.margin_std * _finite_or_zero(noise.get("train_loss_std")))
+    val_margin = max(floor, settings.margin_std * _finite_or_zero(noise.get("val_loss_std")))
+    tr, va = mean(cfg.train_loss), mean(cfg.val_loss)
+    better = [r for r in results if r.rung.params > configured.params
+              and tr - mean(r.train_loss) > train_margin and va - mean(r.val_loss) > val_margin]
+    finite = [r for r in results if np.isfinite(mean(r.train_loss)) and np.isfinite(mean(r.val_loss))]
+    best_tr = min(mean(r.train_loss) for r in finite)
+    best_va = min(mean(r.val_loss) for r in finite)
+    close = [r for r in finite if mean(r.train_loss) - best_tr <= train_margin and mean(r.val_loss) - best_va <= val_margin]
+    # None within both margins (the best-fitting rung overfits): the best on validation is what suffices.
+    sufficient = min(close, key=lambda r: r.rung.params) if close else min(finite, key=lambda r: mean(r.val_loss))
+    return Verdict(cfg, better, sufficient, reference, train_margin, val_margin)
+
+
+def _finite_or_zero(x) -> float:
+    return float(x) if x is not None and np.isfinite(x) else 0.0
+
+
+def capacity_finding(v: Verdict, results: list[RungResult], settings: Settings, width_key: str):
+    if not v.better:
+        return None
+    cfg, best = v.configured, min(v.better, key=lambda r: mean(r.train_loss))
+    smallest = v.sufficient if v.sufficient in v.better else v.better[0]  # the size to recommend
+    message = (f"The configured model ({cfg.rung.label}, {cfg.rung.params:,} parameters) underfits: after "
+               f"{settings.steps} steps its training loss is {mean(cfg.train_loss):.3g} and validation loss "
+               f"{mean(cfg.val_loss):.3g}, while {smallest.rung.label} ({smallest.rung.params:,} parameters) reaches "
+               f"{mean(smallest.train_loss):.3g} and {mean(smallest.val_loss):.3g}")
+    if best is not smallest:
+        message += f" and {best.rung.label} {mean(best.train_loss):.3g} and {mean(best.val_loss):.3g}"
+    message += f" (the untrained loss is {v.reference_loss:.3g})."
+    largest = max(results, key=lambda r: r.rung.params)
+    still_high = mean(largest.train_loss) > settings.fit_fraction * v.reference_loss
+    if best is largest and still_high:
+        message += (f" Even the largest rung ({largest.rung.label}) fits only to {mean(largest.train_loss):.3g}, "
+                    f"{mean(largest.train_loss) / v.reference_loss:.0%} of the untrained loss, and is still improving.")
+    suggestion = (f"Increase the model's {width_key} to at least {v.sufficient.rung.get(width_key)} (the smallest "
+                  f"rung within the margin of the best), or add depth.")
+    if best is largest and still_high:
+        suggestion += " Try wider or deeper models than the ladder's largest."
+    evidence = {
+        "configured": cfg.rung.label, "configured_params": cfg.rung.params,
+        "configured_train_loss": mean(cfg.train_loss), "configured_val_loss": mean(cfg.val_loss),
+        "better": [r.rung.label for r in v.better], "sufficient": v.sufficient.rung.label,
+        "best": best.rung.label, "best_train_loss": mean(best.train_loss), "best_val_loss": mean(best.val_loss),
+        "untrained_loss": v.reference_loss, "train_margin": v.train_margin, "val_margin": v.val_margin,
+        "steps": settings.steps,
+    }
+    return warning("train.capacity", message, suggestion, **evidence)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The diagnostic.
+
+
+def configured_size(ctx: Context, settings: Settings) -> tuple[dict[str, int] | None, str | None]:
+    """The configured width (and depth when a depth ladder is asked for), or why the ladder cannot run."""
+    keys = ", ".join(sorted(ctx.model_config)) or "none"
+    out = {}
+    for key, needed in ((settings.width_key, "width_key"), (settings.depth_key, "depth_key")):
+        if key == settings.depth_key and settings.depths is None:
+            continue
+        value = ctx.model_config.get(key)
+        if value is None:
+            return None, (f"the model config has no '{key}' key (its keys: {keys}); set "
+                          f"diagnostics.capacity.{needed} to the key that sets the model's size")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            return None, f"model.{key} is {value!r}, not a positive integer"
+        out[key] = int(value)
+    return out, None
+
+
+def run(ctx: Context, settings: Settings) -> Outcome:
+    out = Outcome("capacity")
+    configured, why = configured_size(ctx, settings)
+    if configured is None:
+        out.skipped = why
+        return out
+    rungs, failures = build_rungs(ctx, settings, configured)
+    configured_rung = next((r for r in rungs if dict(r.overrides) == configured), None)
+    if configured_rung is None:
+        out.skipped = "the configured model could not be built for the ladder: " + "; ".join(failures[:2])
+        return out
+    results, info = train_ladder(ctx, settings, rungs)
+    finite = [r for r in results if np.isfinite(mean(r.train_loss)) and np.isfinite(mean(r.val_loss))]
+    out.metrics.update({"capacity/programs": info["programs"], "capacity/masked": info["masked"],
+                        "capacity/rungs": len(rungs)})
+    if failures:
+        out.metrics["capacity/unbuildable"] = failures
+    report_rungs(out, results, configured_rung, settings)
+    if configured_rung not in [r.rung for r in finite]:
+        out.skipped = ("the configured model's ladder runs went non-finite at the configured learning rate; "
+                       "see lr_range")
+        return out
+    verdict = judge(finite, configured_rung, settings, ctx.shared.get("seed_spread"))
+    out.metrics["capacity/sufficient"] = verdict.sufficient.rung.label
+    out.metrics[f"capacity/sufficient_{settings.width_key}"] = verdict.sufficient.rung.get(settings.width_key)
+    out.metrics["capacity/untrained_loss"] = verdict.reference_loss
+    finding = capacity_finding(verdict, finite, settings, settings.width_key)
+    if finding is not None:
+        out.findings.append(finding)
+    return out
+
+
+def report_rungs(out: Outcome, results: list[RungResult], configured: Rung, settings: Settings):
+    for r in results:
+        out.metrics[f"capacity/train_loss/{r.rung.label}"] = mean(r.train_loss)
+        out.metrics[f"capacity/val_loss/{r.rung.label}"] = mean(r.val_loss)
+        out.metrics[f"capacity/params/{r.rung.label}"] = r.rung.params
+        for i in range(len(r.train_loss)):
+            row = {**dict(r.rung.overrides), "params": r.rung.params, "seed": i,
+                   "final_train_loss": float(r.train_loss[i]), "final_val_loss": float(r.val_loss[i])}
+            if r.val_accuracy is not None:
+                row["final_val_accuracy"] = float(r.val_accuracy[i])
+            out.members.append(row)
+    ordered = sorted(results, key=lambda r: r.rung.params)
+    out.series["capacity/loss_vs_params"] = {
+        "x": [r.rung.params for r in ordered],
+        "y": [[mean(r.train_loss) for r in ordered], [mean(r.val_loss) for r in ordered]],
+        "keys": ["final train loss", "final val loss"], "xname": "parameters"}
+    out.plots.append(Plot("capacity", "Final loss vs parameter count (the capacity ladder)",
+                          lambda path: draw(path, ordered, configured, settings)))
+
+
+def draw(path: str, ordered: list[RungResult], configured: Rung, settings: Settings):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    groups: dict[tuple, list[RungResult]] = {}
+    for r in ordered:
+        groups.setdefault(tuple((k, v) for k, v in r.rung.overrides if k != settings.width_key), []).append(r)
+    for i, (fixed, rs) in enumerate(groups.items()):
+        suffix = f" ({', '.join(f'{k}={v}' for k, v in fixed)})" if fixed else ""
+        x = [r.rung.params for r in rs]
+        ax.plot(x, [mean(r.train_loss) for r in rs], "o-", color=f"C{2 * i}", label="train" + suffix)
+        ax.plot(x, [mean(r.val_loss) for r in rs], "s--", color=f"C{2 * i + 1}", label="validation" + suffix)
+        for r in rs:
+            ax.annotate(str(r.rung.get(settings.width_key)), (r.rung.params, mean(r.train_loss)),
+                        textcoords="offset points", xytext=(0, 6), ha="center", fontsize="x-small")
+    ax.axvline(configured.params, color="gray", ls=":", label=f"configured ({configured.label})")
+    ax.set_xscale("log")
+    values = [mean(v) for r in ordered for v in (r.train_loss, r.val_loss)]
+    if min(values) > 0:
+        ax.set_yscale("log")
+    ax.set_xlabel("parameters")
+    ax.set_ylabel(f"final loss after {settings.steps} steps")
+    ax.legend(fontsize="small")
+    fig.savefig(path)
+    plt.close(fig)

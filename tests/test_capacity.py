@@ -1,0 +1,216 @@
+"""The capacity ladder: width masking makes a wide model compute exactly what the narrow one does (so all rungs
+share one program), a model far too small for digits is train.capacity, the reference width is silent, models
+without masking support train one program per rung, and a second run compiles nothing."""
+
+import dataclasses
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import yaml
+from flax import nnx
+from helpers import compose, replace_group
+from reference_job import fresh
+
+from harness.checks.training import capacity
+from harness.engine import compile as programs
+from harness.errors import HarnessError
+from harness.models import width_mask
+from harness.models.cnn import CNN
+from harness.models.mlp import MLP
+from harness.pipeline import build_context
+
+STEPS = 150  # enough for the ladder's ordering to show on digits; the default budget is 500
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Width masking: exact equivalence with the narrow model.
+
+
+def live_slice_into(small, masked, live):
+    """Copy the live block of a masked MLP's parameters into an MLP of width ``live``."""
+    for i, (s, m) in enumerate(zip(small.hidden, masked.hidden)):
+        rows = slice(None) if i == 0 else slice(0, live)
+        s.kernel[...] = m.kernel[...][rows, :live]
+        s.bias[...] = m.bias[...][:live]
+    small.out.kernel[...] = masked.out.kernel[...][:live]
+    small.out.bias[...] = masked.out.bias[...]
+
+
+@jax.jit
+def masked_and_narrow(x):
+    """A masked MLP (16 units, 4 live), an MLP of width 4 holding its live block, their outputs and the masked
+    model's gradients; traced once (eager NNX dispatches hundreds of tiny ops)."""
+    masked = MLP(rngs=nnx.Rngs(0), input_shape=(6,), num_outputs=3, width=16, depth=2, active_width=jnp.int32(4))
+    small = MLP(rngs=nnx.Rngs(1), input_shape=(6,), num_outputs=3, width=4, depth=2)
+    live_slice_into(small, masked, 4)
+    grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(masked)
+    return masked(x), small(x), nnx.state(grads, nnx.Param), width_mask.is_masked(masked), width_mask.is_masked(small)
+
+
+def test_masked_mlp_computes_the_narrow_model_and_masked_units_get_no_gradient():
+    x = jax.random.normal(jax.random.key(2), (5, 6))
+    out_masked, out_small, grads, masked_flag, small_flag = masked_and_narrow(x)
+    np.testing.assert_allclose(out_masked, out_small, rtol=1e-5, atol=1e-6)
+    hidden, out = grads["hidden"], grads["out"]
+    assert np.all(hidden[0]["kernel"][...][:, 4:] == 0) and np.all(hidden[0]["bias"][...][4:] == 0)
+    assert np.all(hidden[1]["kernel"][...][4:, :] == 0) and np.all(hidden[1]["kernel"][...][:, 4:] == 0)
+    assert np.all(out["kernel"][...][4:] == 0)
+    assert np.any(hidden[1]["kernel"][...][:4, :4] != 0)  # the live block does learn
+    assert masked_flag and not small_flag
+
+
+def test_masked_cnn_masks_channels():
+    @jax.jit
+    def grads(x):
+        masked = CNN(rngs=nnx.Rngs(0), input_shape=(3, 3, 1), num_outputs=2, width=4, kernel_size=2, active_width=2)
+        return nnx.state(nnx.grad(lambda m: jnp.sum(m(x) ** 2))(masked), nnx.Param)
+
+    g = grads(jax.random.normal(jax.random.key(1), (1, 3, 3, 1)))
+    assert np.all(g["convs"][0]["kernel"][...][..., 2:] == 0) and np.all(g["convs"][1]["kernel"][...][:, :, 2:] == 0)
+    assert np.all(g["convs"][1]["kernel"][...][..., 2:] == 0) and np.any(g["convs"][1]["kernel"][...][..., :2, :2] != 0)
+    assert np.all(g["head"]["kernel"][...][2:] == 0) and np.any(g["head"]["kernel"][...][:2] != 0)
+
+
+INITS = {"he_normal": np.sqrt(2 / 64), "glorot_uniform": np.sqrt(2 / (64 + 64))}  # std of a 64x64 kernel
+
+
+@jax.jit
+def live_kernels():
+    """Per init: a 512-wide MLP with 64 live units (its live blocks) and a 64-wide MLP's input kernel."""
+    out = {}
+    for init in INITS:
+        masked = MLP(rngs=nnx.Rngs(0), input_shape=(10,), num_outputs=10, width=512, init=init, active_width=64)
+        narrow = MLP(rngs=nnx.Rngs(0), input_shape=(10,), num_outputs=10, width=64, init=init)
+        out[init] = (masked.hidden[1].kernel[...][:64, :64], masked.out.kernel[...][:64],
+                     masked.hidden[0].kernel[...][:, :64], narrow.hidden[0].kernel[...])
+    return out
+
+
+@pytest.mark.parametrize("init", INITS)
+def test_masked_init_is_distributed_like_the_narrow_model(init):
+    """Variance-scaling inits: a 64-unit live block of a 512-wide layer must have the 64-wide layer's scale."""
+    block, head, first, narrow_first = map(np.asarray, live_kernels()[init])
+    assert block.std() == pytest.approx(INITS[init], rel=0.05)
+    assert head.std() == pytest.approx(np.sqrt(1 / 64), rel=0.1)  # the LeCun head at fan-in 64
+    assert first.std() == pytest.approx(narrow_first.std(), rel=0.15)  # input layer: its fan-in is unchanged
+
+
+def test_unknown_initializer_cannot_be_masked():
+    with pytest.raises(width_mask.MaskingUnsupported):
+        width_mask.fan_mode("orthogonal")
+    assert issubclass(width_mask.MaskingUnsupported, TypeError)  # the ladder falls back to one program per rung
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The ladder and the verdict.
+
+
+def test_ladder_widths():
+    assert capacity.ladder_widths(128, None) == [8, 16, 32, 64, 128, 256]  # the reference ladder
+    assert capacity.ladder_widths(2, None) == [2, 4, 8, 16, 32, 64]
+    assert capacity.ladder_widths(3, None) == [2, 3, 4, 8, 16, 32, 64]  # the configured width is a rung
+    assert capacity.ladder_widths(64, (8, 16)) == [8, 16, 64, 128]  # and something larger always is
+
+
+@pytest.fixture(scope="module")
+def reference():
+    ctx = fresh()
+    before = programs.STATS.compiles
+    outcome = capacity.run(ctx, capacity.Settings(steps=STEPS))
+    return ctx, outcome, programs.STATS.compiles - before
+
+
+def test_reference_width_is_silent(reference):
+    _, outcome, _ = reference
+    assert outcome.skipped is None and outcome.findings == []
+    m = outcome.metrics
+    assert m["capacity/rungs"] == 6 and m["capacity/masked"] is True and m["capacity/programs"] == 1
+    assert [m[f"capacity/params/width={w}"] for w in (8, 128)] == [682, 26122]  # 64-w-w-10 with biases
+    assert m["capacity/train_loss/width=8"] > 2 * m["capacity/train_loss/width=128"]  # capacity does matter
+    assert m["capacity/train_loss/width=128"] - m["capacity/train_loss/width=256"] < 0.05 * np.log(10)
+    assert m["capacity/untrained_loss"] == pytest.approx(np.log(10), rel=0.1)
+    assert len(outcome.members) == 6 and outcome.plots[0].name == "capacity"
+
+
+def test_the_default_ladder_is_one_program(reference):
+    _, _, compiles = reference
+    assert compiles == 1
+
+
+@pytest.fixture(scope="module")
+def too_small():
+    """Planted bug: width 2 on digits (64-2-2-10)."""
+    tiny = fresh(model_config={**fresh().model_config, "width": 2})
+    return tiny, capacity.run(tiny, capacity.Settings(steps=STEPS))
+
+
+def test_a_model_far_too_small_is_train_capacity(too_small):
+    _, outcome = too_small
+    [finding] = outcome.findings
+    assert finding.id == "train.capacity" and finding.severity.value == "warning"
+    assert finding.evidence["configured"] == "width=2" and finding.evidence["configured_params"] == 166
+    assert finding.evidence["configured_train_loss"] > 0.5 * np.log(10)
+    assert finding.evidence["best_train_loss"] < 0.3 and "width=64" in finding.evidence["better"]
+    assert "underfits" in finding.message and "Increase the model's width" in finding.suggestion
+    assert outcome.metrics["capacity/programs"] == 1  # widths 2...64 masked at 64
+
+
+def test_a_second_run_compiles_nothing(too_small):
+    ctx, first = too_small
+    before = programs.STATS.compiles
+    again = capacity.run(fresh(ctx), capacity.Settings(steps=STEPS))  # fresh memo: really trains again
+    assert programs.STATS.compiles == before
+    assert [f.id for f in again.findings] == ["train.capacity"]
+    assert again.metrics == first.metrics  # reruns of one program are bitwise identical
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A user model without masking support: one program per rung.
+
+
+class PlainMLP(nnx.Module):
+    """A user model with a width and no ``active_width``."""
+
+    def __init__(self, *, rngs, input_shape, num_outputs, width=8):
+        self.hidden = nnx.Linear(int(np.prod(input_shape)), width, rngs=rngs)
+        self.out = nnx.Linear(width, num_outputs, rngs=rngs)
+
+    def __call__(self, x):
+        return self.out(jax.nn.relu(self.hidden(x)))
+
+
+def test_models_without_masking_train_one_program_per_rung():
+    rc = compose([*replace_group("model", "test_capacity.PlainMLP", width=8),
+                  *replace_group("data", "helpers.tiny_classification"), "logger=none"])
+    ctx = build_context(rc)
+    before = programs.STATS.compiles
+    outcome = capacity.run(ctx, capacity.Settings(steps=40, widths=(16,)))
+    assert programs.STATS.compiles - before == 2
+    m = outcome.metrics
+    assert m["capacity/masked"] is False and m["capacity/programs"] == 2 and m["capacity/rungs"] == 2
+    assert np.isfinite(m["capacity/train_loss/width=8"]) and np.isfinite(m["capacity/train_loss/width=16"])
+
+
+def test_a_model_without_the_width_key_is_skipped_with_the_reason():
+    ctx = types.SimpleNamespace(model_config={"hidden": 3, "layers": 2})
+    outcome = capacity.run(ctx, capacity.Settings())
+    assert "no 'width' key (its keys: hidden, layers)" in outcome.skipped
+    assert "diagnostics.capacity.width_key" in outcome.skipped
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config.
+
+
+def test_config_file_lists_exactly_the_settings():
+    from harness.config import config_dir
+
+    with open(f"{config_dir()}/diagnostics/capacity/default.yaml") as f:
+        assert set(yaml.safe_load(f)) == {f.name for f in dataclasses.fields(capacity.Settings)}
+    rc = compose(["diagnostics.capacity.widths=[4,8]", "diagnostics.capacity.steps=20"])
+    assert rc.settings["capacity"].widths == (4, 8) and rc.settings["capacity"].steps == 20
+    with pytest.raises(HarnessError, match="diagnostics.capacity.widths"):
+        compose(["diagnostics.capacity.widths=[0,8]"])

@@ -214,3 +214,23 @@ def test_config_file_lists_exactly_the_settings():
     assert rc.settings["capacity"].widths == (4, 8) and rc.settings["capacity"].steps == 20
     with pytest.raises(HarnessError, match="diagnostics.capacity.widths"):
         compose(["diagnostics.capacity.widths=[0,8]"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A collapsed multirun: points share the derived ladder Problem, so their requests merge into one program call.
+
+
+def test_collapsed_sweep_points_merge_their_ladders_and_stay_deterministic():
+    from harness.sweeps import collapse
+
+    tiny = [*replace_group("data", "helpers.tiny_classification"), "model.width=8", "model.depth=1", "logger=none",
+            "diagnostics.run=[seeds,controls,capacity]", "diagnostics.seeds.steps=30",
+            "diagnostics.controls.steps=30", "diagnostics.capacity.steps=30", "diagnostics.capacity.widths=[4,16]"]
+    rcs = [compose([*tiny, f"optim.lr={lr}"]) for lr in (1e-2, 3e-2)]
+    results, trainer = collapse.run_points(rcs)
+    # seeds, the determinism rerun, controls, capacity: each one call for both points (run in threads).
+    assert trainer.requests == 8 and trainer.merged_calls == 4
+    for result in results:
+        by_name = {o.name: o for o in result.outcomes}
+        assert by_name["seeds"].metrics["seeds/determinism/deterministic"] is True  # like with like, merged
+        assert by_name["capacity"].metrics["capacity/rungs"] == 3

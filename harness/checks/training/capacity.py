@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import threading
 import weakref
 from typing import Any
 
@@ -41,6 +42,7 @@ import numpy as np
 from flax import nnx
 
 from harness.checks.base import Context, Outcome, Plot
+from harness.checks.training.seeds import headline_first
 from harness.engine.train import Hparams, Problem, SweepResult
 from harness.errors import HarnessError
 from harness.findings import warning
@@ -134,15 +136,18 @@ def build_rungs(ctx: Context, settings: Settings, configured: dict[str, int]) ->
 
 
 # Problems derived from the run's Problem, cached on it: a second run (or a collapsed multirun's points, which
-# share the Problem) gets the same objects, hence the same compiled programs.
+# share the Problem) gets the same objects, hence the same compiled programs and merged requests. Locked: a
+# collapsed multirun's points call this from their threads at the same time.
 _DERIVED: "weakref.WeakKeyDictionary[Problem, dict]" = weakref.WeakKeyDictionary()
+_DERIVED_LOCK = threading.Lock()
 
 
 def _derived(base: Problem, key, make) -> Problem | None:
-    cache = _DERIVED.setdefault(base, {})
-    if key not in cache:
-        cache[key] = make()
-    return cache[key]
+    with _DERIVED_LOCK:
+        cache = _DERIVED.setdefault(base, {})
+        if key not in cache:
+            cache[key] = make()
+        return cache[key]
 
 
 def rung_problem(ctx: Context, overrides: tuple[tuple[str, int], ...]) -> Problem:
@@ -352,8 +357,8 @@ def run(ctx: Context, settings: Settings) -> Outcome:
         return out
     results, info = train_ladder(ctx, settings, rungs)
     finite = [r for r in results if np.isfinite(mean(r.train_loss)) and np.isfinite(mean(r.val_loss))]
-    out.metrics.update({"capacity/programs": info["programs"], "capacity/masked": info["masked"],
-                        "capacity/rungs": len(rungs)})
+    out.metrics.update({"capacity/configured": configured_rung.label, "capacity/programs": info["programs"],
+                        "capacity/masked": info["masked"], "capacity/rungs": len(rungs)})
     if failures:
         out.metrics["capacity/unbuildable"] = failures
     report_rungs(out, results, configured_rung, settings)
@@ -368,6 +373,8 @@ def run(ctx: Context, settings: Settings) -> Outcome:
     finding = capacity_finding(verdict, finite, settings, settings.width_key)
     if finding is not None:
         out.findings.append(finding)
+    out.metrics = headline_first(out.metrics, ("capacity/configured", "capacity/sufficient", "capacity/rungs",
+                                               "capacity/programs"))
     return out
 
 

@@ -238,6 +238,9 @@ def run(ctx: Context, settings: Settings) -> Outcome:
                                    "keys": [f"{LABELS[g]} #{i}" for i, g in enumerate(groups)]}
     out.plots.append(Plot("controls", "Real data vs constant inputs vs shuffled labels",
                           lambda path: draw(path, real, result.loss[:rows], kinds, comparisons)))
+    out.metrics = seeds.headline_first(out.metrics, (
+        "controls/signal", "controls/val_loss/real", "controls/val_loss/constant_input",
+        "controls/val_loss/shuffled_labels"))
     return out
 
 

@@ -224,7 +224,14 @@ def run(ctx: Context, settings: Settings) -> Outcome:
         out.metrics.update({f"seeds/determinism/{k}": v for k, v in verdict.items()})
     out.plots.append(Plot("seed_curves", "Training loss per seed (dashed: the rerun)",
                           lambda path: draw_curves(path, first, rerun, seeds, noise)))
+    out.metrics = headline_first(out.metrics, ("seeds/val_loss_mean", "seeds/val_loss_std",
+                                               "seeds/determinism/deterministic", "seeds/num_seeds"))
     return out
+
+
+def headline_first(metrics: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """The same metrics with ``keys`` first: the report's summary shows a diagnostic's first few."""
+    return {**{k: metrics[k] for k in keys if k in metrics}, **metrics}
 
 
 def check_determinism(ctx: Context, settings: Settings, first: SweepResult) -> tuple[dict[str, Any], SweepResult]:

@@ -11,6 +11,8 @@ our own ramp. Then ONE vmapped program per job trains, for ``--steps`` steps wit
 size and ``--train-seeds`` seeds each: every suggestion, and a fine grid of ``--fine`` LRs log-spaced over the
 range. A rule's score is the mean-over-seeds validation loss at its LR divided by the best fine-grid LR's
 (1.00 = as good as the best LR in hindsight), averaged over ramp seeds; the worst ramp seed is shown too.
+``noise`` is the relative standard error of a seed-mean validation loss near the optimum: score differences
+smaller than that are seed luck.
 """
 
 from __future__ import annotations
@@ -99,19 +101,22 @@ def evaluate_job(name, overrides, args):
     mean_val = np.where(np.isfinite(val).all(axis=1), val.mean(axis=1), np.inf)
     best_i = int(np.argmin(mean_val[: len(fine)]))
     best = mean_val[best_i]
+    # How much a 3-seed mean moves by seed luck near the optimum: the relative standard error at the 8 best LRs.
+    near = np.argsort(mean_val[: len(fine)])[:8]
+    noise = float(np.median(val[near].std(axis=1, ddof=1) / np.sqrt(val.shape[1]) / mean_val[near]))
     scores = mean_val[len(fine):].reshape(args.ramp_seeds, len(rules)) / best
     for s in range(args.ramp_seeds):
         for j, r in enumerate(rules):
             if per_seed[s].get(r) is None:
                 scores[s, j] = np.inf
     t_train = time.perf_counter() - t1
-    return dict(name=name, best_lr=float(fine[best_i]), best=float(best), rules=rules, scores=scores,
+    return dict(name=name, best_lr=float(fine[best_i]), best=float(best), noise=noise, rules=rules, scores=scores,
                 lrs={r: [per_seed[s].get(r) for s in range(args.ramp_seeds)] for r in rules},
                 seconds=(t_range, t_train))
 
 
 def print_table(rows, columns, file=None):
-    head = f"{'job':<14}{'best lr':>9}{'best loss':>10}" + "".join(f"{c:>19}" for c in columns)
+    head = f"{'job':<14}{'best lr':>9}{'best loss':>10}{'noise':>7}" + "".join(f"{c:>19}" for c in columns)
     print(head, file=file)
     for row in rows:
         cells = []
@@ -119,7 +124,8 @@ def print_table(rows, columns, file=None):
             j = row["rules"].index(c)
             mean, worst = np.mean(row["scores"][:, j]), np.max(row["scores"][:, j])
             cells.append(f"{mean:7.2f}x (max {worst:5.2f})" if np.isfinite(mean) else f"{'failed':>19}")
-        print(f"{row['name']:<14}{row['best_lr']:9.2g}{row['best']:10.4f}" + "".join(f"{c:>19}" for c in cells),
+        print(f"{row['name']:<14}{row['best_lr']:9.2g}{row['best']:10.4f}{row['noise']:6.0%} "
+              + "".join(f"{c:>19}" for c in cells),
               file=file)
 
 

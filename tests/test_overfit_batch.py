@@ -203,6 +203,7 @@ def test_lr_far_too_high_fails_and_names_the_lr(digits_ctx):
     assert f.severity.value == "error"
     assert f.evidence["causes"][0].startswith("the learning rate is too high")
     assert f.evidence["probe_lower_lr"]["factor"] < 1
+    assert f"optim.lr to about {f.evidence['probe_lower_lr']['lr']:.3g}" in f.suggestion
 
 
 def test_lr_far_too_low_is_flat_and_names_the_lr(digits_ctx):

@@ -505,6 +505,6 @@ def run(ctx, settings: Settings) -> Outcome:
         f"{NAME}/grid_val_loss": result.final_val_loss[grid].tolist(),
         f"{NAME}/configured_loss": result.loss[plan.configured_row].tolist(),
     }
-    plot = Plot(f"{NAME}", "LR range test: loss vs learning rate",
+    plot = Plot("loss_vs_lr", "LR range test: loss vs learning rate",
                 lambda path: draw(path, reading, ramp, verdict, suggestion))
     return Outcome(NAME, findings=findings, metrics=metrics, series=series, plots=[plot], members=members)

@@ -434,6 +434,21 @@ def _lr_evidence(probe: dict) -> str:
                else f"reached loss {probe['final_loss']:.3g}"))
 
 
+def _fix_for(first_cause: str, g: Reading) -> str:
+    """The concrete fix for the most likely cause (the LR a probe proved, when one did)."""
+    if first_cause.startswith("the learning rate is too high") and g.lower:
+        return f"Set optim.lr to about {g.lower['lr']:.3g} ({g.lower['factor']:g}x), which did much better."
+    if first_cause.startswith("the learning rate is too low") and g.higher:
+        return f"Set optim.lr to about {g.higher['lr']:.3g} ({g.higher['factor']:g}x), which did much better."
+    if first_cause.startswith("no gradient"):
+        return "Find where the gradient stops: look for stop_gradient, detached arrays or a zero-initialized layer."
+    if "ignores its input" in first_cause:
+        return "Check that the model's forward pass uses its input (a variable overwritten, a wrong argument)."
+    if "sign is flipped" in first_cause:
+        return "Negate the loss back so that lower is better."
+    return "Fix the first cause."
+
+
 def findings_for(g: Reading) -> list:
     c, evidence, findings = g.configured, g.evidence(), []
     if g.flipped:
@@ -484,7 +499,7 @@ def findings_for(g: Reading) -> list:
             f"the model could not memorize one batch of {g.batch_size} examples in {g.steps} steps with "
             f"regularization off: {seen}{acc_text}; target {g.target:.3g}. Likely causes, most likely first: "
             + "; ".join(f"({i + 1}) {cause}" for i, cause in enumerate(causes)) + ".",
-            "Fix the first cause; a model that cannot memorize one batch will not learn the data set. Re-run "
+            _fix_for(causes[0], g) + " A model that cannot memorize one batch will not learn the data set; re-run "
             "`harness diagnostics.run=[overfit_batch]` after each change.",
             **evidence, failure=g.shape, causes=causes, probe_higher_lr=g.higher, probe_lower_lr=g.lower,
             zero_input_final_loss=g.zero_input.final))
@@ -531,6 +546,6 @@ def run(ctx, settings: Settings) -> Outcome:
                 "steps_to_target": p.steps_to_target, "diverged": p.diverged} for k, (lr, p) in labelled.items()]
     plotted = {(f"configured (lr {plan.lr:.2g})" if k == "configured" else k): p.loss
                for k, (_, p) in labelled.items()}
-    plot = Plot(NAME, "Overfit one batch: loss vs step",
+    plot = Plot("loss_curve", "Overfit one batch: loss vs step",
                 lambda path: draw(path, plan, plotted, target, c.steps_to_target))
     return Outcome(NAME, findings=findings_for(g), metrics=metrics, series=series, plots=[plot], members=members)

@@ -115,6 +115,20 @@ def test_ladder_widths():
     assert capacity.ladder_widths(64, (8, 16)) == [8, 16, 64, 128]  # and something larger always is
 
 
+def test_a_depth_ladder_crosses_widths_and_depths():
+    """Parameter counts from shapes only (no training): 64-w-...-w-10 with ``depth`` hidden layers."""
+    settings = capacity.Settings(widths=(8, 32), depths=(1, 3))
+    rungs, failures = capacity.build_rungs(fresh(), settings, {"width": 128, "depth": 2})
+    assert failures == []
+    assert [r.label for r in rungs][:3] == ["width=8,depth=1", "width=32,depth=1", "width=128,depth=1"]
+    assert len(rungs) == 4 * 3  # widths 8, 32, 128 (configured), 256 (one above) x depths 1, 2 (configured), 3
+
+    def params(w, d):
+        return 64 * w + w + (d - 1) * (w * w + w) + 10 * w + 10
+
+    assert all(r.params == params(r.get("width"), r.get("depth")) for r in rungs)
+
+
 @pytest.fixture(scope="module")
 def reference():
     ctx = fresh()
@@ -220,17 +234,16 @@ def test_config_file_lists_exactly_the_settings():
 # A collapsed multirun: points share the derived ladder Problem, so their requests merge into one program call.
 
 
-def test_collapsed_sweep_points_merge_their_ladders_and_stay_deterministic():
+def test_collapsed_sweep_points_merge_their_ladders():
     from harness.sweeps import collapse
 
     tiny = [*replace_group("data", "helpers.tiny_classification"), "model.width=8", "model.depth=1", "logger=none",
-            "diagnostics.run=[seeds,controls,capacity]", "diagnostics.seeds.steps=30",
-            "diagnostics.controls.steps=30", "diagnostics.capacity.steps=30", "diagnostics.capacity.widths=[4,16]"]
+            "diagnostics.run=[capacity]", "diagnostics.capacity.steps=30", "diagnostics.capacity.widths=[4,16]"]
     rcs = [compose([*tiny, f"optim.lr={lr}"]) for lr in (1e-2, 3e-2)]
+    before = programs.STATS.compiles
     results, trainer = collapse.run_points(rcs)
-    # seeds, the determinism rerun, controls, capacity: each one call for both points (run in threads).
-    assert trainer.requests == 8 and trainer.merged_calls == 4
-    for result in results:
-        by_name = {o.name: o for o in result.outcomes}
-        assert by_name["seeds"].metrics["seeds/determinism/deterministic"] is True  # like with like, merged
-        assert by_name["capacity"].metrics["capacity/rungs"] == 3
+    assert trainer.requests == 2 and trainer.merged_calls == 1  # both points' ladders: one call, one program
+    assert programs.STATS.compiles - before == 1
+    rows = [r.outcomes[0].metrics for r in results]
+    assert [m["capacity/rungs"] for m in rows] == [3, 3]
+    assert rows[0]["capacity/train_loss/width=16"] != rows[1]["capacity/train_loss/width=16"]  # each its own lr

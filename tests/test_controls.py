@@ -163,6 +163,7 @@ def test_config_file_lists_exactly_the_settings():
         compose(["diagnostics.controls.margin_fraction=1.5"])
 
 
+@pytest.mark.slow
 def test_controls_run_alone_from_the_command_line_and_wine_is_silent(tmp_path):
     proc = run_cli(["data=wine", "diagnostics.run=[controls]", f"diagnostics.controls.steps={STEPS}", "logger=none"],
                    str(tmp_path))

@@ -44,23 +44,28 @@ def _signature(args) -> Any:
     )
 
 
-def compiled(name: str, fn: Callable, *args, static_key: Any = None, opt_level: int | None = None):
+def compiled(name: str, fn: Callable, *args, static_key: Any = None, opt_level: int | None = None,
+             options: dict[str, Any] | None = None):
     """The compiled executable of ``jax.jit(fn)`` for these arguments, from cache when the shapes were seen before.
 
     ``static_key`` must identify everything ``fn`` closes over that changes its program (a frozen spec).
     ``opt_level`` sets XLA's backend optimization level: 0 compiles several times faster and runs slower, the
     right trade for short diagnostics on a CPU (see ../shared/ECOSYSTEM.md); None keeps XLA's default.
+    ``options``: further XLA compile options (``DebugOptions`` fields, e.g. ``xla_cpu_use_fusion_emitters``),
+    part of the cache key.
     """
     # The name is only a label for the statistics: two diagnostics that build the same program share it.
-    key = (static_key, opt_level, _signature(args))
+    key = (static_key, opt_level, tuple(sorted((options or {}).items())), _signature(args))
     with _LOCK:
-        return _CACHE.get(key) or _compile(name, fn, args, key, opt_level)
+        return _CACHE.get(key) or _compile(name, fn, args, key, opt_level, options)
 
 
-def _compile(name, fn, args, key, opt_level):
+def _compile(name, fn, args, key, opt_level, extra_options=None):
     start = time.perf_counter()
     lowered = jax.jit(fn).lower(*args)
     options = {"xla_backend_optimization_level": opt_level} if opt_level is not None else None
+    if extra_options:
+        options = {**(options or {}), **extra_options}
     exe = lowered.compile(options) if options else lowered.compile()
     elapsed = time.perf_counter() - start
     STATS.compiles += 1
@@ -77,9 +82,10 @@ def last_executable(name: str):
     return _LAST_BY_NAME.get(name)
 
 
-def run(name: str, fn: Callable, *args, static_key: Any = None, opt_level: int | None = None):
+def run(name: str, fn: Callable, *args, static_key: Any = None, opt_level: int | None = None,
+        options: dict[str, Any] | None = None):
     """Compile (or reuse) and execute, blocking until the result is ready so the timing is honest."""
-    exe = compiled(name, fn, *args, static_key=static_key, opt_level=opt_level)
+    exe = compiled(name, fn, *args, static_key=static_key, opt_level=opt_level, options=options)
     start = time.perf_counter()
     out = jax.block_until_ready(exe(*args))
     elapsed = time.perf_counter() - start

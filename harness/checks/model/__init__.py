@@ -1,13 +1,137 @@
-"""Model checks (placeholder: being implemented)."""
-import dataclasses
+"""The model stage of the checklist: is the model sound at init, before any training?
 
-from harness.checks.base import Outcome
+Seed 001's "Level 2: Model Debugging" (forward pass, parameter count, gradient flow, gradient checking), seed 003's
+model section (initial loss, batch dependence, gradient norms per layer, intermediate values) and Karpathy's "A
+Recipe for Training Neural Networks" (2019: "verify loss @ init", "init well", "use backprop to chart
+dependencies"). All of it on one small batch of training examples, at ``init_seeds`` inits (the ones the
+training stages train), in two compiled programs (:mod:`.programs`): everything at init vmapped over inits, and
+the float64 gradient check. Families of checks, one module each:
+
+* :mod:`.forward` -- ``model.forward``, ``model.output_range``, ``model.initial_loss``
+* :mod:`.gradients` -- parameter counts, ``model.gradient_flow`` (zero, non-finite and vanishing gradients)
+* :mod:`.gradient_check` -- ``model.gradient_check`` (analytic vs numerical directional derivatives)
+* :mod:`.batch_dependence` -- ``model.batch_dependence``
+* :mod:`.units` -- ``model.dead_units``, ``model.saturated_units`` (activations recorded by :mod:`.capture`)
+
+Everything that judges gradients or outputs runs the model in eval mode (dropout off, BatchNorm on running
+statistics: deterministic and per-example); activation statistics come from a train-mode forward pass, as the
+units are during training. Thresholds are :class:`Settings` (``diagnostics.model.*``), each justified where it is
+used and measured silent on the healthy builtins.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from harness.checks.base import Context, Outcome, Plot
+from harness.checks.model import batch_dependence, forward, gradient_check, gradients, programs, units
+from harness.checks.model.settings import NAME, Settings
+from harness.findings import info
+
+__all__ = ["Settings", "run"]
 
 
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    enabled_note: str = ""
+def sample_batch(ctx: Context, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed random sample of training examples (data sorted by class must not give a one-class batch)."""
+    x, y = ctx.arrays.x_train, ctx.arrays.y_train
+    n = min(size, len(x))
+    index = np.sort(np.random.default_rng(ctx.seed).choice(len(x), n, replace=False))
+    return np.asarray(x[index]), np.asarray(y[index])
 
 
-def run(ctx, settings) -> Outcome:
-    return Outcome("model", skipped="not implemented yet")
+def run(ctx: Context, settings: Settings) -> Outcome:
+    outcome = Outcome(NAME)
+    problem = ctx.problem
+    x, y = sample_batch(ctx, settings.batch_size)
+    batch = len(x)
+
+    train_def, eval_def = problem.graphdefs(regularization=True)
+    probe = programs.probe(problem, eval_def, train_def, x, y)
+    shapes = probe.parameters
+    metrics, series = gradients.parameter_outputs(gradients.parameter_table(shapes))
+    outcome.metrics.update(metrics)
+    outcome.series.update(series)
+    outcome.findings += forward.probe_findings(probe, batch, ctx.dataset.num_outputs, ctx.dataset.classification)
+    if outcome.findings:
+        return outcome  # nothing else can be computed from a model that does not run
+    if not shapes:
+        outcome.findings.append(gradients.no_parameters_finding())
+        return outcome
+
+    rows = batch_dependence.checked_rows(batch, settings.batch_dependence_rows)
+    thresholds = dict(perturbation_scale=settings.perturbation_scale, saturation_level=settings.saturation_level,
+                      saturated_example_fraction=settings.saturated_example_fraction)
+    def statistics(with_capture: bool):
+        return programs.init_statistics(problem, eval_def, train_def, x, y, seed=ctx.seed,
+                                        init_seeds=settings.init_seeds, rows=rows, thresholds=thresholds,
+                                        opt_level=ctx.engine.opt_level, with_capture=with_capture)
+
+    try:
+        stats, (params0, rest0) = statistics(with_capture=True)
+    except Exception as err:  # the model ran in the probe: recording its activations is what failed
+        stats, (params0, rest0) = statistics(with_capture=False)
+        outcome.findings.append(info(
+            f"{NAME}.dead_units",
+            f"Activation statistics were not collected: recording the activations raised {type(err).__name__}: "
+            f"{forward.first_line(err)}. The other model checks ran.",
+            "Report this with your model's code; dead and saturated units are not checked for this model.",
+            exception=type(err).__name__,
+        ))
+
+    nonfinite = forward.finite_findings(stats.outputs, stats.losses)
+    outcome.findings += nonfinite
+    if nonfinite:
+        return outcome
+
+    found, m = forward.initial_loss_findings(stats.losses, problem.loss_fn, ctx.dataset.num_classes, y,
+                                             ctx.arrays.y_train, settings)
+    outcome.findings += found
+    outcome.metrics.update(m)
+    found, m = forward.output_range_findings(stats.outputs, ctx.loss_name, ctx.dataset.classification, settings)
+    outcome.findings += found
+    outcome.metrics.update(m)
+
+    layers = units.layer_table(stats.units, stats.input_spread)
+    dead_layers = [r["layer"] for r in layers if r["dead_everywhere"]]
+    found, m = gradients.judge(stats, settings, dead_layers)
+    outcome.findings += found
+    outcome.metrics.update(m)
+    grad_median = {p: float(np.median(v)) for p, v in stats.grad_norm.items()}
+    zero = {p for p in stats.grad_zero if np.all(stats.grad_zero[p])}
+    bad = {p for p in stats.grad_finite if not np.all(stats.grad_finite[p])}
+    outcome.plots.append(Plot("grad_norms", "Gradient norm per parameter at init",
+                              lambda path: gradients.draw(path, grad_median, zero, bad)))
+    outcome.series[f"{NAME}/grad_norm"] = {"x": list(range(len(grad_median))), "y": list(grad_median.values()),
+                                           "keys": ["grad_norm"], "xname": "parameter",
+                                           "labels": list(grad_median)}
+
+    found, m = batch_dependence.judge(stats.own_gradient, stats.cross_gradient, stats.leaking_examples, rows, batch,
+                                      settings)
+    outcome.findings += found
+    outcome.metrics.update(m)
+
+    outcome.findings += units.judge(layers, settings, settings.init_seeds)
+    outcome.metrics.update(units.metrics(layers))
+    if layers:
+        outcome.series[f"{NAME}/activations"] = {
+            "columns": ["layer", "function", "units", "dead_fraction", "saturated_fraction", "spread_ratio"],
+            "rows": [[r["layer"], r["function"], r["units"], _finite(r["dead_fraction"]),
+                      _finite(r["saturated_fraction"]), _finite(r["spread_ratio"])] for r in layers],
+        }
+        outcome.plots.append(Plot("activations", "Activation statistics per layer at init",
+                                  lambda path: units.draw(path, layers)))
+
+    if settings.gradient_check and not bad:
+        n = min(settings.gradient_check_examples, batch)
+        result = gradient_check.run_check(problem, eval_def, params0, rest0, x, y, seed=ctx.seed, settings=settings,
+                                          opt_level=ctx.engine.opt_level)
+        found, m = gradient_check.judge(result, settings, n)
+        outcome.findings += found
+        outcome.metrics.update(m)
+    return outcome
+
+
+def _finite(value: float) -> float | None:
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None

@@ -1,0 +1,74 @@
+"""Batch dependence: does an example's output depend on the other examples of the batch?
+
+Karpathy, "A Recipe for Training Neural Networks" (2019), "use backprop to chart dependencies", and seed 003: set
+the loss to (a projection of) one example's output, back-propagate to the inputs, and check that only that
+example's input gets a gradient. A ``reshape`` where a ``transpose`` was meant, a softmax or mean over the batch
+axis, or a norm over the wrong axis mixes examples: the model then learns from its batch-mates and behaves
+differently at batch size 1.
+
+The model runs in eval mode (``model.eval()``): dropout off and BatchNorm on its running statistics. A BatchNorm in
+train mode legitimately couples the examples of a batch (seed 003: "remove layers that do some batch-wise
+normalization ... it is not a bug"); in eval mode it is a per-example affine map, so any remaining dependence is
+a bug. The test is exact: without mixing, a zero cotangent on row ``j`` gives an exactly zero gradient there
+(``batch_dependence_tolerance`` only absorbs arithmetic that is not bitwise exact).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from harness.checks.model.settings import NAME, Settings
+from harness.checks.model.noise import hash_uniform
+from harness.findings import Finding, error
+
+
+def gradients_across_batch(forward_fn, x, rows, cotangent_seed):
+    """For each checked row ``i``: max |d (c . out_i) / d x_i|, max over ``j != i`` of |d (c . out_i) / d x_j|,
+    and how many other examples ``j`` get a nonzero gradient (``c`` a random projection of the outputs, so no
+    dependence can cancel out in a plain sum)."""
+    out, pullback = jax.vjp(forward_fn, x)
+    n = x.shape[0]
+    cotangents = hash_uniform((rows.shape[0],) + out.shape[1:], cotangent_seed, 0xBA7C).astype(out.dtype)
+
+    def one(i, c):
+        (gx,) = pullback(jnp.zeros_like(out).at[i].set(c))
+        per_example = jnp.max(jnp.abs(gx.reshape(n, -1)), axis=1)
+        others = jnp.arange(n) != i
+        return (per_example[i], jnp.max(jnp.where(others, per_example, 0.0)),
+                jnp.sum(others & (per_example > 0)))
+
+    return jax.vmap(one)(rows, cotangents)
+
+
+def checked_rows(batch: int, count: int) -> np.ndarray:
+    """Rows spread over the batch, first and last included (a mixing bug may spare some rows)."""
+    return np.unique(np.linspace(0, batch - 1, min(count, batch)).round().astype(np.int32))
+
+
+def judge(own: np.ndarray, cross: np.ndarray, leaking: np.ndarray, rows: np.ndarray, batch: int,
+          settings: Settings) -> tuple[list[Finding], dict[str, Any]]:
+    own, cross = np.asarray(own, np.float64), np.asarray(cross, np.float64)
+    if not (np.all(np.isfinite(own)) and np.all(np.isfinite(cross))):
+        return [], {}  # non-finite gradients are model.gradient_flow's finding
+    scale = float(own.max())
+    leak = float(cross.max())
+    metrics = {f"{NAME}/batch_dependence/cross_gradient": leak, f"{NAME}/batch_dependence/own_gradient": scale}
+    if leak == 0 or leak <= settings.batch_dependence_tolerance * scale:
+        return [], metrics
+    ratio = leak / scale if scale > 0 else float("inf")
+    worst = int(np.argmax(cross))
+    return [error(
+        f"{NAME}.batch_dependence",
+        f"Examples are mixed across the batch: the output of example {int(rows[worst])} has a nonzero gradient "
+        f"w.r.t. the inputs of {int(leaking[worst])} other examples of the batch of {batch} (largest cross-example "
+        f"gradient {leak:.3g}, {ratio:.3g}x its own input's), with the model in eval mode.",
+        "An operation mixes the batch axis: a reshape where a transpose/swapaxes was meant, a softmax, mean, sum or "
+        "norm over axis 0 instead of the feature axis, or a layer that normalizes over the batch in eval mode. "
+        "(BatchNorm in train mode couples examples by design; this check runs in eval mode so it is not flagged.)",
+        rows_checked=rows.tolist(), other_examples_affected=leaking.tolist(), cross_gradient=cross.tolist(),
+        own_gradient=own.tolist(), mode="eval", tolerance=settings.batch_dependence_tolerance,
+    )], metrics

@@ -1,0 +1,193 @@
+"""The model stage's compiled programs: two per model, whatever the number of checks.
+
+* :func:`probe` -- an abstract trace (``jax.eval_shape``: no compile, no FLOPs) of the forward pass, the loss and
+  the backward pass, staged so an exception is attributed to the step that raised it, and so the shapes are known
+  before anything is compiled.
+* :func:`init_statistics` -- one vmapped program over ``init_seeds`` initializations: the forward pass in eval mode
+  (outputs, per-example losses), gradients at the init and at a slightly perturbed init, per-parameter norms, the
+  activation statistics of a train-mode forward pass (:mod:`.capture`, :mod:`.units`), and, for the first init,
+  the gradient of single examples' outputs w.r.t. the whole batch's inputs (:mod:`.batch_dependence`).
+* :func:`gradient_check` -- the numerical gradient check in float64 (:mod:`.gradient_check`).
+
+Thresholds and step sizes are traced arguments, so changing a setting never recompiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from harness.checks.model import batch_dependence, capture, units
+from harness.checks.model.noise import floating, perturb
+from harness.engine import compile as programs
+from harness.engine.train import Problem
+
+
+def compile_options() -> dict | None:
+    """XLA options for the model stage's programs. On CPU, the legacy elemental emitter instead of the newer
+    fusion emitters: the init program compiled in 0.7 s instead of 1.9 s of CPU time here and ran faster too
+    (20 vs 30 ms); these programs are compiled once per model and run once, so compile time is their cost."""
+    return {"xla_cpu_use_fusion_emitters": False} if jax.default_backend() == "cpu" else None
+
+
+def path_name(path) -> str:
+    return "/".join(str(getattr(p, "key", p)) for p in path)
+
+
+def flat_arrays(state) -> dict[str, Any]:
+    """``{"hidden/0/kernel": array}`` from an nnx State of parameters (paths as ``nnx.to_flat_state`` gives them)."""
+    flat = {}
+    for path, leaf in nnx.to_flat_state(state):
+        flat[path_name(path)] = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+    return flat
+
+
+def fresh(state):
+    """A copy of ``state`` whose Variables belong to the current trace level: merging the outer level's Variables
+    inside ``grad`` fails when a layer updates state (dropout's RNG counter, BatchNorm statistics)."""
+    return jax.tree.map(lambda a: a, state)
+
+
+def forward(graphdef, params, rest, x):
+    return nnx.merge(graphdef, params, fresh(rest))(x)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The abstract probe.
+
+
+@dataclasses.dataclass
+class Probe:
+    """What an abstract trace of one init found: the parameter shapes, where it raised, the output shapes."""
+
+    parameters: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)  # path -> shape
+    failed_stage: str | None = None  # "the forward pass [in train mode]", "the loss function", "the backward pass"
+    error: BaseException | None = None
+    output: jax.ShapeDtypeStruct | None = None  # known as soon as the forward pass returned
+    loss: jax.ShapeDtypeStruct | None = None
+
+
+def probe(problem: Problem, eval_def, train_def, x, y) -> Probe:
+    """One abstract trace of the forward pass (eval mode, then train mode: the mode training runs in), the loss and
+    the backward pass. Shapes are recorded as soon as they are known, so a loss that raises because the outputs
+    have the wrong shape is reported as the wrong shape; the first exception is kept with the step that raised."""
+    result = Probe()
+    stage = ["building the model"]
+
+    def trace(x, y):
+        model = problem.build_model(jax.random.key(0))
+        _, params, rest = nnx.split(model, nnx.Param, ...)
+        result.parameters = {path: tuple(a.shape) for path, a in flat_arrays(params).items()}
+
+        def loss(params):
+            stage[0] = "the forward pass"
+            out = forward(eval_def, params, rest, x)
+            result.output = jax.ShapeDtypeStruct(out.shape, out.dtype)
+            stage[0] = "the forward pass in train mode"
+            forward(train_def, params, rest, x)
+            stage[0] = "the loss function"
+            per_example = problem.loss_fn(out, y)
+            result.loss = jax.ShapeDtypeStruct(jnp.shape(per_example), per_example.dtype)
+            stage[0] = "the backward pass"  # transposition runs after the forward trace returns
+            return jnp.mean(per_example)
+
+        return jax.grad(loss)(params)
+
+    try:
+        jax.eval_shape(trace, x, y)
+    except Exception as err:  # a broken model or loss is a finding, never a crash
+        result.failed_stage, result.error = stage[0], err
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Everything at init, vmapped over inits.
+
+
+class InitStats(NamedTuple):
+    outputs: Any  # (seeds, batch, outputs) eval-mode outputs at init
+    losses: Any  # (seeds, batch) per-example losses
+    outputs_constant: Any  # (seeds,) every example's outputs identical, at the perturbed init
+    grad_norm: dict  # path -> (seeds,)
+    param_norm: dict  # path -> (seeds,)
+    grad_zero: dict  # path -> (seeds,) every element exactly zero at the init AND at the perturbed init
+    grad_zero_at_init: dict  # path -> (seeds,) every element exactly zero at the init
+    grad_finite: dict  # path -> (seeds,)
+    input_spread: Any  # (seeds,) mean over input features of the std over examples
+    units: dict  # activation name -> {statistic: (seeds,)}, see units.statistics
+    own_gradient: Any  # (rows,) max |d out_i / d x_i| for the checked rows (first init)
+    cross_gradient: Any  # (rows,) max |d out_i / d x_j|, j != i
+    leaking_examples: Any  # (rows,) number of other examples j with a nonzero d out_i / d x_j
+
+
+def make_init_program(problem: Problem, eval_def, train_def, with_capture: bool):
+    def member(key, noise_seed, x, y, thresholds):
+        model = problem.build_model(key)
+        _, params, rest = nnx.split(model, nnx.Param, ...)
+
+        def loss(params, rest):
+            out = forward(eval_def, params, rest, x)
+            per_example = problem.loss_fn(out, y)
+            return jnp.mean(per_example), (out, per_example)
+
+        # The init and the perturbed init as one vmapped gradient: one backward pass to compile, not two.
+        moved = perturb(params, noise_seed, thresholds["perturbation_scale"])
+        both = jax.tree.map(lambda a, b: jnp.stack([a, b]), params, moved)
+        (_, (outs, per_examples)), grads_both = jax.vmap(jax.value_and_grad(loss, has_aux=True),
+                                                         in_axes=(0, None))(both, rest)
+        out, per_example, out_moved = outs[0], per_examples[0], outs[1]
+        grads = jax.tree.map(lambda a: a[0], grads_both)
+        grads_moved = jax.tree.map(lambda a: a[1], grads_both)
+
+        g, g_moved, p = flat_arrays(grads), flat_arrays(grads_moved), flat_arrays(params)
+        stats = dict(
+            outputs=out,
+            losses=jnp.reshape(per_example, (-1,)) if per_example.ndim else per_example[None],
+            outputs_constant=jnp.all(out_moved == out_moved[:1]),
+            grad_norm={k: optax.tree.norm(v) for k, v in g.items()},
+            param_norm={k: optax.tree.norm(v) for k, v in p.items()},
+            grad_zero={k: jnp.all(v == 0) & jnp.all(g_moved[k] == 0) for k, v in g.items()},
+            grad_zero_at_init={k: jnp.all(v == 0) for k, v in g.items()},
+            grad_finite={k: jnp.all(jnp.isfinite(v)) for k, v in g.items()},
+            input_spread=units.spread(x),
+            units={},
+        )
+        if with_capture:
+            train_model = nnx.merge(train_def, params, fresh(rest))
+            with capture.recording(train_model) as recorder:
+                train_model(x)
+            stats["units"] = {a.name: units.statistics(a, thresholds) for a in recorder.activations}
+        return stats, params, rest
+
+    def program(keys, noise_seeds, x, y, rows, cotangent_seed, thresholds):
+        stats, params, rest = jax.vmap(member, in_axes=(0, 0, None, None, None))(keys, noise_seeds, x, y, thresholds)
+        first = jax.tree.map(lambda a: a[0], (params, rest))
+        params0, rest0 = first
+        own, cross, leaking = batch_dependence.gradients_across_batch(
+            lambda xx: forward(eval_def, params0, rest0, xx), x, rows, cotangent_seed)
+        return InitStats(own_gradient=own, cross_gradient=cross, leaking_examples=leaking, **stats), first
+
+    return program
+
+
+def init_statistics(problem: Problem, eval_def, train_def, x, y, *, seed: int, init_seeds: int, rows,
+                    thresholds: dict[str, float], opt_level, with_capture: bool = True) -> tuple[InitStats, Any]:
+    """The statistics (host arrays) and the first init's ``(params, rest)`` (device arrays, for the gradient
+    check)."""
+    # The inits the training diagnostics train: init seed ``seed + i`` (harness.engine.train.init_member).
+    keys = jax.vmap(jax.random.key)(np.arange(seed, seed + init_seeds, dtype=np.uint32))
+    noise_seeds = np.arange(init_seeds, dtype=np.uint32) + np.uint32((seed * 7919 + 1) % 2**32)
+    program = make_init_program(problem, eval_def, train_def, with_capture)
+    thresholds = {k: np.float32(v) for k, v in thresholds.items()}
+    out = programs.run("model/init", program, keys, noise_seeds, x, y, np.asarray(rows, np.int32),
+                       np.uint32(seed), thresholds,
+                       static_key=("model/init", problem, with_capture), opt_level=opt_level,
+                       options=compile_options())
+    stats, first = out
+    return jax.tree.map(np.asarray, stats), first

@@ -1,0 +1,58 @@
+"""Settings of the model checks (``diagnostics.model`` in the config; each threshold is justified where it is used
+and measured silent on the healthy builtins)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from harness.errors import HarnessError
+
+NAME = "model"
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    batch_size: int = 64
+    init_seeds: int = 4
+    max_initial_loss_excess: float = 1.0
+    max_initial_loss_ratio: float = 3.0
+    probability_tolerance: float = 1e-3
+    vanishing_gradient_ratio: float = 1e-2
+    perturbation_scale: float = 0.01
+    gradient_check: bool = True
+    gradient_check_examples: int = 8
+    gradient_check_directions: int = 6
+    gradient_check_step: float = 1e-6
+    gradient_check_tolerance: float = 1e-3
+    batch_dependence_rows: int = 4
+    batch_dependence_tolerance: float = 1e-6
+    dead_unit_fraction: float = 0.5
+    saturated_unit_fraction: float = 0.5
+    saturation_level: float = 0.99
+    saturated_example_fraction: float = 0.9
+    vanishing_activation_ratio: float = 1e-3
+    max_listed: int = 10
+
+    def validate(self, key: str):
+        def fail(name, message):
+            raise HarnessError(f"{message}, got {getattr(self, name)}", key=f"{key}.{name}")
+
+        for name in ("batch_size", "init_seeds", "gradient_check_examples", "gradient_check_directions",
+                     "batch_dependence_rows", "max_listed"):
+            if getattr(self, name) < 1:
+                fail(name, "must be at least 1")
+        if self.batch_size < 2:
+            fail("batch_size", "must be at least 2 (batch dependence compares examples)")
+        if self.max_initial_loss_ratio <= 1:
+            fail("max_initial_loss_ratio", "is a ratio to the expected loss and must be above 1")
+        if self.max_initial_loss_excess <= 0:
+            fail("max_initial_loss_excess", "is a number of nats above -log(1/C) and must be positive")
+        for name in ("probability_tolerance", "vanishing_gradient_ratio", "perturbation_scale", "gradient_check_step",
+                     "gradient_check_tolerance", "batch_dependence_tolerance", "vanishing_activation_ratio"):
+            if not 0 < getattr(self, name) < 1:
+                fail(name, "must be in (0, 1)")
+        for name in ("dead_unit_fraction", "saturated_unit_fraction", "saturated_example_fraction"):
+            if not 0 < getattr(self, name) <= 1:
+                fail(name, "must be in (0, 1]")
+        if not 0.5 < self.saturation_level < 1:
+            fail("saturation_level", "must be in (0.5, 1)")

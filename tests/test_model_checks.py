@@ -1,0 +1,389 @@
+"""Model checks: the readings on hand-built arrays (analytic answers), the activation capture (names, restoration,
+other threads untouched), then the compiled stage on the reference job (known numbers, no recompile on a second
+run, plots), silence on the healthy setups and every finding on its planted bug (tests/planted.py).
+
+Every compiled run is one model: about one compile for the init program (plus one for the float64 gradient check
+where it is enabled). Planted models run with the gradient check off unless it is what they test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from helpers import compose, replace_group
+from jax.nn import sigmoid as imported_sigmoid  # a model module that imported its activation by name
+
+import planted
+from harness.checks import model
+from harness.checks.model import batch_dependence, capture, forward, gradient_check, units
+from harness.config import config_dir, settings_from
+from harness.engine import compile as programs
+from harness.errors import HarnessError
+from harness.findings import FINDING_IDS, Severity
+from harness.losses import cross_entropy, mse
+from harness.pipeline import BLOCKING, build_context
+
+DEFAULTS = model.Settings()
+
+
+def run_stage(overrides=(), **settings):
+    """The model stage for ``harness <overrides>``, gradient check off unless asked for."""
+    rc = compose(["logger=none", *overrides])
+    ctx = build_context(rc)
+    chosen = dataclasses.replace(rc.settings["model"], **{"gradient_check": False, **settings})
+    return model.run(ctx, chosen), ctx, chosen
+
+
+def problems(outcome, *severities):
+    severities = severities or (Severity.ERROR, Severity.WARNING)
+    return [(f.severity.value, f.id) for f in outcome.findings if f.severity in severities]
+
+
+def model_factory(name, **kw):
+    return replace_group("model", f"planted.{name}", **kw)
+
+
+def loss_factory(name):
+    return replace_group("loss", f"planted.{name}", _partial_="true")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Readings on hand-built arrays.
+
+
+def statistics(name, function, kind, y):
+    thresholds = dict(saturation_level=0.99, saturated_example_fraction=0.9)
+    return jax.jit(lambda y: units.statistics(capture.Activation(name, function, kind, y), thresholds))(y)
+
+
+def test_unit_statistics_known_answers():
+    # 4 examples x 4 ReLU units: units 0 and 2 are zero for every example -> half the layer is dead.
+    relu_out = jnp.array([[0.0, 1.0, 0.0, 0.5], [0.0, 0.0, 0.0, 2.0], [0.0, 3.0, 0.0, 0.0], [0.0, 1.0, 0.0, 1.0]])
+    s = statistics("h", "relu", "rectifier", relu_out)
+    assert float(s["dead"]) == 0.5 and math.isnan(float(s["saturated"])) and int(s["units"]) == 4
+    # tanh: unit 0 pinned at +-1 for all 10 examples, unit 1 for 8 of 10 (below 90%), unit 2 never.
+    t = np.zeros((10, 3), np.float32)
+    t[:, 0] = np.where(np.arange(10) % 2, 0.999, -0.995)
+    t[:8, 1] = 0.995
+    s = statistics("h", "tanh", "tanh", jnp.asarray(t))
+    assert float(s["saturated"]) == pytest.approx(1 / 3) and math.isnan(float(s["dead"]))
+    # sigmoid: saturated below 0.01 or above 0.99; a conv activation pools examples and positions per channel.
+    sig = jnp.stack([jnp.full((5, 2, 2), 0.005), jnp.full((5, 2, 2), 0.5)], axis=-1)
+    s = statistics("c", "sigmoid", "sigmoid", sig)
+    assert float(s["saturated"]) == 0.5 and int(s["units"]) == 2
+    assert float(units.spread(jnp.array([[0.0, 1.0], [2.0, 1.0]]))) == pytest.approx(0.5)  # stds 1 and 0
+
+
+def test_unit_judgement_thresholds():
+    def layer(name, dead=np.nan, saturated=np.nan, ratio=1.0, everywhere=False):
+        return dict(layer=name, function="relu", units=8, dead_fraction=dead, dead_everywhere=everywhere,
+                    saturated_fraction=saturated, saturated_everywhere=everywhere, spread=ratio, spread_ratio=ratio,
+                    finite=True)
+
+    assert units.judge([layer("a", dead=0.5), layer("b", saturated=0.3)], DEFAULTS, 4) == []  # at/below threshold
+    (f,) = units.judge([layer("a", dead=0.75)], DEFAULTS, 4)
+    assert (f.severity, f.id, f.evidence["worst_fraction"]) == (Severity.WARNING, "model.dead_units", 0.75)
+    (f,) = units.judge([layer("a", dead=1.0, everywhere=True)], DEFAULTS, 4)
+    assert f.severity is Severity.ERROR and "Every unit of a is dead" in f.message
+    (f,) = units.judge([layer("a", ratio=1e-4), layer("b", ratio=0.05)], DEFAULTS, 4)
+    assert f.id == "model.dead_units" and "vanish" in f.message and list(f.evidence["layers"]) == ["a"]
+
+
+def test_relative_error_and_floor():
+    errors = gradient_check.relative_errors(np.array([1.0, -2.0, 1e-12]), np.array([1.0001, 2.0, 0.0]),
+                                            grad_norm=1.0, num_params=100)
+    assert errors[0] == pytest.approx(1e-4, rel=1e-3)  # |1 - 1.0001| / 1.0001
+    assert errors[1] == pytest.approx(2.0)  # a sign flip
+    assert errors[2] == pytest.approx(1e-12 / 0.01)  # both ~0: the floor (0.1 |g| / sqrt(n)) keeps it small
+
+
+def test_output_range_readings():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 0.5, (4, 64, 10))
+    probabilities = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    judge = lambda out, loss="cross_entropy": forward.output_range_findings(out, loss, True, DEFAULTS)[0]  # noqa
+    assert [f.evidence["looks_like"] for f in judge(probabilities)] == ["softmax"]
+    assert [f.evidence["looks_like"] for f in judge(1 / (1 + np.exp(-logits)))] == ["sigmoid"]
+    assert judge(logits) == []
+    assert judge(np.zeros((4, 64, 10))) == []  # a zero-initialized head gives valid (uniform) logits
+    assert judge(probabilities, loss="my_nll_on_probabilities") == []  # a loss we do not know takes what it wants
+
+
+def test_initial_loss_readings():
+    y = np.arange(64) % 10
+    ok = forward.initial_loss_findings(np.full((4, 64), np.log(10) + 0.3), cross_entropy, 10, y, y, DEFAULTS)
+    assert ok[0] == [] and ok[1]["model/expected_initial_loss"] == pytest.approx(np.log(10))
+    (f,), _ = forward.initial_loss_findings(np.full((4, 64), np.log(10) + 1.5), cross_entropy, 10, y, y, DEFAULTS)
+    assert f.id == "model.initial_loss" and f.evidence["excess_nats"] == pytest.approx(1.5, rel=1e-6)
+    imbalanced = np.array([0] * 60 + [1] * 4)
+    (f,), _ = forward.initial_loss_findings(np.full((4, 64), 3.0), cross_entropy, 2, imbalanced, imbalanced,
+                                            DEFAULTS)
+    assert "log(class frequency)" in f.suggestion
+    targets = np.ones(64)  # E[y^2] = 1
+    assert forward.initial_loss_findings(np.full((4, 64), 2.9), mse, None, targets, targets, DEFAULTS)[0] == []
+    (f,), _ = forward.initial_loss_findings(np.full((4, 64), 3.5), mse, None, targets, targets, DEFAULTS)
+    assert f.evidence["ratio"] == pytest.approx(3.5)
+    unknown = forward.initial_loss_findings(np.full((4, 64), -7.0), planted.negated_cross_entropy, 10, y, y, DEFAULTS)
+    assert unknown == ([], {"model/initial_loss": -7.0})  # reported, not judged
+
+
+def test_checked_rows_spread_over_the_batch():
+    assert batch_dependence.checked_rows(64, 4).tolist() == [0, 21, 42, 63]
+    assert batch_dependence.checked_rows(3, 4).tolist() == [0, 1, 2]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Activation capture.
+
+
+class ImportedActivation(nnx.Module):
+    """Uses an activation imported by name into its module and one stored in a list."""
+
+    def __init__(self, rngs):
+        self.a = nnx.Linear(3, 4, rngs=rngs)
+        self.b = nnx.Linear(4, 2, rngs=rngs)
+        self.extra = [jax.nn.tanh]
+
+    def __call__(self, x):
+        return self.extra[0](self.b(imported_sigmoid(self.a(x))) + 1.0)
+
+
+def captured(build, x):
+    """Names recorded while building and running a model abstractly (``jax.eval_shape``: no compile, no FLOPs)."""
+    names = []
+
+    def forward(x):
+        module = build()
+        with capture.recording(module) as recorder:
+            module(x)
+        names.extend((a.name, a.function, a.output.shape) for a in recorder.activations)
+
+    jax.eval_shape(forward, x)
+    return names
+
+
+def test_capture_names_activations_after_the_layer_they_follow():
+    x = jnp.ones((5, 64))
+    mlp = lambda: planted.MLP(rngs=nnx.Rngs(0), input_shape=(64,), num_outputs=10, width=8)  # noqa: E731
+    assert captured(mlp, x) == [("hidden/0", "relu", (5, 8)), ("hidden/1", "relu", (5, 8))]
+    seq = lambda: planted.sequential(rngs=nnx.Rngs(0), input_shape=(64,), num_outputs=10, width=8)  # noqa: E731
+    assert captured(seq, x) == [("layers/1", "relu", (5, 8)), ("layers/3", "gelu", (5, 8))]
+    # Not applied to a module's output directly: named after the calling module and the function.
+    assert captured(lambda: ImportedActivation(nnx.Rngs(0)), jnp.ones((5, 3))) == [("a", "sigmoid", (5, 4)),
+                                                                                   ("tanh", "tanh", (5, 2))]
+
+
+def test_capture_restores_everything_even_when_the_forward_raises():
+    before = (jax.nn.relu, jnp.tanh, nnx.relu, imported_sigmoid, nnx.Linear.__call__, vars(planted.MLP)["__call__"])
+    built = []
+
+    def forward(x):
+        mlp = planted.MLP(rngs=nnx.Rngs(0), input_shape=(4,), num_outputs=2, width=8)
+        built.append(mlp)
+        with capture.recording(mlp):
+            assert jax.nn.relu is not before[0] and mlp.activation is not before[0]  # patched inside
+            mlp(x)  # wrong feature count: raises
+
+    with pytest.raises(TypeError):
+        jax.eval_shape(forward, jnp.ones((2, 5)))
+    after = (jax.nn.relu, jnp.tanh, nnx.relu, imported_sigmoid, nnx.Linear.__call__, vars(planted.MLP)["__call__"])
+    assert all(a is b for a, b in zip(before, after))
+    assert built[0].activation is jax.nn.relu and "__call__" not in vars(nnx.List)  # never given one
+    assert globals()["imported_sigmoid"] is jax.nn.sigmoid
+
+
+def test_capture_leaves_other_threads_alone():
+    mlp = nnx.eval_shape(lambda: planted.MLP(rngs=nnx.Rngs(0), input_shape=(4,), num_outputs=2, width=8))
+    seen = {}
+    with capture.recording(mlp) as recorder:
+        worker = threading.Thread(target=lambda: seen.update(out=jax.nn.relu(jnp.array([-1.0, 2.0]))))
+        worker.start()
+        worker.join()
+    assert seen["out"].tolist() == [0.0, 2.0] and recorder.activations == []
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The compiled stage on the reference job.
+
+
+@pytest.fixture(scope="module")
+def reference():
+    rc = compose(["logger=none"])
+    ctx = build_context(rc)
+    settings = rc.settings["model"]
+    before = programs.STATS.compiles
+    first = model.run(ctx, settings)
+    middle = programs.STATS.compiles
+    second = model.run(ctx, settings)
+    return dict(outcome=first, again=second, compiles=(middle - before, programs.STATS.compiles - middle))
+
+
+def test_reference_job_is_healthy_with_known_numbers(reference):
+    o = reference["outcome"]
+    assert problems(o) == [] and o.skipped is None
+    m = o.metrics
+    assert m["model/param_count"] == 64 * 128 + 128 + 128 * 128 + 128 + 128 * 10 + 10 == 26122
+    assert m["model/param_count/hidden/0"] == 64 * 128 + 128
+    assert m["model/initial_loss"] == pytest.approx(np.log(10), abs=0.25)  # LeCun output layer: near uniform
+    assert m["model/expected_initial_loss"] == pytest.approx(np.log(10))
+    assert set(k for k in m if k.startswith("model/grad_norm/")) == {
+        f"model/grad_norm/{layer}/{p}" for layer in ("hidden/0", "hidden/1", "out") for p in ("kernel", "bias")}
+    assert m["model/batch_dependence/cross_gradient"] == 0.0 and m["model/batch_dependence/own_gradient"] > 0
+    assert m["model/gradient_check/relative_error"] < 1e-6  # float64: ~1e-9 measured
+    for layer in ("hidden/0", "hidden/1"):  # He-initialized ReLU on digits: a few percent of dead units
+        assert 0 <= m[f"model/dead_fraction/{layer}"] < 0.25
+    assert [row[:3] for row in o.series["model/activations"]["rows"]] == [["hidden/0", "relu", 128],
+                                                                         ["hidden/1", "relu", 128]]
+
+
+def test_reference_job_second_run_compiles_nothing(reference):
+    first, second = reference["compiles"]
+    assert first <= 2  # init program + gradient check (0 if this process compiled them already)
+    assert second == 0
+    assert reference["again"].metrics == reference["outcome"].metrics  # reruns of one program are bitwise equal
+
+
+def test_reference_plots_draw(reference, tmp_path):
+    plots = {p.name: p for p in reference["outcome"].plots}
+    assert set(plots) == {"grad_norms", "activations"}
+    for name, plot in plots.items():
+        path = tmp_path / f"{name}.png"
+        plot.draw(str(path))
+        assert path.stat().st_size > 1000
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Healthy setups stay silent.
+
+HEALTHY = {
+    "cnn_digits_image": (["data=digits_image", "model=cnn"], dict(gradient_check=True)),
+    "mlp_wine": (["data=wine"], {}),
+    "mlp_breast_cancer": (["data=breast_cancer"], {}),
+    "mlp_regression": (["data=regression"], dict(gradient_check=True)),
+    "mlp_dropout": (["model.dropout=0.3"], {}),
+    "batchnorm": (model_factory("BatchNormMLP"), {}),
+    "zero_init_residual": (model_factory("ZeroInitResidual"), {}),  # zero gradient at the exact init, by design
+    "float32_compute": (model_factory("float32_compute"), dict(gradient_check=True)),
+}
+
+
+@pytest.mark.parametrize("name", list(HEALTHY))
+def test_healthy_setups_are_silent(name):
+    overrides, settings = HEALTHY[name]
+    outcome, _, _ = run_stage(overrides, **settings)
+    assert problems(outcome) == [], [f.message for f in outcome.findings]
+    assert outcome.metrics["model/batch_dependence/cross_gradient"] == 0.0
+    if settings.get("gradient_check"):
+        assert outcome.metrics["model/gradient_check/relative_error"] < (0.1 if name == "float32_compute" else 1e-6)
+    assert outcome.series["model/activations"]["rows"], "activations were captured"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Each finding on its planted bug: (overrides, settings, the exact errors/warnings expected, text in the message).
+
+PLANTED = {
+    "forward_raises": (model_factory("ShapeMismatch"), {}, [("error", "model.forward")],
+                       "The forward pass raised TypeError"),
+    "wrong_output_shape": (model_factory("off_by_one_head"), {}, [("error", "model.forward")],
+                           "output has shape (64, 9)"),
+    "loss_broadcasts": (["data=regression", *loss_factory("broadcasting_square_error")], {},
+                        [("error", "model.forward")], "loss returned shape (64, 64)"),
+    "loss_raises": (loss_factory("raising_loss"), {}, [("error", "model.forward")],
+                    "The loss function raised ValueError"),
+    "nan_outputs": (model_factory("LogOfNegative"), {}, [("error", "model.forward")], "non-finite"),
+    "double_softmax": (model_factory("DoubleSoftmax"), {}, [("error", "model.output_range")],
+                       "softmax is applied twice"),
+    "large_output_init": (model_factory("large_output_init"), {}, [("warning", "model.initial_loss")],
+                          "nats above"),
+    "detached_features": (model_factory("DetachedFeatures"), {}, [("error", "model.gradient_flow")],
+                          "Zero gradient for 4 of 6 parameters"),
+    "nan_gradient": (model_factory("NormOfZero"), {}, [("error", "model.gradient_flow")],
+                     "Non-finite gradients at init for 1 parameter(s): offset"),
+    "deep_sigmoid": (model_factory("deep_sigmoid"), {},
+                     [("warning", "model.gradient_flow"), ("warning", "model.dead_units")], "Vanishing gradients"),
+    "wrong_backward": (loss_factory("cross_entropy_wrong_backward"), dict(gradient_check=True),
+                       [("error", "model.gradient_check")], "does not match the loss"),
+    "stop_gradient_in_loss": (loss_factory("cross_entropy_half_detached"), dict(gradient_check=True),
+                              [("error", "model.gradient_check")], "does not match the loss"),
+    "reshape_not_transpose": (model_factory("ReshapeInsteadOfTranspose"), {}, [("error", "model.batch_dependence")],
+                              "Examples are mixed"),
+    "softmax_over_batch": (model_factory("SoftmaxOverBatch"), {}, [("error", "model.batch_dependence")],
+                           "Examples are mixed"),
+    "dead_relus": (model_factory("negative_bias"), {},
+                   [("error", "model.gradient_flow"), ("error", "model.gradient_flow"), ("error", "model.dead_units")],
+                   "Every unit of hidden/0, hidden/1 is dead"),
+    "saturated_tanh": (["data.pixel_scale=1", *model_factory("saturated_tanh")], {},
+                       [("warning", "model.saturated_units")], "|tanh| > 0.99"),
+}
+
+
+@pytest.fixture(scope="module")
+def planted_outcomes():
+    return {}
+
+
+@pytest.mark.parametrize("name", list(PLANTED))
+def test_planted_bug_fires(name, planted_outcomes):
+    overrides, settings, expected, text = PLANTED[name]
+    outcome, ctx, _ = run_stage(overrides, **settings)
+    planted_outcomes[name] = outcome
+    assert sorted(problems(outcome)) == sorted(expected), [f.message for f in outcome.findings]
+    assert any(text in f.message for f in outcome.findings), [f.message for f in outcome.findings]
+    for f in outcome.findings:
+        assert f.id in FINDING_IDS and f.suggestion and f.evidence
+
+
+def test_forward_error_blocks_training_and_names_the_line():
+    outcome, _, _ = run_stage(model_factory("ShapeMismatch"))
+    (f,) = outcome.findings
+    assert BLOCKING["model.forward"] == "training"
+    assert f.evidence["exception"] == "TypeError" and f.evidence["location"].split(":")[0].endswith("planted.py")
+    assert f.evidence["stage"] == "the forward pass"
+    assert outcome.metrics["model/param_count"] > 0  # counted from the abstract model, before anything ran
+
+
+def test_planted_evidence_numbers(planted_outcomes):
+    if {"deep_sigmoid", "dead_relus", "wrong_backward"} - set(planted_outcomes):
+        pytest.skip("needs the planted runs above")
+    (grad,) = [f for f in planted_outcomes["deep_sigmoid"].findings if f.id == "model.gradient_flow"]
+    assert "hidden/0" in grad.evidence["layers"] and grad.evidence["layers"]["hidden/0"] < 1e-2
+    (dead,) = [f for f in planted_outcomes["dead_relus"].findings if f.id == "model.dead_units"]
+    assert dead.evidence["worst_fraction"] == 1.0
+    (check,) = planted_outcomes["wrong_backward"].findings
+    assert check.evidence["precision"] == "float64" and min(check.evidence["relative_errors"]) > 0.01
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Configuration.
+
+
+def test_yaml_lists_exactly_the_settings_with_a_comment_each():
+    import os
+
+    import yaml
+
+    path = os.path.join(config_dir(), "diagnostics", "model", "default.yaml")
+    with open(path) as f:
+        text = f.read()
+    keys = yaml.safe_load(text)
+    assert list(keys) == [f.name for f in dataclasses.fields(model.Settings)]
+    assert keys == dataclasses.asdict(model.Settings())
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            assert "#" in line, f"no comment: {line}"
+
+
+@pytest.mark.parametrize("key,value", [("batch_size", 1), ("init_seeds", 0), ("saturation_level", 0.3),
+                                       ("gradient_check_tolerance", 0.0), ("max_initial_loss_ratio", 1.0),
+                                       ("dead_unit_fraction", 1.5)])
+def test_bad_settings_name_the_key(key, value):
+    with pytest.raises(HarnessError) as err:
+        settings_from(model.Settings, {key: value}, "diagnostics.model")
+    assert f"diagnostics.model.{key}" in str(err.value)

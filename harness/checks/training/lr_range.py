@@ -41,7 +41,33 @@ on the reference and regression jobs two seed-to-seed standard deviations of the
 steps, 3 seeds) are 0.9% of the untrained loss; the tiny wine and breast_cancer validation sets (45 and 142
 examples) are noisier (4-6%), which is where the seeds diagnostic's measured spread takes over.
 
-Measured quality (``scripts/lr_quality.py``): TABLE_PENDING
+Measured quality (``scripts/lr_quality.py``, default settings, 2-core CPU): validation loss after training at each
+rule's LR with the job's optimizer and batch size (mean of 3 seeds), divided by the best of 48 fixed LRs trained
+the same way; mean over 3 ramp seeds. All rules read the same ramp. ``noise``: relative standard error of a 3-seed
+mean near the optimum; smaller differences are seed luck.
+
+=================  =======  =====  =====  ======  ========  =========
+500 steps          best LR  noise  ours   valley  steepest  Lightning
+=================  =======  =====  =====  ======  ========  =========
+digits (ref. job)  0.020    10%    1.15x  1.12x   1.14x     32x
+wine               1.9e-4   23%    1.36x  2.88x   1.45x     2.1x
+regression         0.016    5%     1.24x  1.27x   1.69x     1064x
+breast_cancer      1.1e-3   10%    1.09x  1.09x   1.10x     13492x
+=================  =======  =====  =====  ======  ========  =========
+
+=================  =======  =====  =====  ======  ========  =========
+300 steps          best LR  noise  ours   valley  steepest  Lightning
+=================  =======  =====  =====  ======  ========  =========
+digits (ref. job)  0.020    7%     1.17x  1.31x   1.31x     34x
+wine               3.1e-4   25%    1.19x  2.69x   1.24x     3.8x
+regression         0.016    7%     1.14x  1.16x   1.88x     1018x
+breast_cancer      1.1e-3   12%    1.02x  1.02x   1.24x     13310x
+=================  =======  =====  =====  ======  ========  =========
+
+Ours is never meaningfully worse than any rule (digits at 500 steps: 3% behind the valley, within the 10% noise),
+ties the valley where the grid confirms it (breast_cancer), and avoids the valley's and steepest slope's large
+misses (wine: the ramp is misled by fast overfitting; regression: steepest slope sits far down the curve).
+Lightning's raw-curve steepest gradient lands on the divergence cliff, as the brief's reference numbers also show.
 """
 
 from __future__ import annotations

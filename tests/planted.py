@@ -83,11 +83,6 @@ class DoubleSoftmax(MLP):
         return jax.nn.softmax(super().__call__(x), axis=-1)
 
 
-class SigmoidOutputs(MLP):
-    def __call__(self, x):
-        return jax.nn.sigmoid(super().__call__(x))
-
-
 def large_output_init(*, rngs, input_shape, num_outputs, **kw):
     """The output layer drawn from N(0, 1) instead of a fan-in scaled init: confident, wrong initial logits."""
     return MLP(rngs=rngs, input_shape=input_shape, num_outputs=num_outputs,
@@ -110,14 +105,6 @@ class DetachedFeatures(MLP):
         return self.out(jax.lax.stop_gradient(self.features(x)))
 
 
-class UnusedLayer(MLP):
-    """A layer that is built but never called."""
-
-    def __init__(self, *, rngs, input_shape, num_outputs, width: int = 64, **kw):
-        super().__init__(rngs=rngs, input_shape=input_shape, num_outputs=num_outputs, width=width, **kw)
-        self.projection = nnx.Linear(width, width, rngs=rngs)
-
-
 class NormOfZero(MLP):
     """Adds the norm of a vector that is zero at init (sqrt at 0): finite outputs, NaN gradients."""
 
@@ -127,13 +114,6 @@ class NormOfZero(MLP):
 
     def __call__(self, x):
         return super().__call__(x) + jnp.sqrt(jnp.sum(jnp.square(self.offset)))
-
-
-class IgnoresInput(MLP):
-    """The input is multiplied by zero before the first layer: the outputs are the same for every example."""
-
-    def __call__(self, x):
-        return super().__call__(x * 0.0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -162,13 +142,6 @@ _cross_entropy_wrong_backward.defvjp(_ce_forward, _ce_backward)
 def cross_entropy_wrong_backward(logits, labels):
     """Cross-entropy with a hand-written backward pass that forgets the softmax term."""
     return _cross_entropy_wrong_backward(logits, labels.astype(jnp.int32))
-
-
-def cross_entropy_half_detached(logits, labels):
-    """The log-partition term behind a stop_gradient: the forward value is right, the gradient is not."""
-    labels = labels.astype(jnp.int32)
-    picked = jnp.take_along_axis(logits, labels[:, None], axis=-1)[:, 0]
-    return jax.lax.stop_gradient(jax.nn.logsumexp(logits, axis=-1)) - picked
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -217,37 +190,23 @@ def deep_sigmoid(*, rngs, input_shape, num_outputs, depth: int = 10, **kw):
 # Healthy variants that must stay silent.
 
 
-class BatchNormMLP(nnx.Module):
-    """Linear -> BatchNorm -> ReLU blocks. In train mode BatchNorm couples the examples of a batch by design."""
-
-    def __init__(self, *, rngs, input_shape, num_outputs, width: int = 64, depth: int = 2):
-        sizes = [math.prod(input_shape)] + [width] * depth
-        self.linears = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
-        self.norms = nnx.List([nnx.BatchNorm(b, rngs=rngs) for b in sizes[1:]])
-        self.out = nnx.Linear(sizes[-1], num_outputs, rngs=rngs)
-
-    def __call__(self, x):
-        x = jnp.reshape(x, (x.shape[0], -1))
-        for linear, norm in zip(self.linears, self.norms):
-            x = nnx.relu(norm(linear(x)))
-        return self.out(x)
-
-
-class ZeroInitResidual(nnx.Module):
-    """Residual blocks whose branch output is zero-initialized (Goyal et al. 2017; Fixup): at the exact init the
-    branch's first layer gets a zero gradient, by design."""
+class ResidualBatchNorm(nnx.Module):
+    """Residual blocks ``h + W2 relu(BN(W1 h))`` with the branch output ``W2`` zero-initialized (Goyal et al. 2017;
+    Fixup, Zhang et al. 2019). Two things a checker must not flag: BatchNorm couples the examples of a batch in
+    train mode (by design), and at the exact init ``W1`` gets a zero gradient (``W2 = 0``), also by design."""
 
     def __init__(self, *, rngs, input_shape, num_outputs, width: int = 64, blocks: int = 2):
         self.inp = nnx.Linear(math.prod(input_shape), width, rngs=rngs)
         self.branch_in = nnx.List([nnx.Linear(width, width, rngs=rngs) for _ in range(blocks)])
+        self.norms = nnx.List([nnx.BatchNorm(width, rngs=rngs) for _ in range(blocks)])
         self.branch_out = nnx.List([nnx.Linear(width, width, kernel_init=nnx.initializers.zeros_init(), rngs=rngs)
                                     for _ in range(blocks)])
         self.out = nnx.Linear(width, num_outputs, rngs=rngs)
 
     def __call__(self, x):
         h = nnx.relu(self.inp(jnp.reshape(x, (x.shape[0], -1))))
-        for a, b in zip(self.branch_in, self.branch_out):
-            h = h + b(nnx.relu(a(h)))
+        for a, norm, b in zip(self.branch_in, self.norms, self.branch_out):
+            h = h + b(nnx.relu(norm(a(h))))
         return self.out(h)
 
 

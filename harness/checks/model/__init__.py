@@ -45,92 +45,108 @@ def run(ctx: Context, settings: Settings) -> Outcome:
     outcome = Outcome(NAME)
     problem = ctx.problem
     x, y = sample_batch(ctx, settings.batch_size)
-    batch = len(x)
-
     train_def, eval_def = problem.graphdefs(regularization=True)
+
     probe = programs.probe(problem, eval_def, train_def, x, y)
-    shapes = probe.parameters
-    metrics, series = gradients.parameter_outputs(gradients.parameter_table(shapes))
-    outcome.metrics.update(metrics)
-    outcome.series.update(series)
-    outcome.findings += forward.probe_findings(probe, batch, ctx.dataset.num_outputs, ctx.dataset.classification)
-    if outcome.findings:
-        return outcome  # nothing else can be computed from a model that does not run
-    if not shapes:
-        outcome.findings.append(gradients.no_parameters_finding())
+    metrics, series = gradients.parameter_outputs(gradients.parameter_table(probe.parameters))
+    add(outcome, [], metrics, series)
+    blocking = forward.probe_findings(probe, len(x), ctx.dataset.num_outputs, ctx.dataset.classification)
+    if not blocking and not probe.parameters:
+        blocking = [gradients.no_parameters_finding()]
+    if blocking:
+        add(outcome, blocking)
+        return outcome  # nothing else can be computed from a model that does not run (or cannot learn)
+
+    rows = batch_dependence.checked_rows(len(x), settings.batch_dependence_rows)
+    stats, (params0, rest0), notes = init_statistics(ctx, settings, eval_def, train_def, x, y, rows)
+    add(outcome, notes)
+    nonfinite = forward.finite_findings(stats.outputs, stats.losses)
+    if nonfinite:
+        add(outcome, nonfinite)
         return outcome
 
-    rows = batch_dependence.checked_rows(batch, settings.batch_dependence_rows)
+    add(outcome, *forward.initial_loss_findings(stats.losses, problem.loss_fn, ctx.dataset.num_classes, y,
+                                                ctx.arrays.y_train, settings))
+    add(outcome, *forward.output_range_findings(stats.outputs, ctx.loss_name, ctx.dataset.classification,
+                                                settings))
+    layers = units.layer_table(stats.units, stats.input_spread)
+    judge_gradient_flow(outcome, stats, layers, x, settings)
+    add(outcome, *batch_dependence.judge(stats.own_gradient, stats.cross_gradient, stats.leaking_examples, rows,
+                                         len(x), settings))
+    judge_units(outcome, layers, settings)
+
+    if settings.gradient_check and all(np.all(v) for v in stats.grad_finite.values()):
+        result = gradient_check.run_check(problem, eval_def, params0, rest0, x, y, seed=ctx.seed, settings=settings,
+                                          opt_level=ctx.engine.opt_level)
+        add(outcome, *gradient_check.judge(result, settings, min(settings.gradient_check_examples, len(x))))
+    outcome.metrics = headline_first(outcome.metrics)
+    return outcome
+
+
+def add(outcome: Outcome, findings, metrics=None, series=None) -> None:
+    outcome.findings += findings
+    outcome.metrics.update(metrics or {})
+    outcome.series.update(series or {})
+
+
+def init_statistics(ctx: Context, settings: Settings, eval_def, train_def, x, y, rows):
+    """The init program's results; if recording the activations fails (the probe showed the model itself runs),
+    the program again without the recording, and an info saying so."""
     thresholds = dict(perturbation_scale=settings.perturbation_scale, saturation_level=settings.saturation_level,
                       saturated_example_fraction=settings.saturated_example_fraction)
+
     def statistics(with_capture: bool):
-        return programs.init_statistics(problem, eval_def, train_def, x, y, seed=ctx.seed,
+        return programs.init_statistics(ctx.problem, eval_def, train_def, x, y, seed=ctx.seed,
                                         init_seeds=settings.init_seeds, rows=rows, thresholds=thresholds,
                                         opt_level=ctx.engine.opt_level, with_capture=with_capture)
 
     try:
-        stats, (params0, rest0) = statistics(with_capture=True)
-    except Exception as err:  # the model ran in the probe: recording its activations is what failed
-        stats, (params0, rest0) = statistics(with_capture=False)
-        outcome.findings.append(info(
+        return (*statistics(with_capture=True), [])
+    except Exception as err:  # noqa: BLE001 -- the model ran in the probe: the recording is what failed
+        note = info(
             f"{NAME}.dead_units",
             f"Activation statistics were not collected: recording the activations raised {type(err).__name__}: "
             f"{forward.first_line(err)}. The other model checks ran.",
             "Report this with your model's code; dead and saturated units are not checked for this model.",
             exception=type(err).__name__,
-        ))
+        )
+        return (*statistics(with_capture=False), [note])
 
-    nonfinite = forward.finite_findings(stats.outputs, stats.losses)
-    outcome.findings += nonfinite
-    if nonfinite:
-        return outcome
 
-    found, m = forward.initial_loss_findings(stats.losses, problem.loss_fn, ctx.dataset.num_classes, y,
-                                             ctx.arrays.y_train, settings)
-    outcome.findings += found
-    outcome.metrics.update(m)
-    found, m = forward.output_range_findings(stats.outputs, ctx.loss_name, ctx.dataset.classification, settings)
-    outcome.findings += found
-    outcome.metrics.update(m)
-
-    layers = units.layer_table(stats.units, stats.input_spread)
+def judge_gradient_flow(outcome: Outcome, stats, layers, x, settings: Settings) -> None:
     dead_layers = [r["layer"] for r in layers if r["dead_everywhere"]]
-    found, m = gradients.judge(stats, settings, dead_layers)
-    outcome.findings += found
-    outcome.metrics.update(m)
+    inputs_vary = len(x) >= 2 and not np.all(x == x[:1])
+    add(outcome, *gradients.judge(stats, settings, dead_layers, inputs_vary))
     grad_median = {p: float(np.median(v)) for p, v in stats.grad_norm.items()}
-    zero = {p for p in stats.grad_zero if np.all(stats.grad_zero[p])}
-    bad = {p for p in stats.grad_finite if not np.all(stats.grad_finite[p])}
+    zero = {p for p, v in stats.grad_zero.items() if np.all(v)}
+    nonfinite = {p for p, v in stats.grad_finite.items() if not np.all(v)}
     outcome.plots.append(Plot("grad_norms", "Gradient norm per parameter at init",
-                              lambda path: gradients.draw(path, grad_median, zero, bad)))
+                              lambda path: gradients.draw(path, grad_median, zero, nonfinite)))
     outcome.series[f"{NAME}/grad_norm"] = {"x": list(range(len(grad_median))), "y": list(grad_median.values()),
                                            "keys": ["grad_norm"], "xname": "parameter",
                                            "labels": list(grad_median)}
 
-    found, m = batch_dependence.judge(stats.own_gradient, stats.cross_gradient, stats.leaking_examples, rows, batch,
-                                      settings)
-    outcome.findings += found
-    outcome.metrics.update(m)
 
-    outcome.findings += units.judge(layers, settings, settings.init_seeds)
-    outcome.metrics.update(units.metrics(layers))
-    if layers:
-        outcome.series[f"{NAME}/activations"] = {
-            "columns": ["layer", "function", "units", "dead_fraction", "saturated_fraction", "spread_ratio"],
-            "rows": [[r["layer"], r["function"], r["units"], _finite(r["dead_fraction"]),
-                      _finite(r["saturated_fraction"]), _finite(r["spread_ratio"])] for r in layers],
-        }
-        outcome.plots.append(Plot("activations", "Activation statistics per layer at init",
-                                  lambda path: units.draw(path, layers)))
+def judge_units(outcome: Outcome, layers, settings: Settings) -> None:
+    add(outcome, units.judge(layers, settings, settings.init_seeds), units.metrics(layers))
+    if not layers:
+        return
+    outcome.series[f"{NAME}/activations"] = {
+        "columns": ["layer", "function", "units", "dead_fraction", "saturated_fraction", "spread_ratio"],
+        "rows": [[r["layer"], r["function"], r["units"], _finite(r["dead_fraction"]),
+                  _finite(r["saturated_fraction"]), _finite(r["spread_ratio"])] for r in layers],
+    }
+    outcome.plots.append(Plot("activations", "Activation statistics per layer at init",
+                              lambda path: units.draw(path, layers, settings)))
 
-    if settings.gradient_check and not bad:
-        n = min(settings.gradient_check_examples, batch)
-        result = gradient_check.run_check(problem, eval_def, params0, rest0, x, y, seed=ctx.seed, settings=settings,
-                                          opt_level=ctx.engine.opt_level)
-        found, m = gradient_check.judge(result, settings, n)
-        outcome.findings += found
-        outcome.metrics.update(m)
-    return outcome
+
+HEADLINE = ("initial_loss", "expected_initial_loss", "gradient_check/relative_error", "param_count")
+
+
+def headline_first(metrics: dict) -> dict:
+    """The numbers a reader wants first (the terminal and report.md show a diagnostic's first metrics)."""
+    first = {f"{NAME}/{k}": metrics[f"{NAME}/{k}"] for k in HEADLINE if f"{NAME}/{k}" in metrics}
+    return {**first, **{k: v for k, v in metrics.items() if k not in first}}
 
 
 def _finite(value: float) -> float | None:

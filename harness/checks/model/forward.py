@@ -63,8 +63,8 @@ def probe_findings(probe: Probe, batch: int, num_outputs: int, classification: b
             f"{NAME}.forward",
             f"{probe.failed_stage[0].upper()}{probe.failed_stage[1:]} raised {type(err).__name__} on a batch of "
             f"{batch} examples: {first_line(err)}" + (f" (at {where})" if where else ""),
-            "Run the model on one batch by hand (model(x[:2])) and check the layer sizes against the input shape "
-            "and num_outputs; the full traceback shows with debug=true.",
+            "Call the model (and the loss) on two examples by hand, e.g. model(x_train[:2]), to see the full "
+            "traceback; check each layer's sizes against the input shape and num_outputs.",
             stage=probe.failed_stage, exception=type(err).__name__, detail=str(err)[:2000], location=where,
         )]
     return []

@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
 from harness.checks.model.noise import floating, perturb, unit_noise
 from harness.checks.model.programs import compile_options, forward

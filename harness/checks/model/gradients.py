@@ -81,9 +81,11 @@ def per_layer(grad_norm: dict[str, np.ndarray], param_norm: dict[str, np.ndarray
     return out
 
 
-def judge(stats, settings: Settings, dead_layers: list[str] = ()) -> tuple[list[Finding], dict[str, Any]]:
+def judge(stats, settings: Settings, dead_layers: list[str] = (), inputs_vary: bool = True
+          ) -> tuple[list[Finding], dict[str, Any]]:
     """Findings and metrics from :class:`programs.InitStats` (host arrays). ``dead_layers``: activation layers
-    whose every unit is dead (model.dead_units), named as the likely cause of zero gradients."""
+    whose every unit is dead (model.dead_units), named as the likely cause of zero gradients. ``inputs_vary``:
+    the batch holds at least two different inputs (else identical outputs say nothing about the model)."""
     dead_note = (f" Every unit of {', '.join(dead_layers)} is dead (model.dead_units): nothing flows back through "
                  f"{'it' if len(dead_layers) == 1 else 'them'}." if dead_layers else "")
     findings: list[Finding] = []
@@ -140,7 +142,7 @@ def judge(stats, settings: Settings, dead_layers: list[str] = ()) -> tuple[list[
     for layer, v in layers.items():
         metrics[f"{NAME}/grad_ratio/{layer}"] = v["ratio"]
 
-    if np.all(stats.outputs_constant):
+    if inputs_vary and np.all(stats.outputs_constant):
         findings.append(error(
             f"{NAME}.gradient_flow",
             "The outputs are identical for every example of the batch, at init and after a random perturbation "

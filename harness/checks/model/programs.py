@@ -7,7 +7,7 @@
   (outputs, per-example losses), gradients at the init and at a slightly perturbed init, per-parameter norms, the
   activation statistics of a train-mode forward pass (:mod:`.capture`, :mod:`.units`), and, for the first init,
   the gradient of single examples' outputs w.r.t. the whole batch's inputs (:mod:`.batch_dependence`).
-* :func:`gradient_check` -- the numerical gradient check in float64 (:mod:`.gradient_check`).
+* :mod:`.gradient_check` -- the numerical gradient check in float64, at the first init.
 
 Thresholds and step sizes are traced arguments, so changing a setting never recompiles.
 """
@@ -24,7 +24,7 @@ import optax
 from flax import nnx
 
 from harness.checks.model import batch_dependence, capture, units
-from harness.checks.model.noise import floating, perturb
+from harness.checks.model.noise import perturb
 from harness.engine import compile as programs
 from harness.engine.train import Problem
 

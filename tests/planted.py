@@ -56,6 +56,16 @@ def off_by_one_head(*, rngs, input_shape, num_outputs, **kw):
     return MLP(rngs=rngs, input_shape=input_shape, num_outputs=num_outputs, out_features=num_outputs - 1, **kw)
 
 
+class PythonBranch(MLP):
+    """Branches in Python on a value computed from the input: fine eagerly, fails under jax.jit."""
+
+    def __call__(self, x):
+        logits = super().__call__(x)
+        if jnp.mean(logits) > 0:
+            return logits
+        return -logits
+
+
 class LogOfNegative(MLP):
     """log of a quantity that is negative for most inputs: NaN outputs."""
 
@@ -195,7 +205,7 @@ class ResidualBatchNorm(nnx.Module):
     Fixup, Zhang et al. 2019). Two things a checker must not flag: BatchNorm couples the examples of a batch in
     train mode (by design), and at the exact init ``W1`` gets a zero gradient (``W2 = 0``), also by design."""
 
-    def __init__(self, *, rngs, input_shape, num_outputs, width: int = 64, blocks: int = 2):
+    def __init__(self, *, rngs, input_shape, num_outputs, width: int = 64, blocks: int = 1):
         self.inp = nnx.Linear(math.prod(input_shape), width, rngs=rngs)
         self.branch_in = nnx.List([nnx.Linear(width, width, rngs=rngs) for _ in range(blocks)])
         self.norms = nnx.List([nnx.BatchNorm(width, rngs=rngs) for _ in range(blocks)])

@@ -9,6 +9,7 @@ where it is enabled). Planted models run with the gradient check off unless it i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import threading
 
@@ -17,41 +18,71 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import compose, replace_group
+from helpers import compose
 from jax.nn import sigmoid as imported_sigmoid  # a model module that imported its activation by name
 
 import planted
 from harness.checks import model
 from harness.checks.model import batch_dependence, capture, forward, gradient_check, units
-from harness.config import config_dir, settings_from
+from harness.checks.base import Context
+from harness.config import FactoryConfig, config_dir, settings_from
 from harness.engine import compile as programs
 from harness.errors import HarnessError
 from harness.findings import FINDING_IDS, Severity
 from harness.losses import cross_entropy, mse
-from harness.pipeline import BLOCKING, build_context
+from harness.pipeline import BLOCKING, build_context, make_loss, make_model_builder
 
 DEFAULTS = model.Settings()
 
 
-def run_stage(overrides=(), **settings):
-    """The model stage for ``harness <overrides>``, gradient check off unless asked for."""
+@dataclasses.dataclass(frozen=True)
+class Planted:
+    """A planted model or loss (tests/planted.py) swapped into a composed context."""
+
+    group: str  # "model" or "loss"
+    name: str
+
+
+def model_factory(name):
+    return Planted("model", f"planted.{name}")
+
+
+def loss_factory(name):
+    return Planted("loss", f"planted.{name}")
+
+
+@functools.cache
+def composed(overrides: tuple[str, ...]):
+    """``harness <overrides>`` composed and loaded once per distinct overrides (Hydra compose costs ~0.3 s)."""
     rc = compose(["logger=none", *overrides])
-    ctx = build_context(rc)
-    chosen = dataclasses.replace(rc.settings["model"], **{"gradient_check": False, **settings})
+    return rc, build_context(rc)
+
+
+def context(overrides=()) -> tuple[Context, model.Settings]:
+    """A Context for the overrides, with planted models and losses built the way the pipeline builds the user's
+    (``make_model_builder``, ``make_loss``: the documented factory signatures)."""
+    rc, base = composed(tuple(o for o in overrides if isinstance(o, str)))
+    ctx = dataclasses.replace(base, shared={})
+    for item in (o for o in overrides if isinstance(o, Planted)):
+        if item.group == "model":
+            ctx.build_model = make_model_builder(FactoryConfig(item.name, {}), ctx.dataset)
+        else:
+            fn, ctx.loss_name = make_loss(FactoryConfig(item.name, {}, partial=True), ctx.dataset)
+            ctx.problem = dataclasses.replace(ctx.problem, loss_fn=fn)
+        ctx.problem = dataclasses.replace(ctx.problem, build_model=ctx.build_model, fingerprint=None)
+    return ctx, rc.settings["model"]
+
+
+def run_stage(overrides=(), **settings):
+    """The model stage for ``harness <overrides>`` (planted pieces swapped in), gradient check off unless asked."""
+    ctx, defaults = context(overrides)
+    chosen = dataclasses.replace(defaults, **{"gradient_check": False, **settings})
     return model.run(ctx, chosen), ctx, chosen
 
 
 def problems(outcome, *severities):
     severities = severities or (Severity.ERROR, Severity.WARNING)
     return [(f.severity.value, f.id) for f in outcome.findings if f.severity in severities]
-
-
-def model_factory(name, **kw):
-    return replace_group("model", f"planted.{name}", **kw)
-
-
-def loss_factory(name):
-    return replace_group("loss", f"planted.{name}", _partial_="true")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -265,10 +296,10 @@ def test_capture_failure_costs_only_the_unit_checks(monkeypatch):
         raise RuntimeError("cannot record")
 
     monkeypatch.setattr(capture, "recording", broken)
-    outcome, _, _ = run_stage(["model.width=16"])  # a model not compiled before: its trace records
+    outcome, _, _ = run_stage([model_factory("MLP")])  # a model not compiled before: its trace records
     assert [(f.severity, f.id) for f in outcome.findings] == [(Severity.INFO, "model.dead_units")]
     assert "RuntimeError: cannot record" in outcome.findings[0].message
-    assert outcome.metrics["model/param_count"] == (64 + 1) * 16 + (16 + 1) * 16 + (16 + 1) * 10
+    assert outcome.metrics["model/param_count"] == (64 + 1) * 64 + (64 + 1) * 64 + (64 + 1) * 10
     assert outcome.metrics["model/initial_loss"] > 0
     assert "model/activations" not in outcome.series and len(outcome.plots) == 1
 
@@ -282,8 +313,8 @@ HEALTHY = {
     "mlp_breast_cancer": (["data=breast_cancer"], {}),
     "mlp_regression": (["data=regression"], {}),
     "mlp_dropout": (["model.dropout=0.3"], {}),
-    "residual_batchnorm": (model_factory("ResidualBatchNorm"), {}),  # BatchNorm; zero-init branches
-    "float32_compute": (model_factory("float32_compute"), dict(gradient_check=True)),
+    "residual_batchnorm": ([model_factory("ResidualBatchNorm")], {}),  # BatchNorm; zero-init branches
+    "float32_compute": ([model_factory("float32_compute")], dict(gradient_check=True)),
 }
 
 
@@ -302,35 +333,37 @@ def test_healthy_setups_are_silent(name):
 # Each finding on its planted bug: (overrides, settings, the exact errors/warnings expected, text in the message).
 
 PLANTED = {
-    "forward_raises": (model_factory("ShapeMismatch"), {}, [("error", "model.forward")],
+    "forward_raises": ([model_factory("ShapeMismatch")], {}, [("error", "model.forward")],
                        "The forward pass raised TypeError"),
-    "wrong_output_shape": (model_factory("off_by_one_head"), {}, [("error", "model.forward")],
+    "python_branch": ([model_factory("PythonBranch")], {}, [("error", "model.forward")],
+                      "The forward pass raised TracerBoolConversionError"),
+    "wrong_output_shape": ([model_factory("off_by_one_head")], {}, [("error", "model.forward")],
                            "output has shape (64, 9)"),
-    "loss_broadcasts": (["data=regression", *loss_factory("broadcasting_square_error")], {},
+    "loss_broadcasts": (["data=regression", loss_factory("broadcasting_square_error")], {},
                         [("error", "model.forward")], "loss returned shape (64, 64)"),
-    "loss_raises": (loss_factory("raising_loss"), {}, [("error", "model.forward")],
+    "loss_raises": ([loss_factory("raising_loss")], {}, [("error", "model.forward")],
                     "The loss function raised ValueError"),
-    "nan_outputs": (model_factory("LogOfNegative"), {}, [("error", "model.forward")], "non-finite"),
-    "double_softmax": (model_factory("DoubleSoftmax"), {}, [("error", "model.output_range")],
+    "nan_outputs": ([model_factory("LogOfNegative")], {}, [("error", "model.forward")], "non-finite"),
+    "double_softmax": ([model_factory("DoubleSoftmax")], {}, [("error", "model.output_range")],
                        "softmax is applied twice"),
-    "large_output_init": (model_factory("large_output_init"), {}, [("warning", "model.initial_loss")],
+    "large_output_init": ([model_factory("large_output_init")], {}, [("warning", "model.initial_loss")],
                           "nats above"),
-    "detached_features": (model_factory("DetachedFeatures"), {}, [("error", "model.gradient_flow")],
+    "detached_features": ([model_factory("DetachedFeatures")], {}, [("error", "model.gradient_flow")],
                           "Zero gradient for 4 of 6 parameters"),
-    "nan_gradient": (model_factory("NormOfZero"), {}, [("error", "model.gradient_flow")],
+    "nan_gradient": ([model_factory("NormOfZero")], {}, [("error", "model.gradient_flow")],
                      "Non-finite gradients at init for 1 parameter(s): offset"),
-    "deep_sigmoid": (model_factory("deep_sigmoid"), {},
+    "deep_sigmoid": ([model_factory("deep_sigmoid")], {},
                      [("warning", "model.gradient_flow"), ("warning", "model.dead_units")], "Vanishing gradients"),
-    "wrong_backward": (loss_factory("cross_entropy_wrong_backward"), dict(gradient_check=True),
+    "wrong_backward": ([loss_factory("cross_entropy_wrong_backward")], dict(gradient_check=True),
                        [("error", "model.gradient_check")], "does not match the loss"),
-    "reshape_not_transpose": (model_factory("ReshapeInsteadOfTranspose"), {}, [("error", "model.batch_dependence")],
+    "reshape_not_transpose": ([model_factory("ReshapeInsteadOfTranspose")], {}, [("error", "model.batch_dependence")],
                               "Examples are mixed"),
-    "softmax_over_batch": (model_factory("SoftmaxOverBatch"), {}, [("error", "model.batch_dependence")],
+    "softmax_over_batch": ([model_factory("SoftmaxOverBatch")], {}, [("error", "model.batch_dependence")],
                            "Examples are mixed"),
-    "dead_relus": (model_factory("negative_bias"), {},
+    "dead_relus": ([model_factory("negative_bias")], {},
                    [("error", "model.gradient_flow"), ("error", "model.gradient_flow"), ("error", "model.dead_units")],
                    "Every unit of hidden/0, hidden/1 is dead"),
-    "saturated_tanh": (["data.pixel_scale=1", *model_factory("saturated_tanh")], {},
+    "saturated_tanh": (["data.pixel_scale=1", model_factory("saturated_tanh")], {},
                        [("warning", "model.saturated_units")], "|tanh| > 0.99"),
 }
 
@@ -352,7 +385,7 @@ def test_planted_bug_fires(name, planted_outcomes):
 
 
 def test_forward_error_blocks_training_and_names_the_line():
-    outcome, _, _ = run_stage(model_factory("ShapeMismatch"))
+    outcome, _, _ = run_stage([model_factory("ShapeMismatch")])
     (f,) = outcome.findings
     assert BLOCKING["model.forward"] == "training"
     assert f.evidence["exception"] == "TypeError" and f.evidence["location"].split(":")[0].endswith("planted.py")

@@ -20,6 +20,7 @@ import os
 import traceback
 from typing import Any
 
+import jax
 import numpy as np
 
 from harness import losses
@@ -59,12 +60,17 @@ def probe_findings(probe: Probe, batch: int, num_outputs: int, classification: b
     if probe.error is not None:
         err = probe.error
         where = where_raised(err)
+        suggestion = ("Call the model (and the loss) on two examples by hand, e.g. model(x_train[:2]), to see the "
+                      "full traceback; check each layer's sizes against the input shape and num_outputs.")
+        if isinstance(err, jax.errors.ConcretizationTypeError):  # TracerBoolConversionError and friends
+            suggestion = ("The model branches in Python on a traced value (if/while/int() on an array): the harness "
+                          "jit-compiles it, as training under jax.jit does. Use jnp.where, jax.lax.cond or "
+                          "jax.lax.fori_loop instead.")
         return [error(
             f"{NAME}.forward",
             f"{probe.failed_stage[0].upper()}{probe.failed_stage[1:]} raised {type(err).__name__} on a batch of "
             f"{batch} examples: {first_line(err)}" + (f" (at {where})" if where else ""),
-            "Call the model (and the loss) on two examples by hand, e.g. model(x_train[:2]), to see the full "
-            "traceback; check each layer's sizes against the input shape and num_outputs.",
+            suggestion,
             stage=probe.failed_stage, exception=type(err).__name__, detail=str(err)[:2000], location=where,
         )]
     return []

@@ -129,11 +129,11 @@ def judge(stats, settings: Settings, dead_layers: list[str] = (), inputs_vary: b
         metrics[f"{NAME}/grad_ratio_median"] = median
         vanishing = {k: r for k, r in ratios.items() if r < settings.vanishing_gradient_ratio * median}
         if vanishing and median > 0:
-            listed = ", ".join(f"{k} {r / median:.1e}" for k, r in list(vanishing.items())[: settings.max_listed])
+            listed = ", ".join(f"{k} {r / median:.1e}x" for k, r in list(vanishing.items())[: settings.max_listed])
             findings.append(warning(
                 f"{NAME}.gradient_flow",
-                f"Vanishing gradients at init: |grad| / |param| of {listed} relative to the median layer's "
-                f"({median:.2g}); below {settings.vanishing_gradient_ratio:g}, these layers barely move.",
+                f"Vanishing gradients at init: the relative gradient |grad| / |param| of {listed} the median "
+                f"layer's ({median:.2g}), below {settings.vanishing_gradient_ratio:g}x: these layers barely move.",
                 "Gradients shrink through many saturating layers: use ReLU-family activations with He init, "
                 "fewer layers, residual connections or normalization layers (Glorot & Bengio 2010; He et al. 2016).",
                 layers={k: r / median for k, r in vanishing.items()}, median_ratio=median,

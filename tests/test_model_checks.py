@@ -24,6 +24,7 @@ from jax.nn import sigmoid as imported_sigmoid  # a model module that imported i
 import planted
 from harness.checks import model
 from harness.checks.model import batch_dependence, capture, forward, gradient_check, units
+from harness.checks.model import programs as model_programs
 from harness.checks.base import Context
 from harness.config import FactoryConfig, config_dir, settings_from
 from harness.engine import compile as programs
@@ -89,27 +90,29 @@ def problems(outcome, *severities):
 # Readings on hand-built arrays.
 
 
-def statistics(name, function, kind, y):
-    thresholds = dict(saturation_level=0.99, saturated_example_fraction=0.9)
-    return jax.jit(lambda y: units.statistics(capture.Activation(name, function, kind, y), thresholds))(y)
-
-
 def test_unit_statistics_known_answers():
     # 4 examples x 4 ReLU units: units 0 and 2 are zero for every example -> half the layer is dead.
-    relu_out = jnp.array([[0.0, 1.0, 0.0, 0.5], [0.0, 0.0, 0.0, 2.0], [0.0, 3.0, 0.0, 0.0], [0.0, 1.0, 0.0, 1.0]])
-    s = statistics("h", "relu", "rectifier", relu_out)
-    assert float(s["dead"]) == 0.5 and math.isnan(float(s["saturated"])) and int(s["units"]) == 4
+    relu_out = np.array([[0, 1, 0, 0.5], [0, 0, 0, 2], [0, 3, 0, 0], [0, 1, 0, 1]], np.float32)
     # tanh: unit 0 pinned at +-1 for all 10 examples, unit 1 for 8 of 10 (below 90%), unit 2 never.
-    t = np.zeros((10, 3), np.float32)
-    t[:, 0] = np.where(np.arange(10) % 2, 0.999, -0.995)
-    t[:8, 1] = 0.995
-    s = statistics("h", "tanh", "tanh", jnp.asarray(t))
-    assert float(s["saturated"]) == pytest.approx(1 / 3) and math.isnan(float(s["dead"]))
+    tanh_out = np.zeros((10, 3), np.float32)
+    tanh_out[:, 0] = np.where(np.arange(10) % 2, 0.999, -0.995)
+    tanh_out[:8, 1] = 0.995
     # sigmoid: saturated below 0.01 or above 0.99; a conv activation pools examples and positions per channel.
-    sig = jnp.stack([jnp.full((5, 2, 2), 0.005), jnp.full((5, 2, 2), 0.5)], axis=-1)
-    s = statistics("c", "sigmoid", "sigmoid", sig)
-    assert float(s["saturated"]) == 0.5 and int(s["units"]) == 2
-    assert float(units.spread(jnp.array([[0.0, 1.0], [2.0, 1.0]]))) == pytest.approx(0.5)  # stds 1 and 0
+    sigmoid_out = np.stack([np.full((5, 2, 2), 0.005), np.full((5, 2, 2), 0.5)], axis=-1).astype(np.float32)
+    inputs = np.array([[0.0, 1.0], [2.0, 1.0]], np.float32)
+    thresholds = dict(saturation_level=0.99, saturated_example_fraction=0.9)
+
+    @jax.jit  # one program for all cases
+    def stats(relu_out, tanh_out, sigmoid_out, inputs):
+        of = lambda function, kind, y: units.statistics(capture.Activation("h", function, kind, y), thresholds)  # noqa
+        return (of("relu", "rectifier", relu_out), of("tanh", "tanh", tanh_out), of("sigmoid", "sigmoid", sigmoid_out),
+                units.spread(inputs))
+
+    relu, tanh, sigmoid, spread = jax.tree.map(np.asarray, stats(relu_out, tanh_out, sigmoid_out, inputs))
+    assert relu["dead"] == 0.5 and math.isnan(relu["saturated"]) and relu["units"] == 4
+    assert tanh["saturated"] == pytest.approx(1 / 3) and math.isnan(tanh["dead"])
+    assert sigmoid["saturated"] == 0.5 and sigmoid["units"] == 2
+    assert spread == pytest.approx(0.5)  # feature stds 1 and 0
 
 
 def test_unit_judgement_thresholds():
@@ -246,9 +249,7 @@ def test_capture_leaves_other_threads_alone():
 
 @pytest.fixture(scope="module")
 def reference():
-    rc = compose(["logger=none"])
-    ctx = build_context(rc)
-    settings = rc.settings["model"]
+    ctx, settings = context()
     before = programs.STATS.compiles
     first = model.run(ctx, settings)
     middle = programs.STATS.compiles
@@ -269,7 +270,7 @@ def test_reference_job_is_healthy_with_known_numbers(reference):
         f"model/grad_norm/{layer}/{p}" for layer in ("hidden/0", "hidden/1", "out") for p in ("kernel", "bias")}
     assert m["model/batch_dependence/cross_gradient"] == 0.0 and m["model/batch_dependence/own_gradient"] > 0
     assert m["model/gradient_check/relative_error"] < 1e-6  # float64: ~1e-9 measured
-    for layer in ("hidden/0", "hidden/1"):  # He-initialized ReLU on digits: a few percent of dead units
+    for layer in ("hidden/0", "hidden/1"):  # He-initialized ReLU on digits: about 10% dead units (9-12% measured)
         assert 0 <= m[f"model/dead_fraction/{layer}"] < 0.25
     assert [row[:3] for row in o.series["model/activations"]["rows"]] == [["hidden/0", "relu", 128],
                                                                          ["hidden/1", "relu", 128]]
@@ -291,17 +292,43 @@ def test_reference_plots_draw(reference, tmp_path):
         assert path.stat().st_size > 1000
 
 
-def test_capture_failure_costs_only_the_unit_checks(monkeypatch):
-    def broken(module):
-        raise RuntimeError("cannot record")
+def test_capture_failure_costs_only_the_unit_checks(reference, monkeypatch):
+    """If recording the activations raises while tracing, the init program runs again without the recording (here
+    faked with the reference's results: the fallback logic is what is tested, without another compile)."""
+    real = model_programs.init_statistics
+    calls = []
 
-    monkeypatch.setattr(capture, "recording", broken)
-    outcome, _, _ = run_stage([model_factory("MLP")])  # a model not compiled before: its trace records
+    def flaky(*args, with_capture=True, **kwargs):
+        calls.append(with_capture)
+        if with_capture:
+            raise RuntimeError("cannot record")
+        stats, first = real(*args, with_capture=True, **kwargs)  # cached: no compile
+        return stats._replace(units={}), first
+
+    monkeypatch.setattr(model_programs, "init_statistics", flaky)
+    settings = dataclasses.replace(reference["settings"], gradient_check=False)
+    outcome = model.run(reference["ctx"], settings)
+    assert calls == [True, False]
     assert [(f.severity, f.id) for f in outcome.findings] == [(Severity.INFO, "model.dead_units")]
     assert "RuntimeError: cannot record" in outcome.findings[0].message
-    assert outcome.metrics["model/param_count"] == (64 + 1) * 64 + (64 + 1) * 64 + (64 + 1) * 10
-    assert outcome.metrics["model/initial_loss"] > 0
-    assert "model/activations" not in outcome.series and len(outcome.plots) == 1
+    assert outcome.metrics["model/initial_loss"] == reference["outcome"].metrics["model/initial_loss"]
+    assert "model/activations" not in outcome.series and [p.name for p in outcome.plots] == ["grad_norms"]
+
+
+def test_gradient_check_in_float32_precision_is_judged_as_such():
+    """A model with an explicit dtype=float32 computes in float32 even on float64 inputs: the check notices (the
+    loss's dtype), uses the float32 step and tolerance, and stays silent on this healthy model."""
+    ctx, settings = context([model_factory("float32_compute")])
+    _, eval_def = ctx.problem.graphdefs(regularization=True)
+    init = jax.jit(lambda k: nnx.split(ctx.problem.build_model(k), nnx.Param, ...)[1:]).lower(jax.random.key(0))
+    fast = {"xla_backend_optimization_level": 0, **(model_programs.compile_options() or {})}
+    params, rest = init.compile(fast)(jax.random.key(0))
+    x, y = model.sample_batch(ctx, 8)
+    result = gradient_check.run_check(ctx.problem, eval_def, params, rest, x, y, seed=0, settings=settings,
+                                      opt_level=0)
+    assert np.asarray(result.loss).dtype == np.float32
+    findings, metrics = gradient_check.judge(result, settings, 8)
+    assert findings == [] and 1e-4 < metrics["model/gradient_check/relative_error"] < gradient_check.FLOAT32_TOLERANCE
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -314,7 +341,6 @@ HEALTHY = {
     "mlp_regression": (["data=regression"], {}),
     "mlp_dropout": (["model.dropout=0.3"], {}),
     "residual_batchnorm": ([model_factory("ResidualBatchNorm")], {}),  # BatchNorm; zero-init branches
-    "float32_compute": ([model_factory("float32_compute")], dict(gradient_check=True)),
 }
 
 
@@ -325,7 +351,7 @@ def test_healthy_setups_are_silent(name):
     assert problems(outcome) == [], [f.message for f in outcome.findings]
     assert outcome.metrics["model/batch_dependence/cross_gradient"] == 0.0
     if settings.get("gradient_check"):
-        assert outcome.metrics["model/gradient_check/relative_error"] < (0.1 if name == "float32_compute" else 1e-6)
+        assert outcome.metrics["model/gradient_check/relative_error"] < 1e-6
     assert outcome.series["model/activations"]["rows"], "activations were captured"
 
 

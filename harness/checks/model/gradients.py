@@ -140,7 +140,8 @@ def judge(stats, settings: Settings, dead_layers: list[str] = (), inputs_vary: b
                 threshold=settings.vanishing_gradient_ratio,
             ))
     for layer, v in layers.items():
-        metrics[f"{NAME}/grad_ratio/{layer}"] = v["ratio"]
+        if np.isfinite(v["ratio"]):  # undefined for layers whose parameters are all zero at init
+            metrics[f"{NAME}/grad_ratio/{layer}"] = v["ratio"]
 
     if inputs_vary and np.all(stats.outputs_constant):
         findings.append(error(

@@ -74,7 +74,7 @@ class Problem:
     def has_convolutions(self) -> bool:
         """True when the model holds convolution layers (see ``needs_host_step_loop``)."""
         abstract = nnx.eval_shape(lambda: self.build_model(jax.random.key(0)))
-        return any(isinstance(m, (nnx.Conv, nnx.ConvTranspose)) for _, m in abstract.iter_modules())
+        return any(isinstance(m, (nnx.Conv, nnx.ConvTranspose)) for _, m in nnx.iter_modules(abstract))
 
 
 def needs_host_step_loop(problem: Problem) -> bool:

@@ -89,6 +89,38 @@ def test_failure_shapes():
     assert ob.failure_shape(curve(np.r_[2.3, 5.0, np.full(10, np.nan)], nonfinite=2), 0.01) == "diverged"
 
 
+def fake_result(configured_loss, final_acc, steps=500):
+    """A SweepResult for plan (lr 1e-3, probes 0.1x and 10x): configured, probes, zero input, untrained."""
+    from harness.engine.train import Hparams, SweepResult
+
+    flat = np.full(steps, 2.3)
+    loss = np.stack([configured_loss, flat, flat, flat, flat])
+    acc = np.array([[final_acc], [0.1], [0.1], [0.1], [0.1]])
+    return SweepResult(hparams=Hparams.make(n=5), loss=loss, grad_norm=np.ones_like(loss), lr=np.ones_like(loss),
+                       eval_steps=np.array([steps]), val_loss=loss[:, -1:], val_accuracy=acc,
+                       train_eval_loss=loss[:, -1:], first_nonfinite=np.full(5, -1))
+
+
+def test_memorized_but_slow_classification_passes_with_a_note():
+    """The small CNN on digits at Adam 1e-3: 100% batch accuracy, loss 0.017 at step 500 and still halving every
+    ~70 steps. It memorized the batch; failing it would be a false alarm."""
+    plan = ob.Plan(1e-3, (0.1, 10.0))
+    slow = 2.3 * np.exp(-np.arange(500) * np.log(2.3 / 0.0167) / 499)
+    g = ob.read(plan, fake_result(slow, 1.0), target=0.01, steps=500, batch_size=32, classification=True,
+                loss_name="cross_entropy", num_classes=10)
+    assert g.passed and g.on_track == pytest.approx(552, abs=5)
+    assert [f.severity.value for f in ob.findings_for(g)] == ["info"]
+    # The same curve without 100% accuracy has not memorized anything: it fails.
+    g = ob.read(plan, fake_result(slow, 0.9), target=0.01, steps=500, batch_size=32, classification=True,
+                loss_name="cross_entropy", num_classes=10)
+    assert not g.passed and g.shape == "slow"
+    # Memorized but crawling (would need 10x the budget) fails too.
+    crawl = np.concatenate([np.geomspace(2.3, 0.5, 100), np.geomspace(0.5, 0.3, 400)])
+    g = ob.read(plan, fake_result(crawl, 1.0), target=0.01, steps=500, batch_size=32, classification=True,
+                loss_name="cross_entropy", num_classes=10)
+    assert not g.passed
+
+
 def test_settings_validation_and_config_file_match():
     with pytest.raises(HarnessError, match="probe_lr_factors"):
         settings_from(ob.Settings, {"probe_lr_factors": [1.0]}, "diagnostics.overfit_batch")

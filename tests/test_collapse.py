@@ -128,7 +128,8 @@ def _harness(args, cwd, **kwargs):
 @pytest.mark.slow
 def test_collapsed_multirun_writes_every_point(tmp_path):
     args = ["-m", "~data", "+data={_target_:helpers.tiny_classification}", "model.width=16", "model.depth=1",
-            "diagnostics.run=[data,overfit_batch]", "diagnostics.overfit_batch.steps=20", "logger=none",
+            "diagnostics.run=[data,overfit_batch]", "diagnostics.overfit_batch.steps=20",
+            "diagnostics.overfit_batch.eval_every=10", "logger=none",
             "optim.lr=1e-3,1e-2", "seed=0,1"]
     proc = _harness(args, str(tmp_path))
     out, err = proc.communicate(timeout=300)

@@ -156,8 +156,6 @@ def footer(report: dict, output_dir: str | None) -> Group:
         if first.get("suggestion"):
             fix.append("\n  fix: ", style="green").append(first["suggestion"])
         parts.append(fix)
-    if output_dir:
-        parts.append(Text(f"report: {os.path.join(output_dir, 'report.md')}", style="dim"))
     return Group(*parts)
 
 
@@ -167,3 +165,6 @@ def print_report(console: Console, report: dict, output_dir: str | None):
     console.print()
     console.print(diagnostics_table(report))
     console.print(footer(report, output_dir))
+    if output_dir:
+        # Never wrapped or cropped: users copy this path, and tools grep it from piped output.
+        console.print(Text(f"report: {os.path.join(output_dir, 'report.md')}", style="dim"), soft_wrap=True)

@@ -26,7 +26,7 @@ class EngineSettings:
 
     steps_per_call: int = 500
     max_members_per_call: int = 64
-    opt_level: int | None = 0
+    opt_level: int | None = 2
     max_eval_examples: int = 2048
 
 

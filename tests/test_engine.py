@@ -138,3 +138,22 @@ def test_dropout_models_train_and_regularization_switch_turns_it_off(digits):
     assert np.all(np.isfinite(on.loss)) and np.all(np.isfinite(off.loss))
     # Half the units dropped makes the training loss noisier and higher than the deterministic network's.
     assert on.loss[0, -10:].mean() > off.loss[0, -10:].mean()
+
+
+def test_convolutional_models_step_on_the_host_on_cpu():
+    """On the CPU backend a model with convolutions trains through a per-step program (no lax.scan, where XLA's
+    CPU convolutions are ~50x slower) and gives the same kind of result: finite, decreasing loss."""
+    from harness.engine.train import needs_host_step_loop
+    from harness.models.cnn import CNN
+
+    ds = dataset.from_mapping(builtin.digits(form="image"))
+    arrays = Arrays(*ds.training_arrays())
+    build = lambda key: CNN(rngs=nnx.Rngs(key), input_shape=ds.input_shape, num_outputs=10, width=4, depth=1)  # noqa: E731
+    problem = Problem(build, losses.cross_entropy, OptimSpec(optax.adam), classification=True)
+    assert needs_host_step_loop(problem)
+    spec = TrainSpec(steps=6, batch_size=32, steps_per_call=3, max_eval_examples=64)
+    result = train_members(problem, spec, Hparams.make(lr=[3e-2, 3e-2], init_seed=[0, 1]), arrays, name="cnn_host")
+    assert result.loss.shape == (2, 6) and np.all(np.isfinite(result.loss))
+    assert list(result.eval_steps) == [3, 6]
+    assert {"cnn_host/init", "cnn_host/train", "cnn_host/eval"} <= set(programs.STATS.by_program)
+    assert programs.STATS.by_program["cnn_host/train"]["compiles"] == 1  # one step program serves every step

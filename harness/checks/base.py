@@ -16,6 +16,7 @@ import numpy as np
 
 from harness.data.dataset import Dataset
 from harness.engine.train import Arrays, Hparams, Problem, SweepResult, TrainSpec, train_members
+from harness.errors import HarnessError
 from harness.findings import Finding
 from harness.optim import OptimSpec
 
@@ -115,6 +116,15 @@ class Outcome:
     members: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # sweep rows: hparams + results
     seconds: float = 0.0
     skipped: str | None = None  # why it did not run (e.g. blocked by an earlier error)
+
+
+def require_at_least(settings, key: str, field: str, minimum, reason: str = ""):
+    """Range check for a Settings field, naming the config key: ``diagnostics.seeds.num_seeds: must be at least 2
+    (a spread needs two runs), got 1``."""
+    value = getattr(settings, field)
+    if value < minimum:
+        why = f" ({reason})" if reason else ""
+        raise HarnessError(f"must be at least {minimum}{why}, got {value}", key=f"{key}.{field}")
 
 
 def _arrays_key(arrays: Arrays):

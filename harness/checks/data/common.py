@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.checks.base import Plot
+from harness.checks.base import Plot, require_at_least
 from harness.checks.data import stats
 from harness.data.dataset import Dataset
 from harness.errors import HarnessError
@@ -68,11 +68,8 @@ class Settings:
         if self.leakage_info_fraction > self.leakage_error_fraction:
             raise HarnessError(f"must be at most leakage_error_fraction ({self.leakage_error_fraction}), got "
                                f"{self.leakage_info_fraction}", key=f"{key}.leakage_info_fraction")
-        if self.max_regression_classes < 2:
-            raise HarnessError(f"must be at least 2, got {self.max_regression_classes}",
-                               key=f"{key}.max_regression_classes")
-        if self.max_listed < 1:
-            raise HarnessError(f"must be at least 1, got {self.max_listed}", key=f"{key}.max_listed")
+        require_at_least(self, key, "max_regression_classes", 2)
+        require_at_least(self, key, "max_listed", 1)
 
 
 @dataclasses.dataclass

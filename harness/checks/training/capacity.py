@@ -41,7 +41,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from harness.checks.base import Context, Outcome, Plot
+from harness.checks.base import Context, Outcome, Plot, require_at_least
 from harness.checks.training.seeds import headline_first
 from harness.engine.train import Hparams, Problem, SweepResult
 from harness.errors import HarnessError
@@ -69,15 +69,13 @@ class Settings:
     fit_fraction: float = 0.5
 
     def validate(self, key: str):
-        if self.steps < 1:
-            raise HarnessError(f"must be at least 1, got {self.steps}", key=f"{key}.steps")
+        require_at_least(self, key, "steps", 1)
         for name in ("widths", "depths"):
             values = getattr(self, name)
             if values is not None and (not values or min(values) < 1):
                 raise HarnessError(f"must be a non-empty list of positive integers, got {list(values)}",
                                    key=f"{key}.{name}")
-        if self.seeds_per_rung < 1:
-            raise HarnessError(f"must be at least 1, got {self.seeds_per_rung}", key=f"{key}.seeds_per_rung")
+        require_at_least(self, key, "seeds_per_rung", 1)
         for name in ("min_improvement", "margin_std", "fit_fraction"):
             if getattr(self, name) < 0:
                 raise HarnessError(f"must be zero or more, got {getattr(self, name)}", key=f"{key}.{name}")

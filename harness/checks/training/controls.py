@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.checks.base import Context, Outcome, Plot
+from harness.checks.base import Context, Outcome, Plot, require_at_least
 from harness.checks.training import seeds
 from harness.engine import devices
 from harness.engine.train import Hparams, SweepResult
@@ -56,11 +56,8 @@ class Settings:
     margin_fraction: float = 0.01
 
     def validate(self, key: str):
-        if self.steps < 1:
-            raise HarnessError(f"must be at least 1, got {self.steps}", key=f"{key}.steps")
-        if self.members_per_control < 1:
-            raise HarnessError(f"must be at least 1, got {self.members_per_control}",
-                               key=f"{key}.members_per_control")
+        require_at_least(self, key, "steps", 1)
+        require_at_least(self, key, "members_per_control", 1)
         if self.margin_std < 0:
             raise HarnessError(f"must be zero or more, got {self.margin_std}", key=f"{key}.margin_std")
         if not 0 <= self.margin_fraction < 1:

@@ -31,9 +31,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from harness.checks.base import Context, Outcome, Plot
+from harness.checks.base import Context, Outcome, Plot, require_at_least
 from harness.engine.train import Arrays, Hparams, SweepResult, TrainSpec
-from harness.errors import HarnessError
 from harness.findings import Finding, error
 
 # Seeds and controls requests are padded to a multiple of this many members, so both are one program width
@@ -48,11 +47,8 @@ class Settings:
     check_determinism: bool = True
 
     def validate(self, key: str):
-        if self.steps < 1:
-            raise HarnessError(f"must be at least 1, got {self.steps}", key=f"{key}.steps")
-        if self.num_seeds < 2:
-            raise HarnessError(f"must be at least 2 (a spread needs two runs), got {self.num_seeds}",
-                               key=f"{key}.num_seeds")
+        require_at_least(self, key, "steps", 1)
+        require_at_least(self, key, "num_seeds", 2, "a spread needs two runs")
 
 
 # ---------------------------------------------------------------------------------------------------------------

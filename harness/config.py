@@ -251,7 +251,7 @@ def from_hydra(cfg: DictConfig, choices: dict[str, str] | None = None) -> RunCon
         settings[name] = settings_from(module.Settings, diagnostics.get(name), f"diagnostics.{name}")
     engine_node = dict(raw.get("engine") or {})
     cache = engine_node.pop("compilation_cache", None)
-    for process_key in ("distributed", "gpu_memory"):  # applied at process start-up: harness.sweeps.distributed
+    for process_key in ("distributed", "gpu_memory", "cpu_devices"):  # applied at process start-up: harness.sweeps.distributed
         engine_node.pop(process_key, None)
     engine = settings_from(EngineSettings, engine_node, "engine")
     logger_node = dict(raw.get("logger") or {"kind": "none"})

@@ -114,6 +114,36 @@ def test_bad_gpu_memory_names_the_key(value):
         dist.gpu_memory_setting(value)
 
 
+def test_cpu_devices_auto_is_one_per_core_unless_something_else_spreads_the_work(monkeypatch):
+    monkeypatch.setattr(dist.os, "sched_getaffinity", lambda pid: set(range(2)))
+    assert dist.cpu_device_count("auto", {}, None, None) == 2
+    assert dist.cpu_device_count("auto", {}, "hydra._internal.core_plugins.basic_launcher.BasicLauncher", None) == 2
+    monkeypatch.setattr(dist.os, "sched_getaffinity", lambda pid: set(range(96)))
+    assert dist.cpu_device_count("auto", {}, None, None) == dist.MAX_AUTO_CPU_DEVICES
+    # Jobs side by side on one host, or one process per core of a multi-process run: one device each.
+    assert dist.cpu_device_count("auto", {}, "x.JoblibLauncher", None) is None
+    assert dist.cpu_device_count("auto", {}, None, dist.Cluster("env", 2, 0, "127.0.0.1:1234")) is None
+    assert dist.cpu_device_count(3, {}, "x.JoblibLauncher", None) == 3  # an explicit count is obeyed
+    # The user's XLA flag always wins.
+    flags = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    assert dist.cpu_device_count(4, flags, None, None) is None
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, "two", True])
+def test_bad_cpu_devices_names_the_key(value):
+    with pytest.raises(HarnessError, match="engine.cpu_devices"):
+        dist.cpu_devices_setting(value)
+
+
+def test_setup_process_leaves_a_started_backend_alone():
+    # This test process already runs JAX: the device count cannot change any more, and the call must not try.
+    import jax
+
+    jax.devices()
+    setup = dist.setup_process({"cpu_devices": 2}, None, {})
+    assert setup.cpu_devices is None
+
+
 def test_setup_process_sets_memory_variables_but_user_variables_win():
     environ: dict[str, str] = {}
     setup = dist.setup_process({"gpu_memory": 0.5, "distributed": "auto"}, None, environ)

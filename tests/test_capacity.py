@@ -141,7 +141,7 @@ def test_reference_width_is_silent(reference):
     _, outcome, _ = reference
     assert outcome.skipped is None and outcome.findings == []
     m = outcome.metrics
-    assert m["capacity/rungs"] == 6 and m["capacity/masked"] is True and m["capacity/programs"] == 1
+    assert m["capacity/rungs"] == 6 and m["capacity/masked"] is True and m["capacity/programs"] == 2
     assert [m[f"capacity/params/width={w}"] for w in (8, 128)] == [682, 26122]  # 64-w-w-10 with biases
     assert m["capacity/train_loss/width=8"] > 2 * m["capacity/train_loss/width=128"]  # capacity does matter
     assert m["capacity/train_loss/width=128"] - m["capacity/train_loss/width=256"] < 0.05 * np.log(10)
@@ -149,9 +149,21 @@ def test_reference_width_is_silent(reference):
     assert len(outcome.members) == 6 and outcome.plots[0].name == "capacity"
 
 
-def test_the_default_ladder_is_one_program(reference):
+def test_the_default_ladder_is_two_programs(reference):
     _, _, compiles = reference
-    assert compiles == 1
+    assert compiles == 2  # 8...128 masked at 128, 256 alone
+
+
+@pytest.mark.parametrize("widths, bands, expected", [
+    ([8, 16, 32, 64, 128, 256], 2, [[8, 16, 32, 64, 128], [256]]),
+    ([8, 16, 32, 64, 128, 256], 1, [[8, 16, 32, 64, 128, 256]]),
+    ([8, 16, 32, 64, 128, 256], 3, [[8, 16, 32, 64], [128], [256]]),
+    ([100, 120, 256], 2, [[100, 120], [256]]),
+    ([200, 256], 2, [[200, 256]]),  # both within a factor 2 of the top: one band
+    ([16], 4, [[16]]),
+])
+def test_width_bands_halve_from_the_top(widths, bands, expected):
+    assert capacity.width_bands(widths, bands) == expected
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +181,7 @@ def test_a_model_far_too_small_is_train_capacity(too_small):
     assert finding.evidence["configured_train_loss"] > 0.5 * np.log(10)
     assert finding.evidence["best_train_loss"] < 0.3 and "width=64" in finding.evidence["better"]
     assert "underfits" in finding.message and "Increase the model's width" in finding.suggestion
-    assert outcome.metrics["capacity/programs"] == 1  # widths 2...64 masked at 64
+    assert outcome.metrics["capacity/programs"] == 2  # widths 2...32 masked at 32, 64 alone
 
 
 def test_a_second_run_compiles_nothing(too_small):
@@ -242,8 +254,9 @@ def test_collapsed_sweep_points_merge_their_ladders():
     rcs = [compose([*tiny, f"optim.lr={lr}"]) for lr in (1e-2, 3e-2)]
     before = programs.STATS.compiles
     results, trainer = collapse.run_points(rcs)
-    assert trainer.requests == 2 and trainer.merged_calls == 1  # both points' ladders: one call, one program
-    assert programs.STATS.compiles - before == 1
+    # Both points' ladders: one call per width band (4 and 8 masked at 8, 16 alone), each one program.
+    assert trainer.requests == 4 and trainer.merged_calls == 2
+    assert programs.STATS.compiles - before == 2
     rows = [r.outcomes[0].metrics for r in results]
     assert [m["capacity/rungs"] for m in rows] == [3, 3]
     assert rows[0]["capacity/train_loss/width=16"] != rows[1]["capacity/train_loss/width=16"]  # each its own lr

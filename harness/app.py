@@ -43,22 +43,40 @@ def run_and_report(rc: RunConfig, output_dir: str, *, command: list[str], consol
         from harness.report import wandb_logger
 
         wandb_logger.start_warmup(wandb_logger.resolve_mode(rc.logger.mode))
-    with terminal.progress(console, rc.diagnostics) as view:
-        result = run(rc, progress=view.update, on_outcome=view.outcome_done)
-    if not is_primary():
+    # Plots are drawn in a worker thread while later diagnostics compute (process 0 alone writes).
+    background = plots.BackgroundPlots(output_dir, warn=_warn) if is_primary() else None
+
+    def outcome_done(outcome):
+        view.outcome_done(outcome)
+        if background is not None:
+            background.submit(outcome)
+
+    try:
+        with terminal.progress(console, rc.diagnostics) as view:
+            result = run(rc, progress=view.update, on_outcome=outcome_done)
+    except BaseException:
+        if background is not None:
+            background.finish([])
+        raise
+    if background is None:
         return result  # multi-host: every process holds every member's results; process 0 writes and logs them
-    write_outputs(rc, result, output_dir, command=command, console=console, run_name=run_name, group=group)
+    plot_files = background.finish(result.outcomes)
+    write_outputs(rc, result, output_dir, command=command, console=console, run_name=run_name, group=group,
+                  plot_files=plot_files)
     return result
 
 
 def write_outputs(rc: RunConfig, result: RunResult, output_dir: str, *, command: list[str], console=None,
-                  run_name: str | None = None, group: str | None = None) -> dict:
+                  run_name: str | None = None, group: str | None = None,
+                  plot_files: dict[str, dict[str, str]] | None = None) -> dict:
     """Everything a finished run leaves behind: plots, report.json, report.md, the terminal view, then W&B.
-    Returns the report. A collapsed sweep calls this once per point (:mod:`harness.sweeps.collapse`)."""
+    Returns the report. ``plot_files``: plots already drawn (:class:`plots.BackgroundPlots`); None draws them.
+    A collapsed sweep calls this once per point (:mod:`harness.sweeps.collapse`)."""
     console = console or terminal.make_console()
     log_to_wandb = wandb_enabled(rc)
     os.makedirs(output_dir, exist_ok=True)
-    plot_files = plots.draw_all(result.outcomes, output_dir, warn=_warn)
+    if plot_files is None:
+        plot_files = plots.draw_all(result.outcomes, output_dir, warn=_warn)
     report = writer.build_report(result, config=rc.raw, command=command, environment=environment.environment(),
                                  plots=plot_files, choices=rc.choices, output_dir=os.path.abspath(output_dir))
     writer.write_json(report, output_dir)

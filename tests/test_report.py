@@ -208,6 +208,21 @@ def test_plot_names_are_made_file_safe_and_unique(tmp_path):
                                                   "plots/model-grad_norms_layer-2.png"]
 
 
+def test_background_plots_match_draw_all_whatever_the_arrival_order(tmp_path):
+    outcomes = [Outcome("data", plots=[Plot("a", "A", draw_line)]),
+                Outcome("seeds", plots=[Plot("b", "B", draw_line), Plot("broken", "Broken", draw_broken)]),
+                Outcome("capacity", plots=[Plot("c", "C", draw_line)])]
+    warnings: list[str] = []
+    background = plots.BackgroundPlots(str(tmp_path / "bg"), warn=warnings.append)
+    background.submit(outcomes[1])  # finished first (diagnostics run side by side)
+    background.submit(outcomes[0])  # capacity never submitted: drawn by finish()
+    files = background.finish(outcomes)
+    expected = plots.draw_all(outcomes, str(tmp_path / "fg"), warn=lambda m: None)
+    assert files == expected and list(files) == ["data/a", "seeds/b", "capacity/c"]
+    assert all((tmp_path / "bg" / f["path"]).stat().st_size > 0 for f in files.values())
+    assert len(warnings) == 1 and "seeds/broken" in warnings[0]
+
+
 def test_markdown_reads_in_checklist_order(written):
     md = open(os.path.join(written.dir, "report.md")).read()
     assert md.startswith("# ❌ harness report: unhealthy")
@@ -279,8 +294,11 @@ def test_progress_on_a_terminal_tracks_diagnostics(monkeypatch):
     with terminal.progress(console, ("data", "model")) as view:
         assert description(view) == "checklist: data (1/2)"
         view.update("seeds", 5, 10)
+        view.update("data/reload", 1, 4)
         view.outcome_done(Outcome("data", findings=[error("data.nonfinite", "x")]))
         assert description(view) == "checklist: model (2/2)  1 error so far"
+        # A finished diagnostic hides its own bars only: "seeds" may still be training beside it.
+        assert set(view._tasks) == {"seeds"}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ crashes on something unforeseen is recorded as skipped with the reason, and the 
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import time
@@ -22,7 +23,7 @@ from harness.checks.base import Context, Outcome
 from harness.checks.registry import diagnostic_module, stage
 from harness.config import FactoryConfig, RunConfig
 from harness.data.dataset import Dataset, from_mapping
-from harness.engine.train import Arrays, Problem
+from harness.engine.train import Arrays, Problem, train_members
 from harness.errors import HarnessError
 from harness.findings import Finding, Severity
 
@@ -145,27 +146,82 @@ def _blocked_stages(findings: list[Finding]) -> dict[str, str]:
 
 def run_diagnostics(rc: RunConfig, ctx: Context, on_outcome: Callable[[Outcome], None] | None = None
                     ) -> list[Outcome]:
+    """Run the configured diagnostics; outcomes (and ``on_outcome`` calls) come in the configured order.
+
+    The data and model stages run first, one after the other: their errors can block what follows
+    (:data:`BLOCKING`). The training diagnostics then run side by side in ``engine.concurrent_diagnostics``
+    threads: while one diagnostic's compiled program runs (XLA releases the GIL), the next one traces and compiles
+    its own, the way an accelerator is kept busy while the host prepares the next step. A diagnostic that needs
+    another's shared result (the seed-to-seed spread) waits for it (:class:`harness.checks.base.Shared`); two
+    requests for the same training or program are computed once. Results do not depend on the interleaving: each
+    compiled program is deterministic on its own.
+    """
     outcomes: list[Outcome] = []
-    for name in rc.diagnostics:
-        blocked = _blocked_stages([f for o in outcomes for f in o.findings])
-        if stage(name) in blocked:
-            outcome = Outcome(name, skipped=blocked[stage(name)])
-        else:
-            start = time.perf_counter()
-            try:
-                outcome = diagnostic_module(name).run(ctx, rc.settings[name])
-            except HarnessError:
-                raise
-            except Exception as err:  # an unforeseen failure costs this diagnostic, never the report
-                if rc.debug:
-                    raise
-                detail = traceback.format_exception_only(type(err), err)[-1].strip()
-                outcome = Outcome(name, skipped=f"crashed: {detail[:500]}")
-            outcome.seconds = time.perf_counter() - start
+    names = list(rc.diagnostics)
+    early = [n for n in names if stage(n) in ("data", "model")]
+    for name in early:
+        outcome = _run_one(rc, ctx, name, outcomes)
         outcomes.append(outcome)
         if on_outcome is not None:
             on_outcome(outcome)
+    later = [n for n in names if n not in early]
+    workers = max(1, int(getattr(ctx.engine, "concurrent_diagnostics", 1)))
+    # A collapsed sweep's batching trainer expects one request at a time from each point: sequential there.
+    if workers == 1 or len(later) < 2 or ctx.train_fn is not train_members:
+        for name in later:
+            outcome = _run_one(rc, ctx, name, outcomes)
+            outcomes.append(outcome)
+            if on_outcome is not None:
+                on_outcome(outcome)
+        return outcomes
+    shared = ctx.shared
+    for name in later:
+        for key in getattr(diagnostic_module(name), "SHARES", ()):
+            if hasattr(shared, "promise"):
+                shared.promise(key)
+    before = list(outcomes)
+
+    def task(name):
+        try:
+            return _run_one(rc, ctx, name, before)
+        finally:
+            for key in getattr(diagnostic_module(name), "SHARES", ()):
+                if hasattr(shared, "resolve"):
+                    shared.resolve(key)
+
+    # Submitted in the checklist's order, so a diagnostic that waits for another's shared result never waits for
+    # one that has not started (the executor starts tasks first-in first-out).
+    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="harness-diagnostic") as pool:
+        futures = [pool.submit(task, name) for name in later]
+        try:
+            for future in futures:
+                outcome = future.result()
+                outcomes.append(outcome)
+                if on_outcome is not None:
+                    on_outcome(outcome)
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
     return outcomes
+
+
+def _run_one(rc: RunConfig, ctx: Context, name: str, previous: list[Outcome]) -> Outcome:
+    blocked = _blocked_stages([f for o in previous for f in o.findings])
+    if stage(name) in blocked:
+        return Outcome(name, skipped=blocked[stage(name)])
+    start = time.perf_counter()
+    try:
+        outcome = diagnostic_module(name).run(ctx, rc.settings[name])
+    except HarnessError:
+        raise
+    except Exception as err:  # an unforeseen failure costs this diagnostic, never the report
+        if rc.debug:
+            raise
+        detail = traceback.format_exception_only(type(err), err)[-1].strip()
+        outcome = Outcome(name, skipped=f"crashed: {detail[:500]}")
+    outcome.seconds = time.perf_counter() - start
+    return outcome
 
 
 @dataclasses.dataclass

@@ -8,6 +8,7 @@ and ``scripts/bench.py`` print those figures, and tests assert "no recompile on 
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import os
 import threading
@@ -31,8 +32,10 @@ class ProgramStats:
 
 STATS = ProgramStats()
 _CACHE: dict[Any, Any] = {}
-# Collapsed sweeps run points in threads; the lock makes a program that several threads want compile once.
+# Diagnostics (and a collapsed sweep's points) run in threads. A program that several threads want compiles once:
+# the first compiles it, the others wait for its future; different programs compile side by side.
 _LOCK = threading.RLock()
+_IN_FLIGHT: dict[Any, concurrent.futures.Future] = {}
 _LAST_BY_NAME: dict[str, Any] = {}
 
 
@@ -57,7 +60,25 @@ def compiled(name: str, fn: Callable, *args, static_key: Any = None, opt_level: 
     # The name is only a label for the statistics: two diagnostics that build the same program share it.
     key = (static_key, opt_level, tuple(sorted((options or {}).items())), _signature(args))
     with _LOCK:
-        return _CACHE.get(key) or _compile(name, fn, args, key, opt_level, options)
+        exe = _CACHE.get(key)
+        if exe is not None:
+            return exe
+        pending = _IN_FLIGHT.get(key)
+        owner = pending is None
+        if owner:
+            pending = _IN_FLIGHT[key] = concurrent.futures.Future()
+    if not owner:
+        return pending.result()
+    try:
+        exe = _compile(name, fn, args, key, opt_level, options)
+        pending.set_result(exe)
+        return exe
+    except BaseException as err:
+        pending.set_exception(err)
+        raise
+    finally:
+        with _LOCK:
+            _IN_FLIGHT.pop(key, None)
 
 
 def _compile(name, fn, args, key, opt_level, extra_options=None):
@@ -68,12 +89,13 @@ def _compile(name, fn, args, key, opt_level, extra_options=None):
         options = {**(options or {}), **extra_options}
     exe = lowered.compile(options) if options else lowered.compile()
     elapsed = time.perf_counter() - start
-    STATS.compiles += 1
-    STATS.compile_seconds += elapsed
-    STATS.add(name, "compiles", 1)
-    STATS.add(name, "compile_seconds", elapsed)
-    _CACHE[key] = exe
-    _LAST_BY_NAME[name] = exe
+    with _LOCK:
+        STATS.compiles += 1
+        STATS.compile_seconds += elapsed
+        STATS.add(name, "compiles", 1)
+        STATS.add(name, "compile_seconds", elapsed)
+        _CACHE[key] = exe
+        _LAST_BY_NAME[name] = exe
     return exe
 
 
@@ -89,8 +111,9 @@ def run(name: str, fn: Callable, *args, static_key: Any = None, opt_level: int |
     start = time.perf_counter()
     out = jax.block_until_ready(exe(*args))
     elapsed = time.perf_counter() - start
-    STATS.run_seconds += elapsed
-    STATS.add(name, "run_seconds", elapsed)
+    with _LOCK:
+        STATS.run_seconds += elapsed
+        STATS.add(name, "run_seconds", elapsed)
     return out
 
 

@@ -18,7 +18,8 @@ from helpers import compose, replace_group
 from reference_job import fresh
 
 TINY = [*replace_group("data", "helpers.tiny_classification"), "model.width=8", "model.depth=1", "logger=none",
-        "engine.compilation_cache=null", "diagnostics.overfit_batch.steps=40", "diagnostics.overfit_batch.eval_every=20",
+        "engine.compilation_cache=null", "diagnostics.overfit_batch.steps=40",
+        "diagnostics.overfit_batch.eval_every=20",
         "diagnostics.seeds.steps=40", "diagnostics.controls.steps=40", "diagnostics.lr_range.grid_steps=30",
         "diagnostics.lr_range.grid_size=8", "diagnostics.capacity.steps=40",
         "diagnostics.run=[data,overfit_batch,seeds,controls,lr_range,capacity]"]

@@ -40,6 +40,25 @@ def sweep(problem, digits):
     return train_members(problem, SPEC, hp, arrays)
 
 
+def test_evaluations_inside_a_chunk_match_evaluations_between_chunks(problem, digits, sweep):
+    """``eval_every``: the sweep's two 20-step chunks with an evaluation after each, as one 40-step chunk that
+    evaluates after step 20 inside the program: the same curve from one compiled program."""
+    _, arrays = digits
+    hp = Hparams.make(lr=[1e-3, 1e-2, 30.0, 1e-3], init_seed=[0, 1, 2, 3], data_seed=[0, 1, 2, 3])
+    spec = dataclasses.replace(SPEC, steps_per_call=40, eval_every=20)
+    before = programs.STATS.compiles
+    inside = train_members(problem, spec, hp, arrays, name="eval_inside")
+    assert programs.STATS.compiles - before == 1
+    assert list(inside.eval_steps) == [20, 40]
+    np.testing.assert_allclose(inside.loss, sweep.loss, rtol=1e-5, atol=1e-6)
+    for field in ("val_loss", "val_accuracy", "train_eval_loss"):
+        np.testing.assert_allclose(getattr(inside, field), getattr(sweep, field), rtol=1e-5, atol=1e-6)
+    # Uneven cadence: after steps 15 and 30 inside, and at the end (40); never twice at a chunk's end.
+    uneven = train_members(problem, dataclasses.replace(spec, eval_every=15), hp, arrays, name="eval_inside")
+    assert list(uneven.eval_steps) == [15, 30, 40] and uneven.val_loss.shape == (4, 3)
+    np.testing.assert_allclose(uneven.val_loss[:, -1], sweep.val_loss[:, -1], rtol=1e-5, atol=1e-6)
+
+
 def test_result_shapes_and_eval_points(sweep):
     assert sweep.loss.shape == (4, 40)
     assert sweep.val_loss.shape == (4, 2)
@@ -155,5 +174,9 @@ def test_convolutional_models_step_on_the_host_on_cpu():
     result = train_members(problem, spec, Hparams.make(lr=[3e-2, 3e-2], init_seed=[0, 1]), arrays, name="cnn_host")
     assert result.loss.shape == (2, 6) and np.all(np.isfinite(result.loss))
     assert list(result.eval_steps) == [3, 6]
+    with_cadence = train_members(problem, dataclasses.replace(spec, steps_per_call=6, eval_every=2),
+                                 Hparams.make(lr=[3e-2, 3e-2], init_seed=[0, 1]), arrays, name="cnn_host")
+    assert list(with_cadence.eval_steps) == [2, 4, 6]  # the host loop evaluates when due, like the scan
+    np.testing.assert_allclose(with_cadence.val_loss[:, -1], result.val_loss[:, -1], rtol=1e-5, atol=1e-6)
     assert {"cnn_host/init", "cnn_host/train", "cnn_host/eval"} <= set(programs.STATS.by_program)
     assert programs.STATS.by_program["cnn_host/train"]["compiles"] == 1  # one step program serves every step

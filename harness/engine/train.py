@@ -101,6 +101,7 @@ class TrainSpec:
     fixed_batch: bool = False  # train on the whole (small) training array every step: overfit one batch
     regularization: bool = True
     steps_per_call: int = 500  # chunk length: progress and validation are evaluated between chunks
+    eval_every: int = 0  # also evaluate after every this many steps, inside the chunk (0: at chunk ends only)
     max_members_per_call: int = 64
     return_params: bool = False
     max_eval_examples: int = 2048
@@ -164,6 +165,7 @@ class Records(NamedTuple):
     loss: Any
     grad_norm: Any
     lr: Any
+    evals: Any = None  # with ``eval_every``: (val_loss, val_acc, fit_loss) after every step, NaN when not due
 
 
 @dataclasses.dataclass
@@ -217,9 +219,20 @@ def _label_permutation(hp: Hparams, n: int):
     return jnp.where(hp.label_seed >= 0, perm, jnp.arange(n))
 
 
-def train_chunk(problem: Problem, spec: TrainSpec, train_def, state: State, hp: Hparams, arrays: Arrays, t0):
+def eval_due(spec: TrainSpec, t, chunk_end):
+    """Whether the evaluation after step ``t`` (0-based) happens inside the chunk (``spec.eval_every``): due every
+    ``eval_every`` steps, except at the chunk's end, where the chunk's own evaluation runs anyway."""
+    done = t + 1
+    return (spec.eval_every > 0) & (done % max(spec.eval_every, 1) == 0) & (done < chunk_end) & (done < spec.steps)
+
+
+def train_chunk(problem: Problem, spec: TrainSpec, train_def, state: State, hp: Hparams, arrays: Arrays, t0,
+                evaluate: Callable[[State], Any] | None = None):
     """``spec.steps_per_call`` optimizer steps for one member, from global step ``t0``; steps past ``spec.steps``
-    are masked (no update), which lets every chunk reuse one compiled program."""
+    are masked (no update), which lets every chunk reuse one compiled program. With ``spec.eval_every`` and
+    ``evaluate(state)``, the evaluations due inside the chunk run there too (``lax.cond`` on the step, which is
+    the same for every member, so under vmap only the due steps pay for it): a diagnostic that wants a curve of
+    evaluations is one chunk, hence one compiled program, instead of a chunk per evaluation."""
     n_train = arrays.x_train.shape[0]
     perm = _label_permutation(hp, n_train)
     tx = make_optimizer(problem.optim, hp.lr, hp.weight_decay)
@@ -266,7 +279,13 @@ def train_chunk(problem: Problem, spec: TrainSpec, train_def, state: State, hp: 
             first_nonfinite=jnp.where(now_bad, t.astype(jnp.int32), state.first_nonfinite),
         )
         recorded = jnp.where(state.alive & in_range, loss, jnp.nan)
-        return new_state, Records(recorded, jnp.where(in_range, grad_norm, jnp.nan), lr_t)
+        evals = None
+        if evaluate is not None and spec.eval_every > 0:
+            nan = jnp.full((), jnp.nan, jnp.float32)
+            evals = jax.lax.cond(eval_due(spec, t, t0 + spec.steps_per_call),
+                                 lambda: tuple(jnp.asarray(v, jnp.float32) for v in evaluate(new_state)),
+                                 lambda: (nan, nan, nan))
+        return new_state, Records(recorded, jnp.where(in_range, grad_norm, jnp.nan), lr_t, evals)
 
     if spec.steps_per_call == 1:  # the host step loop: no while loop in the program (needs_host_step_loop)
         new_state, rec = step(state, jnp.asarray(t0))
@@ -341,8 +360,11 @@ def train_members(
         """One chunk of steps, then the evaluation, for every member: one program, not two."""
 
         def member(s, h):
-            s, rec = train_chunk(problem, spec, train_def, s, h, data, t0)
-            return s, rec, evaluate_member(problem, eval_def, s, h, data, x_fit)
+            def evaluate(state):
+                return evaluate_member(problem, eval_def, state, h, data, x_fit)
+
+            s, rec = train_chunk(problem, spec, train_def, s, h, data, t0, evaluate)
+            return s, rec, evaluate(s)
 
         return jax.vmap(member)(state, hp)
 
@@ -355,7 +377,11 @@ def train_members(
 
     host_loop = needs_host_step_loop(problem)
     if host_loop:
-        step_spec = dataclasses.replace(spec, steps_per_call=1)
+        # Chunking and evaluation cadence happen on the host here: they must not change the programs' keys.
+        step_spec = dataclasses.replace(spec, steps_per_call=1, eval_every=0)
+
+        def host_key(kind):
+            return (problem, step_spec, kind)
 
         def init_states(hp):
             return jax.vmap(lambda h: init_member(problem, h))(hp)
@@ -370,16 +396,20 @@ def train_members(
             """The same chunk as ``advance``, with the step loop on the host. XLA's default optimization level:
             level 0 leaves CPU convolutions several times slower still."""
             if state is None:
-                state = devices.shard_members(programs.run(f"{name}/init", init_states, hp, static_key=key("init")))
-            recs = []
+                state = programs.run(f"{name}/init", init_states, hp, static_key=host_key("init"))
+                state = devices.shard_members(state)
+            recs, inside = [], []
             for t in range(c * per_call, (c + 1) * per_call):
                 state, rec = programs.run(f"{name}/train", one_step, state, hp, data, np.int32(t),
-                                          static_key=key("step"))
+                                          static_key=host_key("step"))
                 state = devices.shard_members(state)
-                recs.append(rec)
+                recs.append(rec._replace(evals=None))
+                if bool(eval_due(spec, t, (c + 1) * per_call)):
+                    inside.append((t + 1, programs.run(f"{name}/eval", evaluate, state, hp, data, x_fit,
+                                                       static_key=host_key("eval"))))
             rec = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1), *recs)
-            ev = programs.run(f"{name}/eval", evaluate, state, hp, data, x_fit, static_key=key("eval"))
-            return state, rec, ev
+            ev = programs.run(f"{name}/eval", evaluate, state, hp, data, x_fit, static_key=host_key("eval"))
+            return state, rec, ev, inside
 
     outputs = []
     for group in groups:
@@ -388,8 +418,9 @@ def train_members(
         records, evals, eval_steps = [], [], []
         state = None
         for c in range(calls):
+            inside = []  # (step, evaluation) due inside this chunk (spec.eval_every)
             if host_loop:
-                state, rec, ev = host_chunk(state, hp, c)
+                state, rec, ev, inside = host_chunk(state, hp, c)
             elif state is None:
                 state, rec, ev = programs.run(f"{name}/train", first_call, hp, data, x_fit, static_key=key("first"),
                                               opt_level=spec.opt_level, options=cpu_options())
@@ -401,7 +432,17 @@ def train_members(
             # and one executable serves them all (another layout would be another program).
             state = devices.shard_members(state)
             # to_host: multi-host, every process gathers every member (harness.engine.devices).
-            records.append(jax.tree.map(lambda a: a[:real], devices.to_host(rec)))
+            rec = jax.tree.map(lambda a: a[:real], devices.to_host(rec))
+            if rec.evals is not None:
+                steps_here = np.arange(c * per_call, (c + 1) * per_call)
+                due = np.asarray(eval_due(spec, steps_here, (c + 1) * per_call))
+                inside = [(int(t) + 1, tuple(np.asarray(v)[:, j] for v in rec.evals))
+                          for j, t in enumerate(steps_here) if due[j]]
+                rec = rec._replace(evals=None)
+            records.append(rec)
+            for step, inside_ev in inside:
+                evals.append(jax.tree.map(lambda a: np.asarray(a)[:real], devices.to_host(inside_ev)))
+                eval_steps.append(step)
             evals.append(jax.tree.map(lambda a: a[:real], devices.to_host(ev)))
             eval_steps.append(min((c + 1) * per_call, spec.steps))
             done += 1

@@ -9,8 +9,8 @@ high, numerical instabilities...").
 
 The batch: ``batch_size`` examples chosen deterministically (class-stratified, in dataset order; independent of
 ``seed``), so the same request from many sweep points is one merged program. The engine trains on it every step
-(``fixed_batch``) and, given ``Arrays(xb, yb, xb, yb)``, evaluates loss and accuracy on the same batch between
-chunks of ``eval_every`` steps.
+(``fixed_batch``) and, given ``Arrays(xb, yb, xb, yb)``, evaluates loss and accuracy on the same batch every
+``eval_every`` steps (inside the training program: one compile).
 
 Members of the one program (all on the same batch and init):
 
@@ -359,8 +359,9 @@ def run_program(ctx, settings: Settings) -> tuple[Plan, Arrays, SweepResult]:
     arrays, _ = batch_arrays(ctx, settings)
     lr = settings.lr if settings.lr is not None else ctx.optim.lr
     plan = Plan(float(lr), tuple(settings.probe_lr_factors))
+    # The evaluations every ``eval_every`` steps run inside the chunk (TrainSpec.eval_every): one program.
     spec = ctx.spec(settings.steps, fixed_batch=True, batch_size=len(arrays.x_train), regularization=False,
-                    steps_per_call=settings.eval_every)
+                    eval_every=settings.eval_every)
     return plan, arrays, ctx.train(NAME, spec, plan.hparams(ctx.seed), arrays)
 
 

@@ -173,6 +173,19 @@ def test_series_are_read_as_curves():
     assert wandb_logger.curves({"x": [1, 2, 3], "y": [1, 2]}, []) is None  # mismatched axis
 
 
+def test_line_charts_leave_gaps_for_non_finite_points_and_thin_long_curves():
+    import wandb
+
+    diverged = [1.0, 0.5, float("nan"), float("inf")]
+    chart = wandb_logger.line_chart(wandb, "loss", wandb_logger.curves(np.array([[2.0, 1.0, 0.5, 0.25], diverged]),
+                                                                       ["#0", "#1"]), "loss")
+    rows = chart.table.data
+    assert [r for r in rows if r[1] == "#1"] == [[0.0, "#1", 1.0], [1.0, "#1", 0.5]]  # a gap, not None cells
+    assert len(rows) == 6 and all(r[2] is not None for r in rows)
+    long = wandb_logger.curves(np.ones((1, 5000)), ["#0"])
+    assert len(wandb_logger.line_chart(wandb, "loss", long, "loss").table.data) == wandb_logger.MAX_CHART_POINTS
+
+
 def test_series_become_charts_against_their_axes():
     series = {
         "lr_range/ramp_lr": [1e-4, 1e-3, 1e-2], "lr_range/ramp_loss": [2.0, 1.0, 3.0],

@@ -44,25 +44,23 @@ def run_and_report(rc: RunConfig, output_dir: str, *, command: list[str], consol
 
         wandb_logger.start_warmup(wandb_logger.resolve_mode(rc.logger.mode))
     # Plots are drawn in a worker thread while later diagnostics compute (process 0 alone writes).
-    background = plots.BackgroundPlots(output_dir, warn=_warn) if is_primary() else None
+    background = plots.BackgroundPlots(warn=_warn) if is_primary() else None
 
     def outcome_done(outcome):
         view.outcome_done(outcome)
         if background is not None:
-            background.submit(outcome)
+            background.submit(outcome, output_dir)
 
     try:
         with terminal.progress(console, rc.diagnostics) as view:
             result = run(rc, progress=view.update, on_outcome=outcome_done)
-    except BaseException:
+    finally:
         if background is not None:
-            background.finish([])
-        raise
+            background.close()
     if background is None:
         return result  # multi-host: every process holds every member's results; process 0 writes and logs them
-    plot_files = background.finish(result.outcomes)
     write_outputs(rc, result, output_dir, command=command, console=console, run_name=run_name, group=group,
-                  plot_files=plot_files)
+                  plot_files=background.files(result.outcomes, output_dir))
     return result
 
 

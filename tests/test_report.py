@@ -213,14 +213,16 @@ def test_background_plots_match_draw_all_whatever_the_arrival_order(tmp_path):
                 Outcome("seeds", plots=[Plot("b", "B", draw_line), Plot("broken", "Broken", draw_broken)]),
                 Outcome("capacity", plots=[Plot("c", "C", draw_line)])]
     warnings: list[str] = []
-    background = plots.BackgroundPlots(str(tmp_path / "bg"), warn=warnings.append)
-    background.submit(outcomes[1])  # finished first (diagnostics run side by side)
-    background.submit(outcomes[0])  # capacity never submitted: drawn by finish()
-    files = background.finish(outcomes)
+    background = plots.BackgroundPlots(warn=warnings.append)
+    background.submit(outcomes[1], str(tmp_path / "bg"))  # finished first (diagnostics run side by side)
+    background.submit(outcomes[0], str(tmp_path / "bg"))  # capacity never submitted: drawn by files()
+    background.submit(outcomes[0], str(tmp_path / "other"))  # another sweep point's directory
+    files = background.files(outcomes, str(tmp_path / "bg"))
     expected = plots.draw_all(outcomes, str(tmp_path / "fg"), warn=lambda m: None)
     assert files == expected and list(files) == ["data/a", "seeds/b", "capacity/c"]
     assert all((tmp_path / "bg" / f["path"]).stat().st_size > 0 for f in files.values())
     assert len(warnings) == 1 and "seeds/broken" in warnings[0]
+    assert background.files(outcomes[:1], str(tmp_path / "other")) == {"data/a": expected["data/a"]}
 
 
 def test_markdown_reads_in_checklist_order(written):

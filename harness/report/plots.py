@@ -94,40 +94,49 @@ def draw_outcome(outcome, output_dir: str, files: dict[str, dict[str, str]], *, 
 class BackgroundPlots:
     """Draws each diagnostic's plots in one worker thread as soon as the diagnostic finishes, while the next
     diagnostic computes (drawing the default suite's nine PNGs costs about 2 s of Python; the compiled programs
-    release the GIL). Only this thread touches pyplot while it runs. ``finish()`` waits and returns what
-    :func:`draw_all` would have, in the diagnostics' order, whatever order the outcomes arrived in.
+    release the GIL). A collapsed sweep sends every point's outcomes, each with the point's own directory. Only
+    this thread touches pyplot while it runs. ``close()`` waits for the queue; ``files(outcomes, output_dir)`` then
+    returns what :func:`draw_all` would have, in the diagnostics' order, whatever order the outcomes arrived in
+    (an outcome never submitted is drawn then).
     """
 
-    def __init__(self, output_dir: str, *, warn=None):
+    def __init__(self, *, warn=None):
         import queue
         import threading
 
-        self.output_dir, self.warn = output_dir, warn
+        self.warn = warn
         self._queue: queue.Queue = queue.Queue()
-        self._drawn: dict[str, dict[str, dict[str, str]]] = {}  # diagnostic -> its files
+        self._files: dict[str, dict[str, dict[str, str]]] = {}  # output_dir -> key -> file entry
+        self._drawn: dict[tuple[str, str], list[str]] = {}  # (output_dir, diagnostic) -> its keys
         self._thread = threading.Thread(target=self._work, name="harness-plots", daemon=True)
         self._thread.start()
 
-    def submit(self, outcome) -> None:
-        self._queue.put(outcome)
+    def submit(self, outcome, output_dir: str) -> None:
+        self._queue.put((outcome, output_dir))
 
     def _work(self):
-        files: dict[str, dict[str, str]] = {}
-        while (outcome := self._queue.get()) is not None:
-            before = set(files)
-            try:
-                draw_outcome(outcome, self.output_dir, files, warn=self.warn)
-            except Exception as err:  # e.g. matplotlib missing a font: the report goes on without plots
-                (self.warn or print)(f"plots of {outcome.name!r} could not be drawn ({type(err).__name__}: {err})")
-            self._drawn[outcome.name] = {k: files[k] for k in files if k not in before}
+        while (item := self._queue.get()) is not None:
+            outcome, output_dir = item
+            self._draw(outcome, output_dir)
 
-    def finish(self, outcomes) -> dict[str, dict[str, str]]:
-        self._queue.put(None)
-        self._thread.join()
-        files: dict[str, dict[str, str]] = {}
+    def _draw(self, outcome, output_dir: str):
+        files = self._files.setdefault(output_dir, {})
+        before = set(files)
+        try:
+            draw_outcome(outcome, output_dir, files, warn=self.warn)
+        except Exception as err:  # e.g. matplotlib missing a font: the report goes on without plots
+            (self.warn or print)(f"plots of {outcome.name!r} could not be drawn ({type(err).__name__}: {err})")
+        self._drawn[(output_dir, outcome.name)] = [k for k in files if k not in before]
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def files(self, outcomes, output_dir: str) -> dict[str, dict[str, str]]:
+        self.close()
         for outcome in outcomes:
-            if outcome.name not in self._drawn:  # never submitted: draw it now
-                draw_outcome(outcome, self.output_dir, files, warn=self.warn)
-            else:
-                files.update(self._drawn[outcome.name])
-        return files
+            if (output_dir, outcome.name) not in self._drawn:  # never submitted: draw it now
+                self._draw(outcome, output_dir)
+        drawn = self._files.get(output_dir, {})
+        return {k: drawn[k] for o in outcomes for k in self._drawn[(output_dir, o.name)]}

@@ -23,6 +23,7 @@ from harness.checks.base import Context, Outcome
 from harness.checks.registry import diagnostic_module, stage
 from harness.config import FactoryConfig, RunConfig
 from harness.data.dataset import Dataset, from_mapping
+from harness.engine import devices
 from harness.engine.train import Arrays, Problem, train_members
 from harness.errors import HarnessError
 from harness.findings import Finding, Severity
@@ -166,8 +167,11 @@ def run_diagnostics(rc: RunConfig, ctx: Context, on_outcome: Callable[[Outcome],
             on_outcome(outcome)
     later = [n for n in names if n not in early]
     workers = max(1, int(getattr(ctx.engine, "concurrent_diagnostics", 1)))
-    # A collapsed sweep's batching trainer expects one request at a time from each point: sequential there.
-    if workers == 1 or len(later) < 2 or ctx.train_fn is not train_members:
+    # Sequential where the order of programs must be the same everywhere: a collapsed sweep's batching trainer
+    # expects one request at a time from each point, and in a multi-process run every process must launch the
+    # same sharded programs in the same order (their collectives would otherwise wait for each other forever).
+    if (workers == 1 or len(later) < 2 or ctx.train_fn is not train_members
+            or devices.process_count() > 1):
         for name in later:
             outcome = _run_one(rc, ctx, name, outcomes)
             outcomes.append(outcome)

@@ -154,3 +154,25 @@ def test_a_crashed_producer_neither_blocks_its_consumers_nor_the_report(monkeypa
     assert [o.name for o in result.outcomes] == ["seeds", "controls"]
     assert result.outcomes[0].skipped == "crashed: ZeroDivisionError: seeds broke"
     assert result.outcomes[1].metrics == {"controls/ran": 1} and seen == {"spread": None}
+
+
+@pytest.mark.parametrize("processes, workers, side_by_side", [(1, 2, True), (2, 2, False), (1, 1, False)])
+def test_diagnostics_run_side_by_side_only_where_the_order_may_vary(monkeypatch, processes, workers, side_by_side):
+    """Multi-process runs must launch the same sharded programs in the same order on every process: sequential."""
+    import harness.pipeline
+    from harness.engine import devices
+    from harness.pipeline import run
+
+    threads = {}
+
+    def fake(name):
+        def check(ctx, settings):
+            threads[name] = threading.current_thread().name
+            return Outcome(name)
+        return types.SimpleNamespace(run=check)
+
+    monkeypatch.setattr(devices, "process_count", lambda: processes)
+    monkeypatch.setattr(harness.pipeline, "diagnostic_module", fake)
+    run(compose([*TINY, "diagnostics.run=[seeds,controls]", f"engine.concurrent_diagnostics={workers}"]))
+    in_workers = {n: t.startswith("harness-diagnostic") for n, t in threads.items()}
+    assert in_workers == {"seeds": side_by_side, "controls": side_by_side}

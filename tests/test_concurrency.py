@@ -176,3 +176,19 @@ def test_diagnostics_run_side_by_side_only_where_the_order_may_vary(monkeypatch,
     run(compose([*TINY, "diagnostics.run=[seeds,controls]", f"engine.concurrent_diagnostics={workers}"]))
     in_workers = {n: t.startswith("harness-diagnostic") for n, t in threads.items()}
     assert in_workers == {"seeds": side_by_side, "controls": side_by_side}
+
+
+def test_training_after_a_broken_model_is_skipped_whether_side_by_side_or_not():
+    """A blocking model error (the forward pass raises) skips the training diagnostics, with why, in both modes."""
+    from harness.pipeline import run
+
+    broken = [*replace_group("data", "helpers.tiny_classification"),
+              *replace_group("model", "planted.ShapeMismatch", width=8, depth=1), "logger=none",
+              "engine.compilation_cache=null", "diagnostics.seeds.steps=20", "diagnostics.controls.steps=20",
+              "diagnostics.run=[model,seeds,controls]"]
+    for workers in (2, 1):
+        result = run(compose([*broken, f"engine.concurrent_diagnostics={workers}"]))
+        model, seeds, controls = result.outcomes
+        assert [f.id for f in model.findings if f.severity.value == "error"] == ["model.forward"]
+        assert seeds.skipped and seeds.skipped.startswith("skipped: model.forward")
+        assert controls.skipped == seeds.skipped and not seeds.findings and not seeds.metrics

@@ -394,16 +394,17 @@ PLANTED = {
 }
 
 
-@pytest.fixture(scope="module")
-def planted_outcomes():
-    return {}
+@functools.cache
+def planted_outcome(name):
+    """The model stage's outcome on one planted bug, computed once per test process (whichever test asks first)."""
+    overrides, settings, _, _ = PLANTED[name]
+    return run_stage(overrides, **settings)[0]
 
 
 @pytest.mark.parametrize("name", list(PLANTED))
-def test_planted_bug_fires(name, planted_outcomes):
-    overrides, settings, expected, text = PLANTED[name]
-    outcome, ctx, _ = run_stage(overrides, **settings)
-    planted_outcomes[name] = outcome
+def test_planted_bug_fires(name):
+    _, _, expected, text = PLANTED[name]
+    outcome = planted_outcome(name)
     assert sorted(problems(outcome)) == sorted(expected), [f.message for f in outcome.findings]
     assert any(text in f.message for f in outcome.findings), [f.message for f in outcome.findings]
     for f in outcome.findings:
@@ -419,9 +420,8 @@ def test_forward_error_blocks_training_and_names_the_line():
     assert outcome.metrics["model/param_count"] > 0  # counted from the abstract model, before anything ran
 
 
-def test_planted_evidence_numbers(planted_outcomes):
-    if {"deep_sigmoid", "dead_relus", "wrong_backward"} - set(planted_outcomes):
-        pytest.skip("needs the planted runs above")
+def test_planted_evidence_numbers():
+    planted_outcomes = {name: planted_outcome(name) for name in ("deep_sigmoid", "dead_relus", "wrong_backward")}
     (grad,) = [f for f in planted_outcomes["deep_sigmoid"].findings if f.id == "model.gradient_flow"]
     assert "hidden/0" in grad.evidence["layers"] and grad.evidence["layers"]["hidden/0"] < 1e-2
     (dead,) = [f for f in planted_outcomes["dead_relus"].findings if f.id == "model.dead_units"]

@@ -186,7 +186,8 @@ def main():
         d = results["default"] = bench_default(workdir)
         cp = d["cold_programs"]
         print(f"default run ({d['status']}): cold {d['cold_seconds']:.1f} s, warm {d['warm_seconds']:.1f} s "
-              f"(median of {len(d['warm_runs'])}) as a fresh process; {cp['compiles']} compiles")
+              f"(median of {len(d['warm_runs'])}) as a fresh process; {cp['compiles']} compiles, "
+              f"{cp.get('compile_wall_seconds', cp['compile_seconds']):.1f} s of the cold run compiling")
         print(f"  vs sequential PyTorch ({PYTORCH_SECONDS:.0f} s, {PYTORCH_PROCESS_SECONDS:.0f} s as a process): "
               f"cold {d['cold_seconds'] / PYTORCH_PROCESS_SECONDS:.2f}x, warm "
               f"{d['warm_seconds'] / PYTORCH_PROCESS_SECONDS:.2f}x of its time "

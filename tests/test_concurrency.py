@@ -192,3 +192,9 @@ def test_training_after_a_broken_model_is_skipped_whether_side_by_side_or_not():
         assert [f.id for f in model.findings if f.severity.value == "error"] == ["model.forward"]
         assert seeds.skipped and seeds.skipped.startswith("skipped: model.forward")
         assert controls.skipped == seeds.skipped and not seeds.findings and not seeds.metrics
+
+
+def test_compile_wall_time_counts_overlapping_compiles_once():
+    stats = programs.ProgramStats(compile_intervals=[(0.0, 2.0), (1.0, 3.0), (5.0, 6.0), (5.5, 5.7)])
+    assert stats.compile_wall_seconds == pytest.approx(4.0)  # [0, 3] and [5, 6]
+    assert programs.ProgramStats().compile_wall_seconds == 0.0

@@ -20,14 +20,28 @@ import jax
 
 @dataclasses.dataclass
 class ProgramStats:
+    """Compile and run seconds, summed over programs (and over threads: diagnostics run side by side, so the sums
+    can exceed the wall time; ``compile_wall_seconds`` is the time during which anything was compiling)."""
+
     compiles: int = 0
     compile_seconds: float = 0.0
     run_seconds: float = 0.0
     by_program: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
+    compile_intervals: list[tuple[float, float]] = dataclasses.field(default_factory=list)
 
     def add(self, name: str, field: str, value: float):
         entry = self.by_program.setdefault(name, {"compiles": 0, "compile_seconds": 0.0, "run_seconds": 0.0})
         entry[field] += value
+
+    @property
+    def compile_wall_seconds(self) -> float:
+        """The length of the union of the compile intervals."""
+        total, end = 0.0, float("-inf")
+        for a, b in sorted(self.compile_intervals):
+            if b > end:
+                total += b - max(a, end)
+                end = b
+        return total
 
 
 STATS = ProgramStats()
@@ -92,6 +106,7 @@ def _compile(name, fn, args, key, opt_level, extra_options=None):
     with _LOCK:
         STATS.compiles += 1
         STATS.compile_seconds += elapsed
+        STATS.compile_intervals.append((start, start + elapsed))
         STATS.add(name, "compiles", 1)
         STATS.add(name, "compile_seconds", elapsed)
         _CACHE[key] = exe

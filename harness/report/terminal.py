@@ -144,7 +144,8 @@ def footer(report: dict, output_dir: str | None) -> Group:
     line = Text("status: ").append(status, style="bold green" if status == "healthy" else "bold red")
     line.append(f"  {fmt.counts_text(counts)} · {fmt.seconds(report.get('seconds'))} · "
                 f"{fmt.plural(programs.get('compiles', 0), 'compile')} "
-                f"({fmt.seconds(programs.get('compile_seconds'))} compiling)", style="dim")
+                f"({fmt.seconds(programs.get('compile_wall_seconds', programs.get('compile_seconds')))} compiling)",
+                style="dim")
     parts = [line]
     not_run = [n for n, d in report["diagnostics"].items() if d.get("skipped")]
     if not_run:

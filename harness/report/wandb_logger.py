@@ -340,6 +340,7 @@ def main_summary(report: dict, result) -> dict[str, Any]:
         "harness/seconds": report.get("seconds"),
         "harness/compiles": report["programs"].get("compiles"),
         "harness/compile_seconds": report["programs"].get("compile_seconds"),
+        "harness/compile_wall_seconds": report["programs"].get("compile_wall_seconds"),
     }
     for f in reversed(report["findings"]):  # most severe last, so it wins
         summary[f"finding/{f['id']}"] = f["severity"]

@@ -94,7 +94,9 @@ def build_report(result: RunResult, *, config: dict, command: list[str], environ
             }
             for o in result.outcomes
         },
+        # Sums over programs and threads; compile_wall_seconds: the time anything was compiling.
         "programs": {"compiles": STATS.compiles, "compile_seconds": round(STATS.compile_seconds, 3),
+                     "compile_wall_seconds": round(STATS.compile_wall_seconds, 3),
                      "run_seconds": round(STATS.run_seconds, 3), "by_program": STATS.by_program},
         "plots": plots,
         "seconds": round(result.seconds, 3),
@@ -146,7 +148,8 @@ def _run_line(report: dict) -> str:
     n = len(report["diagnostics"])
     programs = report.get("programs", {})
     parts += [fmt.plural(n, "diagnostic"), fmt.seconds(report.get("seconds")),
-              f"{fmt.plural(programs.get('compiles', 0), 'compile')} ({fmt.seconds(programs.get('compile_seconds'))})"]
+              f"{fmt.plural(programs.get('compiles', 0), 'compile')} "
+              f"({fmt.seconds(programs.get('compile_wall_seconds', programs.get('compile_seconds')))})"]
     return " · ".join(parts)
 
 

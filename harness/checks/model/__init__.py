@@ -77,7 +77,7 @@ def run(ctx: Context, settings: Settings) -> Outcome:
 
     if settings.gradient_check and all(np.all(v) for v in stats.grad_finite.values()):
         result = gradient_check.run_check(problem, eval_def, params0, rest0, x, y, seed=ctx.seed, settings=settings,
-                                          opt_level=ctx.engine.opt_level)
+                                          opt_level=programs.RUN_ONCE_OPT_LEVEL)
         add(outcome, *gradient_check.judge(result, settings, min(settings.gradient_check_examples, len(x))))
     outcome.metrics = headline_first(outcome.metrics)
     return outcome
@@ -98,7 +98,7 @@ def init_statistics(ctx: Context, settings: Settings, eval_def, train_def, x, y,
     def statistics(with_capture: bool):
         return programs.init_statistics(ctx.problem, eval_def, train_def, x, y, seed=ctx.seed,
                                         init_seeds=settings.init_seeds, rows=rows, thresholds=thresholds,
-                                        opt_level=ctx.engine.opt_level, with_capture=with_capture)
+                                        opt_level=programs.RUN_ONCE_OPT_LEVEL, with_capture=with_capture)
 
     try:
         return (*statistics(with_capture=True), [])

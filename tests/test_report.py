@@ -395,3 +395,22 @@ def test_debug_lets_a_crash_raise(tmp_path, monkeypatch):
     fake_diagnostics(monkeypatch, {"model": model_check})
     with pytest.raises(ZeroDivisionError):
         run(rc)
+
+
+def test_background_workers_import_heavy_packages_one_at_a_time(monkeypatch):
+    """The plot worker's matplotlib import and the W&B warmup's wandb import share one lock: two threads importing
+    packages with shared modules at once can hit "partially initialized module" ImportErrors (seen in a fresh venv)."""
+    from harness.report import imports
+
+    held = []
+
+    class Recording:
+        def __enter__(self):
+            held.append(True)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(imports, "BACKGROUND_IMPORT_LOCK", Recording())
+    plt = imports.matplotlib_pyplot()
+    assert held == [True] and plt.get_backend().lower() == "agg"

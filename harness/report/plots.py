@@ -64,10 +64,9 @@ def draw_outcome(outcome, output_dir: str, files: dict[str, dict[str, str]], *, 
     """Draw one diagnostic's plots, adding their entries to ``files`` (see :func:`draw_all`)."""
     if not outcome.plots:
         return  # no matplotlib import (about 0.3 s) when there is nothing to draw
-    import matplotlib
+    from harness.report.imports import matplotlib_pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = matplotlib_pyplot()
 
     warn = warn or (lambda message: print(f"harness: warning: {message}", file=sys.stderr))
     os.makedirs(os.path.join(output_dir, PLOT_DIR), exist_ok=True)

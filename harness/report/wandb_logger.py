@@ -86,11 +86,14 @@ class _Warmup:
 
     @staticmethod
     def _work(mode: str):
-        try:
-            import wandb
-            import wandb.sdk.launch  # noqa: F401  # the first init imports it (0.4 s); do it off the critical path
+        from harness.report.imports import BACKGROUND_IMPORT_LOCK
 
-            wandb.setup(_setup_settings(mode))
+        try:
+            with BACKGROUND_IMPORT_LOCK:  # not beside the plot worker's matplotlib import (see that module)
+                import wandb
+                import wandb.sdk.launch  # noqa: F401  # the first init imports it (0.4 s): off the critical path
+
+                wandb.setup(_setup_settings(mode))
         except BaseException:  # noqa: BLE001  # log_run imports and sets up again on the main thread, where a
             pass  # failure becomes the usual "W&B logging failed" warning instead of a thread traceback
 

@@ -37,7 +37,7 @@ def run_and_report(rc: RunConfig, output_dir: str, *, command: list[str], consol
     """
     from harness.engine.devices import is_primary
 
-    enable_persistent_cache(rc.compilation_cache)
+    enable_caches(rc)
     console = console or terminal.make_console()
     if wandb_enabled(rc) and is_primary():
         from harness.report import wandb_logger
@@ -62,6 +62,14 @@ def run_and_report(rc: RunConfig, output_dir: str, *, command: list[str], consol
     write_outputs(rc, result, output_dir, command=command, console=console, run_name=run_name, group=group,
                   plot_files=background.files(result.outcomes, output_dir))
     return result
+
+
+def enable_caches(rc: RunConfig):
+    """JAX's persistent compilation cache and harness's traced-program cache (``engine.compilation_cache``,
+    ``engine.program_cache``). The user's factories' packages join the program cache's key: editing them must
+    retrace their programs."""
+    roots = {target.split(".")[0] for target in (rc.data.target, rc.model.target, rc.loss.target)}
+    enable_persistent_cache(rc.compilation_cache, programs=rc.program_cache, code_roots=roots)
 
 
 def write_outputs(rc: RunConfig, result: RunResult, output_dir: str, *, command: list[str], console=None,

@@ -55,6 +55,7 @@ class RunConfig:
     settings: dict[str, Any]  # diagnostic name -> its frozen Settings
     engine: EngineSettings
     compilation_cache: str | None
+    program_cache: bool  # also keep traced programs (harness.engine.exported); needs compilation_cache
     logger: LoggerConfig
     seed: int
     batch_size: int
@@ -251,6 +252,7 @@ def from_hydra(cfg: DictConfig, choices: dict[str, str] | None = None) -> RunCon
         settings[name] = settings_from(module.Settings, diagnostics.get(name), f"diagnostics.{name}")
     engine_node = dict(raw.get("engine") or {})
     cache = engine_node.pop("compilation_cache", None)
+    program_cache = _coerce(engine_node.pop("program_cache", True), bool, "engine.program_cache")
     for process_key in ("distributed", "gpu_memory", "cpu_devices"):  # applied at process start-up: harness.sweeps.distributed
         engine_node.pop(process_key, None)
     engine = settings_from(EngineSettings, engine_node, "engine")
@@ -269,6 +271,7 @@ def from_hydra(cfg: DictConfig, choices: dict[str, str] | None = None) -> RunCon
         settings=settings,
         engine=engine,
         compilation_cache=cache,
+        program_cache=program_cache,
         logger=logger,
         seed=_number(raw.get("seed", 0), "seed", integer=True, nonnegative=True),
         batch_size=_number(raw.get("batch_size", 128), "batch_size", integer=True, positive=True),

@@ -66,8 +66,20 @@ def child_main(out_path: str):
     calls = []
     chunked = train_members(problem, SPEC, sweep(10), arrays, progress=lambda done, total: calls.append(total))
     one_call = train_members(problem, dataclasses.replace(SPEC, max_members_per_call=16), sweep(10), arrays)
+    # The traced-program cache (harness.engine.exported) with members sharded over 8 devices: stored, then reused
+    # by "another process" (the in-memory executables cleared), with the same results.
+    from harness.engine import exported
+
+    exported.enable(os.path.join(os.path.dirname(out_path), "programs"))
+    stored_problem = dataclasses.replace(problem, fingerprint=("test_sharding", "tiny-mlp"))
+    stored = train_members(stored_problem, SPEC, sweep(5), arrays)
+    programs.clear_cache()
+    reused_before = programs.STATS.traces_reused
+    reused = train_members(stored_problem, SPEC, sweep(5), arrays)
+    exported.enable(None)
     np.savez(out_path, five=five.loss, five_val=five.final_val_loss, chunked=chunked.loss, one_call=one_call.loss,
-             chunked_val=chunked.final_val_loss, one_call_val=one_call.final_val_loss)
+             chunked_val=chunked.final_val_loss, one_call_val=one_call.final_val_loss, stored=stored.loss,
+             reused=reused.loss, reused_count=programs.STATS.traces_reused - reused_before)
     with open(out_path + ".json", "w") as f:
         json.dump({"device_count": devices.device_count(), "placements": placements, "chunk_calls": calls,
                    "hp_shardings": [str(s) for s in hp_shardings],
@@ -104,6 +116,13 @@ def test_sharded_sweep_matches_the_single_device_run(eight_devices):
     np.testing.assert_allclose(results["five"], alone.loss, rtol=1e-3, atol=1e-4)
     np.testing.assert_allclose(results["five_val"], alone.final_val_loss, rtol=1e-3, atol=1e-4)
     assert np.all(alone.loss[:, -5:].mean(axis=1) < alone.loss[:, :5].mean(axis=1))
+
+
+def test_traced_programs_are_reused_across_processes_with_members_on_8_devices(eight_devices):
+    results, _ = eight_devices
+    assert int(results["reused_count"]) == 1
+    np.testing.assert_array_equal(results["reused"], results["stored"])
+    np.testing.assert_array_equal(results["stored"], results["five"])
 
 
 def test_more_members_than_a_call_holds_run_in_chunks_with_the_same_results(eight_devices):

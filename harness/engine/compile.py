@@ -17,6 +17,8 @@ from typing import Any, Callable
 
 import jax
 
+from harness.engine import exported
+
 
 @dataclasses.dataclass
 class ProgramStats:
@@ -24,6 +26,7 @@ class ProgramStats:
     can exceed the wall time; ``compile_wall_seconds`` is the time during which anything was compiling)."""
 
     compiles: int = 0
+    traces_reused: int = 0  # compiles whose traced program came from harness.engine.exported's cache
     compile_seconds: float = 0.0
     run_seconds: float = 0.0
     by_program: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
@@ -97,14 +100,17 @@ def compiled(name: str, fn: Callable, *args, static_key: Any = None, opt_level: 
 
 def _compile(name, fn, args, key, opt_level, extra_options=None):
     start = time.perf_counter()
-    lowered = jax.jit(fn).lower(*args)
     options = {"xla_backend_optimization_level": opt_level} if opt_level is not None else None
     if extra_options:
         options = {**(options or {}), **extra_options}
-    exe = lowered.compile(options) if options else lowered.compile()
+    exe, reused = _through_program_cache(name, fn, args, key, options)
+    if exe is None:
+        lowered = jax.jit(fn).lower(*args)
+        exe = lowered.compile(options) if options else lowered.compile()
     elapsed = time.perf_counter() - start
     with _LOCK:
         STATS.compiles += 1
+        STATS.traces_reused += int(reused)
         STATS.compile_seconds += elapsed
         STATS.compile_intervals.append((start, start + elapsed))
         STATS.add(name, "compiles", 1)
@@ -112,6 +118,27 @@ def _compile(name, fn, args, key, opt_level, extra_options=None):
         _CACHE[key] = exe
         _LAST_BY_NAME[name] = exe
     return exe
+
+
+def _through_program_cache(name, fn, args, key, options):
+    """(executable, whether its trace was reused) through harness.engine.exported, or (None, False) when that
+    cache is off, the program cannot be keyed across processes, or JAX cannot export it: then trace as usual."""
+    if not exported.enabled():
+        return None, False
+    static_key, opt_level, _, signature = key
+    try:
+        entry = exported.entry_key(static_key, signature, opt_level, options)
+    except exported.Unkeyable:
+        return None, False
+    found = exported.load(entry)
+    reused = found is not None
+    try:
+        if found is None:
+            found = exported.export_and_store(entry, fn, args, name)
+        return exported.compile_exported(*found, args, options), reused
+    except Exception:  # noqa: BLE001 - not exportable (host callbacks, unstable custom calls) or a stale entry
+        # The plain path below traces again: a genuine error in the user's model surfaces from there, unchanged.
+        return None, False
 
 
 def last_executable(name: str):
@@ -137,13 +164,16 @@ def clear_cache():
     _CACHE.clear()
 
 
-def enable_persistent_cache(directory: str | None):
-    """Turn on JAX's persistent compilation cache so a second process skips XLA compiles.
+def enable_persistent_cache(directory: str | None, *, programs: bool = True, code_roots=()):
+    """Turn on JAX's persistent compilation cache so a second process skips XLA compiles, and with ``programs``
+    harness's cache of traced programs in its ``programs/`` subdirectory, so it skips tracing too
+    (harness.engine.exported; ``code_roots``: top-level packages of the user's factories).
 
     ``JAX_COMPILATION_CACHE_DIR`` (JAX's own variable) wins over the config key, as users of JAX expect.
     """
     directory = os.environ.get("JAX_COMPILATION_CACHE_DIR") or directory
     if not directory:
+        exported.enable(None)
         return None
     directory = os.path.expanduser(directory)
     os.makedirs(directory, exist_ok=True)
@@ -151,4 +181,5 @@ def enable_persistent_cache(directory: str | None):
     # Cache every program: ours are small and compile in about a second, below JAX's default 1 s threshold.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    exported.enable(os.path.join(directory, "programs") if programs else None, code_roots)
     return directory

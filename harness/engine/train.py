@@ -60,6 +60,15 @@ class Problem:
     def __hash__(self):
         return hash(self.fingerprint) if self.fingerprint is not None else id(self)
 
+    def stable_key(self):
+        """What identifies this problem's programs in another process (harness.engine.exported): the
+        fingerprint; without one the problem has only an identity, and its programs are not stored."""
+        if self.fingerprint is None:
+            from harness.engine.exported import Unkeyable
+
+            raise Unkeyable("a Problem without a fingerprint")
+        return self.fingerprint
+
     def graphdefs(self, regularization: bool):
         """Graph definitions for training and for evaluation. Without regularization, dropout-like layers are
         switched to deterministic for training too (the overfit-one-batch test turns regularization off)."""

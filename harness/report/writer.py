@@ -94,8 +94,10 @@ def build_report(result: RunResult, *, config: dict, command: list[str], environ
             }
             for o in result.outcomes
         },
-        # Sums over programs and threads; compile_wall_seconds: the time anything was compiling.
-        "programs": {"compiles": STATS.compiles, "compile_seconds": round(STATS.compile_seconds, 3),
+        # Sums over programs and threads; compile_wall_seconds: the time anything was compiling; traces_reused:
+        # compiles whose traced program came from the program cache (harness.engine.exported).
+        "programs": {"compiles": STATS.compiles, "traces_reused": STATS.traces_reused,
+                     "compile_seconds": round(STATS.compile_seconds, 3),
                      "compile_wall_seconds": round(STATS.compile_wall_seconds, 3),
                      "run_seconds": round(STATS.run_seconds, 3), "by_program": STATS.by_program},
         "plots": plots,

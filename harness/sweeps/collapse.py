@@ -258,8 +258,7 @@ def load_group(path: str) -> tuple[dict, list[RunConfig | HarnessError]]:
 def run_group(path: str, *, command: list[str]) -> int:
     """The job the sweeper launches for a group: run its points merged, then write each point's outputs into the
     point's own directory (report.json, report.md, plots, W&B run), as if it had run alone."""
-    from harness.app import write_outputs
-    from harness.engine.compile import enable_persistent_cache
+    from harness.app import enable_caches, write_outputs
     from harness.engine.devices import is_primary
     from harness.report.plots import BackgroundPlots
 
@@ -276,7 +275,7 @@ def run_group(path: str, *, command: list[str]) -> int:
             rcs.append(rc)
     if not rcs:
         return code
-    enable_persistent_cache(rcs[0].compilation_cache)
+    enable_caches(rcs[0])
     # Every point's plots are drawn in one worker thread while the merged programs run (16 points' PNGs cost
     # about 30 s of Python after the run otherwise).
     background = BackgroundPlots() if is_primary() else None

@@ -157,7 +157,8 @@ def rung_problem(ctx: Context, overrides: tuple[tuple[str, int], ...]) -> Proble
     """The model at one rung's size: its own program."""
     base = ctx.problem
     return _derived(base, ("rung", overrides), lambda: Problem(
-        functools.partial(ctx.build_model, **dict(overrides)), base.loss_fn, base.optim, base.classification))
+        functools.partial(ctx.build_model, **dict(overrides)), base.loss_fn, base.optim, base.classification,
+        fingerprint=None if base.fingerprint is None else (base.fingerprint, "rung", overrides)))
 
 
 def width_from_key(key) -> jax.Array:
@@ -193,7 +194,9 @@ def masked_problem(ctx: Context, width_key: str, full_width: int, fixed: tuple[t
             return None
         if not width_mask.is_masked(model):
             return None
-        return Problem(build, base.loss_fn, base.optim, base.classification)
+        return Problem(build, base.loss_fn, base.optim, base.classification,
+                       fingerprint=None if base.fingerprint is None else (base.fingerprint, "masked", width_key,
+                                                                           full_width, fixed))
 
     return _derived(base, ("masked", width_key, full_width, fixed), make)
 

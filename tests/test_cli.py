@@ -251,3 +251,48 @@ def test_exit_codes_are_documented():
     doc = cli.__doc__
     for code in (cli.EXIT_OK, cli.EXIT_FINDINGS, cli.EXIT_BAD_INPUT, cli.EXIT_INTERNAL):
         assert re.search(rf"^\* {code}: ", doc, re.M)
+
+
+class _Exited(Exception):
+    def __init__(self, how, code):
+        super().__init__(how, code)
+        self.how, self.code = how, code
+
+
+@pytest.mark.parametrize("raised, code", [(None, 0), (SystemExit(None), 0), (SystemExit(2), 2),
+                                          (SystemExit("bad"), 1)])
+def test_the_script_exits_promptly_with_mains_code(monkeypatch, raised, code):
+    """``console_main`` ends the process with os._exit after the atexit handlers (skipping the slow teardown of
+    JAX's objects), keeping main's exit code by sys.exit's rules."""
+    import atexit
+
+    def fake_main():
+        if raised is not None:
+            raise raised
+
+    ran = []
+    monkeypatch.setattr(cli, "main", fake_main)
+    monkeypatch.setattr(atexit, "_run_exitfuncs", lambda: ran.append("atexit"))
+    monkeypatch.setattr(os, "_exit", lambda c: (_ for _ in ()).throw(_Exited("os._exit", c)))
+    with pytest.raises(_Exited) as exited:
+        cli.console_main()
+    assert (exited.value.how, exited.value.code) == ("os._exit", code)
+    assert ran == ["atexit"]
+
+
+def test_the_script_exits_normally_while_a_worker_thread_is_unfinished(monkeypatch):
+    """A live non-daemon thread means unfinished work: exit the normal way, which waits for it."""
+    import threading
+
+    release = threading.Event()
+    worker = threading.Thread(target=release.wait)
+    worker.start()
+    monkeypatch.setattr(cli, "main", lambda: None)
+    monkeypatch.setattr(os, "_exit", lambda c: pytest.fail("must not end the process under a live thread"))
+    try:
+        with pytest.raises(SystemExit) as exited:
+            cli.console_main()
+        assert exited.value.code == 0
+    finally:
+        release.set()
+        worker.join()

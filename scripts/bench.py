@@ -80,22 +80,28 @@ def bench_machine() -> dict:
 
 
 def bench_default(workdir: str) -> dict:
-    """The default run cold and warm, plus warm ablations side by side (medians of three): diagnostics one at a
-    time (engine.concurrent_diagnostics=1) and one CPU device per core (engine.cpu_devices=<cores>)."""
+    """The default run cold and warm, plus ablations side by side: cold without the traced-program cache, and warm
+    (medians of three) with every program traced again (engine.program_cache=false), with diagnostics one at a
+    time (engine.concurrent_diagnostics=1) and with one CPU device per core (engine.cpu_devices=<cores>)."""
     cache = os.path.join(workdir, "jax-cache")
     shutil.rmtree(cache, ignore_errors=True)
     cold = run_process(harness_command(), workdir, cache)
     cold_report = latest_report(workdir)
+    # Cold without the traced-program cache (its own empty cache directory): what storing the programs costs.
+    untraced_cache = os.path.join(workdir, "jax-cache-no-programs")
+    cold_without_programs = run_process(harness_command("engine.program_cache=false"), workdir, untraced_cache)
     warm_runs = [run_process(harness_command(), workdir, cache) for _ in range(3)]
     warm_report = latest_report(workdir)
     ablations = {}
     cores = min(len(os.sched_getaffinity(0)), 8)
-    for label, override in (("diagnostics one at a time", "engine.concurrent_diagnostics=1"),
+    for label, override in (("every program traced again (engine.program_cache=false)", "engine.program_cache=false"),
+                            ("diagnostics one at a time", "engine.concurrent_diagnostics=1"),
                             (f"{cores} CPU devices (one per core)", f"engine.cpu_devices={cores}")):
         run_process(harness_command(override), workdir, cache)  # fills the cache for its own programs
         ablations[label] = sorted(run_process(harness_command(override), workdir, cache) for _ in range(3))[1]
     return {
         "cold_seconds": cold,
+        "cold_without_program_cache_seconds": cold_without_programs,
         "warm_seconds": sorted(warm_runs)[1],  # the median of three
         "warm_runs": warm_runs,
         "warm_ablations": ablations,
@@ -192,6 +198,8 @@ def main():
               f"cold {d['cold_seconds'] / PYTORCH_PROCESS_SECONDS:.2f}x, warm "
               f"{d['warm_seconds'] / PYTORCH_PROCESS_SECONDS:.2f}x of its time "
               f"(targets: 0.50x cold, 0.25x warm)")
+        print(f"  cold without the traced-program cache (engine.program_cache=false): "
+              f"{d['cold_without_program_cache_seconds']:.1f} s")
         for label, seconds in d["warm_ablations"].items():
             print(f"  warm with {label}: {seconds:.1f} s ({seconds / d['warm_seconds']:.2f}x the default's time)")
         print(f"  cold, per program (training diagnostics run side by side, so these sum over threads; "

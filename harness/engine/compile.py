@@ -131,14 +131,27 @@ def _through_program_cache(name, fn, args, key, options):
     except exported.Unkeyable:
         return None, False
     found = exported.load(entry)
-    reused = found is not None
-    try:
-        if found is None:
-            found = exported.export_and_store(entry, fn, args, name)
-        return exported.compile_exported(*found, args, options), reused
-    except Exception:  # noqa: BLE001 - not exportable (host callbacks, unstable custom calls) or a stale entry
-        # The plain path below traces again: a genuine error in the user's model surfaces from there, unchanged.
+    if found is exported.UNEXPORTABLE:
         return None, False
+    reused = found is not None
+    if found is None:
+        try:
+            found = exported.export_and_store(entry, fn, args, name)
+        except Exception as err:  # noqa: BLE001 - host callbacks, custom calls without a stable ABI, ...
+            # The plain path traces again: a genuine error in the user's model surfaces from there, unchanged.
+            _remember_unexportable(entry, name, err)
+            return None, False
+    try:
+        return exported.compile_exported(*found, args, options), reused
+    except Exception:  # noqa: BLE001 - an entry this JAX cannot compile any more: trace as usual
+        return None, False
+
+
+def _remember_unexportable(entry: str, name: str, err: Exception):
+    try:
+        exported.store_unexportable(entry, name, f"{type(err).__name__}: {err}"[:500])
+    except OSError:  # a read-only cache directory: the next process tries again
+        pass
 
 
 def last_executable(name: str):

@@ -206,8 +206,12 @@ def _flat(fn: Callable, in_tree, out_trees: list):
     return flat
 
 
+UNEXPORTABLE = "unexportable"  # what load() answers for a program JAX refused to export with this code
+
+
 def load(key: str):
-    """(exported, out_tree) from the entry ``key``, or None when there is none or it cannot be read."""
+    """(exported, out_tree) from the entry ``key``; UNEXPORTABLE when this code's program could not be exported;
+    None when there is no entry or it cannot be used."""
     from jax import export
 
     path = os.path.join(_CONFIG.directory, key)
@@ -216,11 +220,20 @@ def load(key: str):
             entry = pickle.load(f)
         if entry.get("format") != FORMAT_VERSION or not sources_unchanged(entry["sources"]):
             return None  # traced by other code: trace again and overwrite it
+        if entry.get("unexportable"):
+            return UNEXPORTABLE
         return export.deserialize(bytearray(entry["exported"])), entry["out_tree"]
     except FileNotFoundError:
         return None
     except Exception:  # a truncated or foreign file: trace again and overwrite it
         return None
+
+
+def store_unexportable(key: str, name: str, reason: str):
+    """Remember that this program could not be exported, so later processes trace it once instead of twice
+    (a failed export has already paid for a full trace). Editing the sources retries, as for any entry."""
+    entry = {"format": FORMAT_VERSION, "name": name, "unexportable": reason, "sources": loaded_sources()}
+    _write_atomically(os.path.join(_CONFIG.directory, key), pickle.dumps(entry))
 
 
 def export_and_store(key: str, fn: Callable, args, name: str):
@@ -232,7 +245,10 @@ def export_and_store(key: str, fn: Callable, args, name: str):
     exported = export.export(jax.jit(_flat(fn, in_tree, out_trees)))(*leaves)
     entry = {"format": FORMAT_VERSION, "name": name, "exported": exported.serialize(), "out_tree": out_trees[0],
              "sources": loaded_sources()}
-    _write_atomically(os.path.join(_CONFIG.directory, key), pickle.dumps(entry))
+    try:
+        _write_atomically(os.path.join(_CONFIG.directory, key), pickle.dumps(entry))
+    except OSError:  # a full or read-only disk: this process still uses the program it traced
+        pass
     return exported, out_trees[0]
 
 

@@ -10,6 +10,8 @@ Sections (each prints ratios measured side by side in this one run, since shared
             its compile share and each program's compile vs run seconds (from report.json)
   grid      the LR grid (32 LRs x 200 steps, reference job) vmapped in one program vs the same jitted training
             called once per LR; achieved FLOP/s of the vmapped program (XLA's cost analysis / run time)
+  floor     the LR grid written by hand in plain JAX (no harness engine) and the import time of jax, flax and
+            optax: with the default run's sequential training time, a floor for a warm run on this machine
   sweep     a 16-point sweep (4 learning rates x 4 seeds) of the reference job three ways: collapsed into vmapped
             programs, the same sweep with collapse=false, and one process per point (a shell loop, as job arrays
             and sweep agents do)
@@ -99,6 +101,8 @@ def bench_default(workdir: str) -> dict:
                             (f"{cores} CPU devices (one per core)", f"engine.cpu_devices={cores}")):
         run_process(harness_command(override), workdir, cache)  # fills the cache for its own programs
         ablations[label] = sorted(run_process(harness_command(override), workdir, cache) for _ in range(3))[1]
+        if override == "engine.concurrent_diagnostics=1":
+            sequential_programs = latest_report(workdir)["programs"]
     return {
         "cold_seconds": cold,
         "cold_without_program_cache_seconds": cold_without_programs,
@@ -108,6 +112,7 @@ def bench_default(workdir: str) -> dict:
         "status": cold_report["status"],
         "cold_programs": cold_report["programs"],
         "warm_programs": warm_report["programs"],
+        "warm_sequential_programs": sequential_programs,
         "cold_in_process_seconds": cold_report["seconds"],
         "diagnostic_seconds": {k: v["seconds"] for k, v in cold_report["diagnostics"].items()},
     }
@@ -152,6 +157,58 @@ def bench_grid() -> dict:
             "achieved_gflops": flops / vmapped["run_seconds"] / 1e9}
 
 
+def bench_floor() -> dict:
+    """What the machine allows whatever the implementation: the LR grid's training written by hand in plain JAX
+    (no harness engine: no NNX, no non-finite masking, no evaluation) as one jitted, vmapped scan, and the time a
+    fresh process needs just to import jax, flax.nnx and optax. The default run's sequential training time scaled
+    by (engine / plain-JAX throughput), plus that import time, is a floor for a warm run on this machine."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    sizes, batch, steps, members = (64, 128, 128, 10), 128, 200, 32
+    x_all = jax.random.normal(jax.random.key(0), (1348, 64))
+    y_all = jax.random.randint(jax.random.key(1), (1348,), 0, 10)
+
+    def loss_fn(params, x, y):
+        h = x
+        for i, (w, b) in enumerate(params):
+            h = h @ w + b
+            h = jax.nn.relu(h) if i < len(params) - 1 else h
+        return optax.softmax_cross_entropy_with_integer_labels(h, y).mean()
+
+    def train(lr, key):
+        keys = jax.random.split(key, len(sizes) - 1)
+        params = [(jax.random.normal(k, (a, b)) / np.sqrt(a), jnp.zeros(b))
+                  for k, a, b in zip(keys, sizes[:-1], sizes[1:])]
+        tx = optax.adam(lr)
+
+        def step(carry, t):
+            params, opt_state = carry
+            idx = jax.random.randint(jax.random.fold_in(key, t), (batch,), 0, x_all.shape[0])
+            loss, grads = jax.value_and_grad(loss_fn)(params, x_all[idx], y_all[idx])
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), loss
+
+        return jax.lax.scan(step, (params, tx.init(params)), jnp.arange(steps))[1]
+
+    lrs, keys = jnp.logspace(-5, 0, members), jax.random.split(jax.random.key(2), members)
+    program = jax.jit(jax.vmap(train)).lower(lrs, keys).compile()
+    program(lrs, keys).block_until_ready()
+    run = min(_timed(lambda: program(lrs, keys).block_until_ready()) for _ in range(3))
+    flops = 6 * sum(a * b for a, b in zip(sizes[:-1], sizes[1:])) * batch * steps * members
+    imports = sorted(_timed(lambda: subprocess.run([sys.executable, "-c", "import jax, flax.nnx, optax"],
+                                                   check=True)) for _ in range(3))[1]
+    return {"plain_jax_grid_seconds": run, "plain_jax_gflops": flops / run / 1e9, "import_seconds": imports}
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def bench_sweep(workdir: str) -> dict:
     cache = os.path.join(workdir, "jax-cache-sweep")
     lrs, seeds = ["3e-4", "1e-3", "3e-3", "1e-2"], ["0", "1", "2", "3"]
@@ -179,7 +236,7 @@ def bench_sweep(workdir: str) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="machine,default,grid,sweep")
+    parser.add_argument("--only", default="machine,default,grid,floor,sweep")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     only = set(args.only.split(","))
@@ -219,6 +276,19 @@ def main():
         print(f"  achieved {g['achieved_gflops']:.1f} GFLOP/s ({g['program_flops'] / 1e9:.0f} GFLOP in the "
               f"program)" + (f", {g['achieved_gflops'] / results['machine']['matmul_gflops']:.0%} of matmul peak"
                              if "machine" in results else ""))
+    if "floor" in only:
+        f = results["floor"] = bench_floor()
+        print(f"floor: the LR grid written by hand in plain JAX (one jitted vmapped scan, no harness) runs in "
+              f"{f['plain_jax_grid_seconds']:.2f} s = {f['plain_jax_gflops']:.1f} GFLOP/s; importing jax, flax.nnx "
+              f"and optax takes {f['import_seconds']:.2f} s in a fresh process")
+        if "default" in results and "grid" in results:
+            sequential = results["default"]["warm_sequential_programs"]["run_seconds"]
+            ratio = results["grid"]["achieved_gflops"] / f["plain_jax_gflops"]
+            floor = sequential * ratio + f["import_seconds"]
+            print(f"  the default run's training, one diagnostic at a time, runs {sequential:.1f} s (warm); at "
+                  f"plain-JAX throughput ({ratio:.2f}x the engine's time) that is {sequential * ratio:.1f} s, so a "
+                  f"warm run cannot take less than about {floor:.1f} s here "
+                  f"(target {0.25 * PYTORCH_PROCESS_SECONDS:.1f} s)")
     if "sweep" in only:
         s = results["sweep"] = bench_sweep(workdir)
         print(f"16-point sweep (4 LRs x 4 seeds): collapsed {s['collapsed_seconds']:.1f} s, collapse=false "

@@ -134,16 +134,14 @@ def _through_program_cache(name, fn, args, key, options):
     if found is exported.UNEXPORTABLE:
         return None, False
     reused = found is not None
-    if found is None:
-        try:
-            found = exported.export_and_store(entry, fn, args, name)
-        except Exception as err:  # noqa: BLE001 - host callbacks, custom calls without a stable ABI, ...
-            # The plain path traces again: a genuine error in the user's model surfaces from there, unchanged.
-            _remember_unexportable(entry, name, err)
-            return None, False
     try:
+        if found is None:
+            found = exported.export_and_store(entry, fn, args, name)
         return exported.compile_exported(*found, args, options), reused
-    except Exception:  # noqa: BLE001 - an entry this JAX cannot compile any more: trace as usual
+    except Exception as err:  # noqa: BLE001 - host callbacks, custom calls without a stable ABI, ...
+        # The plain path traces again: a genuine error in the user's model surfaces from there, unchanged. The
+        # record keeps later processes from paying for the failed attempt again.
+        _remember_unexportable(entry, name, err)
         return None, False
 
 

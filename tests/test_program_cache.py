@@ -196,13 +196,18 @@ def test_the_cli_reuses_traced_programs_across_processes(tmp_path):
             "logger=none", f"engine.compilation_cache={cache}"]
     env = cli_env()
     env.pop("JAX_COMPILATION_CACHE_DIR")  # the config key decides here
-    reports = []
+    reports, stdouts = [], []
     for i in range(2):
         proc = run_cli([*args, f"hydra.run.dir={tmp_path}/run{i}"], str(tmp_path), env=env)
         assert proc.returncode == 0, proc.stderr[-2000:]
         reports.append(json.loads((tmp_path / f"run{i}" / "report.json").read_text()))
+        stdouts.append(" ".join(proc.stdout.split()))  # the terminal view wraps at 80 columns when piped
     first, second = (r["programs"] for r in reports)
     assert first["compiles"] == second["compiles"] >= 3
     assert first["traces_reused"] == 0 and second["traces_reused"] == second["compiles"]
     assert len(os.listdir(cache / "programs")) == first["compiles"]
     assert reports[0]["metrics"] == reports[1]["metrics"]
+    # The status line and report.md say so.
+    n = second["compiles"]
+    assert "traces reused" not in stdouts[0] and f"{n} traces reused" in stdouts[1]
+    assert f"{n} traces reused" in (tmp_path / "run1" / "report.md").read_text()

@@ -173,3 +173,13 @@ def _dumps(obj: Any, indent: int, level: int) -> str:
         body = ",\n".join(inner + _dumps(v, indent, level + 1) for v in obj)
         return "[\n" + body + "\n" + pad + "]"
     return _scalar_json(obj)
+
+
+def compiles(programs: dict, verb: str = "") -> str:
+    """'7 compiles (1.5 s compiling, 7 traces reused)': the status line's program summary (``verb`` after the
+    seconds; traces reused from the program cache when there were any)."""
+    spent = seconds(programs.get("compile_wall_seconds", programs.get("compile_seconds")))
+    reused = programs.get("traces_reused") or 0
+    return (f"{plural(programs.get('compiles', 0), 'compile')} ({spent}{verb}"
+            f"{f', {reused} traces reused' if reused else ''})")
+

@@ -137,20 +137,13 @@ def diagnostics_table(report: dict) -> Table:
     return table
 
 
-def _reused(programs: dict) -> str:
-    reused = programs.get("traces_reused") or 0
-    return f", {reused} traces reused" if reused else ""
-
-
 def footer(report: dict, output_dir: str | None) -> Group:
     status = report["status"]
     counts = report.get("counts") or fmt.counts(report["findings"])
     programs = report.get("programs") or {}
     line = Text("status: ").append(status, style="bold green" if status == "healthy" else "bold red")
     line.append(f"  {fmt.counts_text(counts)} · {fmt.seconds(report.get('seconds'))} · "
-                f"{fmt.plural(programs.get('compiles', 0), 'compile')} "
-                f"({fmt.seconds(programs.get('compile_wall_seconds', programs.get('compile_seconds')))} compiling"
-                f"{_reused(programs)})", style="dim")
+                f"{fmt.compiles(programs, ' compiling')}", style="dim")
     parts = [line]
     not_run = [n for n, d in report["diagnostics"].items() if d.get("skipped")]
     if not_run:

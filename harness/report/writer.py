@@ -149,9 +149,7 @@ def _run_line(report: dict) -> str:
         parts.append(f"lr={fmt.number(optim['lr'])}")
     n = len(report["diagnostics"])
     programs = report.get("programs", {})
-    parts += [fmt.plural(n, "diagnostic"), fmt.seconds(report.get("seconds")),
-              f"{fmt.plural(programs.get('compiles', 0), 'compile')} "
-              f"({fmt.seconds(programs.get('compile_wall_seconds', programs.get('compile_seconds')))})"]
+    parts += [fmt.plural(n, "diagnostic"), fmt.seconds(report.get("seconds")), fmt.compiles(programs)]
     return " · ".join(parts)
 
 

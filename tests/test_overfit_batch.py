@@ -221,6 +221,34 @@ def test_regression_job_passes():
     assert out.metrics["overfit_batch/target_loss"] == pytest.approx(0.01 * np.var(ctx.arrays.y_train[:32]), rel=1e-4)
 
 
+def smoothed_cross_entropy(logits, labels, smoothing=0.1):
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
+
+
+def test_reference_loss_floor_is_zero(reference):
+    assert 0 <= reference.metrics["overfit_batch/loss_floor"] < 1e-6
+    assert reference.metrics["overfit_batch/target_loss"] == pytest.approx(0.01)
+
+
+def test_label_smoothed_loss_passes_at_its_floor(digits_ctx):
+    """Label smoothing makes 0 unreachable: the loss's minimum is the entropy of the smoothed targets. A healthy
+    model memorizes the batch down to that floor, and must pass (it used to fail with a 'plateau' error)."""
+    ctx = with_problem(digits_ctx, loss=smoothed_cross_entropy, loss_name="smoothed_cross_entropy")
+    out = ob.run(ctx, FAST)
+    p_true, p_other = 0.9 + 0.1 / 10, 0.1 / 10
+    entropy = -(p_true * np.log(p_true) + 9 * p_other * np.log(p_other))
+    assert out.metrics["overfit_batch/loss_floor"] == pytest.approx(entropy, rel=1e-3)
+    assert out.findings == [] and out.metrics["overfit_batch/passed"] is True
+
+
+def test_the_floor_does_not_hide_a_model_that_cannot_memorize(digits_ctx):
+    ctx = with_problem(digits_ctx, model=InputIgnored, loss=smoothed_cross_entropy, loss_name="smoothed")
+    out = ob.run(ctx, FAST)
+    assert out.metrics["overfit_batch/loss_floor"] > 0.4
+    assert ids(out)["train.overfit_batch"].severity.value == "error"
+
+
 def test_shuffled_labels_are_still_memorized(digits_ctx):
     a = digits_ctx.arrays
     perm = np.random.default_rng(0).permutation(len(a.y_train))
@@ -254,6 +282,7 @@ def test_sign_flipped_loss_is_named(digits_ctx):
     assert found["train.loss_increasing"].severity.value == "error"
     assert found["train.overfit_batch"].evidence["failure"] == "sign_flipped"
     assert out.metrics["overfit_batch/steps_to_target"] is None  # a negative loss "under the target" is no pass
+    assert out.metrics["overfit_batch/loss_floor"] is None  # unbounded below: the usual target stays
 
 
 def test_output_that_ignores_its_input(digits_ctx):

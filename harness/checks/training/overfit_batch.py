@@ -22,7 +22,8 @@ Members of the one program (all on the same batch and init):
 * LR 0: the untrained loss and accuracy on the batch (the baseline a sign-flipped loss falls below).
 
 Pass: the batch loss goes under the target (0.01 for classification, seed 001's "< 0.01 working correctly"; 1% of
-the batch's target variance for regression, i.e. R^2 >= 0.99). A classification run that memorized the batch (100%
+the batch's target variance for regression, i.e. R^2 >= 0.99), counted above the loss's own floor on the batch
+(:func:`loss_floor`: 0 for plain cross-entropy, the smoothed targets' entropy for a label-smoothed one). A classification run that memorized the batch (100%
 accuracy) and whose loss still falls geometrically fast enough to reach the target within twice the budget passes
 with a note (the small CNN on digits_image at Adam 1e-3 ends at 0.017 with 100% accuracy, projected to reach 0.01
 near step 584).
@@ -355,6 +356,51 @@ def batch_arrays(ctx, settings: Settings) -> tuple[Arrays, np.ndarray]:
     return Arrays(xb, yb, xb, yb), idx
 
 
+FLOOR_STEPS = 1000
+FLOOR_PEAK_LR = 3.0  # cosine-decayed to 1e-3 of it: large steps reach far-off optima (unscaled regression
+# targets, logits growing without bound), small ones settle on near ones (label smoothing) to float precision
+
+
+def loss_floor(ctx, arrays: Arrays) -> float | None:
+    """The lowest mean loss *any* outputs reach on this batch: the loss minimized over the outputs themselves
+    (free logits, Adam with a cosine-decayed step, from zeros), with no model in the way. Plain cross-entropy and squared error give about 0;
+    a label-smoothed cross-entropy gives the entropy of its smoothed targets (0.20 for 4 classes at 0.05), which
+    no model can go below, so memorizing means reaching that floor, not 0. None when the minimization does not
+    settle (a loss unbounded below, such as a sign-flipped one, or outputs far from zero): then the usual target.
+    """
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from harness.engine import compile as programs
+    from harness.engine.train import mean_loss
+
+    problem = ctx.problem
+    xb, yb = np.asarray(arrays.x_train), np.asarray(arrays.y_train)
+    outputs = jax.eval_shape(lambda x: problem.build_model(jax.random.key(0))(x), xb)
+
+    def program(y):
+        tx = optax.adam(optax.cosine_decay_schedule(FLOOR_PEAK_LR, FLOOR_STEPS, alpha=1e-3))
+        start = jnp.zeros(outputs.shape, outputs.dtype)
+
+        def step(carry, _):
+            out, opt_state = carry
+            loss, grad = jax.value_and_grad(lambda o: mean_loss(problem.loss_fn, o, y))(out)
+            updates, opt_state = tx.update(grad, opt_state, out)
+            return (optax.apply_updates(out, updates), opt_state), loss
+
+        return jax.lax.scan(step, (start, tx.init(start)), None, length=FLOOR_STEPS)[1]
+
+    try:
+        losses = np.asarray(programs.run(f"{NAME}/loss_floor", program, yb, static_key=(NAME, "loss_floor", problem,
+                                                                                         FLOOR_STEPS)), np.float64)
+    except Exception:  # noqa: BLE001 - a loss that only works on a model's outputs: keep the usual target
+        return None
+    last, earlier = losses[-1], losses[-FLOOR_STEPS // 10]
+    settled = np.isfinite(last) and abs(earlier - last) <= 1e-4 * max(1.0, abs(last))
+    return float(last) if settled else None
+
+
 def run_program(ctx, settings: Settings) -> tuple[Plan, Arrays, SweepResult]:
     arrays, _ = batch_arrays(ctx, settings)
     lr = settings.lr if settings.lr is not None else ctx.optim.lr
@@ -521,8 +567,10 @@ def findings_for(g: Reading) -> list:
 def run(ctx, settings: Settings) -> Outcome:
     plan, arrays, r = run_program(ctx, settings)
     classification = ctx.problem.classification
-    target = settings.target_loss if settings.target_loss is not None else default_target(classification,
-                                                                                          arrays.y_train)
+    floor = loss_floor(ctx, arrays)
+    target = settings.target_loss
+    if target is None:  # the default target above the loss's own floor (label smoothing, say)
+        target = default_target(classification, arrays.y_train) + max(floor or 0.0, 0.0)
     g = read(plan, r, target=target, steps=settings.steps, batch_size=len(arrays.x_train),
              classification=classification, loss_name=ctx.loss_name, num_classes=ctx.dataset.num_classes)
     c = g.configured
@@ -532,6 +580,7 @@ def run(ctx, settings: Settings) -> Outcome:
         f"{NAME}/final_loss": c.final,
         f"{NAME}/initial_loss": c.initial,
         f"{NAME}/target_loss": target,
+        f"{NAME}/loss_floor": floor,
         f"{NAME}/lr": plan.lr,
         f"{NAME}/batch_size": g.batch_size,
         f"{NAME}/failure": g.shape or "none",

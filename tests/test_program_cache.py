@@ -122,6 +122,29 @@ def test_editing_the_users_code_retraces_instead_of_reusing_a_stale_program(prog
     np.testing.assert_allclose(edited.loss[:, 0], 2.5 * first.loss[:, 0], rtol=1e-5)
 
 
+def test_the_same_code_from_another_checkout_is_traced_again(program_cache, tmp_path, monkeypatch):
+    """Two checkouts of one project: the second must not reuse the first's programs just because the first's files
+    are still there unchanged (its code may differ in what the key cannot see)."""
+    name = f"user_pkg_{abs(hash(str(tmp_path)))}"
+    for checkout in ("a", "b"):
+        package = tmp_path / checkout / name
+        package.mkdir(parents=True)
+        (package / "__init__.py").write_text(LOSS_SOURCE.format(scale="1.0", body=PLAIN_BODY))
+    results = []
+    for checkout in ("a", "b"):
+        sys.modules.pop(name, None)
+        monkeypatch.syspath_prepend(str(tmp_path / checkout))
+        importlib.invalidate_caches()
+        module = importlib.import_module(name)
+        assert module.__file__.startswith(str(tmp_path / checkout))
+        exported.enable(str(program_cache), code_roots=[name])
+        new_process()
+        results.append(train(module.loss))
+        assert module.TRACES, f"checkout {checkout} must be traced"
+    sys.modules.pop(name, None)
+    np.testing.assert_array_equal(results[0].loss, results[1].loss)
+
+
 def test_a_program_that_cannot_be_exported_is_traced_once_per_process(program_cache, user_loss):
     # A host callback has no serialized form: jax.export refuses it, and the program runs the traced way. The
     # refusal is remembered, so later processes do not pay for a second, failing trace every time.

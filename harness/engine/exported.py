@@ -11,7 +11,8 @@ cache hit as before.
 A stored program is only valid for the code and settings that traced it. Its key holds everything that decides the
 program apart from source code: the caller's static key made stable across processes (:func:`stable_form`; a key
 that cannot be, such as one holding an object identity, is simply not stored), the argument shapes, dtypes and
-shardings, the XLA options, the versions of Python, jax, jaxlib, flax, optax and numpy, and JAX's tracing flags.
+shardings, the XLA options, the versions of Python, jax, jaxlib, flax, optax and numpy, JAX's tracing flags, and
+the paths harness and the user's factories' packages are loaded from (another checkout is other code).
 The entry itself lists the size and mtime of every source file loaded when it was traced from harness, from the
 user's factories' packages and from outside site-packages (the user's own code, modules imported while tracing
 included); a later process uses the entry only if none of them changed. ``engine.program_cache=false`` turns it
@@ -150,12 +151,19 @@ def sources_unchanged(sources) -> bool:
 
 @functools.lru_cache(maxsize=1)
 def _environment() -> str:
-    """Package versions and process-wide tracing flags."""
+    """Package versions, process-wide tracing flags, and where harness and the user's factories are loaded from:
+    another checkout of the same code is other code (its entries' recorded files would all still be unchanged)."""
     versions = [sys.version]
     for package in VERSIONED_PACKAGES:
         module = sys.modules.get(package)
         versions.append(f"{package}={getattr(module, '__version__', None)}")
-    return repr((FORMAT_VERSION, versions, [f"{flag}={_flag(flag)}" for flag in TRACING_FLAGS]))
+    locations = [(root, _location(root)) for root in _CONFIG.code_roots]
+    return repr((FORMAT_VERSION, versions, [f"{flag}={_flag(flag)}" for flag in TRACING_FLAGS], locations))
+
+
+def _location(root: str) -> str | None:
+    path = getattr(sys.modules.get(root), "__file__", None)
+    return os.path.realpath(path) if path else None
 
 
 def _flag(name: str):

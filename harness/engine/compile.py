@@ -141,15 +141,8 @@ def _through_program_cache(name, fn, args, key, options):
     except Exception as err:  # noqa: BLE001 - host callbacks, custom calls without a stable ABI, ...
         # The plain path traces again: a genuine error in the user's model surfaces from there, unchanged. The
         # record keeps later processes from paying for the failed attempt again.
-        _remember_unexportable(entry, name, err)
-        return None, False
-
-
-def _remember_unexportable(entry: str, name: str, err: Exception):
-    try:
         exported.store_unexportable(entry, name, f"{type(err).__name__}: {err}"[:500])
-    except OSError:  # a read-only cache directory: the next process tries again
-        pass
+        return None, False
 
 
 def last_executable(name: str):

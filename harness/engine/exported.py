@@ -231,17 +231,14 @@ def load(key: str):
         if entry.get("unexportable"):
             return UNEXPORTABLE
         return export.deserialize(bytearray(entry["exported"])), entry["out_tree"]
-    except FileNotFoundError:
-        return None
-    except Exception:  # a truncated or foreign file: trace again and overwrite it
+    except Exception:  # none yet, or a truncated or foreign file: trace again and (over)write it
         return None
 
 
 def store_unexportable(key: str, name: str, reason: str):
     """Remember that this program could not be exported, so later processes trace it once instead of twice
     (a failed export has already paid for a full trace). Editing the sources retries, as for any entry."""
-    entry = {"format": FORMAT_VERSION, "name": name, "unexportable": reason, "sources": loaded_sources()}
-    _write_atomically(os.path.join(_CONFIG.directory, key), pickle.dumps(entry))
+    _store(key, name, unexportable=reason)
 
 
 def export_and_store(key: str, fn: Callable, args, name: str):
@@ -251,13 +248,17 @@ def export_and_store(key: str, fn: Callable, args, name: str):
     leaves, in_tree = jax.tree.flatten(args)
     out_trees: list = []
     exported = export.export(jax.jit(_flat(fn, in_tree, out_trees)))(*leaves)
-    entry = {"format": FORMAT_VERSION, "name": name, "exported": exported.serialize(), "out_tree": out_trees[0],
-             "sources": loaded_sources()}
+    _store(key, name, exported=exported.serialize(), out_tree=out_trees[0])
+    return exported, out_trees[0]
+
+
+def _store(key: str, name: str, **content):
+    """Write an entry with the sources it is valid for (read now, after the trace)."""
+    entry = {"format": FORMAT_VERSION, "name": name, "sources": loaded_sources(), **content}
     try:
         _write_atomically(os.path.join(_CONFIG.directory, key), pickle.dumps(entry))
-    except OSError:  # a full or read-only disk: this process still uses the program it traced
+    except OSError:  # a full or read-only disk: this process still has its program; the next one tries again
         pass
-    return exported, out_trees[0]
 
 
 def _write_atomically(path: str, data: bytes):

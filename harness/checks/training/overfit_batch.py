@@ -35,11 +35,15 @@ import dataclasses
 import math
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 
 from harness.checks.base import Outcome, Plot
 from harness.checks.training import curves
-from harness.engine.train import Arrays, Hparams, SweepResult
+from harness.engine import compile as programs
+from harness.engine.train import Arrays, Hparams, SweepResult, mean_loss
 from harness.errors import HarnessError
 from harness.findings import error, info, warning
 
@@ -368,13 +372,6 @@ def loss_floor(ctx, arrays: Arrays) -> float | None:
     no model can go below, so memorizing means reaching that floor, not 0. None when the minimization does not
     settle (a loss unbounded below, such as a sign-flipped one, or outputs far from zero): then the usual target.
     """
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    from harness.engine import compile as programs
-    from harness.engine.train import mean_loss
-
     problem = ctx.problem
     xb, yb = np.asarray(arrays.x_train), np.asarray(arrays.y_train)
     outputs = jax.eval_shape(lambda x: problem.build_model(jax.random.key(0))(x), xb)

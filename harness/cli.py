@@ -9,10 +9,14 @@ Exit codes (stable, for CI):
 * 1: ``fail_on_error=true`` and the report has an error finding (in a sweep: any point has one);
 * 2: bad input: a wrong config value or key, an unknown option, a factory that raised, a missing file. One line
   ``harness: error: <key>: <what is wrong>`` on stderr, no traceback;
-* 3: an internal error (a bug in the harness): one line naming the exception;
+* 3: an internal error (a bug in the harness): one line naming the exception. A diagnostic that crashes is one:
+  the other diagnostics still run and the report is written (status ``internal_error``, naming the diagnostic,
+  the exception's type and message), and the traceback goes to ``harness.log`` in the run directory. It wins over
+  1 (and, in a sweep, the worst point's code is the sweep's);
 * 130: interrupted.
 
-``debug=true`` or ``HARNESS_DEBUG=1`` shows the Python traceback instead of the one-line message.
+``debug=true`` or ``HARNESS_DEBUG=1`` also prints the Python traceback (bad input: instead of the one-line message);
+an internal error still exits 3.
 """
 
 from __future__ import annotations
@@ -50,9 +54,62 @@ def _debug_requested(argv: list[str]) -> bool:
         a.lstrip("+").lower() in ("debug=true", "debug=1", "debug=yes") for a in argv)
 
 
-def _internal_error(err: BaseException) -> str:
-    return (f"internal error: {type(err).__name__}: {err} (this is a bug in harness; rerun with debug=true for the "
-            f"traceback and report it)")
+def _internal_error(err: BaseException, log_path: str | None = None) -> str:
+    from harness.findings import exception_message
+
+    where = (f"its traceback is in {log_path}, debug=true prints it: please report it" if log_path
+             else "rerun with debug=true for the traceback and report it")
+    return f"internal error: {type(err).__name__}: {exception_message(err)} (this is a bug in harness; {where})"
+
+
+# The format of Hydra's job log (hydra/job_logging/default.yaml), for a harness.log that harness writes itself.
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
+
+
+def log_to_file(log_path: str, message: str):
+    """Append an ERROR record to ``log_path`` (a run's ``harness.log``) and to nothing else: through the Hydra job's
+    file handler when it writes that file (same format, in order with the rest of the log), else through a handler
+    made for it. Never the console: a traceback on the terminal is what ``debug=true`` asks for."""
+    record = logging.LogRecord("harness", logging.ERROR, __file__, 0, message, None, None)
+    target = os.path.abspath(log_path)
+    handlers = [h for h in logging.getLogger().handlers
+                if isinstance(h, logging.FileHandler) and os.path.abspath(h.baseFilename) == target]
+    own = None
+    try:
+        if not handlers:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            own = logging.FileHandler(target, encoding="utf-8")
+            own.setFormatter(logging.Formatter(LOG_FORMAT))
+            handlers = [own]
+        for handler in handlers:
+            handler.handle(record)
+            handler.flush()
+    except OSError as err:  # an unwritable run directory must not hide the error itself
+        _print_error(f"cannot write {log_path}: {err}")
+    finally:
+        if own is not None:
+            own.close()
+
+
+def report_internal_errors(result, output_dir: str, *, write_log: bool = True, label: str = "") -> None:
+    """A run's crashed diagnostics: each traceback into ``<output_dir>/harness.log``, one line each on stderr."""
+    from harness.report import format as fmt
+
+    log_path = os.path.join(output_dir, "harness.log")
+    for e in result.internal_errors:
+        text = fmt.internal_error_text(e.to_dict())
+        if write_log:
+            log_to_file(log_path, f"internal error: {text}\n{e.traceback}")
+        _print_error(f"internal error{label}: {text} (this is a bug in harness; the report is written, the "
+                     f"traceback is in {log_path}: please report it)")
+
+
+def exit_code(rc, result) -> int:
+    """A finished run's exit code: 3 when a diagnostic crashed, else 1 for an error finding with
+    ``fail_on_error=true``, else 0."""
+    if result.internal_errors:
+        return EXIT_INTERNAL
+    return EXIT_FINDINGS if (rc.fail_on_error and result.has_error) else EXIT_OK
 
 
 def _wandb_names(hc) -> tuple[str, str]:
@@ -96,7 +153,21 @@ def task(cfg) -> int:
     rc = from_hydra(cfg, choices)
     output_dir = cfg.get("output_dir") or hc.runtime.output_dir
     result = run_and_report(rc, output_dir, command=["harness", *sys.argv[1:]], run_name=name, group=group)
-    return EXIT_FINDINGS if (rc.fail_on_error and result.has_error) else EXIT_OK
+    if result.internal_errors:
+        from harness.engine.devices import is_primary
+
+        report_internal_errors(result, output_dir, write_log=is_primary())
+    return exit_code(rc, result)
+
+
+def _job_log_path() -> str | None:
+    """``harness.log`` in the Hydra job's run directory (None outside a Hydra job)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return os.path.join(HydraConfig.get().runtime.output_dir, "harness.log")
+    except Exception:
+        return None
 
 
 def _short_hydra_message(err: BaseException) -> str:
@@ -129,10 +200,16 @@ def _hydra_main(argv: list[str]) -> int:
             code = EXIT_BAD_INPUT
         except KeyboardInterrupt:
             _fail("interrupted", EXIT_INTERRUPTED)
-        except Exception as err:  # a bug in harness: one line, the traceback on request
+        except Exception as err:  # a bug in harness: one line, the traceback in harness.log (and printed on request)
+            import traceback
+
+            log_path = _job_log_path()
+            if log_path:
+                log_to_file(log_path, "internal error: " + "".join(
+                    traceback.format_exception(type(err), err, err.__traceback__)).rstrip())
             if debug or cfg.get("debug"):
-                raise
-            _print_error(_internal_error(err))
+                traceback.print_exception(type(err), err, err.__traceback__, file=sys.stderr)
+            _print_error(_internal_error(err, log_path))
             code = EXIT_INTERNAL
         codes.append(code)
         return code
@@ -142,6 +219,9 @@ def _hydra_main(argv: list[str]) -> int:
     user_full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
     os.environ["HYDRA_FULL_ERROR"] = "1"
     sys.argv = [sys.argv[0], *argv]
+    previous = sys.modules.get("hydra_plugins.harness_sweeper.harness_sweeper")
+    if previous is not None:
+        previous.JOB_CODES.clear()  # codes of an earlier main() in this process (tests) are not this run's
     try:
         entry()
     except Exception as err:
@@ -154,6 +234,8 @@ def _hydra_main(argv: list[str]) -> int:
             os.environ.pop("HYDRA_FULL_ERROR", None)
     sweeper = sys.modules.get("hydra_plugins.harness_sweeper.harness_sweeper")
     job_codes = list(getattr(sweeper, "JOB_CODES", []))  # sweep jobs that ran in other processes
+    if sweeper is not None:
+        sweeper.JOB_CODES.clear()  # this sweep's: a later main() in this process (tests) starts afresh
     return max(codes + job_codes, default=EXIT_OK)
 
 

@@ -20,6 +20,8 @@ from harness.checks.registry import DIAGNOSTICS, diagnostic_module
 from harness.errors import HarnessError
 from harness.optim import OptimSpec
 
+FRAMEWORKS = ("auto", "nnx", "linen", "equinox", "haiku")  # model.framework (harness.models.adapters)
+
 
 @dataclasses.dataclass(frozen=True)
 class FactoryConfig:
@@ -64,6 +66,7 @@ class RunConfig:
     collapse: bool
     choices: dict[str, str]  # which config of each group was picked (data=digits, model=mlp, ...)
     raw: dict[str, Any]  # the full resolved config, for report.json and W&B
+    framework: str = "auto"  # model.framework: the model's library, or detected from what the factory returns
 
 
 def import_target(path: str, key: str) -> Callable:
@@ -262,9 +265,13 @@ def from_hydra(cfg: DictConfig, choices: dict[str, str] | None = None) -> RunCon
         raise HarnessError(f"unknown logger {logger.kind!r}; use logger=wandb or logger=none", key="logger.kind")
     if logger.mode not in (None, "online", "offline", "disabled"):
         raise HarnessError(f"must be online, offline or disabled, got {logger.mode!r}", key="logger.mode")
+    model_node = dict(raw["model"]) if isinstance(raw["model"], dict) else raw["model"]
+    framework = model_node.pop("framework", "auto") if isinstance(model_node, dict) else "auto"
+    if framework not in FRAMEWORKS:
+        raise HarnessError(f"must be one of {', '.join(FRAMEWORKS)}, got {framework!r}", key="model.framework")
     return RunConfig(
         data=_factory(raw["data"], "data"),
-        model=_factory(raw["model"], "model"),
+        model=_factory(model_node, "model"),
         loss=_factory(raw["loss"], "loss"),
         optim=_optim(raw["optim"]),
         diagnostics=tuple(n for n in DIAGNOSTICS if n in run),  # always in the checklist's order
@@ -280,6 +287,7 @@ def from_hydra(cfg: DictConfig, choices: dict[str, str] | None = None) -> RunCon
         collapse=_coerce(raw.get("collapse", True), bool, "collapse"),
         choices=dict(choices or {}),
         raw=raw,
+        framework=framework,
     )
 
 

@@ -35,6 +35,7 @@ FINDING_IDS: tuple[str, ...] = (
     "data.conflicting_labels",
     "data.nondeterministic",
     "data.constant_features",
+    "data.sampled",
     "model.forward",
     "model.initial_loss",
     "model.output_range",
@@ -80,6 +81,53 @@ class Finding:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Finding":
         return cls(d["id"], Severity(d["severity"]), d["message"], d.get("evidence", {}), d.get("suggestion", ""))
+
+
+# JAX appends this note to an exception whose traceback it filtered: it is not the error's message.
+_JAX_FILTER_NOTE = "For simplicity, JAX has removed its internal frames"
+
+
+@dataclasses.dataclass(frozen=True)
+class InternalError:
+    """A diagnostic that crashed on something unforeseen: a bug in harness (or in what it ran), not a finding about
+    the user's setup. The run goes on, but its status is ``internal_error`` and the CLI exits 3.
+
+    ``message`` is the first line of the exception's own message (never JAX's traceback-filtering note), and
+    ``traceback`` the full formatted traceback (it goes to ``harness.log`` and report.json)."""
+
+    diagnostic: str
+    type: str
+    message: str
+    traceback: str = ""
+
+    @classmethod
+    def from_exception(cls, diagnostic: str, err: BaseException) -> "InternalError":
+        import traceback
+
+        return cls(diagnostic, type(err).__name__, exception_message(err),
+                   "".join(traceback.format_exception(type(err), err, err.__traceback__)).rstrip())
+
+    @property
+    def summary(self) -> str:
+        """``TraceContextError: Cannot mutate RngCount from a different trace level``."""
+        return f"{self.type}: {self.message}" if self.message else self.type
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "InternalError":
+        return cls(d["diagnostic"], d["type"], d.get("message", ""), d.get("traceback", ""))
+
+
+def exception_message(err: BaseException, max_chars: int = 500) -> str:
+    """The first line of an exception's own message: ``str(err)``, without notes added to it (JAX's "For
+    simplicity, JAX has removed its internal frames ..." is a note, and some versions put it in the message)."""
+    for line in str(err).splitlines():
+        line = line.strip()
+        if line and not line.startswith(_JAX_FILTER_NOTE) and set(line) != {"-"}:
+            return line if len(line) <= max_chars else line[: max_chars - 1] + "…"
+    return ""
 
 
 def error(fid: str, message: str, suggestion: str = "", **evidence) -> Finding:

@@ -16,7 +16,6 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
-from flax import nnx
 
 from harness import losses
 from harness.checks.base import Context, Outcome
@@ -26,6 +25,7 @@ from harness.data.dataset import Dataset, from_mapping
 from harness.engine import devices
 from harness.engine.train import Arrays, Problem, train_members
 from harness.errors import HarnessError
+from harness.models.adapters import Model, ModelFactory
 from harness.findings import Finding, Severity
 
 # An error with one of these ids makes the later stages meaningless (no shapes to train on, no forward pass):
@@ -35,33 +35,44 @@ STAGE_ORDER = ("data", "model", "training", "hyperparameters")
 
 
 def load_dataset(fc: FactoryConfig, name: str = "data") -> Dataset:
+    """Call the data factory and validate what it returns: a mapping of arrays, or iterables of batches or examples
+    drawn into memory up to ``data.max_examples`` (:mod:`harness.data.iterables`). ``max_examples`` is harness's
+    key, not the factory's: it reaches the factory only when the factory names a ``max_examples`` parameter."""
+    from harness.data import iterables
+
     factory = fc.resolve("data._target_")
+    kwargs = dict(fc.kwargs)
+    max_examples = iterables.max_examples_from(kwargs.pop("max_examples", None))
+    if "max_examples" in fc.kwargs and iterables.accepts_max_examples(factory):
+        kwargs["max_examples"] = fc.kwargs["max_examples"]  # as configured (null included)
     try:
-        mapping = factory(**fc.kwargs)
+        mapping = factory(**kwargs)
     except HarnessError:
         raise
     except TypeError as err:
         raise HarnessError(f"calling {fc.target} failed: {err}", key="data") from None
     except Exception as err:
         raise HarnessError(f"the data factory {fc.target} raised {type(err).__name__}: {err}", key="data") from None
-    return from_mapping(mapping, source=f"data ({fc.target})", name=name)
+    source = f"data ({fc.target})"
+    if iterables.is_iterable_result(mapping):
+        arrays, drawn = iterables.draw_dataset(mapping, source=f"the data factory {fc.target}",
+                                               max_examples=max_examples)
+        return from_mapping(arrays, source=source, name=name, drawn=drawn)
+    return from_mapping(mapping, source=source, name=name)
 
 
-def make_model_builder(fc: FactoryConfig, dataset: Dataset) -> Callable[..., nnx.Module]:
-    """``build(key, **overrides)``: the user's model factory called the documented way."""
-    factory = fc.resolve("model._target_")
-
-    def build(key, **overrides):
-        return factory(rngs=nnx.Rngs(key), input_shape=dataset.input_shape, num_outputs=dataset.num_outputs,
-                       **{**fc.kwargs, **overrides})
-
-    return build
+def make_model_factory(fc: FactoryConfig, dataset: Dataset, framework: str = "auto") -> ModelFactory:
+    """The user's model factory, called the documented way (:func:`harness.models.adapters.call_factory`)."""
+    x_example = dataset.training_arrays()[0][:2]
+    return ModelFactory(fc.resolve("model._target_"), dict(fc.kwargs), dataset.input_shape, dataset.num_outputs,
+                        x_example, framework=framework, target=fc.target)
 
 
-def check_model_builds(build, fc: FactoryConfig):
-    """Build once (abstractly: no FLOPs) so a wrong config key is a clear error, not a trace inside a sweep."""
+def adapt_model(models: ModelFactory, fc: FactoryConfig) -> Model:
+    """Detect the family and adapt the model (abstractly: no FLOPs), so a wrong config key or an unknown kind of
+    model is a clear error, not a trace inside a sweep."""
     try:
-        model = nnx.eval_shape(lambda: build(jax.random.key(0)))
+        return models.adapt()
     except HarnessError:
         raise
     except TypeError as err:
@@ -69,9 +80,6 @@ def check_model_builds(build, fc: FactoryConfig):
     except Exception as err:
         raise HarnessError(f"building the model with {fc.target} raised {type(err).__name__}: {err}",
                            key="model") from None
-    if not isinstance(model, nnx.Module):
-        raise HarnessError(f"{fc.target} must return a flax.nnx.Module, got {type(model).__name__}", key="model")
-    return model
 
 
 def make_loss(fc: FactoryConfig, dataset: Dataset) -> tuple[Callable, str]:
@@ -99,17 +107,16 @@ def make_loss(fc: FactoryConfig, dataset: Dataset) -> tuple[Callable, str]:
 def build_context(rc: RunConfig, progress=None) -> Context:
     data_name = rc.choices.get("data") or rc.data.target.rsplit(".", 1)[-1]
     dataset = load_dataset(rc.data, data_name)
-    build = make_model_builder(rc.model, dataset)
-    check_model_builds(build, rc.model)
+    models = make_model_factory(rc.model, dataset, rc.framework)
+    model = adapt_model(models, rc.model)
     loss_fn, loss_name = make_loss(rc.loss, dataset)
     fingerprint = _fingerprint(rc, dataset)
-    problem = Problem(build_model=build, loss_fn=loss_fn, optim=rc.optim, classification=dataset.classification,
-                      fingerprint=fingerprint)
+    problem = Problem(model=model, loss_fn=loss_fn, optim=rc.optim, task=dataset.task, fingerprint=fingerprint)
     return Context(
         dataset=dataset,
         arrays=Arrays(*dataset.training_arrays()),
         problem=problem,
-        build_model=build,
+        models=models,
         model_config=dict(rc.model.kwargs),
         loss_name=loss_name,
         optim=rc.optim,
@@ -123,16 +130,26 @@ def build_context(rc: RunConfig, progress=None) -> Context:
 
 def _fingerprint(rc: RunConfig, dataset: Dataset):
     """Everything that shapes a training program, as a hashable value (the learning rate and weight decay are
-    traced, so they are left out: points of a sweep over them share programs)."""
+    traced, so they are left out: points of a sweep over them share programs).
+
+    The user's code is in it by content, not by name (:func:`harness.engine.code_identity.code_identity` of the
+    model factory, the loss and the optimizer factory): an edited file is a new key, and a class or function with no
+    source file (a notebook's) is keyed by the object itself, so a re-run cell that redefines it is traced again
+    and its programs are never stored across processes. The data factory's code is left out: the data reach the
+    programs as arguments, whose shapes and dtypes are keyed anyway."""
     import json
+
+    from harness.engine.code_identity import code_identity
 
     def frozen(x):
         return json.dumps(x, sort_keys=True, default=str)
 
     optim = rc.optim
     return (
-        rc.model.target, frozen(rc.model.kwargs), dataset.input_shape, dataset.num_outputs, dataset.classification,
-        rc.loss.target, frozen(rc.loss.kwargs), optim.name, optim.factory, frozen(optim.kwargs), optim.clip_norm,
+        rc.model.target, code_identity(rc.model.resolve("model._target_")), frozen(rc.model.kwargs),
+        dataset.input_shape, dataset.num_outputs, dataset.classification,
+        rc.loss.target, code_identity(rc.loss.resolve("loss._target_")), frozen(rc.loss.kwargs),
+        optim.name, code_identity(optim.factory), frozen(optim.kwargs), optim.clip_norm,
     )
 
 
@@ -220,10 +237,19 @@ def _run_one(rc: RunConfig, ctx: Context, name: str, previous: list[Outcome]) ->
     except HarnessError:
         raise
     except Exception as err:  # an unforeseen failure costs this diagnostic, never the report
-        if rc.debug:
-            raise
-        detail = traceback.format_exception_only(type(err), err)[-1].strip()
-        outcome = Outcome(name, skipped=f"crashed: {detail[:500]}")
+        # Recorded as an internal error (the run's status is internal_error, the CLI exits 3, the traceback goes
+        # to harness.log); the other diagnostics still run. debug=true also prints the traceback now.
+        import os
+        import sys
+
+        from harness.findings import InternalError
+
+        crash = InternalError.from_exception(name, err)
+        if rc.debug or os.environ.get("HARNESS_DEBUG", "").lower() in ("1", "true", "yes"):
+            print(f"harness: diagnostic {name} crashed (debug=true: its traceback follows; the run goes on)",
+                  file=sys.stderr)
+            traceback.print_exception(type(err), err, err.__traceback__, file=sys.stderr)
+        outcome = Outcome(name, skipped=f"crashed: {crash.summary}", internal_error=crash)
     outcome.seconds = time.perf_counter() - start
     return outcome
 
@@ -240,14 +266,27 @@ class RunResult:
     def has_error(self) -> bool:
         return any(f.severity is Severity.ERROR for f in self.findings)
 
+    @property
+    def internal_errors(self) -> list:  # of harness.findings.InternalError
+        """The diagnostics that crashed, in the configured order."""
+        return [o.internal_error for o in self.outcomes if o.internal_error is not None]
+
+    @staticmethod
+    def status_of(outcomes: list[Outcome]) -> str:
+        """``internal_error`` when a diagnostic crashed (a crash is never healthy), else ``unhealthy`` when there
+        is an error finding, else ``healthy``."""
+        if any(o.internal_error is not None for o in outcomes):
+            return "internal_error"
+        findings = (f for o in outcomes for f in o.findings)
+        return "unhealthy" if any(f.severity is Severity.ERROR for f in findings) else "healthy"
+
 
 def run(rc: RunConfig, progress=None, on_outcome=None) -> RunResult:
     start = time.perf_counter()
     ctx = build_context(rc, progress)
     outcomes = run_diagnostics(rc, ctx, on_outcome)
     findings = [f for o in outcomes for f in o.findings]
-    status = "unhealthy" if any(f.severity is Severity.ERROR for f in findings) else "healthy"
-    return RunResult(outcomes, findings, status, time.perf_counter() - start, ctx)
+    return RunResult(outcomes, findings, RunResult.status_of(outcomes), time.perf_counter() - start, ctx)
 
 
 def flat_metrics(outcomes: list[Outcome]) -> dict[str, Any]:

@@ -217,8 +217,11 @@ def test_a_bug_in_harness_is_one_line_with_exit_code_3(tmp_path, monkeypatch, ca
     monkeypatch.setattr(harness.report.writer, "write_markdown", broken)
     assert run_main([*TINY, "diagnostics.run=[data]"], tmp_path, monkeypatch) == cli.EXIT_INTERNAL
     err = capsys.readouterr().err
-    assert_one_line_error(err, "internal error: KeyError: 'oops'", "rerun with debug=true")
+    assert_one_line_error(err, "internal error: KeyError: 'oops'", f"{tmp_path / 'run' / 'harness.log'}",
+                          "debug=true prints it")
     assert os.path.exists(tmp_path / "run" / "report.json")  # written before the failing step
+    log = (tmp_path / "run" / "harness.log").read_text()  # the traceback, for the bug report
+    assert "Traceback (most recent call last)" in log and "KeyError: 'oops'" in log
 
 
 def test_a_sweep_exits_with_its_worst_code(tmp_path, monkeypatch, capsys):

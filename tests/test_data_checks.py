@@ -29,7 +29,7 @@ SETTINGS = data_checks.Settings()
 def make_context(mapping, reload=None, with_arrays=False) -> Context:
     dataset = from_mapping(mapping)
     arrays = Arrays(*dataset.training_arrays()) if with_arrays else None
-    return Context(dataset=dataset, arrays=arrays, problem=None, build_model=None, model_config={},
+    return Context(dataset=dataset, arrays=arrays, problem=None, models=None, model_config={},
                    loss_name="", optim=None, batch_size=128, seed=0, reload_data=reload)
 
 

@@ -285,8 +285,11 @@ def _sweep(members=slice(None)):
 
     data = tiny_classification(n_train=96, n_val=32, features=6, classes=3)
     arrays = Arrays(data["x_train"], data["y_train"], data["x_val"], data["y_val"])
-    problem = Problem(lambda key: MLP(rngs=nnx.Rngs(key), input_shape=(6,), num_outputs=3, width=16, depth=1),
-                      losses.cross_entropy, OptimSpec(optax.adam), classification=True)
+    from harness.models.adapters import ModelFactory
+    from harness.tasks import Task
+
+    model = ModelFactory(MLP, dict(width=16, depth=1), (6,), 3, data["x_train"][:2]).adapt()
+    problem = Problem(model, losses.cross_entropy, OptimSpec(optax.adam), Task(3, ()))
     spec = TrainSpec(steps=12, batch_size=16, steps_per_call=6, max_members_per_call=8)
     hp = Hparams.make(lr=[1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1], init_seed=[0, 1, 2, 3, 4, 5], data_seed=[5, 4, 3, 2, 1, 0])
     result = train_members(problem, spec, hp.take(members), arrays)

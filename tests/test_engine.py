@@ -13,7 +13,9 @@ from harness import losses
 from harness.data import builtin, dataset
 from harness.engine import compile as programs
 from harness.engine.train import Arrays, Hparams, Problem, TrainSpec, train_members
+from harness.models.adapters import ModelFactory
 from harness.models.mlp import MLP
+from harness.tasks import Task
 from harness.optim import OptimSpec
 
 
@@ -26,8 +28,8 @@ def digits():
 @pytest.fixture(scope="module")
 def problem(digits):
     ds, _ = digits
-    build = lambda key: MLP(rngs=nnx.Rngs(key), input_shape=ds.input_shape, num_outputs=10, width=32, depth=1)  # noqa: E731
-    return Problem(build, losses.cross_entropy, OptimSpec(optax.adam), classification=True)
+    model = ModelFactory(MLP, dict(width=32, depth=1), ds.input_shape, 10, ds.x_train[:2]).adapt()
+    return Problem(model, losses.cross_entropy, OptimSpec(optax.adam), Task(10, ()))
 
 
 SPEC = TrainSpec(steps=40, batch_size=64, steps_per_call=20, max_members_per_call=8)
@@ -149,9 +151,8 @@ def test_return_params_gives_member_axis(problem, digits):
 def test_dropout_models_train_and_regularization_switch_turns_it_off(digits):
     """Dropout mutates its RNG counter inside the gradient trace; with regularization off it is deterministic."""
     ds, arrays = digits
-    build = lambda key: MLP(rngs=nnx.Rngs(key), input_shape=ds.input_shape, num_outputs=10, width=32, depth=1,  # noqa: E731
-                            dropout=0.5)
-    problem = Problem(build, losses.cross_entropy, OptimSpec(optax.adam), classification=True)
+    model = ModelFactory(MLP, dict(width=32, depth=1, dropout=0.5), ds.input_shape, 10, ds.x_train[:2]).adapt()
+    problem = Problem(model, losses.cross_entropy, OptimSpec(optax.adam), Task(10, ()))
     on = train_members(problem, SPEC, Hparams.make(lr=1e-2), arrays)
     off = train_members(problem, dataclasses.replace(SPEC, regularization=False), Hparams.make(lr=1e-2), arrays)
     assert np.all(np.isfinite(on.loss)) and np.all(np.isfinite(off.loss))
@@ -167,8 +168,8 @@ def test_convolutional_models_step_on_the_host_on_cpu():
 
     ds = dataset.from_mapping(builtin.digits(form="image"))
     arrays = Arrays(*ds.training_arrays())
-    build = lambda key: CNN(rngs=nnx.Rngs(key), input_shape=ds.input_shape, num_outputs=10, width=4, depth=1)  # noqa: E731
-    problem = Problem(build, losses.cross_entropy, OptimSpec(optax.adam), classification=True)
+    model = ModelFactory(CNN, dict(width=4, depth=1), ds.input_shape, 10, ds.x_train[:2]).adapt()
+    problem = Problem(model, losses.cross_entropy, OptimSpec(optax.adam), Task(10, ()))
     assert needs_host_step_loop(problem)
     spec = TrainSpec(steps=6, batch_size=32, steps_per_call=3, max_eval_examples=64)
     result = train_members(problem, spec, Hparams.make(lr=[3e-2, 3e-2], init_seed=[0, 1]), arrays, name="cnn_host")

@@ -244,7 +244,7 @@ def naive_cross_entropy(logits, labels):
 
 def test_a_diverging_member_does_not_poison_the_others(digits_ctx):
     p = digits_ctx.problem
-    problem = Problem(p.build_model, naive_cross_entropy, p.optim, True)
+    problem = Problem(p.model, naive_cross_entropy, p.optim, p.task)
     ctx = dataclasses.replace(digits_ctx, problem=problem, loss_name="naive_cross_entropy", shared={})
     settings = lr.Settings(grid_size=8, grid_steps=60)
     plan, result = lr.run_program(ctx, settings)

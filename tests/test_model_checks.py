@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import threading
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +18,6 @@ import numpy as np
 import pytest
 from flax import nnx
 from helpers import compose
-from jax.nn import sigmoid as imported_sigmoid  # a model module that imported its activation by name
 
 import planted
 from harness.checks import model
@@ -31,7 +29,8 @@ from harness.engine import compile as programs
 from harness.errors import HarnessError
 from harness.findings import FINDING_IDS, Severity
 from harness.losses import cross_entropy, mse
-from harness.pipeline import BLOCKING, build_context, make_loss, make_model_builder
+from harness.models.adapters import ModelFactory
+from harness.pipeline import BLOCKING, adapt_model, build_context, make_loss, make_model_factory
 
 DEFAULTS = model.Settings()
 
@@ -66,11 +65,13 @@ def context(overrides=()) -> tuple[Context, model.Settings]:
     ctx = dataclasses.replace(base, shared={})
     for item in (o for o in overrides if isinstance(o, Planted)):
         if item.group == "model":
-            ctx.build_model = make_model_builder(FactoryConfig(item.name, {}), ctx.dataset)
+            fc = FactoryConfig(item.name, {})
+            ctx.models = make_model_factory(fc, ctx.dataset)
+            ctx.problem = dataclasses.replace(ctx.problem, model=adapt_model(ctx.models, fc))
         else:
             fn, ctx.loss_name = make_loss(FactoryConfig(item.name, {}, partial=True), ctx.dataset)
             ctx.problem = dataclasses.replace(ctx.problem, loss_fn=fn)
-        ctx.problem = dataclasses.replace(ctx.problem, build_model=ctx.build_model, fingerprint=None)
+        ctx.problem = dataclasses.replace(ctx.problem, fingerprint=None)
     return ctx, rc.settings["model"]
 
 
@@ -177,70 +178,18 @@ def test_checked_rows_spread_over_the_batch():
 # Activation capture.
 
 
-class ImportedActivation(nnx.Module):
-    """Uses an activation imported by name into its module and one stored in a list."""
-
-    def __init__(self, rngs):
-        self.a = nnx.Linear(3, 4, rngs=rngs)
-        self.b = nnx.Linear(4, 2, rngs=rngs)
-        self.extra = [jax.nn.tanh]
-
-    def __call__(self, x):
-        return self.extra[0](self.b(imported_sigmoid(self.a(x))) + 1.0)
-
-
-def captured(build, x):
-    """Names recorded while building and running a model abstractly (``jax.eval_shape``: no compile, no FLOPs)."""
-    names = []
-
-    def forward(x):
-        module = build()
-        with capture.recording(module) as recorder:
-            module(x)
-        names.extend((a.name, a.function, a.output.shape) for a in recorder.activations)
-
-    jax.eval_shape(forward, x)
-    return names
+def captured(factory, x):
+    """Activations recorded from a built-in model's train-mode forward pass, as the model stage records them."""
+    model = ModelFactory(factory, dict(width=8), x.shape[1:], 10, x).adapt()
+    params, rest = model.init(jax.random.key(0), x)
+    _, acts = capture.record_activations(lambda p, x: model.apply(p, rest, x, train=True)[0], params, x)
+    return [(a.name, a.function, a.output.shape) for a in acts]
 
 
 def test_capture_names_activations_after_the_layer_they_follow():
     x = jnp.ones((5, 64))
-    mlp = lambda: planted.MLP(rngs=nnx.Rngs(0), input_shape=(64,), num_outputs=10, width=8)  # noqa: E731
-    assert captured(mlp, x) == [("hidden/0", "relu", (5, 8)), ("hidden/1", "relu", (5, 8))]
-    seq = lambda: planted.sequential(rngs=nnx.Rngs(0), input_shape=(64,), num_outputs=10, width=8)  # noqa: E731
-    assert captured(seq, x) == [("layers/1", "relu", (5, 8)), ("layers/3", "gelu", (5, 8))]
-    # Not applied to a module's output directly: named after the calling module and the function.
-    assert captured(lambda: ImportedActivation(nnx.Rngs(0)), jnp.ones((5, 3))) == [("a", "sigmoid", (5, 4)),
-                                                                                   ("tanh", "tanh", (5, 2))]
-
-
-def test_capture_restores_everything_even_when_the_forward_raises():
-    before = (jax.nn.relu, jnp.tanh, nnx.relu, imported_sigmoid, nnx.Linear.__call__, vars(planted.MLP)["__call__"])
-    built = []
-
-    def forward(x):
-        mlp = planted.MLP(rngs=nnx.Rngs(0), input_shape=(4,), num_outputs=2, width=8)
-        built.append(mlp)
-        with capture.recording(mlp):
-            assert jax.nn.relu is not before[0] and mlp.activation is not before[0]  # patched inside
-            mlp(x)  # wrong feature count: raises
-
-    with pytest.raises(TypeError):
-        jax.eval_shape(forward, jnp.ones((2, 5)))
-    after = (jax.nn.relu, jnp.tanh, nnx.relu, imported_sigmoid, nnx.Linear.__call__, vars(planted.MLP)["__call__"])
-    assert all(a is b for a, b in zip(before, after))
-    assert built[0].activation is jax.nn.relu and "__call__" not in vars(nnx.List)  # never given one
-    assert globals()["imported_sigmoid"] is jax.nn.sigmoid
-
-
-def test_capture_leaves_other_threads_alone():
-    mlp = nnx.eval_shape(lambda: planted.MLP(rngs=nnx.Rngs(0), input_shape=(4,), num_outputs=2, width=8))
-    seen = {}
-    with capture.recording(mlp) as recorder:
-        worker = threading.Thread(target=lambda: seen.update(out=jax.nn.relu(jnp.array([-1.0, 2.0]))))
-        worker.start()
-        worker.join()
-    assert seen["out"].tolist() == [0.0, 2.0] and recorder.activations == []
+    assert captured(planted.MLP, x) == [("hidden/0", "relu", (5, 8)), ("hidden/1", "relu", (5, 8))]
+    assert captured(planted.sequential, x) == [("layers/1", "relu", (5, 8)), ("layers/3", "gelu", (5, 8))]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -319,12 +268,11 @@ def test_gradient_check_in_float32_precision_is_judged_as_such():
     """A model with an explicit dtype=float32 computes in float32 even on float64 inputs: the check notices (the
     loss's dtype), uses the float32 step and tolerance, and stays silent on this healthy model."""
     ctx, settings = context([model_factory("float32_compute")])
-    _, eval_def = ctx.problem.graphdefs(regularization=True)
-    init = jax.jit(lambda k: nnx.split(ctx.problem.build_model(k), nnx.Param, ...)[1:]).lower(jax.random.key(0))
+    x, y = model.sample_batch(ctx, 8)
+    init = jax.jit(lambda k: tuple(ctx.problem.model.init(k, x))).lower(jax.random.key(0))
     fast = {"xla_backend_optimization_level": 0, **(model_programs.compile_options() or {})}
     params, rest = init.compile(fast)(jax.random.key(0))
-    x, y = model.sample_batch(ctx, 8)
-    result = gradient_check.run_check(ctx.problem, eval_def, params, rest, x, y, seed=0, settings=settings,
+    result = gradient_check.run_check(ctx.problem, params, rest, x, y, seed=0, settings=settings,
                                       opt_level=0)
     assert np.asarray(result.loss).dtype == np.float32
     findings, metrics = gradient_check.judge(result, settings, 8)

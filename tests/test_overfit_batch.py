@@ -19,6 +19,7 @@ import pytest
 from flax import nnx
 from helpers import compose
 
+from harness.models import adapters
 from harness.checks.training import overfit_batch as ob
 from harness.config import settings_from
 from harness.engine.train import Arrays, Problem
@@ -181,8 +182,9 @@ def with_lr(ctx, value):
 
 def with_problem(ctx, *, model=None, loss=None, loss_name=None):
     p = ctx.problem
-    build = (lambda key: model(rngs=nnx.Rngs(key))) if model else p.build_model
-    problem = Problem(build, loss or p.loss_fn, p.optim, p.classification)
+    adapted = adapters.ModelFactory(lambda rngs: model(rngs=rngs), {}, (), 0, ctx.arrays.x_train[:2]).adapt() \
+        if model else p.model
+    problem = Problem(adapted, loss or p.loss_fn, p.optim, p.task)
     return dataclasses.replace(ctx, problem=problem, loss_name=loss_name or ctx.loss_name)
 
 

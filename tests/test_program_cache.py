@@ -5,25 +5,39 @@ cannot be stored or read falls back to tracing.
 "A later process" is simulated in-process by clearing the in-memory executables (``programs.clear_cache``): what
 remains is what a new process would find on disk. A counter in the user's loss shows whether a trace happened (the
 loss only runs while a program is traced). The end-to-end test runs the CLI twice for real.
+
+User code is identified by content (harness.engine.code_identity): a same-size edit with the mtime set back
+retraces, and code without a source file (a notebook's ``__main__``, ``python -c``) is keyed by the object in the
+process and never stored across processes; a notebook's edit-and-rerun is simulated with a fresh ``__main__``
+module that cells are exec'd into, and ``python -c`` runs for real.
 """
 
+import functools
 import importlib
+import itertools
 import json
 import os
+import subprocess
 import sys
+import textwrap
+import types
 
 import numpy as np
 import optax
 import pytest
 from flax import nnx
-from helpers import cli_env, compose, run_cli, tiny_classification
+from helpers import TESTS_DIR, cli_env, compose, replace_group, run_cli, tiny_classification
 
+from harness import pipeline
 from harness.engine import compile as programs
 from harness.engine import exported
+from harness.engine.code_identity import code_identity, file_digest
 from harness.engine.train import Arrays, Hparams, Problem, TrainSpec, train_members
 from harness.errors import HarnessError
+from harness.models.adapters import nnx as nnx_adapter
 from harness.models.mlp import MLP
 from harness.optim import OptimSpec
+from harness.tasks import Task
 
 SPEC = TrainSpec(steps=20, batch_size=16, steps_per_call=20)
 HPARAMS = Hparams.make(lr=[1e-3, 1e-2, 3e-2], init_seed=[0, 1, 2], data_seed=[0, 1, 2])
@@ -53,13 +67,21 @@ def program_cache(tmp_path):
 
 @pytest.fixture
 def user_loss(tmp_path, monkeypatch):
-    """A loss in a module of the user's own (outside site-packages); ``write(scale, body)`` rewrites it."""
+    """A loss in a module of the user's own (outside site-packages); ``write(scale, body, keep_mtime)`` rewrites it
+    (``keep_mtime``: set the file's mtime back afterwards)."""
     name = f"user_loss_{abs(hash(str(tmp_path)))}"
     path = tmp_path / f"{name}.py"
     monkeypatch.syspath_prepend(str(tmp_path))
+    # Python's own bytecode cache trusts (size, mtime): without this a reload after an edit that keeps both would
+    # run the old bytecode.
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
 
-    def write(scale="1.0", body=PLAIN_BODY):
+    def write(scale="1.0", body=PLAIN_BODY, keep_mtime=False):
+        before = path.stat() if path.exists() else None
         path.write_text(LOSS_SOURCE.format(scale=scale, body=body))
+        if keep_mtime:
+            assert path.stat().st_size == before.st_size
+            os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
         importlib.invalidate_caches()
         module = sys.modules.get(name)
         return importlib.reload(module) if module else importlib.import_module(name)
@@ -74,7 +96,8 @@ def problem_with(loss_fn, fingerprint=("tiny-mlp", "user_loss")) -> tuple[Proble
     def build(key):
         return MLP(rngs=nnx.Rngs(key), input_shape=(6,), num_outputs=3, width=16, depth=1)
 
-    problem = Problem(build, loss_fn, OptimSpec(optax.adam), classification=True, fingerprint=fingerprint)
+    problem = Problem(nnx_adapter.adapt(build), loss_fn, OptimSpec(optax.adam), Task(num_classes=3, target_shape=()),
+                      fingerprint=fingerprint)
     return problem, Arrays(data["x_train"], data["y_train"], data["x_val"], data["y_val"])
 
 
@@ -120,6 +143,19 @@ def test_editing_the_users_code_retraces_instead_of_reusing_a_stale_program(prog
     assert module.TRACES, "the edited loss must be traced, not served from the cache"
     # Same init and batches, twice the loss at step 0 (the training path differs afterwards).
     np.testing.assert_allclose(edited.loss[:, 0], 2.5 * first.loss[:, 0], rtol=1e-5)
+
+
+def test_an_edit_that_keeps_the_size_and_mtime_retraces(program_cache, user_loss):
+    """Validity is decided by the sources' content: an edit of the same length whose mtime is set back (a
+    checkout, a copy with preserved times) is traced again, in the same process as in a later one."""
+    module = user_loss(scale="1.0")
+    first = train(module.loss)
+    module = user_loss(scale="2.0", keep_mtime=True)
+    new_process()
+    module.TRACES.clear()
+    edited = train(module.loss)
+    assert module.TRACES, "an edit with the same size and mtime must be traced, not served from the cache"
+    np.testing.assert_allclose(edited.loss[:, 0], 2.0 * first.loss[:, 0], rtol=1e-5)
 
 
 def test_the_same_code_from_another_checkout_is_traced_again(program_cache, tmp_path, monkeypatch):
@@ -234,3 +270,243 @@ def test_the_cli_reuses_traced_programs_across_processes(tmp_path):
     n = second["compiles"]
     assert "traces reused" not in stdouts[0] and f"{n} traces reused" in stdouts[1]
     assert f"{n} traces reused" in (tmp_path / "run1" / "report.md").read_text()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Code identity: by content where there is a source file; by the object, in this process only, where there is none.
+
+NET_SOURCE = '''
+import jax
+from flax import nnx
+
+
+class Net(nnx.Module):
+    def __init__(self, *, rngs, input_shape, num_outputs, width=8):
+        self.hidden = nnx.Linear(input_shape[-1], width, rngs=rngs)
+        self.out = nnx.Linear(width, num_outputs, rngs=rngs)
+
+    def __call__(self, x):
+        {body}
+'''
+HEALTHY_BODY = "return self.out(jax.nn.relu(self.hidden(x)))"
+SOFTMAX_BODY = "return jax.nn.softmax(self.out(jax.nn.relu(self.hidden(x))))"  # the issue's bug: probabilities
+
+
+def net_source(body: str) -> str:
+    """The model with ``body`` as its forward pass, padded to one length for every body (a same-size edit)."""
+    width = max(len(HEALTHY_BODY), len(SOFTMAX_BODY))
+    return NET_SOURCE.format(body=f"{body}  # {'.' * (width - len(body))}")
+
+
+@pytest.fixture
+def notebook(monkeypatch, tmp_path):
+    """A kernel's ``__main__`` (no ``__file__``); ``run_cell(source)`` executes a cell into it, the way IPython
+    does (``cell_file=True``: compiled from a cell file of ipykernel's kind, ``<tmp>/ipykernel_<pid>/<n>.py``,
+    which exists, but is not ``__main__``'s file)."""
+    main = types.ModuleType("__main__")
+    main.__dict__["__builtins__"] = __builtins__
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    counter = itertools.count(1)
+
+    def run_cell(source: str, cell_file: bool = False):
+        n = next(counter)
+        filename = f"<ipython-input-{n}-{n:012x}>"
+        if cell_file:
+            path = tmp_path / "ipykernel_4242" / f"{n}.py"
+            path.parent.mkdir(exist_ok=True)
+            path.write_text(source)
+            filename = str(path)
+        exec(compile(source, filename, "exec"), main.__dict__)
+        return main
+
+    return run_cell
+
+
+def user_module(tmp_path, monkeypatch, name: str, source: str):
+    path = tmp_path / f"{name}.py"
+    path.write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    importlib.invalidate_caches()
+    sys.modules.pop(name, None)
+    module = importlib.import_module(name)
+    monkeypatch.setitem(sys.modules, name, module)
+    return path, module
+
+
+def test_code_in_a_source_file_is_identified_by_module_qualname_and_content(tmp_path, monkeypatch):
+    name = f"user_net_{abs(hash(str(tmp_path)))}"
+    path, module = user_module(tmp_path, monkeypatch, name, net_source(HEALTHY_BODY) + textwrap.dedent('''
+        import dataclasses, functools
+
+        def make(*, rngs, input_shape, num_outputs):
+            return Net(rngs=rngs, input_shape=input_shape, num_outputs=num_outputs)
+
+        @dataclasses.dataclass(frozen=True)
+        class Config:
+            width: int = 8
+
+        wide = functools.partial(Net, width=16)
+        '''))
+    real = os.path.realpath(path)
+    ident = code_identity(module.Net)
+    assert ident.has_source and ident.name == f"{name}.Net"
+    assert (real, file_digest(real)) in ident.sources
+    key = ident.stable_key()
+    assert key[0] == f"{name}.Net" and exported.stable_form(ident) == exported.stable_form(code_identity(module.Net))
+    # A function, a partial, an instance (its class) and a dataclass (its generated methods are the file's).
+    for obj in (module.make, module.wide, module.Config, module.Config()):
+        assert code_identity(obj).has_source and (real, file_digest(real)) in code_identity(obj).sources
+    assert code_identity(module.Net) == ident and hash(code_identity(module.Net)) == hash(ident)
+
+    # The same length, the mtime set back: another identity all the same (content, not mtime).
+    before = path.stat()
+    path.write_text(path.read_text().replace(net_source(HEALTHY_BODY), net_source(SOFTMAX_BODY)))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_size == before.st_size and path.stat().st_mtime_ns == before.st_mtime_ns
+    assert code_identity(module.Net) != ident
+    assert exported.stable_form(code_identity(module.Net)) != exported.stable_form(ident)
+
+
+def test_code_without_a_source_file_is_identified_by_the_object_and_never_across_processes(notebook):
+    main = notebook(net_source(HEALTHY_BODY))
+    first = code_identity(main.Net)
+    assert not first.has_source and first.name == "__main__.Net"
+    assert code_identity(main.Net) == first  # the cell not run again: the same key, programs are reused
+    with pytest.raises(exported.Unkeyable, match="no source file"):
+        first.stable_key()
+    with pytest.raises(exported.Unkeyable):
+        exported.stable_form(("fingerprint", first))
+    with pytest.raises(exported.Unkeyable):
+        exported.stable_form(main.Net)  # by its import path it would look the same in every process
+
+    # Run again unchanged, then edited, in either kind of cell: a new object each time, a new identity.
+    seen = [first]
+    for source, cell_file in ((net_source(HEALTHY_BODY), False), (net_source(SOFTMAX_BODY), False),
+                              (net_source(SOFTMAX_BODY), True)):
+        ident = code_identity(notebook(source, cell_file=cell_file).Net)
+        assert not ident.has_source and all(ident != other for other in seen)
+        seen.append(ident)
+    assert code_identity(main.Net(rngs=nnx.Rngs(0), input_shape=(3,), num_outputs=2)) == seen[-1]  # an instance
+
+    # A function refers to a helper and a constant of the notebook: redefining either one is a new identity.
+    notebook("SCALE = 1.0\ndef act(x):\n    return x\ndef loss(o, t):\n    return SCALE * act(o).sum() + t")
+    loss = main.loss
+    ident = code_identity(loss)
+    assert code_identity(loss) == ident and not ident.has_source
+    notebook("def act(x):\n    return 2 * x")
+    assert code_identity(loss) != ident
+    ident = code_identity(loss)
+    notebook("SCALE = 3.0")
+    assert code_identity(loss) != ident
+    # Partials and lambdas of the notebook, and a class of a file with a notebook method set on it.
+    assert not code_identity(functools.partial(loss, t=1)).has_source
+    assert not code_identity(eval("lambda x: x", main.__dict__)).has_source
+    notebook("from harness.models.mlp import MLP\nclass Patched(MLP):\n    pass")
+    assert not code_identity(main.Patched).has_source
+
+
+def test_main_run_from_a_file_is_a_file_like_any_other(tmp_path, monkeypatch):
+    """``python script.py``: its ``__main__`` has a file, and its classes are identified by the file's content."""
+    script = tmp_path / "script.py"
+    script.write_text(net_source(HEALTHY_BODY))
+    main = types.ModuleType("__main__")
+    main.__file__ = str(script)
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    exec(compile(script.read_text(), str(script), "exec"), main.__dict__)
+    ident = code_identity(main.Net)
+    assert ident.has_source and (os.path.realpath(script), file_digest(str(script))) in ident.sources
+    assert ident.stable_key()[0] == "__main__.Net"
+    # Text exec'd in that script is still code without a file.
+    exec(compile(net_source(SOFTMAX_BODY), "<string>", "exec"), main.__dict__)
+    assert not code_identity(main.Net).has_source
+
+
+def notebook_run(program_cache, target: str):
+    """The model stage of ``harness`` on a tiny data set, with ``target`` as the model, the way a notebook calls
+    the pipeline: the report's status and its errors."""
+    rc = compose(["logger=none", *replace_group("data", "helpers.tiny_classification"),
+                  *replace_group("model", target), "diagnostics.run=[model]"])
+    result = pipeline.run(rc)
+    return result, sorted(f.id for f in result.findings if f.severity.value == "error")
+
+
+def test_a_notebook_edit_and_rerun_is_diagnosed_from_the_new_code(program_cache, notebook):
+    """The issue: a model defined in a notebook, diagnosed, then edited to return probabilities and run again,
+    was reported healthy from the first definition's programs."""
+    notebook(net_source(HEALTHY_BODY))
+    compiles = programs.STATS.compiles
+    result, errors = notebook_run(program_cache, "__main__.Net")
+    assert result.status == "healthy" and errors == []
+    traced = programs.STATS.compiles - compiles
+    assert traced > 0
+
+    result, _ = notebook_run(program_cache, "__main__.Net")  # the cell not run again: everything reused
+    assert programs.STATS.compiles == compiles + traced
+
+    notebook(net_source(SOFTMAX_BODY))  # the user edits the cell and runs it
+    result, errors = notebook_run(program_cache, "__main__.Net")
+    assert "model.output_range" in errors, "the edited model must be diagnosed, not the cached one"
+    assert programs.STATS.compiles == compiles + 2 * traced  # traced again, every program
+
+    notebook(net_source(HEALTHY_BODY))  # and fixed again
+    result, errors = notebook_run(program_cache, "__main__.Net")
+    assert errors == []
+    assert os.listdir(program_cache) == []  # nothing of a notebook's code is stored for another process
+
+
+# A later process: ``python -c`` (its ``__main__`` has no file) or a model in a file of the user's.
+PROCESS = '''
+import json, os, sys
+from helpers import compose, replace_group
+from harness import pipeline
+from harness.engine import compile as programs, exported
+
+cache, target = sys.argv[1], sys.argv[2]
+exported.enable(cache)
+{definition}
+rc = compose(["logger=none", *replace_group("data", "helpers.tiny_classification"),
+              *replace_group("model", target), "diagnostics.run=[model]"])
+result = pipeline.run(rc)
+print(json.dumps({{"compiles": programs.STATS.compiles, "reused": programs.STATS.traces_reused,
+                  "stored": len(os.listdir(cache)),
+                  "errors": sorted(f.id for f in result.findings if f.severity.value == "error")}}))
+'''
+
+
+def later_process(cache, target: str, definition: str = "", pythonpath: str = "") -> dict:
+    env = cli_env(PYTHONDONTWRITEBYTECODE="1")  # Python's bytecode cache would miss a same-size, same-mtime edit
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (pythonpath, env["PYTHONPATH"]) if p)
+    proc = subprocess.run([sys.executable, "-c", PROCESS.format(definition=definition), str(cache), target],
+                          cwd=TESTS_DIR, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_later_processes_never_reuse_programs_of_code_without_a_source_file(tmp_path):
+    """A model defined in ``python -c`` (``__main__``, no file), run twice: the second process traces again."""
+    definition = net_source(HEALTHY_BODY)
+    first, second = (later_process(tmp_path / "programs", "__main__.Net", definition) for _ in range(2))
+    for run in (first, second):
+        assert run["reused"] == 0 and run["stored"] == 0 and run["errors"] == []
+    assert second["compiles"] == first["compiles"] > 0
+
+
+def test_later_processes_reuse_programs_of_files_while_their_content_is_unchanged(tmp_path):
+    """A model in a file of the user's: stored by the first process, reused by the second; after an edit of the
+    same length with the mtime set back, traced again (and diagnosed from the new code)."""
+    cache = tmp_path / "programs"
+    package = tmp_path / "user"
+    package.mkdir()
+    path = package / "user_net.py"
+    path.write_text(net_source(HEALTHY_BODY))
+    stored, reused = (later_process(cache, "user_net.Net", pythonpath=str(package)) for _ in range(2))
+    assert stored["errors"] == reused["errors"] == [] and stored["reused"] == 0 and stored["stored"] > 0
+    assert reused["reused"] == reused["compiles"] == stored["compiles"]  # nothing traced
+
+    before = path.stat()
+    path.write_text(net_source(SOFTMAX_BODY))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    edited = later_process(cache, "user_net.Net", pythonpath=str(package))
+    assert edited["reused"] == 0 and edited["errors"] == ["model.output_range"]

@@ -349,7 +349,7 @@ def fake_diagnostics(monkeypatch, runs: dict):
                         lambda name: types.SimpleNamespace(run=runs[name]) if name in runs else real(name))
 
 
-def test_a_crashing_diagnostic_becomes_a_skip_and_the_rest_still_run(tiny_rc, tmp_path, monkeypatch):
+def test_a_crashing_diagnostic_is_an_internal_error_and_the_rest_still_run(tiny_rc, tmp_path, monkeypatch):
     from harness.app import run_and_report
 
     def data_check(ctx, settings):
@@ -369,32 +369,50 @@ def test_a_crashing_diagnostic_becomes_a_skip_and_the_rest_still_run(tiny_rc, tm
     assert [o.name for o in result.outcomes] == ["data", "model", "seeds"]
     model = result.outcomes[1]
     assert model.skipped == "crashed: ZeroDivisionError: something nobody foresaw"
+    assert model.internal_error.type == "ZeroDivisionError"
     report = json.load(open(tmp_path / "report.json"))
-    assert report["status"] == "unhealthy" and report["first_to_fix"]["id"] == "data.nonfinite"
+    # A crash is never healthy, and it outranks the error finding: the report is incomplete.
+    assert report["status"] == "internal_error" and report["first_to_fix"]["id"] == "data.nonfinite"
     assert report["diagnostics"]["model"]["status"] == "crashed"
+    assert report["diagnostics"]["model"]["internal_error"] == {"type": "ZeroDivisionError",
+                                                                 "message": "something nobody foresaw"}
+    [crash] = report["internal_errors"]
+    assert (crash["diagnostic"], crash["type"], crash["message"]) == (
+        "model", "ZeroDivisionError", "something nobody foresaw")
+    assert "Traceback" in crash["traceback"] and "model_check" in crash["traceback"]
     assert report["metrics"] == {"seeds/val_loss_std": 0.01}
     assert report["choices"]["model"] == "mlp" and "data" not in report["choices"]  # data replaced by a _target_
     assert report["config"]["model"]["width"] == 8  # the full resolved config, for reproduce
     assert report["environment"]["versions"]["jax"]
     assert (tmp_path / "plots" / "seeds-spread.png").exists()
-    assert "![Seed spread](plots/seeds-spread.png)" in (tmp_path / "report.md").read_text()
+    md = (tmp_path / "report.md").read_text()
+    assert "![Seed spread](plots/seeds-spread.png)" in md
+    assert md.startswith("# 💥 harness report: internal_error")
+    assert "diagnostic model crashed: ZeroDivisionError: something nobody foresaw" in md and "harness.log" in md
     text = console.export_text()
     assert "crashed: ZeroDivisionError: something nobody foresaw" in text
+    assert "status: internal_error" in text
+    assert "internal error: diagnostic model crashed: ZeroDivisionError: something nobody foresaw" in text
     assert "first to fix: data.nonfinite" in text
     assert not os.path.exists(tmp_path / "wandb")  # logger=none
 
 
-def test_debug_lets_a_crash_raise(tmp_path, monkeypatch):
+def test_debug_prints_a_crash_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    """debug=true adds the traceback on stderr; it does not change what is recorded (nor the exit code)."""
     from harness.pipeline import run
 
-    rc = compose([*TINY, "diagnostics.run=[model]", "debug=true"])
+    rc = compose([*TINY, "diagnostics.run=[data,model]", "debug=true"])
 
     def model_check(ctx, settings):
         raise ZeroDivisionError("boom")
 
     fake_diagnostics(monkeypatch, {"model": model_check})
-    with pytest.raises(ZeroDivisionError):
-        run(rc)
+    result = run(rc)
+    assert result.status == "internal_error"
+    assert [e.summary for e in result.internal_errors] == ["ZeroDivisionError: boom"]
+    assert result.outcomes[0].name == "data" and result.outcomes[0].internal_error is None  # it still ran
+    err = capsys.readouterr().err
+    assert "diagnostic model crashed" in err and "Traceback" in err and "ZeroDivisionError: boom" in err
 
 
 def test_background_workers_import_heavy_packages_one_at_a_time(monkeypatch):

@@ -6,6 +6,8 @@ import dataclasses
 
 import jax
 import numpy as np
+
+from harness.models import adapters
 import pytest
 import yaml
 from flax import nnx
@@ -118,14 +120,14 @@ class NumpyInitMLP(MLP):
 
 
 def test_randomness_outside_the_key_is_caught_by_building_twice():
-    stub = type("Ctx", (), {})()
-    stub.build_model = lambda key: NumpyInitMLP(rngs=nnx.Rngs(key), input_shape=(4,), num_outputs=3, width=8)
-    found = seeds.init_difference(stub, 0)
+    x = np.zeros((1, 4), np.float32)
+    numpy_init = adapters.ModelFactory(NumpyInitMLP, dict(width=8), (4,), 3, x).adapt()
+    found = seeds.init_difference(numpy_init, x, 0)
     assert found is not None and found["leaves_differing"] == 1 and found["worst_leaf"] == "out/bias"
     [finding] = seeds.nondeterminism_findings(None, None, found, None, SETTINGS)
     assert finding.id == "train.nondeterministic" and "outside its key" in finding.message
-    stub.build_model = lambda key: MLP(rngs=nnx.Rngs(key), input_shape=(4,), num_outputs=3, width=8)
-    assert seeds.init_difference(stub, 0) is None
+    healthy = adapters.ModelFactory(MLP, dict(width=8), (4,), 3, x).adapt()
+    assert seeds.init_difference(healthy, x, 0) is None
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -32,10 +32,11 @@ def make_job() -> tuple[Problem, Arrays]:
     data = tiny_classification(n_train=64, n_val=32, features=6, classes=3)
     arrays = Arrays(data["x_train"], data["y_train"], data["x_val"], data["y_val"])
 
-    def build(key):
-        return MLP(rngs=nnx.Rngs(key), input_shape=(6,), num_outputs=3, width=16, depth=1)
+    from harness.models.adapters import ModelFactory
+    from harness.tasks import Task
 
-    return Problem(build, losses.cross_entropy, OptimSpec(optax.adam), classification=True), arrays
+    model = ModelFactory(MLP, dict(width=16, depth=1), (6,), 3, data["x_train"][:2]).adapt()
+    return Problem(model, losses.cross_entropy, OptimSpec(optax.adam), Task(3, ())), arrays
 
 
 def sweep(n: int) -> Hparams:

@@ -19,7 +19,7 @@ import numpy as np
 from harness.data.dataset import Dataset
 from harness.engine.train import Arrays, Hparams, Problem, SweepResult, TrainSpec, train_members
 from harness.errors import HarnessError
-from harness.findings import Finding
+from harness.findings import Finding, InternalError
 from harness.optim import OptimSpec
 
 
@@ -72,7 +72,7 @@ class Context:
     dataset: Dataset  # as the factory returned it (validated structure, values unchecked)
     arrays: Arrays  # finite examples, float32 inputs, int32 labels / float32 targets
     problem: Problem  # the configured model, loss and optimizer
-    build_model: Callable[..., Any]  # (key, **model overrides) -> nnx.Module, e.g. build_model(key, width=64)
+    models: Any  # harness.models.adapters.ModelFactory: models.adapt(width=64) is the model at another width
     model_config: dict[str, Any]  # the model's config keys (without _target_), e.g. {"width": 128, "depth": 2}
     loss_name: str
     optim: OptimSpec
@@ -172,6 +172,7 @@ class Outcome:
     members: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # sweep rows: hparams + results
     seconds: float = 0.0
     skipped: str | None = None  # why it did not run (e.g. blocked by an earlier error)
+    internal_error: InternalError | None = None  # it crashed on something unforeseen (a bug, not a finding)
 
 
 def require_at_least(settings, key: str, field: str, minimum, reason: str = ""):

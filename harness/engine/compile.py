@@ -68,7 +68,10 @@ def compiled(name: str, fn: Callable, *args, static_key: Any = None, opt_level: 
              options: dict[str, Any] | None = None):
     """The compiled executable of ``jax.jit(fn)`` for these arguments, from cache when the shapes were seen before.
 
-    ``static_key`` must identify everything ``fn`` closes over that changes its program (a frozen spec).
+    ``static_key`` must identify everything ``fn`` closes over that changes its program (a frozen spec), the user's
+    code included: harness's Problem keys it by :func:`harness.engine.code_identity.code_identity` (file contents,
+    or for code without a source file the object itself), so a notebook class that is edited and run again is a
+    new key, never a cached program of its old definition.
     ``opt_level`` sets XLA's backend optimization level: 0 compiles several times faster and runs slower, the
     right trade for short diagnostics on a CPU (see ../shared/ECOSYSTEM.md); None keeps XLA's default.
     ``options``: further XLA compile options (``DebugOptions`` fields, e.g. ``xla_cpu_use_fusion_emitters``),

@@ -8,15 +8,23 @@ convention, see https://docs.jax.dev/en/latest/export/export.html); a later proc
 ``jax.jit(exported.call)``, whose lowering only wraps the stored module, and XLA's compile is then a persistent
 cache hit as before.
 
-A stored program is only valid for the code and settings that traced it. Its key holds everything that decides the
-program apart from source code: the caller's static key made stable across processes (:func:`stable_form`; a key
-that cannot be, such as one holding an object identity, is simply not stored), the argument shapes, dtypes and
-shardings, the XLA options, the versions of Python, jax, jaxlib, flax, optax and numpy, JAX's tracing flags, and
-the paths harness and the user's factories' packages are loaded from (another checkout is other code).
-The entry itself lists the size and mtime of every source file loaded when it was traced from harness, from the
-user's factories' packages and from outside site-packages (the user's own code, modules imported while tracing
-included); a later process uses the entry only if none of them changed. ``engine.program_cache=false`` turns it
-off; deleting the directory is always safe.
+A stored program is only valid for the code and settings that traced it, and the code is identified by content,
+never by a file's mtime (which can be set back, and which code without a file does not have). The key holds the
+caller's static key made stable across processes (:func:`stable_form`; harness's Problem answers with its
+fingerprint, which holds :func:`harness.engine.code_identity.code_identity` of the user's model factory, loss and
+optimizer: module, qualname and a sha256 of their source files), the argument shapes, dtypes and shardings, the
+XLA options, the versions of Python, jax, jaxlib, flax, optax and numpy, JAX's tracing flags, and the paths
+harness and the user's factories' packages are loaded from (another checkout is other code). A key that cannot be
+made stable is not stored: one holding an object identity, and any code without a source file (a class or
+function defined in a notebook, in ``python -c`` or ``<stdin>``, exec'd from text, a lambda typed at a prompt),
+whose programs are therefore never stored nor loaded across processes; within a process a re-definition is a new
+object and so a new key. The entry itself lists the sha256 of every source file loaded when it was traced from
+harness, from the user's factories' packages and from outside site-packages (the user's own code, modules
+imported while tracing included); a later process uses the entry only if all of them still hash the same. Hashes
+are kept per file stat within a process, so a warm lookup reads no file twice. A process whose source files
+changed while it ran (a notebook editing a module) stores nothing traced from them: the code it holds may be the
+old one.
+``engine.program_cache=false`` turns the cache off; deleting the directory is always safe.
 
 Anything that fails (a program JAX cannot export, such as one with host callbacks; an unreadable entry) falls back
 to tracing, so the cache can cost a miss but never a result.
@@ -38,7 +46,9 @@ from typing import Any, Callable, Iterable
 
 import jax
 
-FORMAT_VERSION = 1
+from harness.engine.code_identity import changed_in_process, code_identity, file_digest
+
+FORMAT_VERSION = 2  # 2: sources recorded by content hash (1: by size and mtime)
 # JAX flags that change what a trace produces (the rest only change where caches live or how things are logged).
 TRACING_FLAGS = ("jax_enable_x64", "jax_default_matmul_precision", "jax_numpy_dtype_promotion",
                  "jax_numpy_rank_promotion", "jax_default_prng_impl", "jax_threefry_partitionable",
@@ -83,9 +93,10 @@ def enabled() -> bool:
 def stable_form(value: Any) -> Any:
     """``value`` as nested tuples of strings and numbers that mean the same thing in any process, or Unkeyable.
 
-    Objects that define ``stable_key()`` (harness's Problem: its fingerprint) answer for themselves; dataclasses
-    by their fields; functions by their import path; plain values by their repr, unless that repr holds an object
-    address.
+    Objects that define ``stable_key()`` (harness's Problem: its fingerprint; a CodeIdentity) answer for
+    themselves; dataclasses by their fields; functions and classes by their import path, unless they have no source
+    file (a notebook's, exec'd; see :mod:`harness.engine.code_identity`); plain values by their repr, unless that
+    repr holds an object address.
     """
     if hasattr(value, "stable_key") and not isinstance(value, type):
         return (type(value).__qualname__, stable_form(value.stable_key()))
@@ -105,6 +116,8 @@ def stable_form(value: Any) -> Any:
         module = getattr(value, "__module__", None)
         if not qualname or not module or "<" in qualname:  # lambdas and closures have no import path
             raise Unkeyable(f"{value!r} has no import path")
+        if not code_identity(value).has_source:  # the same name may be other code in another process
+            raise Unkeyable(f"{module}.{qualname} has no source file")
         return f"{module}.{qualname}"
     text = repr(value)
     if " at 0x" in text or " object at " in text:
@@ -118,10 +131,10 @@ def _site_dirs() -> tuple[str, ...]:
                                                         paths["platlib"]})
 
 
-def loaded_sources() -> list[tuple[str, int, int]]:
-    """(path, size, mtime) of every loaded source file that can change a trace: harness's, the user's factories'
-    packages (``code_roots``) and anything outside site-packages and the standard library (the user's own code).
-    Read after tracing, so modules the model imports lazily, while being traced, are in it."""
+def loaded_sources() -> list[tuple[str, str]]:
+    """(path, sha256 of its bytes) of every loaded source file that can change a trace: harness's, the user's
+    factories' packages (``code_roots``) and anything outside site-packages and the standard library (the user's
+    own code). Read after tracing, so modules the model imports lazily, while being traced, are in it."""
     site = _site_dirs()
     roots = set(_CONFIG.code_roots)
     files = set()
@@ -129,24 +142,24 @@ def loaded_sources() -> list[tuple[str, int, int]]:
         path = getattr(module, "__file__", None)
         if not path or not path.endswith(".py"):
             continue
-        real = os.path.realpath(path)
+        real = _realpath(path)
         if name.split(".")[0] in roots or not real.startswith(site):
-            stat = _stat(real)
-            if stat is not None:
-                files.add((real, *stat))
+            digest = file_digest(real)
+            if digest is not None:
+                files.add((real, digest))
     return sorted(files)
 
 
-def _stat(path: str) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_size, st.st_mtime_ns
+@functools.lru_cache(maxsize=None)
+def _realpath(path: str) -> str:
+    # A loaded module's path resolves the same all process long; resolving ~1000 of them anew after every trace
+    # cost ~30 ms.
+    return os.path.realpath(path)
 
 
 def sources_unchanged(sources) -> bool:
-    return all(_stat(path) == (size, mtime) for path, size, mtime in sources)
+    """Whether every recorded file still has the recorded content (decided by its hash, whatever its mtime)."""
+    return all(file_digest(path) == digest for path, digest in sources)
 
 
 @functools.lru_cache(maxsize=1)
@@ -253,8 +266,13 @@ def export_and_store(key: str, fn: Callable, args, name: str):
 
 
 def _store(key: str, name: str, **content):
-    """Write an entry with the sources it is valid for (read now, after the trace)."""
-    entry = {"format": FORMAT_VERSION, "name": name, "sources": loaded_sources(), **content}
+    """Write an entry with the sources it is valid for (read now, after the trace). Nothing is written when one of
+    them changed since this process first read it: its code in memory may be the old one (an edited module that
+    was not reloaded), and the program must not be stored as the new content's."""
+    sources = loaded_sources()
+    if any(changed_in_process(path, digest) for path, digest in sources):
+        return
+    entry = {"format": FORMAT_VERSION, "name": name, "sources": sources, **content}
     try:
         _write_atomically(os.path.join(_CONFIG.directory, key), pickle.dumps(entry))
     except OSError:  # a full or read-only disk: this process still has its program; the next one tries again

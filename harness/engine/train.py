@@ -23,11 +23,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
 from harness.engine import compile as programs
 from harness.engine import devices
+from harness import tasks
+from harness.models.adapters import Model
 from harness.optim import OptimSpec, make_optimizer, set_learning_rate
+from harness.tasks import Task
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -36,19 +38,24 @@ from harness.optim import OptimSpec, make_optimizer, set_learning_rate
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Problem:
-    """The static training problem: how to build the model from a PRNG key, the per-example loss, the optimizer.
+    """The static training problem: the model (any family, behind :class:`harness.models.adapters.Model`), the
+    per-example loss, the optimizer and the task.
 
-    ``build_model(key)`` must be traceable (it runs inside jit and vmap, so each member gets its own init).
-    Compiled programs are cached per Problem: two Problems with the same ``fingerprint`` (everything that shapes
-    the program: model factory and its config, data shapes, loss, optimizer kind) share programs, so a second run
-    in the same process, or a second group of a sweep, compiles nothing. Without a fingerprint, identity counts.
+    ``model.init`` is traced inside jit and vmap, so each member gets its own init. Compiled programs are cached
+    per Problem: two Problems with the same ``fingerprint`` (everything that shapes the program: model factory and
+    its config, data shapes, loss, optimizer kind) share programs, so a second run in the same process, or a second
+    group of a sweep, compiles nothing. Without a fingerprint, identity counts.
     """
 
-    build_model: Callable[[jax.Array], nnx.Module]
+    model: Model
     loss_fn: Callable[[jax.Array, jax.Array], jax.Array]
     optim: OptimSpec
-    classification: bool
+    task: Task
     fingerprint: Any = None
+
+    @property
+    def classification(self) -> bool:
+        return self.task.classification
 
     def __eq__(self, other):
         if not isinstance(other, Problem):
@@ -69,22 +76,6 @@ class Problem:
             raise Unkeyable("a Problem without a fingerprint")
         return self.fingerprint
 
-    def graphdefs(self, regularization: bool):
-        """Graph definitions for training and for evaluation. Without regularization, dropout-like layers are
-        switched to deterministic for training too (the overfit-one-batch test turns regularization off)."""
-        abstract = nnx.eval_shape(lambda: self.build_model(jax.random.key(0)))
-        if not regularization:
-            abstract.set_attributes(deterministic=True, raise_if_not_found=False)
-        train_def = nnx.split(abstract, nnx.Param, ...)[0]
-        abstract.eval()
-        eval_def = nnx.split(abstract, nnx.Param, ...)[0]
-        return train_def, eval_def
-
-    def has_convolutions(self) -> bool:
-        """True when the model holds convolution layers (see ``needs_host_step_loop``)."""
-        abstract = nnx.eval_shape(lambda: self.build_model(jax.random.key(0)))
-        return any(isinstance(m, (nnx.Conv, nnx.ConvTranspose)) for _, m in nnx.iter_modules(abstract))
-
 
 def cpu_options() -> dict | None:
     """Extra XLA options for training programs on the CPU backend. Measured on the reference job's LR grid (32
@@ -100,7 +91,7 @@ def needs_host_step_loop(problem: Problem) -> bool:
     neither unrolling by 4 nor XLA flags helped; a full unroll compiles for 12 s). So on CPU a model with
     convolutions trains with the step loop on the host: one compiled, vmapped *step* program called per step.
     Accelerators keep the scan."""
-    return jax.default_backend() == "cpu" and problem.has_convolutions()
+    return jax.default_backend() == "cpu" and problem.model.convolutions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,12 +205,20 @@ def mean_loss(loss_fn, outputs, targets):
     return jnp.mean(per_example)
 
 
-def init_member(problem: Problem, hp: Hparams) -> State:
-    """A member's initial state: its own model init (from ``init_seed``) and optimizer state."""
-    model = problem.build_model(jax.random.key(hp.init_seed))
-    _, params, rest = nnx.split(model, nnx.Param, ...)
+def init_member(problem: Problem, hp: Hparams, x_example) -> State:
+    """A member's initial state: its own model init (from ``init_seed``; ``x_example`` a batch of inputs, which
+    Linen and Haiku size their layers from) and optimizer state."""
+    params, rest = problem.model.init(jax.random.key(hp.init_seed), x_example)
     tx = make_optimizer(problem.optim, hp.lr, hp.weight_decay)
     return State(params, rest, tx.init(params), jnp.array(True), jnp.array(-1, jnp.int32))
+
+
+def scale_inputs(x, scale):
+    """The member's inputs: ``x * scale`` (0 gives the constant-input baseline); integer inputs (token ids)
+    become the constant token 0 instead of being scaled."""
+    if jnp.issubdtype(x.dtype, jnp.integer):
+        return jnp.where(scale == 0, jnp.zeros_like(x), x)
+    return x * scale.astype(x.dtype)
 
 
 def _label_permutation(hp: Hparams, n: int):
@@ -235,7 +234,7 @@ def eval_due(spec: TrainSpec, t, chunk_end):
     return (spec.eval_every > 0) & (done % max(spec.eval_every, 1) == 0) & (done < chunk_end) & (done < spec.steps)
 
 
-def train_chunk(problem: Problem, spec: TrainSpec, train_def, state: State, hp: Hparams, arrays: Arrays, t0,
+def train_chunk(problem: Problem, spec: TrainSpec, state: State, hp: Hparams, arrays: Arrays, t0,
                 evaluate: Callable[[State], Any] | None = None):
     """``spec.steps_per_call`` optimizer steps for one member, from global step ``t0``; steps past ``spec.steps``
     are masked (no update), which lets every chunk reuse one compiled program. With ``spec.eval_every`` and
@@ -246,16 +245,13 @@ def train_chunk(problem: Problem, spec: TrainSpec, train_def, state: State, hp: 
     perm = _label_permutation(hp, n_train)
     tx = make_optimizer(problem.optim, hp.lr, hp.weight_decay)
     data_key = jax.random.key(hp.data_seed)
+    dropout_key = jax.random.fold_in(jax.random.key(hp.init_seed), 0xD809)  # its own stream, per member
     denom = max(spec.steps - 1, 1)
 
-    def loss_and_rest(params, rest, x, y):
-        # Fresh Variable objects for the non-trainable state: dropout's RNG counter is mutated by the forward pass,
-        # and NNX refuses to mutate a Variable created outside this (grad) trace.
-        model = nnx.merge(train_def, params, jax.tree.map(lambda a: a, rest))
-        outputs = model(x)
-        loss = mean_loss(problem.loss_fn, outputs, y)
-        _, _, new_rest = nnx.split(model, nnx.Param, ...)
-        return loss, new_rest
+    def loss_and_rest(params, rest, x, y, key):
+        outputs, new_rest = problem.model.apply(params, rest, x, key=key, train=True,
+                                                regularization=spec.regularization)
+        return mean_loss(problem.loss_fn, outputs, y), new_rest
 
     def step(state: State, t):
         if spec.fixed_batch:
@@ -263,10 +259,11 @@ def train_chunk(problem: Problem, spec: TrainSpec, train_def, state: State, hp: 
         else:
             # i.i.d. minibatches: O(batch) per step whatever the dataset size, identical across reruns.
             idx = jax.random.randint(jax.random.fold_in(data_key, t), (spec.batch_size,), 0, n_train)
-        x = arrays.x_train[idx] * hp.input_scale.astype(arrays.x_train.dtype)
+        x = scale_inputs(arrays.x_train[idx], hp.input_scale)
         y = arrays.y_train[perm[idx]]
         lr_t = hp.lr * jnp.exp(hp.lr_growth * t.astype(jnp.float32) / denom)
-        (loss, new_rest), grads = jax.value_and_grad(loss_and_rest, has_aux=True)(state.params, state.rest, x, y)
+        (loss, new_rest), grads = jax.value_and_grad(loss_and_rest, has_aux=True)(
+            state.params, state.rest, x, y, jax.random.fold_in(dropout_key, t))
         grad_norm = optax.tree.norm(grads)
         opt_state = set_learning_rate(state.opt_state, lr_t)
         updates, opt_state = tx.update(grads, opt_state, state.params)
@@ -303,20 +300,21 @@ def train_chunk(problem: Problem, spec: TrainSpec, train_def, state: State, hp: 
     return jax.lax.scan(step, state, steps)
 
 
-def evaluate_member(problem: Problem, eval_def, state: State, hp: Hparams, arrays: Arrays, x_fit):
+def evaluate_member(problem: Problem, state: State, hp: Hparams, arrays: Arrays, x_fit):
     """Validation loss (and accuracy) plus the loss on a fixed training subset, in evaluation mode."""
-    model = nnx.merge(eval_def, state.params, state.rest)
-    scale = hp.input_scale.astype(arrays.x_val.dtype)
-    out_val = model(arrays.x_val * scale)
+    def model(x):
+        return problem.model(state.params, state.rest, scale_inputs(x, hp.input_scale))
+
+    out_val = model(arrays.x_val)
     val_loss = mean_loss(problem.loss_fn, out_val, arrays.y_val)
     if problem.classification:
-        val_acc = jnp.mean(jnp.argmax(out_val, -1) == arrays.y_val)
+        val_acc = tasks.accuracy(out_val, arrays.y_val)
     else:
         val_acc = jnp.array(jnp.nan)
     # The training-subset loss uses the labels the member trained on (permuted for the shuffled-label control).
     perm = _label_permutation(hp, arrays.x_train.shape[0])
     fit_labels = arrays.y_train[perm[: x_fit.shape[0]]]
-    out_fit = model(x_fit * scale)
+    out_fit = model(x_fit)
     fit_loss = mean_loss(problem.loss_fn, out_fit, fit_labels)
     return val_loss, val_acc, fit_loss
 
@@ -356,7 +354,6 @@ def train_members(
     """
     calls, per_call = _chunk_plan(spec)
     spec = dataclasses.replace(spec, steps_per_call=per_call)
-    train_def, eval_def = problem.graphdefs(spec.regularization)
     data, x_fit = prepare_arrays(arrays, spec)
 
     n = len(hparams)
@@ -370,16 +367,16 @@ def train_members(
 
         def member(s, h):
             def evaluate(state):
-                return evaluate_member(problem, eval_def, state, h, data, x_fit)
+                return evaluate_member(problem, state, h, data, x_fit)
 
-            s, rec = train_chunk(problem, spec, train_def, s, h, data, t0, evaluate)
+            s, rec = train_chunk(problem, spec, s, h, data, t0, evaluate)
             return s, rec, evaluate(s)
 
         return jax.vmap(member)(state, hp)
 
     def first_call(hp, data, x_fit):
         """Initialization fused with the first chunk: a diagnostic that fits in one chunk is one compile."""
-        return advance(jax.vmap(lambda h: init_member(problem, h))(hp), hp, data, x_fit, 0)
+        return advance(jax.vmap(lambda h: init_member(problem, h, x_fit[:1]))(hp), hp, data, x_fit, 0)
 
     def key(kind):
         return (problem, spec, kind)  # Problems with equal fingerprints share programs
@@ -392,20 +389,20 @@ def train_members(
         def host_key(kind):
             return (problem, step_spec, kind)
 
-        def init_states(hp):
-            return jax.vmap(lambda h: init_member(problem, h))(hp)
+        def init_states(hp, x_example):
+            return jax.vmap(lambda h: init_member(problem, h, x_example))(hp)
 
         def one_step(state, hp, data, t):
-            return jax.vmap(lambda s, h: train_chunk(problem, step_spec, train_def, s, h, data, t))(state, hp)
+            return jax.vmap(lambda s, h: train_chunk(problem, step_spec, s, h, data, t))(state, hp)
 
         def evaluate(state, hp, data, x_fit):
-            return jax.vmap(lambda s, h: evaluate_member(problem, eval_def, s, h, data, x_fit))(state, hp)
+            return jax.vmap(lambda s, h: evaluate_member(problem, s, h, data, x_fit))(state, hp)
 
         def host_chunk(state, hp, c):
             """The same chunk as ``advance``, with the step loop on the host. XLA's default optimization level:
             level 0 leaves CPU convolutions several times slower still."""
             if state is None:
-                state = programs.run(f"{name}/init", init_states, hp, static_key=host_key("init"))
+                state = programs.run(f"{name}/init", init_states, hp, x_fit[:1], static_key=host_key("init"))
                 state = devices.shard_members(state)
             recs, inside = [], []
             for t in range(c * per_call, (c + 1) * per_call):

@@ -130,6 +130,21 @@ def key_metrics(metrics: dict[str, Any], diagnostic: str, limit: int = 4) -> lis
     return out
 
 
+INTERNAL_ERROR_ADVICE = ("This is a bug in harness (or in what it ran), not a finding about your setup; the other "
+                         "diagnostics' results stand. Please report it with harness.log from the run directory "
+                         "(it holds the traceback).")
+
+
+def internal_error_text(e: dict) -> str:
+    """``diagnostic seeds crashed: TraceContextError: Cannot mutate RngCount from a different trace level``."""
+    what = f"{e.get('type') or 'Exception'}: {e['message']}" if e.get("message") else (e.get("type") or "Exception")
+    return f"diagnostic {e.get('diagnostic') or '?'} crashed: {what}"
+
+
+def internal_errors_text(crashes: list[dict]) -> str:
+    return "; ".join(internal_error_text(e) for e in crashes)
+
+
 def skip_reason(reason: str) -> str:
     """A skipped diagnostic's reason without the 'skipped:'/'crashed:' prefix the status already says."""
     for prefix in ("skipped:", "crashed:"):

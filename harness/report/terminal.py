@@ -145,7 +145,11 @@ def footer(report: dict, output_dir: str | None) -> Group:
     line.append(f"  {fmt.counts_text(counts)} · {fmt.seconds(report.get('seconds'))} · "
                 f"{fmt.compiles(programs, ' compiling')}", style="dim")
     parts = [line]
-    not_run = [n for n, d in report["diagnostics"].items() if d.get("skipped")]
+    for e in report.get("internal_errors") or []:
+        parts.append(Text("internal error: ", style="bold magenta").append(fmt.internal_error_text(e)))
+    if report.get("internal_errors"):
+        parts.append(Text(f"  {fmt.INTERNAL_ERROR_ADVICE}", style="magenta"))
+    not_run = [n for n, d in report["diagnostics"].items() if d.get("skipped") and not d.get("internal_error")]
     if not_run:
         parts.append(Text(f"did not run: {', '.join(not_run)} (reasons above)", style="dim"))
     first = report.get("first_to_fix")

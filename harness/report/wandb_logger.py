@@ -4,7 +4,8 @@ run per sweep member. Offline by default; ``wandb sync`` uploads later.
 What goes where (all runs of one harness run share one W&B ``group``):
 
 * **main run** (``job_type="harness"``): the full resolved config (plus the group choices, e.g. data=digits),
-  a summary with every diagnostic metric (``<diagnostic>/<quantity>``), the status, finding counts, the first
+  a summary with every diagnostic metric (``<diagnostic>/<quantity>``), the status, finding counts (and
+  ``num_internal_errors``, ``internal_error/<diagnostic>`` = the crash's type and message), the first
   thing to fix and ``finding/<id>`` = worst severity per finding id (filterable in the runs table), the findings
   as a ``wandb.Table`` under ``findings``, every plot as a ``wandb.Image`` under ``plots/<diagnostic>/<name>``,
   and report.json / report.md as run files.
@@ -340,6 +341,7 @@ def main_summary(report: dict, result) -> dict[str, Any]:
         "num_errors": report["counts"].get("error", 0),
         "num_warnings": report["counts"].get("warning", 0),
         "num_infos": report["counts"].get("info", 0),
+        "num_internal_errors": len(report.get("internal_errors") or []),
         "harness/seconds": report.get("seconds"),
         "harness/compiles": report["programs"].get("compiles"),
         "harness/compile_seconds": report["programs"].get("compile_seconds"),
@@ -347,6 +349,8 @@ def main_summary(report: dict, result) -> dict[str, Any]:
     }
     for f in reversed(report["findings"]):  # most severe last, so it wins
         summary[f"finding/{f['id']}"] = f["severity"]
+    for e in report.get("internal_errors") or []:  # a crashed diagnostic: its exception's type and message
+        summary[f"internal_error/{e['diagnostic']}"] = f"{e['type']}: {e['message']}" if e.get("message") else e["type"]
     for name, d in report["diagnostics"].items():
         summary[f"{name}/status"] = d["status"]
         summary[f"{name}/seconds"] = d["seconds"]

@@ -1,6 +1,7 @@
 """report.json and report.md, written atomically into the run directory.
 
-``report.json`` is the machine-readable record (CI, ``harness compare``, ``harness reproduce``): the status, the
+``report.json`` is the machine-readable record (CI, ``harness compare``, ``harness reproduce``): the status
+(``healthy``, ``unhealthy``, or ``internal_error`` when a diagnostic crashed: see ``internal_errors``), the
 findings in checklist order (each with the diagnostic and stage that produced it), every diagnostic's metrics,
 curves and sweep members, the compiled programs' counts and times, plots, and what is needed to rerun it (the full
 resolved config, the command line, the environment). ``report.md`` is the same for a person: what to fix first,
@@ -71,6 +72,7 @@ def build_report(result: RunResult, *, config: dict, command: list[str], environ
     """The report as plain JSON-able data. ``plots`` is :func:`harness.report.plots.draw_all`'s result."""
     by_finding = _findings(result)
     findings = list(by_finding.values())
+    crashes = {o.name: o.internal_error for o in result.outcomes if o.internal_error is not None}
     first = first_to_fix(result.findings)
     plots = plots or {}
     return to_jsonable({
@@ -79,6 +81,9 @@ def build_report(result: RunResult, *, config: dict, command: list[str], environ
         "counts": fmt.counts(findings),
         "first_to_fix": by_finding[id(first)] if first is not None else None,
         "findings": findings,
+        # Diagnostics that crashed on something unforeseen (a bug, not a finding): the exception's type, its own
+        # message and the traceback (also in harness.log).
+        "internal_errors": [e.to_dict() for e in crashes.values()],
         "metrics": flat_metrics(result.outcomes),
         "diagnostics": {
             o.name: {
@@ -86,6 +91,8 @@ def build_report(result: RunResult, *, config: dict, command: list[str], environ
                 "status": _outcome_status(o),
                 "seconds": round(o.seconds, 3),
                 "skipped": o.skipped,
+                "internal_error": ({"type": crashes[o.name].type, "message": crashes[o.name].message}
+                                   if o.name in crashes else None),
                 "findings": [f.id for f in o.findings],
                 "metrics": o.metrics,
                 "series": o.series,
@@ -215,11 +222,25 @@ def _shell_quote(arg: str) -> str:
     return shlex.quote(str(arg))
 
 
+def _internal_errors_md(report: dict) -> list[str]:
+    crashes = report.get("internal_errors") or []
+    if not crashes:
+        return []
+    lines = [f"> **💥 Internal error:** {fmt.internal_errors_text(crashes)}.", ">",
+             f"> {fmt.INTERNAL_ERROR_ADVICE}", ""]
+    for e in crashes:
+        if e.get("traceback"):
+            lines += [f"<details><summary>Traceback of <code>{e['diagnostic']}</code></summary>", "", "```text",
+                      e["traceback"], "```", "", "</details>", ""]
+    return lines
+
+
 def render_markdown(report: dict) -> str:
     status = report["status"]
     counts = report.get("counts") or fmt.counts(report["findings"])
-    icon = "✅" if status == "healthy" else "❌"
+    icon = "✅" if status == "healthy" else "💥" if status == "internal_error" else "❌"
     lines = [f"# {icon} harness report: {status}", "", _run_line(report), ""]
+    lines += _internal_errors_md(report)
 
     first = report.get("first_to_fix")
     if first:
@@ -227,7 +248,7 @@ def render_markdown(report: dict) -> str:
         if first.get("suggestion"):
             lines += [">", f"> **Fix:** {first['suggestion']}"]
         lines += [""]
-    not_run = [n for n, d in report["diagnostics"].items() if d.get("skipped")]
+    not_run = [n for n, d in report["diagnostics"].items() if d.get("skipped") and not d.get("internal_error")]
     summary = f"{fmt.counts_text(counts).capitalize()}."
     if not_run:
         summary += f" {fmt.plural(len(not_run), 'diagnostic')} did not run ({', '.join(not_run)}): see below."

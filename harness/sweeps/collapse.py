@@ -27,7 +27,6 @@ from harness.checks.base import Context, Shared, _arrays_key
 from harness.config import RunConfig, from_hydra
 from harness.engine.train import Hparams, SweepResult, train_members
 from harness.errors import HarnessError
-from harness.findings import Severity
 from harness.pipeline import RunResult, build_context, run_diagnostics
 
 # Values that may differ between the points of one group; anything else must be equal (the sweeper ensures it).
@@ -232,8 +231,7 @@ def run_points(rcs: list[RunConfig], on_outcome=None) -> tuple[list[RunResult], 
     results = []
     for ctx, outs in zip(contexts, outcomes):
         findings = [f for o in outs for f in o.findings]
-        status = "unhealthy" if any(f.severity is Severity.ERROR for f in findings) else "healthy"
-        results.append(RunResult(outs, findings, status, seconds, ctx))
+        results.append(RunResult(outs, findings, RunResult.status_of(outs), seconds, ctx))
     return results, trainer
 
 
@@ -259,6 +257,7 @@ def run_group(path: str, *, command: list[str]) -> int:
     """The job the sweeper launches for a group: run its points merged, then write each point's outputs into the
     point's own directory (report.json, report.md, plots, W&B run), as if it had run alone."""
     from harness.app import enable_caches, write_outputs
+    from harness.cli import exit_code, report_internal_errors
     from harness.engine.devices import is_primary
     from harness.report.plots import BackgroundPlots
 
@@ -291,8 +290,9 @@ def run_group(path: str, *, command: list[str]) -> int:
         point_command = [command[0], *point["overrides"]]
         write_outputs(rc, result, point["dir"], command=point_command,
                       plot_files=background.files(result.outcomes, point["dir"]))
-        if rc.fail_on_error and result.has_error:
-            code = max(code, 1)
+        if result.internal_errors:  # a crashed diagnostic: its traceback into the point's harness.log, exit 3
+            report_internal_errors(result, point["dir"], label=f" in sweep point {point['index']}")
+        code = max(code, exit_code(rc, result))
     print(f"harness: {len(rcs)} sweep points ran as {trainer.merged_calls} merged training calls "
           f"(from {trainer.requests} requests; {trainer.members_trained} distinct members of "
           f"{trainer.members_requested} requested)")

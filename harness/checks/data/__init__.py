@@ -11,6 +11,7 @@ builtins. One module per family:
 * :mod:`.scale` -- ``data.feature_scale``, ``data.target_scale``, ``data.constant_features``
 * :mod:`.duplicates` -- ``data.leakage``, ``data.conflicting_labels``
 * :mod:`.determinism` -- ``data.nondeterministic``
+* :mod:`.sampling` -- ``data.sampled`` (iterable sources drawn up to ``data.max_examples``)
 
 Thresholds are :class:`Settings` (``diagnostics.data.*``), each justified where it is used, and measured silent on
 the healthy builtins (digits flat and image, wine, breast_cancer, regression).
@@ -19,7 +20,7 @@ the healthy builtins (digits flat and image, wine, breast_cancer, regression).
 from __future__ import annotations
 
 from harness.checks.base import Context, Outcome, Plot
-from harness.checks.data import determinism, duplicates, integrity, labels, scale
+from harness.checks.data import determinism, duplicates, integrity, labels, sampling, scale
 from harness.checks.data.common import NAME, Part, Settings, Views
 
 __all__ = ["Settings", "run"]
@@ -30,6 +31,7 @@ def run(ctx: Context, settings: Settings) -> Outcome:
     part = Part()
     part.add(integrity.check_nonfinite(views))
     part.add(integrity.check_shapes(views))
+    part.add(sampling.check_sampled(ctx.dataset))
     if ctx.dataset.classification:
         part.add(labels.check_label_range(views))
         part.add(labels.check_label_distribution(views))

@@ -45,12 +45,10 @@ def run(ctx: Context, settings: Settings) -> Outcome:
     outcome = Outcome(NAME)
     problem = ctx.problem
     x, y = sample_batch(ctx, settings.batch_size)
-    train_def, eval_def = problem.graphdefs(regularization=True)
-
-    probe = programs.probe(problem, eval_def, train_def, x, y)
+    probe = programs.probe(problem, x, y)
     metrics, series = gradients.parameter_outputs(gradients.parameter_table(probe.parameters))
     add(outcome, [], metrics, series)
-    blocking = forward.probe_findings(probe, len(x), ctx.dataset.num_outputs, ctx.dataset.classification)
+    blocking = forward.probe_findings(probe, len(x), problem.task)
     if not blocking and not probe.parameters:
         blocking = [gradients.no_parameters_finding()]
     if blocking:
@@ -58,7 +56,7 @@ def run(ctx: Context, settings: Settings) -> Outcome:
         return outcome  # nothing else can be computed from a model that does not run (or cannot learn)
 
     rows = batch_dependence.checked_rows(len(x), settings.batch_dependence_rows)
-    stats, (params0, rest0), notes = init_statistics(ctx, settings, eval_def, train_def, x, y, rows)
+    stats, (params0, rest0), notes = init_statistics(ctx, settings, x, y, rows)
     add(outcome, notes)
     nonfinite = forward.finite_findings(stats.outputs, stats.losses)
     if nonfinite:
@@ -76,7 +74,7 @@ def run(ctx: Context, settings: Settings) -> Outcome:
     judge_units(outcome, layers, settings)
 
     if settings.gradient_check and all(np.all(v) for v in stats.grad_finite.values()):
-        result = gradient_check.run_check(problem, eval_def, params0, rest0, x, y, seed=ctx.seed, settings=settings,
+        result = gradient_check.run_check(problem, params0, rest0, x, y, seed=ctx.seed, settings=settings,
                                           opt_level=programs.RUN_ONCE_OPT_LEVEL)
         add(outcome, *gradient_check.judge(result, settings, min(settings.gradient_check_examples, len(x))))
     outcome.metrics = headline_first(outcome.metrics)
@@ -89,14 +87,14 @@ def add(outcome: Outcome, findings, metrics=None, series=None) -> None:
     outcome.series.update(series or {})
 
 
-def init_statistics(ctx: Context, settings: Settings, eval_def, train_def, x, y, rows):
+def init_statistics(ctx: Context, settings: Settings, x, y, rows):
     """The init program's results; if recording the activations fails (the probe showed the model itself runs),
     the program again without the recording, and an info saying so."""
     thresholds = dict(perturbation_scale=settings.perturbation_scale, saturation_level=settings.saturation_level,
                       saturated_example_fraction=settings.saturated_example_fraction)
 
     def statistics(with_capture: bool):
-        return programs.init_statistics(ctx.problem, eval_def, train_def, x, y, seed=ctx.seed,
+        return programs.init_statistics(ctx.problem, x, y, seed=ctx.seed,
                                         init_seeds=settings.init_seeds, rows=rows, thresholds=thresholds,
                                         opt_level=programs.RUN_ONCE_OPT_LEVEL, with_capture=with_capture)
 

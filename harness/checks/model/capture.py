@@ -1,38 +1,52 @@
-"""Activation capture: record every activation function's output during a forward pass, without the user changing
-their model.
+"""Activation capture read off the traced program: record every activation function's output of any pure JAX
+function, whatever library built it.
 
-The seeds ask for activation statistics per layer (seed 003: "logging intermediate values will help detect
-numerical instabilities"; dead ReLUs and saturated tanh/sigmoid units are the classic symptoms). Flax's own
-facility, ``nnx.capture`` with ``sow``, needs the model to sow its activations; ``method_outputs`` records module
-outputs (a Linear's pre-activation), not the functions applied between modules. So, for the duration of one trace:
+Flax NNX (``nnx.merge(graphdef, params, rest)(x)``), Flax Linen (``model.apply``), Equinox
+(``eqx.combine(params, static)(x)``) and Haiku (``hk.transform(f).apply``) models all end up as a pure function
+``apply(params, x)``, and every pure function traces to the same thing: a jaxpr. So instead of per-library hooks
+(swapping activation functions and module ``__call__``s by monkeypatching, which only ever worked for NNX),
+:func:`record_activations` traces ``fn`` with ``jax.make_jaxpr`` and evaluates the jaxpr with a small interpreter
+(what ``jax.core.eval_jaxpr`` does: bind each equation's primitive in order), keeping the outputs of the equations
+that are activation functions. Binding the same primitives in the same order builds the same program, so the
+result is identical to ``fn(params, *args)``, and it works on tracers (inside ``jax.jit``, ``jax.vmap``).
 
-* every known activation function (``jax.nn.relu``, ``tanh``, ``sigmoid``, ``gelu``, ... and their ``flax.nnx`` /
-  ``jax.numpy`` aliases) is swapped, by identity, for a recording wrapper wherever a model can reach it: the
-  namespaces ``jax.nn``, ``jax.numpy``, ``flax.nnx`` (and ``flax.linen`` when loaded), the globals of every module
-  that defines one of the model's classes (``from jax.nn import relu``), and the model's own attributes
-  (``self.activation = jax.nn.relu``, as the built-in models store it; ``functools.partial`` of one; items of a
-  list such as ``nnx.Sequential``'s layers);
-* every module class of the model gets a ``__call__`` wrapper that notes which module produced which array, so an
-  activation applied to ``hidden/0``'s output is named ``hidden/0`` (else after the module that called it).
+How activations appear in a jaxpr (jax 0.10; the same for all four libraries, which call ``jax.nn``):
 
-Everything is restored in a ``finally``. The wrappers record only for the thread that set up the capture and only
-at that trace level (a function applied inside an inner ``nnx.scan`` or ``vmap`` body is not recorded: its values
-cannot leave the inner trace); everywhere else they behave exactly like the function they wrap, so another thread
-tracing another program in the meantime is not affected. A lock serializes captures.
+* most ``jax.nn`` activations are ``@jax.jit`` functions: a ``jit`` equation with ``name="silu"`` (also elu,
+  leaky_relu, softplus, mish, selu, celu, hard_tanh, hard_sigmoid, hard_silu, squareplus, soft_sign);
+* ``relu`` and ``relu6`` are ``custom_jvp`` functions: a ``custom_jvp_call`` whose ``call_jaxpr`` is named after
+  the function (``debug_info.func_name``);
+* ``tanh`` (``jnp.tanh``, ``nn.tanh``) is the ``tanh`` primitive and ``sigmoid`` (``jit(inline=True)``) the
+  ``logistic`` primitive;
+* ``gelu`` is not jitted, its primitives are inlined: it is recognized by their sequence (approximate:
+  ``integer_pow[y=3] mul add mul tanh add mul mul``; exact: ``mul neg mul erfc mul [copy]``) when their only
+  non-constant input is the one ``x``.
+
+An activation is recorded as a whole and never descended into: the tanh of an approximate GELU or of mish, the
+logistic of silu are not recorded again. Other call-like equations are walked into, so activations inside them are
+found: a user's own ``jax.jit`` (re-jitted around the walk), ``jax.checkpoint`` (re-wrapped with its policy),
+``custom_jvp`` / ``custom_vjp`` functions that are not activations and ``closed_call`` (inlined: their forward values
+are the same, but the custom derivative rule is dropped when the recording itself is differentiated). Values
+computed inside ``scan``, ``while`` and ``cond`` bodies cannot leave them, so those equations are bound as they are
+and activations inside them (``nnx.scan`` over stacked layers, ``lax.cond`` branches) are not recorded.
+
+Names: an activation is named after the layer whose output it consumes. Each parameter leaf of ``params``
+(flattened with paths) labels its module: the parameter's path minus its own name (``layers/0/kernel`` ->
+``layers/0``; Haiku ``mlp/~/linear_0/w`` -> ``mlp/~/linear_0``). The label flows along the dataflow: an equation
+that consumes both data and a parameter labels its outputs with that parameter's module, any other equation passes
+on the most recently assigned label of its data inputs; an activation takes its input's label. Without one (an
+activation of the raw input) it is named ``<function>_<index>``; repeats get ``#2``, ``#3``, ... Activations of
+values that do not depend on ``args`` (a gate ``sigmoid(param)``) and of scalars are not recorded.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
-import sys
-import threading
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import jax
-from flax import nnx
-from flax.nnx import tracers
+from jax.extend.core import ClosedJaxpr, Literal
+from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
 
 # Activation functions by their jax.nn name, and what their outputs can tell: ``rectifier`` units are dead when
 # exactly zero for every example; ``tanh`` / ``sigmoid`` units saturate at their asymptotes; ``smooth`` ones
@@ -56,222 +70,209 @@ ACTIVATION_KINDS: dict[str, str] = {
     "squareplus": "smooth",
     "soft_sign": "smooth",
 }
-# Where models find activation functions by name (patched by identity when loaded; nothing is imported).
-NAMESPACES = ("jax.nn", "jax.numpy", "flax.nnx", "flax.nnx.nn.activations", "flax.linen", "flax.linen.activation")
+PRIMITIVES = {"tanh": "tanh", "logistic": "sigmoid"}  # activations that are a single primitive
+GELU = (  # inlined jax.nn.gelu, longest first
+    ("integer_pow", "mul", "add", "mul", "tanh", "add", "mul", "mul"),  # approximate=True
+    ("mul", "neg", "mul", "erfc", "mul", "copy"),  # approximate=False
+    ("mul", "neg", "mul", "erfc", "mul"),
+)
+NAMED_CALLS = {"jit", "pjit", "custom_jvp_call", "custom_vjp_call"}  # may be an activation, by name
+JITS = {"jit", "pjit"}
+REMATS = {"remat2", "checkpoint", "remat"}
+INLINED = {"closed_call", "core_call", "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"}
 
-_LOCK = threading.RLock()
-_ACTIVE = threading.local()
+Label = tuple | None  # ("param", module) | ("data", stamp, module or None) | None for constants
 
 
 @dataclasses.dataclass
 class Activation:
     """One recorded activation: where it was applied, which function, and its (traced) output."""
 
-    name: str  # the module whose output it was applied to ("hidden/0"), else "<calling module>/<function>"
+    name: str  # the module whose output it was applied to ("layers/0"), else "<function>_<index>"
     function: str  # "relu", "tanh", ...
     kind: str  # rectifier | tanh | sigmoid | smooth
     output: Any
 
 
+def path_name(path) -> str:
+    """``"layers/0/kernel"`` for a pytree key path (DictKey, GetAttrKey, SequenceKey, FlattenedIndexKey)."""
+    parts = []
+    for key in path:
+        if isinstance(key, DictKey):
+            parts.append(str(key.key))
+        elif isinstance(key, GetAttrKey):
+            parts.append(key.name)
+        elif isinstance(key, SequenceKey):
+            parts.append(str(key.idx))
+        elif isinstance(key, FlattenedIndexKey):
+            parts.append(str(key.key))
+        else:
+            parts.append(str(key))
+    return "/".join(parts)
+
+
+def module_path(path) -> str:
+    """The module a parameter belongs to: its path minus its own name, and minus the ``.value`` of an nnx
+    Variable box (``layers/0/kernel/value`` -> ``layers/0``); the whole path for a top-level parameter."""
+    path = tuple(path)
+    if len(path) > 1 and isinstance(path[-1], GetAttrKey) and path[-1].name == "value":
+        path = path[:-1]
+    return path_name(path[:-1]) or path_name(path)
+
+
+def record_activations(fn: Callable, params, *args) -> tuple[Any, list[Activation]]:
+    """Evaluate ``fn(params, *args)`` and also return every activation function's output, in call order.
+
+    ``params`` is a pytree of arrays (an ``nnx.State``, Linen variables, an Equinox partition, Haiku params); it and
+    ``args`` may be tracers. Call it inside the traced function that computes statistics of the outputs."""
+    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(params, *args)
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    values = [x for _, x in leaves] + jax.tree.leaves(args)
+    assert len(values) == len(closed.jaxpr.invars), "fn's traced inputs do not match params and args"
+    labels = [("param", module_path(path)) for path, _ in leaves] + [("data", 0, None)] * (len(values) - len(leaves))
+    recorder = _Recorder()
+    outs, _ = recorder.walk(closed.jaxpr, closed.consts, values, labels)
+    return jax.tree.unflatten(jax.tree.structure(out_shape), outs), recorder.activations
+
+
+def _bind(eqn, invals) -> list:
+    with eqn.ctx.manager:
+        out = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+    return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def _inputs(eqn) -> list:
+    return [v for v in eqn.invars if not isinstance(v, Literal)]
+
+
+def _subjaxpr(eqn):
+    """(jaxpr, consts) of a call-like equation that is walked into, else None."""
+    if eqn.primitive.name not in JITS | REMATS | INLINED:
+        return None
+    sub = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+    if sub is None:
+        return None
+    return (sub.jaxpr, sub.consts) if isinstance(sub, ClosedJaxpr) else (sub, ())
+
+
+def _activation(eqn) -> str | None:
+    """The jax.nn name of the activation function an equation is, if it is one."""
+    name = eqn.primitive.name
+    if name in PRIMITIVES:
+        return PRIMITIVES[name]
+    if name not in NAMED_CALLS or len(eqn.outvars) != 1:
+        return None
+    function = eqn.params.get("name")
+    if function is None:
+        sub = eqn.params.get("call_jaxpr", eqn.params.get("jaxpr"))
+        debug = getattr(getattr(sub, "jaxpr", sub), "debug_info", None)
+        function = getattr(debug, "func_name", None)
+    return function if function in ACTIVATION_KINDS else None
+
+
+def _gelu_length(eqns, i: int) -> int:
+    """Length of an inlined ``jax.nn.gelu`` starting at ``eqns[i]`` (0 if none): the primitives in order, all
+    reading only the first one's input, each other's outputs and constants."""
+    for pattern in GELU:
+        run = eqns[i:i + len(pattern)]
+        if tuple(e.primitive.name for e in run) != pattern or len(_inputs(run[0])) != 1:
+            continue
+        if pattern[0] == "integer_pow" and run[0].params.get("y") != 3:
+            continue
+        inside = set(_inputs(run[0]))
+        for eqn in run:
+            if not inside.issuperset(_inputs(eqn)):
+                break
+            inside.update(eqn.outvars)
+        else:
+            return len(pattern)
+    return 0
+
+
+def _contains_activation(jaxpr) -> bool:
+    for i, eqn in enumerate(jaxpr.eqns):
+        sub = _subjaxpr(eqn)
+        if _activation(eqn) or _gelu_length(jaxpr.eqns, i) or (sub and _contains_activation(sub[0])):
+            return True
+    return False
+
+
 @dataclasses.dataclass
-class Recorder:
-    paths: dict[int, str]  # id(module) -> its path in the model, "hidden/0"
-    trace: Any  # the trace level values may be recorded at
+class _Recorder:
     activations: list[Activation] = dataclasses.field(default_factory=list)
-    module_outputs: list[tuple[str, Any]] = dataclasses.field(default_factory=list)
-    stack: list[str] = dataclasses.field(default_factory=list)
-    depth: int = 0  # > 0 inside a recorded activation: gelu calling tanh is one activation, not two
+    stamp: int = 0  # orders the labels: the most recently assigned wins
 
-    def at_trace_level(self) -> bool:
-        return self.trace.is_valid()
+    def propagate(self, labels: list[Label]) -> Label:
+        """An equation's output label from its inputs'."""
+        modules = [label[1] for label in labels if label and label[0] == "param"]
+        data = [label for label in labels if label and label[0] == "data"]
+        if not data:  # a parameter transformed (cast, reshaped, ...) or a constant
+            return ("param", modules[-1]) if modules else None
+        if modules:  # data meets a parameter: the layer's output
+            self.stamp += 1
+            return ("data", self.stamp, modules[-1])
+        return max(data, key=lambda label: label[1])
 
-    def add(self, function: str, kind: str, x, out) -> None:
-        if not (isinstance(out, jax.Array) and out.ndim >= 1 and self.at_trace_level()):
+    def record(self, function: str, label: Label, output) -> None:
+        if not (label and label[0] == "data" and getattr(output, "ndim", 0) >= 1):
             return
-        producer = next((path for path, o in reversed(self.module_outputs) if o is x), None)
-        if producer is None:
-            caller = self.stack[-1] if self.stack else ""
-            producer = f"{caller}/{function}" if caller else function
-        name, n = producer, 1
+        base = label[2] or f"{function}_{len(self.activations)}"
         taken = {a.name for a in self.activations}
+        name, n = base, 1
         while name in taken:
             n += 1
-            name = f"{producer}#{n}"
-        self.activations.append(Activation(name, function, kind, out))
+            name = f"{base}#{n}"
+        self.activations.append(Activation(name, function, ACTIVATION_KINDS[function], output))
 
-
-def _recorder() -> Recorder | None:
-    return getattr(_ACTIVE, "recorder", None)
-
-
-def known_activations() -> dict[int, tuple[Callable, str, str]]:
-    """id(function) -> (function, name, kind) for the activation functions jax.nn has (aliases once)."""
-    known: dict[int, tuple[Callable, str, str]] = {}
-    for name, kind in ACTIVATION_KINDS.items():
-        fn = getattr(jax.nn, name, None)
-        if fn is not None and id(fn) not in known:
-            known[id(fn)] = (fn, name, kind)
-    return known
-
-
-def recording_activation(fn: Callable, name: str, kind: str) -> Callable:
-    """``fn``, recording its output when a capture is active in this thread (else exactly ``fn``)."""
-
-    def wrapper(*args, **kwargs):
-        rec = _recorder()
-        if rec is None or rec.depth:
-            return fn(*args, **kwargs)
-        rec.depth += 1
-        try:
-            out = fn(*args, **kwargs)
-        finally:
-            rec.depth -= 1
-        rec.add(name, kind, args[0] if args else kwargs.get("x"), out)
-        return out
-
-    wrapper.__name__ = wrapper.__qualname__ = name
-    wrapper.__wrapped__ = fn
-    return wrapper
-
-
-def recording_call(call: Callable) -> Callable:
-    """A module class's ``__call__`` that notes which module produced which output while a capture is active."""
-
-    @functools.wraps(call)
-    def __call__(self, *args, **kwargs):
-        rec = _recorder()
-        path = rec.paths.get(id(self)) if rec is not None else None
-        if path is None:
-            return call(self, *args, **kwargs)
-        rec.stack.append(path)
-        try:
-            out = call(self, *args, **kwargs)
-        finally:
-            rec.stack.pop()
-        if rec.at_trace_level():
-            rec.module_outputs.append((path, out))
-        return out
-
-    return __call__
-
-
-class _Patches:
-    """Attribute swaps, undone in reverse order."""
-
-    def __init__(self):
-        self.undo: list[Callable[[], None]] = []
-
-    def setattr(self, obj, name: str, value) -> None:
-        """Swap ``obj.name`` (a class or module attribute, or an instance's own attribute). Instances are written
-        through ``vars()``: an nnx Module refuses ``setattr`` from another trace level than the one it was
-        created at, and a function attribute is static data nnx does not track anyway."""
-        missing = object()
-        namespace = obj.__dict__ if isinstance(obj, type) else vars(obj)
-        old = namespace.get(name, missing)
-
-        def restore():
-            if isinstance(obj, type):
-                if old is missing:
-                    delattr(obj, name)
+    def walk(self, jaxpr, consts, args, labels: list[Label], run: bool = True) -> tuple[list, list[Label]]:
+        """Evaluate ``jaxpr`` (only propagate labels when not ``run``), recording activations."""
+        env: dict = dict(zip(jaxpr.constvars, consts))
+        env.update(zip(jaxpr.invars, args))
+        tags: dict = dict(zip(jaxpr.invars, labels))  # constants have no label
+        read = lambda v: v.val if isinstance(v, Literal) else env[v]  # noqa: E731
+        tag = lambda v: None if v is None or isinstance(v, Literal) else tags.get(v)  # noqa: E731
+        eqns, i = jaxpr.eqns, 0
+        while i < len(eqns):
+            gelu = _gelu_length(eqns, i)
+            span = eqns[i:i + gelu] if gelu else [eqns[i]]
+            function = "gelu" if gelu else _activation(eqns[i])
+            for eqn in span:
+                invals, inlabels = [read(v) for v in eqn.invars], [tag(v) for v in eqn.invars]
+                if function is None and _subjaxpr(eqn) is not None:
+                    outs, outlabels = self.call(eqn, invals, inlabels, run)
                 else:
-                    setattr(obj, name, old)
-            elif old is missing:
-                vars(obj).pop(name, None)
-            else:
-                vars(obj)[name] = old
+                    outs = _bind(eqn, invals) if run else [None] * len(eqn.outvars)
+                    outlabels = [self.propagate(inlabels)] * len(eqn.outvars)
+                env.update(zip(eqn.outvars, outs))
+                tags.update(zip(eqn.outvars, outlabels))
+            if function and run:
+                self.record(function, tag(next(iter(_inputs(span[0])), None)), env[span[-1].outvars[0]])
+            i += len(span)
+        return [read(v) for v in jaxpr.outvars], [tag(v) for v in jaxpr.outvars]
 
-        if isinstance(obj, type):
-            setattr(obj, name, value)
-        else:
-            vars(obj)[name] = value
-        self.undo.append(restore)
+    def call(self, eqn, invals, labels: list[Label], run: bool) -> tuple[list, list[Label]]:
+        """A call-like equation: walked into when it contains an activation (re-jitted / re-checkpointed, its
+        activations returned as extra outputs), else bound as it is (and walked for labels only)."""
+        jaxpr, consts = _subjaxpr(eqn)
+        if not (run and _contains_activation(jaxpr)):
+            outs = _bind(eqn, invals) if run else [None] * len(eqn.outvars)
+            return outs, self.walk(jaxpr, consts, [None] * len(invals), labels, run=False)[1]
+        found: dict[str, Any] = {}
 
-    def setitem(self, container, index, value) -> None:
-        old = container[index]
-        container[index] = value
-        self.undo.append(lambda: container.__setitem__(index, old))
+        def inner(*xs):
+            start = len(self.activations)
+            outs, found["labels"] = self.walk(jaxpr, consts, xs, labels)
+            found["recorded"] = self.activations[start:]
+            del self.activations[start:]
+            return outs, [a.output for a in found["recorded"]]
 
-    def try_setitem(self, container, index, value) -> None:
-        try:
-            self.setitem(container, index, value)
-        except Exception:  # noqa: BLE001 -- a container that refuses (another trace level): not recorded
-            pass
-
-    def restore(self) -> None:
-        while self.undo:
-            try:
-                self.undo.pop()()
-            except Exception:  # noqa: BLE001 -- restore the rest whatever one restore does
-                pass
-
-
-def _replacement(value, wrappers: dict[int, Callable]):
-    """The recording version of ``value`` if it is a known activation (or a ``functools.partial`` of one)."""
-    try:
-        if id(value) in wrappers:
-            return wrappers[id(value)]
-        if isinstance(value, functools.partial) and id(value.func) in wrappers:
-            return functools.partial(wrappers[id(value.func)], *value.args, **value.keywords)
-    except TypeError:
-        return None
-    return None
-
-
-def _instance_call(cls: type) -> Callable | None:
-    """The ``__call__`` instances of ``cls`` use (None for modules that are not callable, e.g. ``nnx.List``);
-    ``cls.__call__`` itself would fall back to the metaclass's, which constructs instances."""
-    for klass in cls.__mro__:
-        if klass is not object and "__call__" in vars(klass):
-            return vars(klass)["__call__"]
-    return None
-
-
-def _patch_namespace(patches: _Patches, namespace, wrappers: dict[int, Callable]) -> None:
-    for attr, value in list(vars(namespace).items()):
-        new = _replacement(value, wrappers)
-        if new is not None:
-            patches.setattr(namespace, attr, new)
-
-
-def _patch_module_attributes(patches: _Patches, module: nnx.Module, wrappers: dict[int, Callable]) -> None:
-    for attr, value in list(vars(module).items()):
-        new = _replacement(value, wrappers)
-        if new is not None:
-            patches.setattr(module, attr, new)
-        elif isinstance(value, (list, nnx.List)):
-            for i in range(len(value)):
-                new = _replacement(value[i], wrappers)
-                if new is not None:
-                    patches.try_setitem(value, i, new)
-
-
-@contextlib.contextmanager
-def recording(model: nnx.Module) -> Iterator[Recorder]:
-    """Record the activations of ``model``'s forward passes run inside the block (call inside the traced function
-    that builds or merges ``model``; compute statistics of ``recorder.activations`` before leaving that trace)."""
-    modules = [(("/".join(map(str, path))), m) for path, m in nnx.iter_modules(model)]
-    recorder = Recorder(paths={id(m): path for path, m in modules}, trace=tracers.TraceState())
-    known = known_activations()
-    wrappers = {key: recording_activation(fn, name, kind) for key, (fn, name, kind) in known.items()}
-    classes = list(dict.fromkeys(type(m) for _, m in modules))
-    with _LOCK:
-        patches = _Patches()
-        try:
-            for name in NAMESPACES:
-                if name in sys.modules:
-                    _patch_namespace(patches, sys.modules[name], wrappers)
-            for cls in classes:
-                defining = sys.modules.get(cls.__module__)
-                if defining is not None and defining.__name__ not in NAMESPACES:
-                    _patch_namespace(patches, defining, wrappers)
-            calls = {cls: _instance_call(cls) for cls in classes}  # resolved before any patch: no double wrapping
-            for cls, call in calls.items():
-                if call is not None:
-                    patches.setattr(cls, "__call__", recording_call(call))
-            for _, m in modules:
-                _patch_module_attributes(patches, m, wrappers)
-            _ACTIVE.recorder = recorder
-            yield recorder
-        finally:
-            _ACTIVE.recorder = None
-            patches.restore()
+        name = eqn.primitive.name
+        if name in JITS:
+            inner.__name__ = eqn.params.get("name", "inner")
+            inner = jax.jit(inner)
+        elif name in REMATS:
+            inner = jax.checkpoint(inner, prevent_cse=eqn.params.get("prevent_cse", True),
+                                   policy=eqn.params.get("policy"))
+        outs, outputs = inner(*invals)
+        self.activations += [dataclasses.replace(a, output=o) for a, o in zip(found["recorded"], outputs)]
+        return list(outs), found["labels"]

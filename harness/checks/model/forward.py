@@ -27,6 +27,7 @@ from harness import losses
 from harness.checks.model.programs import Probe
 from harness.checks.model.settings import NAME, Settings
 from harness.findings import Finding, error, warning
+from harness.tasks import Task
 
 # Losses that apply their own softmax/sigmoid and so expect unnormalized logits.
 LOGIT_LOSSES = ("cross_entropy",)
@@ -51,10 +52,10 @@ def first_line(err: BaseException, limit: int = 300) -> str:
     return line[:limit] + ("..." if len(line) > limit else "")
 
 
-def probe_findings(probe: Probe, batch: int, num_outputs: int, classification: bool) -> list[Finding]:
+def probe_findings(probe: Probe, batch: int, task: Task) -> list[Finding]:
     """``model.forward`` errors an abstract trace finds: shapes first (a loss often raises because of them), then
     exceptions."""
-    shape_findings = shape_problems(probe, batch, num_outputs, classification)
+    shape_findings = shape_problems(probe, batch, task)
     if shape_findings:
         return shape_findings
     if probe.error is not None:
@@ -76,21 +77,23 @@ def probe_findings(probe: Probe, batch: int, num_outputs: int, classification: b
     return []
 
 
-def shape_problems(probe: Probe, batch: int, num_outputs: int, classification: bool) -> list[Finding]:
+def shape_problems(probe: Probe, batch: int, task: Task) -> list[Finding]:
     findings = []
     if probe.output is None:
         return findings
     shape = tuple(probe.output.shape)
-    expected = (batch, num_outputs)
     # A single regression output as (batch,) is accepted: the squared error reshapes targets to the outputs.
-    accepted = [expected] + ([(batch,)] if num_outputs == 1 and not classification else [])
+    accepted = task.output_shapes(batch)
+    expected = accepted[0]
     if shape not in accepted:
+        what = ("vocabulary size" if task.causal else "num_classes") if task.classification else "target dimensions"
         findings.append(error(
             f"{NAME}.forward",
-            f"The model's output has shape {shape} for a batch of {batch}; expected {expected} "
-            f"({'num_classes' if classification else 'target dimensions'} = {num_outputs}).",
-            "Make the last layer output num_outputs features per example and keep the batch axis first; "
-            "broadcasting a wrong shape against the targets fails silently in many losses.",
+            f"The model's output has shape {shape} for a batch of {batch}; expected {expected} for this task "
+            f"({task.describe()}; {what} = {task.num_outputs}).",
+            "Make the last layer output num_outputs features per example (per position for sequence targets) and "
+            "keep the batch axis first; broadcasting a wrong shape against the targets fails silently in many "
+            "losses.",
             output_shape=list(shape), expected_shape=list(expected),
         ))
     loss_shape = tuple(probe.loss.shape) if probe.loss is not None else None

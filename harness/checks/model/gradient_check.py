@@ -30,7 +30,7 @@ import numpy as np
 import optax
 
 from harness.checks.model.noise import floating, perturb, unit_noise
-from harness.checks.model.programs import compile_options, forward
+from harness.checks.model.programs import compile_options
 from harness.checks.model.settings import NAME, Settings
 from harness.engine import compile as programs
 from harness.engine.train import Problem
@@ -55,16 +55,16 @@ def cast64(tree):
     return jax.tree.map(lambda a: a.astype(jnp.float64) if floating(a) else a, tree)
 
 
-def make_program(problem: Problem, eval_def):
+def make_program(problem: Problem):
     def program(params, rest, seed, x, y, relative_steps, directions, perturbation_scale):
-        params, rest, x = cast64(params), cast64(rest), x.astype(jnp.float64)
+        params, rest, x = cast64(params), cast64(rest), cast64(x)  # integer inputs (token ids) stay integers
         # Off the exact init: a zero bias on an all-zero input patch puts a ReLU exactly on its kink, where the
         # loss is not differentiable (the CNN on digits' blank borders: relative error 0.02 at the init itself).
         params = perturb(params, seed, perturbation_scale)
         y = y.astype(jnp.float64) if floating(y) else y
 
         def loss(p):
-            return jnp.mean(problem.loss_fn(forward(eval_def, p, rest, x), y))
+            return jnp.mean(problem.loss_fn(problem.model(p, rest, x), y))
 
         value, grads = jax.value_and_grad(loss)(params)
         leaves, treedef = jax.tree.flatten(params)
@@ -91,14 +91,14 @@ def make_program(problem: Problem, eval_def):
     return program
 
 
-def run_check(problem: Problem, eval_def, params, rest, x, y, *, seed: int, settings: Settings,
+def run_check(problem: Problem, params, rest, x, y, *, seed: int, settings: Settings,
               opt_level) -> GradientCheck:
     """Check at the first init's parameters (``params``, ``rest`` from :func:`programs.init_statistics`)."""
     n = min(settings.gradient_check_examples, x.shape[0])
     with jax.enable_x64(True):
         steps = np.array([settings.gradient_check_step, FLOAT32_STEP], np.float64)
         directions = np.zeros((settings.gradient_check_directions,), np.int8)  # carries the count as a shape
-        out = programs.run("model/gradient_check", make_program(problem, eval_def), params, rest,
+        out = programs.run("model/gradient_check", make_program(problem), params, rest,
                            np.uint32((seed * 7919 + 0x6C4E) % 2**32),
                            np.asarray(x[:n]), np.asarray(y[:n]), steps, directions,
                            np.float64(settings.perturbation_scale),
@@ -127,6 +127,15 @@ def judge(result: GradientCheck, settings: Settings, examples: int) -> tuple[lis
         return [], metrics  # non-finite gradients are model.gradient_flow's finding
     errors = relative_errors(numeric, analytic, float(result.grad_norm), int(result.num_params))
     median = float(np.median(errors))
+    if precision == "float64" and median > tolerance:
+        # Libraries keep some operations in float32 whatever the inputs' precision (Flax's embedding lookup and
+        # attention softmax): then the float64 step drowns in float32 rounding. The float32 step and tolerance
+        # still see a wrong backward rule, which is off by O(1) along almost every direction.
+        coarse = relative_errors(np.asarray(result.numeric[1], np.float64), analytic, float(result.grad_norm),
+                                 int(result.num_params))
+        if float(np.median(coarse)) <= FLOAT32_TOLERANCE:
+            errors, median = coarse, float(np.median(coarse))
+            precision, tolerance, step = "float64 with parts in float32", FLOAT32_TOLERANCE, FLOAT32_STEP
     metrics[f"{NAME}/gradient_check/relative_error"] = median
     findings = []
     if median > tolerance:

@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
 from harness.checks.model import batch_dependence, capture, units
 from harness.checks.model.noise import perturb
@@ -44,28 +43,6 @@ def compile_options() -> dict | None:
     return {"xla_cpu_use_fusion_emitters": False} if jax.default_backend() == "cpu" else None
 
 
-def path_name(path) -> str:
-    return "/".join(str(getattr(p, "key", p)) for p in path)
-
-
-def flat_arrays(state) -> dict[str, Any]:
-    """``{"hidden/0/kernel": array}`` from an nnx State of parameters (paths as ``nnx.to_flat_state`` gives them)."""
-    flat = {}
-    for path, leaf in nnx.to_flat_state(state):
-        flat[path_name(path)] = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
-    return flat
-
-
-def fresh(state):
-    """A copy of ``state`` whose Variables belong to the current trace level: merging the outer level's Variables
-    inside ``grad`` fails when a layer updates state (dropout's RNG counter, BatchNorm statistics)."""
-    return jax.tree.map(lambda a: a, state)
-
-
-def forward(graphdef, params, rest, x):
-    return nnx.merge(graphdef, params, fresh(rest))(x)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # The abstract probe.
 
@@ -81,24 +58,25 @@ class Probe:
     loss: jax.ShapeDtypeStruct | None = None
 
 
-def probe(problem: Problem, eval_def, train_def, x, y) -> Probe:
+def probe(problem: Problem, x, y) -> Probe:
     """One abstract trace of the forward pass (eval mode, then train mode: the mode training runs in), the loss and
     the backward pass. Shapes are recorded as soon as they are known, so a loss that raises because the outputs
     have the wrong shape is reported as the wrong shape; the first exception is kept with the step that raised."""
     result = Probe()
     stage = ["building the model"]
 
+    model = problem.model
+
     def trace(x, y):
-        model = problem.build_model(jax.random.key(0))
-        _, params, rest = nnx.split(model, nnx.Param, ...)
-        result.parameters = {path: tuple(a.shape) for path, a in flat_arrays(params).items()}
+        params, rest = model.init(jax.random.key(0), x)
+        result.parameters = {path: tuple(a.shape) for path, a in model.flat_params(params).items()}
 
         def loss(params):
             stage[0] = "the forward pass"
-            out = forward(eval_def, params, rest, x)
+            out = model(params, rest, x)
             result.output = jax.ShapeDtypeStruct(out.shape, out.dtype)
             stage[0] = "the forward pass in train mode"
-            forward(train_def, params, rest, x)
+            model.apply(params, rest, x, key=jax.random.key(1), train=True)
             stage[0] = "the loss function"
             per_example = problem.loss_fn(out, y)
             result.loss = jax.ShapeDtypeStruct(jnp.shape(per_example), per_example.dtype)
@@ -134,13 +112,14 @@ class InitStats(NamedTuple):
     leaking_examples: Any  # (rows,) number of other examples j with a nonzero d out_i / d x_j
 
 
-def make_init_program(problem: Problem, eval_def, train_def, with_capture: bool):
+def make_init_program(problem: Problem, with_capture: bool):
+    model = problem.model
+
     def member(key, noise_seed, x, y, thresholds):
-        model = problem.build_model(key)
-        _, params, rest = nnx.split(model, nnx.Param, ...)
+        params, rest = model.init(key, x)
 
         def loss(params, rest):
-            out = forward(eval_def, params, rest, x)
+            out = model(params, rest, x)
             per_example = problem.loss_fn(out, y)
             return jnp.mean(per_example), (out, per_example)
 
@@ -153,7 +132,7 @@ def make_init_program(problem: Problem, eval_def, train_def, with_capture: bool)
         grads = jax.tree.map(lambda a: a[0], grads_both)
         grads_moved = jax.tree.map(lambda a: a[1], grads_both)
 
-        g, g_moved, p = flat_arrays(grads), flat_arrays(grads_moved), flat_arrays(params)
+        g, g_moved, p = model.flat_params(grads), model.flat_params(grads_moved), model.flat_params(params)
         stats = dict(
             outputs=out,
             losses=jnp.reshape(per_example, (-1,)) if per_example.ndim else per_example[None],
@@ -166,11 +145,12 @@ def make_init_program(problem: Problem, eval_def, train_def, with_capture: bool)
             input_spread=units.spread(x),
             units={},
         )
-        if with_capture:
-            train_model = nnx.merge(train_def, params, fresh(rest))
-            with capture.recording(train_model) as recorder:
-                train_model(x)
-            stats["units"] = {a.name: units.statistics(a, thresholds) for a in recorder.activations}
+        if with_capture:  # the units as training sees them: a train-mode forward pass
+            def train_forward(params, x):
+                return model.apply(params, rest, x, key=key, train=True)[0]
+
+            _, activations = capture.record_activations(train_forward, params, x)
+            stats["units"] = {a.name: units.statistics(a, thresholds) for a in activations}
         return stats, params, rest
 
     def program(keys, noise_seeds, x, y, rows, cotangent_seed, thresholds):
@@ -178,20 +158,20 @@ def make_init_program(problem: Problem, eval_def, train_def, with_capture: bool)
         first = jax.tree.map(lambda a: a[0], (params, rest))
         params0, rest0 = first
         own, cross, leaking = batch_dependence.gradients_across_batch(
-            lambda xx: forward(eval_def, params0, rest0, xx), x, rows, cotangent_seed)
+            lambda xx: model(params0, rest0, xx), x, rows, cotangent_seed)
         return InitStats(own_gradient=own, cross_gradient=cross, leaking_examples=leaking, **stats), first
 
     return program
 
 
-def init_statistics(problem: Problem, eval_def, train_def, x, y, *, seed: int, init_seeds: int, rows,
+def init_statistics(problem: Problem, x, y, *, seed: int, init_seeds: int, rows,
                     thresholds: dict[str, float], opt_level, with_capture: bool = True) -> tuple[InitStats, Any]:
     """The statistics (host arrays) and the first init's ``(params, rest)`` (device arrays, for the gradient
     check)."""
     # The inits the training diagnostics train: init seed ``seed + i`` (harness.engine.train.init_member).
     keys = jax.vmap(jax.random.key)(np.arange(seed, seed + init_seeds, dtype=np.uint32))
     noise_seeds = np.arange(init_seeds, dtype=np.uint32) + np.uint32((seed * 7919 + 1) % 2**32)
-    program = make_init_program(problem, eval_def, train_def, with_capture)
+    program = make_init_program(problem, with_capture)
     thresholds = {k: np.float32(v) for k, v in thresholds.items()}
     out = programs.run("model/init", program, keys, noise_seeds, x, y, np.asarray(rows, np.int32),
                        np.uint32(seed), thresholds,

@@ -34,7 +34,6 @@ per rung (each rung's seeds are members of its program).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import threading
 import weakref
@@ -42,14 +41,13 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
 
 from harness.checks.base import Context, Outcome, Plot, require_at_least
 from harness.checks.training.seeds import headline_first
 from harness.engine.train import Hparams, Problem, SweepResult
 from harness.errors import HarnessError
 from harness.findings import warning
-from harness.models import width_mask
+from harness.models.adapters import FromKey
 
 # A member's width is encoded in its init seed as seed * WIDTH_CODE + width, so masked widths must be below it.
 WIDTH_CODE = 4096
@@ -117,8 +115,9 @@ def ladder_widths(configured: int, widths: tuple[int, ...] | None) -> list[int]:
 
 def count_params(ctx: Context, overrides: dict[str, int]) -> int:
     """Trainable parameters of the model with ``overrides``, from shapes only (no FLOPs)."""
-    model = nnx.eval_shape(lambda: ctx.build_model(jax.random.key(0), **overrides))
-    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
+    model = ctx.models.adapt(**overrides)
+    variables = jax.eval_shape(model.init, jax.random.key(0), ctx.arrays.x_train[:1])
+    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(variables.params)))
 
 
 def build_rungs(ctx: Context, settings: Settings, configured: dict[str, int]) -> tuple[list[Rung], list[str]]:
@@ -157,13 +156,16 @@ def rung_problem(ctx: Context, overrides: tuple[tuple[str, int], ...]) -> Proble
     """The model at one rung's size: its own program."""
     base = ctx.problem
     return _derived(base, ("rung", overrides), lambda: Problem(
-        functools.partial(ctx.build_model, **dict(overrides)), base.loss_fn, base.optim, base.classification,
+        ctx.models.adapt(**dict(overrides)), base.loss_fn, base.optim, base.task,
         fingerprint=None if base.fingerprint is None else (base.fingerprint, "rung", overrides)))
 
 
 def width_from_key(key) -> jax.Array:
     """The live width a masked ladder member was given, read back from its PRNG key (see :func:`encode`)."""
     return jax.random.key_data(key)[..., -1] % WIDTH_CODE
+
+
+ACTIVE_WIDTH = FromKey(width_from_key)  # the masked model's live width, read from each member's key
 
 
 def encode(seed, width):
@@ -184,17 +186,14 @@ def masked_problem(ctx: Context, width_key: str, full_width: int, fixed: tuple[t
         return None
     base = ctx.problem
 
-    def build(key):
-        return ctx.build_model(key, **dict(fixed), **{width_key: full_width}, active_width=width_from_key(key))
-
     def make():
         try:
-            model = nnx.eval_shape(lambda: build(jax.random.key(0)))
-        except TypeError:  # the factory takes no active_width (or width_mask.MaskingUnsupported)
+            model = ctx.models.adapt(**dict(fixed), **{width_key: full_width}, active_width=ACTIVE_WIDTH)
+        except Exception:  # noqa: BLE001 -- the factory takes no active_width (or width_mask.MaskingUnsupported)
             return None
-        if not width_mask.is_masked(model):
+        if not model.width_masked:
             return None
-        return Problem(build, base.loss_fn, base.optim, base.classification,
+        return Problem(model, base.loss_fn, base.optim, base.task,
                        fingerprint=None if base.fingerprint is None else (base.fingerprint, "masked", width_key,
                                                                            full_width, fixed))
 

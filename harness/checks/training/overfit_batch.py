@@ -374,7 +374,8 @@ def loss_floor(ctx, arrays: Arrays) -> float | None:
     """
     problem = ctx.problem
     xb, yb = np.asarray(arrays.x_train), np.asarray(arrays.y_train)
-    outputs = jax.eval_shape(lambda x: problem.build_model(jax.random.key(0))(x), xb)
+    model = problem.model
+    outputs = jax.eval_shape(lambda x: model(*model.init(jax.random.key(0), x), x), xb)
 
     def program(y):
         tx = optax.adam(optax.cosine_decay_schedule(FLOOR_PEAK_LR, FLOOR_STEPS, alpha=1e-3))

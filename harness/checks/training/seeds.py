@@ -29,9 +29,9 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
 
 from harness.checks.base import Context, Outcome, Plot, require_at_least
+from harness.models.adapters import Model
 from harness.engine.train import Arrays, Hparams, SweepResult, TrainSpec
 from harness.findings import Finding, error
 
@@ -185,10 +185,10 @@ def _same_rows(first: Arrays, second: Arrays, name: str) -> bool:
     return rows(first) == rows(second)
 
 
-def init_difference(ctx: Context, seed: int) -> dict[str, Any] | None:
+def init_difference(model: Model, x, seed: int) -> dict[str, Any] | None:
     """Build the model twice from one PRNG key (eagerly, outside any compiled program) and compare parameters:
     randomness drawn outside the key (``np.random``, ``random``) shows here and not in a program rerun."""
-    build = lambda: nnx.state(ctx.build_model(jax.random.key(seed)), nnx.Param)  # noqa: E731
+    build = lambda: model.init(jax.random.key(seed), x).params  # noqa: E731
     return params_difference(jax.device_get(build()), jax.device_get(build()))
 
 
@@ -242,7 +242,7 @@ def check_determinism(ctx: Context, settings: Settings, first: SweepResult) -> t
     again = ctx.train("seeds/rerun", seed_spec(ctx, settings.steps), first.hparams, arrays=arrays, rerun=True)
     losses = first_difference(first.loss, again.loss)
     params = params_difference(first.params, again.params)
-    init = init_difference(ctx, int(ctx.seed))
+    init = init_difference(ctx.problem.model, ctx.arrays.x_train[:1], int(ctx.seed))
     verdict: dict[str, Any] = {
         "deterministic": losses is None and params is None and init is None,
         "data_reloaded": reloadable,
@@ -291,7 +291,8 @@ def nondeterminism_findings(losses, params, init, data_change, settings: Setting
             f"Building the model twice from the same PRNG key gave different parameters ({init['leaves_differing']} "
             f"of {init['leaves']} arrays, largest difference {init['max_abs_diff']:.3g} in {init['worst_leaf']}): "
             f"the initialization draws randomness outside its key, so every process trains a different model.",
-            "Draw every initial value from the nnx.Rngs the model is given, never from np.random or random.",
+            "Draw every initial value from the key the model is given (nnx.Rngs, key=, Linen/Haiku's init key), "
+            "never from np.random or random.",
             **{f"init_{k}": v for k, v in init.items()},
         ))
     return findings

@@ -1,0 +1,98 @@
+"""The one model contract every diagnostic and the engine use, whatever library the model was written in.
+
+A :class:`Model` is a pair of pure functions, the shape init2winit, laplax and KFAC-JAX give their models:
+
+* ``init(key, x) -> Variables(params, state)`` -- ``x`` an example batch (Linen and Haiku size their layers from
+  it); traceable, so each member of a vmapped sweep draws its own init from its own key;
+* ``apply(params, state, x, *, key, train, regularization) -> (outputs, new_state)`` -- ``params`` the trainable
+  leaves (what gradients, norms and optimizers see), ``state`` everything else the forward pass reads or updates
+  (BatchNorm statistics, Equinox ``nn.State``, Haiku state, NNX RNG counters), ``key`` the dropout stream,
+  ``train`` the library's training mode (dropout on, BatchNorm on batch statistics) and ``regularization=False``
+  training mode with dropout off (the overfit-one-batch test).
+
+One adapter module per family (:mod:`.nnx`, :mod:`.linen`, :mod:`.equinox`, :mod:`.haiku`) turns what a model
+factory returned into a Model; nothing outside ``harness/models/adapters/`` names a model library.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+
+
+class Variables(NamedTuple):
+    params: Any  # trainable leaves
+    state: Any  # non-trainable leaves the forward pass reads or updates
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Model:
+    """A model of any family behind the pure contract (see the module docstring)."""
+
+    family: str  # "nnx" | "linen" | "equinox" | "haiku"
+    init: Callable[[jax.Array, jax.Array], Variables]
+    apply_fn: Callable[..., tuple[Any, Any]]  # (params, state, x, key, train, regularization)
+    name_path: Callable[[tuple], str]  # a parameter's tree path in the family's own spelling
+    convolutions: bool = False  # holds convolution layers (harness.engine.train.needs_host_step_loop)
+    width_masked: bool = False  # built width-masked (harness.models.width_mask): capacity's masked ladder
+
+    def apply(self, params, state, x, *, key=None, train: bool = False, regularization: bool = True):
+        if key is None:
+            key = jax.random.key(0)
+        return self.apply_fn(params, state, x, key, train, regularization and train)
+
+    def __call__(self, params, state, x):
+        """Outputs in inference mode (no dropout, BatchNorm on running statistics)."""
+        return self.apply(params, state, x)[0]
+
+    def flat_params(self, params) -> dict[str, Any]:
+        """``{"layers/0/kernel": leaf}``: parameters (or gradients, or anything shaped like them) by path."""
+        leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+        return {self.name_path(path): leaf for path, leaf in leaves}
+
+
+def slash_path(path) -> str:
+    """``layers/0/kernel``: dict keys, attributes and indices joined by ``/`` (NNX, Linen, Haiku); NNX's trailing
+    ``.value`` of a Variable is dropped."""
+    parts = []
+    for p in path:
+        part = getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))
+        parts.append(str(part))
+    if parts and parts[-1] == "value" and isinstance(path[-1], jax.tree_util.GetAttrKey):
+        parts.pop()
+    return "/".join(parts)
+
+
+def attribute_path(path) -> str:
+    """``layers[2].weight``: Python's own spelling (Equinox modules are dataclasses)."""
+    return jax.tree_util.keystr(tuple(path)).lstrip(".")
+
+
+def contains_leaf_type(tree, types: tuple[type, ...]) -> bool:
+    """True when any node of ``tree`` (modules included) is an instance of ``types``."""
+    found = []
+
+    def visit(node):
+        if isinstance(node, types):
+            found.append(node)
+            return True
+        return False
+
+    jax.tree_util.tree_flatten(tree, is_leaf=visit)
+    return bool(found)
+
+
+def call_mode_kwargs(signature_names: set[str], train: bool, regularization: bool) -> dict[str, bool]:
+    """The training-mode keyword a model's call takes, by the names libraries and users use for it (``train``,
+    ``training``, ``is_training``; ``deterministic`` means dropout off; ``use_running_average`` is BatchNorm's)."""
+    out = {}
+    for name in ("train", "training", "is_training"):
+        if name in signature_names:
+            out[name] = train
+    if "deterministic" in signature_names:
+        out["deterministic"] = not regularization
+    if "use_running_average" in signature_names:
+        out["use_running_average"] = not train
+    return out

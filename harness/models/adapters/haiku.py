@@ -1,0 +1,81 @@
+"""Haiku transforms (https://dm-haiku.readthedocs.io/): ``hk.transform(f)`` or ``hk.transform_with_state(f)``,
+initialized from a real example batch.
+
+``params`` are Haiku's parameter dict (paths read ``mlp/~/linear_1/w``), ``state`` its state dict (BatchNorm
+averages). The training mode reaches ``f`` through the keyword it takes (``is_training``, the Haiku convention, or
+``train``/``training``); dropout draws from the ``rng`` argument. ``regularization=False`` makes ``hk.dropout``
+return its input while the program is traced (a thread-local switch, so other threads tracing at the same time
+are not affected).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import threading
+
+import haiku as hk
+import jax
+
+from harness.models.adapters.base import Model, Variables, call_mode_kwargs, slash_path
+
+_QUIET = threading.local()
+
+
+def detect(obj) -> bool:
+    return isinstance(obj, (hk.Transformed, hk.TransformedWithState))
+
+
+def _install_dropout_switch():
+    """Wrap ``hk.dropout`` once (where Haiku's own nets and users look it up) with a thread-local off switch."""
+    from haiku._src import basic
+
+    original = basic.dropout
+    if getattr(original, "_harness_switch", False):
+        return
+
+    def dropout(rng, rate, x, broadcast_dims=()):
+        if getattr(_QUIET, "on", False):
+            return x
+        return original(rng, rate, x, broadcast_dims=broadcast_dims)
+
+    dropout._harness_switch = True
+    basic.dropout = dropout
+    hk.dropout = dropout
+
+
+@contextlib.contextmanager
+def _dropout_off():
+    _install_dropout_switch()
+    before = getattr(_QUIET, "on", False)
+    _QUIET.on = True
+    try:
+        yield
+    finally:
+        _QUIET.on = before
+
+
+def adapt(transformed, example_x) -> Model:
+    try:  # the user's function's keywords (``is_training``), as the transform's apply shows them
+        names = set(inspect.signature(transformed.apply).parameters)
+    except (TypeError, ValueError):
+        names = set()
+    if isinstance(transformed, hk.Transformed):
+        transformed = hk.with_empty_state(transformed)
+
+    def init(key, x):
+        params, state = transformed.init(key, x, **call_mode_kwargs(names, True, True))
+        return Variables(params, state)
+
+    def apply_fn(params, state, x, key, train, regularization):
+        kwargs = call_mode_kwargs(names, train, regularization)
+        guard = _dropout_off() if train and not regularization else contextlib.nullcontext()
+        with guard:
+            return transformed.apply(params, state, key, x, **kwargs)
+
+    try:  # Haiku names convolution modules conv1_d, conv2_d, conv2_d_transpose, ...
+        abstract = jax.eval_shape(lambda k: init(k, example_x).params, jax.random.key(0))
+        convolutions = any(name.rsplit("/", 1)[-1].startswith("conv") for name in abstract)
+    except Exception:  # noqa: BLE001 -- the model checks report a model that does not run
+        convolutions = False
+    return Model("haiku", init, apply_fn, slash_path, convolutions=convolutions)

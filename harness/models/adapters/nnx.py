@@ -1,0 +1,54 @@
+"""Flax NNX modules (https://flax.readthedocs.io/en/latest/nnx_basics.html): split into a graph definition and
+state once, merged inside every traced call.
+
+``params`` are the ``nnx.Param`` leaves, ``state`` everything else (BatchNorm statistics, dropout RNG counters,
+the built-in models' width masks). Training and inference modes are two graph definitions (``model.train()`` /
+``model.eval()``); ``regularization=False`` also sets ``deterministic=True`` wherever a layer has that attribute.
+A Linen module wrapped with ``nnx.bridge.ToNNX`` is an NNX module and goes through here too.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+from flax import nnx
+
+from harness.models import width_mask
+from harness.models.adapters.base import Model, Variables, slash_path
+
+
+def detect(obj) -> bool:
+    return isinstance(obj, nnx.Module)
+
+
+def _fresh(tree):
+    """New Variable objects at the current trace level: NNX refuses to mutate a Variable created outside the
+    trace that updates it (dropout's and ``ToNNX``'s RNG counters, BatchNorm statistics), e.g. inside a ``cond``."""
+    return jax.tree.map(lambda a: a, tree)
+
+
+def adapt(build: Callable[[jax.Array], nnx.Module]) -> Model:
+    """``build(key) -> nnx.Module``, traceable (called inside jit and vmap)."""
+    abstract = nnx.eval_shape(lambda: build(jax.random.key(0)))
+    convolutions = any(isinstance(m, (nnx.Conv, nnx.ConvTranspose)) for _, m in nnx.iter_modules(abstract))
+    masked = width_mask.is_masked(abstract)
+    train_def = nnx.split(abstract, nnx.Param, ...)[0]
+    abstract.set_attributes(deterministic=True, raise_if_not_found=False)
+    quiet_def = nnx.split(abstract, nnx.Param, ...)[0]
+    abstract.eval()
+    eval_def = nnx.split(abstract, nnx.Param, ...)[0]
+
+    def init(key, x):
+        del x  # an NNX module is built with its shapes
+        _, params, rest = nnx.split(build(key), nnx.Param, ...)
+        return Variables(params, rest)
+
+    def apply_fn(params, state, x, key, train, regularization):
+        del key  # NNX layers draw from the nnx.Rngs they were built with (their counters are in ``state``)
+        graphdef = (train_def if regularization else quiet_def) if train else eval_def
+        model = nnx.merge(graphdef, params, _fresh(state))
+        outputs = model(x)
+        return outputs, nnx.split(model, nnx.Param, ...)[2]
+
+    return Model("nnx", init, apply_fn, slash_path, convolutions=convolutions, width_masked=masked)

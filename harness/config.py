@@ -18,9 +18,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from harness.checks.base import EngineSettings
 from harness.checks.registry import DIAGNOSTICS, diagnostic_module
 from harness.errors import HarnessError
+from harness.models.adapters import FAMILIES
 from harness.optim import OptimSpec
 
-FRAMEWORKS = ("auto", "nnx", "linen", "equinox", "haiku")  # model.framework (harness.models.adapters)
+FRAMEWORKS = ("auto", *FAMILIES)  # model.framework (harness.models.adapters)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -147,7 +147,7 @@ def _fingerprint(rc: RunConfig, dataset: Dataset):
     optim = rc.optim
     return (
         rc.model.target, code_identity(rc.model.resolve("model._target_")), frozen(rc.model.kwargs),
-        dataset.input_shape, dataset.num_outputs, dataset.classification,
+        rc.framework, dataset.input_shape, dataset.num_outputs, dataset.task,
         rc.loss.target, code_identity(rc.loss.resolve("loss._target_")), frozen(rc.loss.kwargs),
         optim.name, code_identity(optim.factory), frozen(optim.kwargs), optim.clip_norm,
     )

@@ -78,7 +78,7 @@ class EquinoxBatchNormMLP(eqx.Module):
     def __init__(self, key, input_shape, num_outputs: int, width: int = 64):
         k1, k2 = jax.random.split(key)
         self.first = eqx.nn.Linear(math.prod(input_shape), width, key=k1)
-        self.norm = eqx.nn.BatchNorm(width, axis_name="batch")
+        self.norm = eqx.nn.BatchNorm(width, axis_name="batch", mode="batch")
         self.head = eqx.nn.Linear(width, num_outputs, key=k2)
 
     def __call__(self, x, state):

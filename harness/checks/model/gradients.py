@@ -60,9 +60,10 @@ def parameter_outputs(table: list[dict[str, Any]]) -> tuple[dict[str, Any], dict
 
 
 def no_parameters_finding() -> Finding:
-    return error(f"{NAME}.gradient_flow", "The model has no trainable parameters (no nnx.Param): nothing can learn.",
-                 "Hold weights in nnx.Param (nnx.Linear and the other layers do); a plain jnp array or an "
-                 "nnx.Variable attribute is not trained.", param_count=0)
+    return error(f"{NAME}.gradient_flow", "The model has no trainable parameters: nothing can learn.",
+                 "Hold weights where the library trains them: nnx.Param in NNX (nnx.Linear and the other layers "
+                 "do; a plain array or nnx.Variable attribute is not trained), the 'params' collection in Linen, "
+                 "floating-point arrays in Equinox, hk.get_parameter in Haiku.", param_count=0)
 
 
 def per_layer(grad_norm: dict[str, np.ndarray], param_norm: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:

@@ -80,6 +80,8 @@ def adapt(build: Callable[[jax.Array], object], example_x) -> Model:
 
     def combine(params, state, train, regularization):
         buffers, eqx_state = state
+        # A fresh copy: an eqx.nn.State may be read once only, and harness evaluates one state several times.
+        eqx_state = jax.tree_util.tree_map(lambda a: a, eqx_state)
         model = eqx.combine(params, buffers, static)
         if not train:
             model = eqx.nn.inference_mode(model)

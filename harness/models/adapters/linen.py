@@ -5,7 +5,7 @@ module objects, initialized from a real example batch.
 other collections (``batch_stats``, ...), updated by ``apply(..., mutable=[...])`` in training mode. The training
 mode reaches the module through the keyword its ``__call__`` takes (``train``, ``training``, ``is_training``,
 ``deterministic``, ``use_running_average``); dropout draws from the ``dropout`` RNG stream.
-``regularization=False`` intercepts every ``nn.Dropout`` call (``nn.intercept_methods``) to make it deterministic,
+``regularization=False`` intercepts every ``nn.Dropout`` call (``nn.intercept_methods``) and returns its input,
 so BatchNorm still trains on batch statistics.
 """
 
@@ -32,8 +32,10 @@ def _mode_names(module: nn.Module) -> set[str]:
 
 
 def _no_dropout(next_fun, args, kwargs, context):
+    """``nn.Dropout`` returns its input unchanged, as a deterministic dropout does (its ``deterministic`` may be
+    fixed at construction, so it cannot be passed at call time)."""
     if isinstance(context.module, nn.Dropout) and context.method_name == "__call__":
-        kwargs = {**kwargs, "deterministic": True}
+        return args[0] if args else kwargs["inputs"]
     return next_fun(*args, **kwargs)
 
 

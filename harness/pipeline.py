@@ -2,7 +2,8 @@
 
 ``run(rc, output_dir)`` is what the CLI calls and what tests call with a composed config. Bad input raises
 :class:`HarnessError` before any work; the problems the harness exists to find become findings; a diagnostic that
-crashes on something unforeseen is recorded as skipped with the reason, and the others still run.
+crashes on something unforeseen is an internal error of that diagnostic (the run's status is ``internal_error``,
+exit code 3, the traceback in ``harness.log``), and the others still run.
 """
 
 from __future__ import annotations

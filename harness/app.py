@@ -35,9 +35,18 @@ def run_and_report(rc: RunConfig, output_dir: str, *, command: list[str], consol
     ``command`` is recorded for ``harness reproduce``; ``run_name`` and ``group`` name the W&B runs (defaults: the
     output directory's name and a fresh group; ``logger.group`` wins over ``group``).
     """
+    return run_and_write(rc, output_dir, command=command, console=console, run_name=run_name, group=group)[0]
+
+
+def run_and_write(rc: RunConfig, output_dir: str, *, command: list[str], console=None, run_name: str | None = None,
+                  group: str | None = None, show_report: bool = True) -> tuple[RunResult, dict | None]:
+    """:func:`run_and_report`, returning the report too (None in a process other than process 0, which writes
+    nothing). ``show_report=False``: the terminal view is not printed (:func:`harness.diagnose` returns it as an
+    object that renders itself); the progress display still shows."""
     from harness.engine.devices import is_primary
 
     enable_caches(rc)
+    programs_since = writer.program_mark()  # this run's compiles, not the process's (a notebook runs many)
     console = console or terminal.make_console()
     if wandb_enabled(rc) and is_primary():
         from harness.report import wandb_logger
@@ -58,36 +67,42 @@ def run_and_report(rc: RunConfig, output_dir: str, *, command: list[str], consol
         if background is not None:
             background.close()
     if background is None:
-        return result  # multi-host: every process holds every member's results; process 0 writes and logs them
-    write_outputs(rc, result, output_dir, command=command, console=console, run_name=run_name, group=group,
-                  plot_files=background.files(result.outcomes, output_dir))
-    return result
+        return result, None  # multi-host: every process holds every member's results; process 0 writes and logs
+    report = write_outputs(rc, result, output_dir, command=command, console=console, run_name=run_name,
+                           group=group, plot_files=background.files(result.outcomes, output_dir),
+                           show_report=show_report, programs_since=programs_since)
+    return result, report
 
 
 def enable_caches(rc: RunConfig):
     """JAX's persistent compilation cache and harness's traced-program cache (``engine.compilation_cache``,
     ``engine.program_cache``). The user's factories' packages join the program cache's key: editing them must
     retrace their programs."""
-    roots = {target.split(".")[0] for target in (rc.data.target, rc.model.target, rc.loss.target)}
+    roots = {fc.target.split(".")[0] for fc in (rc.data, rc.model, rc.loss)
+             if fc.obj is None or "." in fc.target}  # an in-memory object's target is module.qualname, or a label
     enable_persistent_cache(rc.compilation_cache, programs=rc.program_cache, code_roots=roots)
 
 
 def write_outputs(rc: RunConfig, result: RunResult, output_dir: str, *, command: list[str], console=None,
                   run_name: str | None = None, group: str | None = None,
-                  plot_files: dict[str, dict[str, str]] | None = None) -> dict:
+                  plot_files: dict[str, dict[str, str]] | None = None, show_report: bool = True,
+                  programs_since: tuple | None = None) -> dict:
     """Everything a finished run leaves behind: plots, report.json, report.md, the terminal view, then W&B.
     Returns the report. ``plot_files``: plots already drawn (:class:`plots.BackgroundPlots`); None draws them.
-    A collapsed sweep calls this once per point (:mod:`harness.sweeps.collapse`)."""
+    A collapsed sweep calls this once per point (:mod:`harness.sweeps.collapse`). ``programs_since``: count the
+    compiled programs from this :func:`writer.program_mark` on (default: the whole process's)."""
     console = console or terminal.make_console()
     log_to_wandb = wandb_enabled(rc)
     os.makedirs(output_dir, exist_ok=True)
     if plot_files is None:
         plot_files = plots.draw_all(result.outcomes, output_dir, warn=_warn)
     report = writer.build_report(result, config=rc.raw, command=command, environment=environment.environment(),
-                                 plots=plot_files, choices=rc.choices, output_dir=os.path.abspath(output_dir))
+                                 plots=plot_files, choices=rc.choices, output_dir=os.path.abspath(output_dir),
+                                 programs=writer.program_stats(programs_since))
     writer.write_json(report, output_dir)
     writer.write_markdown(report, output_dir)
-    terminal.print_report(console, report, output_dir)
+    if show_report:
+        terminal.print_report(console, report, output_dir)
 
     if log_to_wandb:
         from harness.report import wandb_logger

@@ -1,4 +1,5 @@
-"""The ``harness`` command: a thin Hydra entry point over :mod:`harness.app`.
+"""The ``harness`` command: a thin Hydra entry point over :func:`harness.api.run_checklist`, which
+:func:`harness.diagnose` (Python, notebooks) also ends in.
 
 ``harness [overrides]`` runs the checklist; ``harness -m ...`` runs a sweep (Hydra multirun);
 ``harness compare DIR...``, ``harness reproduce RUN_DIR`` and ``harness sync`` work on finished runs.
@@ -135,7 +136,7 @@ def task(cfg) -> int:
     from harness.sweeps.distributed import setup_from_hydra
 
     setup_from_hydra(cfg)  # GPU memory policy and multi-host JAX: before anything starts a JAX backend
-    from harness.app import run_and_report
+    from harness.api import run_checklist
     from harness.config import from_hydra
 
     _quiet_logs()
@@ -152,12 +153,9 @@ def task(cfg) -> int:
     choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra") and v is not None}
     rc = from_hydra(cfg, choices)
     output_dir = cfg.get("output_dir") or hc.runtime.output_dir
-    result = run_and_report(rc, output_dir, command=["harness", *sys.argv[1:]], run_name=name, group=group)
-    if result.internal_errors:
-        from harness.engine.devices import is_primary
-
-        report_internal_errors(result, output_dir, write_log=is_primary())
-    return exit_code(rc, result)
+    # The same code path as harness.diagnose from Python: run, write the report (and harness.log for a crash).
+    report = run_checklist(rc, output_dir, command=["harness", *sys.argv[1:]], run_name=name, group=group)
+    return exit_code(rc, report.result)
 
 
 def _job_log_path() -> str | None:

@@ -22,18 +22,38 @@ from harness.models.adapters import FAMILIES
 from harness.optim import OptimSpec
 
 FRAMEWORKS = ("auto", *FAMILIES)  # model.framework (harness.models.adapters)
+# How report.json's resolved config names an object given to harness.diagnose: "<in-memory: module.Name>".
+IN_MEMORY = "<in-memory"
 
 
 @dataclasses.dataclass(frozen=True)
 class FactoryConfig:
-    """A ``_target_`` callable and its keyword arguments (data, model, loss)."""
+    """A ``_target_`` callable and its keyword arguments (data, model, loss).
+
+    ``obj``: an in-memory callable (given to :func:`harness.diagnose`) used instead of importing ``target``, which
+    then only names it (``module.qualname``). ``identity``: what identifies that object's code and captured data in
+    the program caches' keys (:func:`harness.api.in_memory_identity`); None: the code identity of the callable.
+    """
 
     target: str
     kwargs: dict[str, Any]
     partial: bool = False
+    obj: Callable | None = dataclasses.field(default=None, repr=False)
+    identity: Any = dataclasses.field(default=None, repr=False)
 
     def resolve(self, key: str) -> Callable:
+        if self.obj is not None:
+            return self.obj
         return import_target(self.target, key)
+
+    def code_key(self, key: str):
+        """The identity of the code behind this factory, for the program caches' keys
+        (:mod:`harness.engine.code_identity`)."""
+        if self.obj is not None and self.identity is not None:
+            return self.identity
+        from harness.engine.code_identity import code_identity
+
+        return code_identity(self.resolve(key))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +92,10 @@ class RunConfig:
 
 def import_target(path: str, key: str) -> Callable:
     """Import ``package.module.attr`` (attributes may nest), with an error naming the config key."""
+    if isinstance(path, str) and path.startswith(IN_MEMORY):
+        raise HarnessError(
+            f"{path} was an object given to harness.diagnose in another process; it cannot be imported. Run the "
+            f"notebook or script that defined it again, or set _target_ to an importable factory", key=key)
     if not isinstance(path, str) or "." not in path:
         raise HarnessError(f"_target_ must be a dotted path like 'mypkg.models.make_model', got {path!r}", key=key)
     parts = path.split(".")

@@ -137,7 +137,8 @@ def _fingerprint(rc: RunConfig, dataset: Dataset):
     model factory, the loss and the optimizer factory): an edited file is a new key, and a class or function with no
     source file (a notebook's) is keyed by the object itself, so a re-run cell that redefines it is traced again
     and its programs are never stored across processes. The data factory's code is left out: the data reach the
-    programs as arguments, whose shapes and dtypes are keyed anyway."""
+    programs as arguments, whose shapes and dtypes are keyed anyway. An object given to :func:`harness.diagnose`
+    is keyed by :func:`harness.api.in_memory_identity` (its code, and the object itself when it holds data)."""
     import json
 
     from harness.engine.code_identity import code_identity
@@ -147,9 +148,9 @@ def _fingerprint(rc: RunConfig, dataset: Dataset):
 
     optim = rc.optim
     return (
-        rc.model.target, code_identity(rc.model.resolve("model._target_")), frozen(rc.model.kwargs),
+        rc.model.target, rc.model.code_key("model._target_"), frozen(rc.model.kwargs),
         rc.framework, dataset.input_shape, dataset.num_outputs, dataset.task,
-        rc.loss.target, code_identity(rc.loss.resolve("loss._target_")), frozen(rc.loss.kwargs),
+        rc.loss.target, rc.loss.code_key("loss._target_"), frozen(rc.loss.kwargs),
         optim.name, code_identity(optim.factory), frozen(optim.kwargs), optim.clip_norm,
     )
 

@@ -162,12 +162,23 @@ def footer(report: dict, output_dir: str | None) -> Group:
     return Group(*parts)
 
 
-def print_report(console: Console, report: dict, output_dir: str | None):
-    console.print(Rule("harness report", align="left"))
-    console.print(findings_table(report))
-    console.print()
-    console.print(diagnostics_table(report))
-    console.print(footer(report, output_dir))
+def renderables(report: dict, output_dir: str | None) -> list:
+    """The report view as rich renderables, top to bottom (what :func:`print_report` prints; a
+    :class:`harness.api.Report` yields them to any rich console)."""
+    parts = [Rule("harness report", align="left"), findings_table(report), Text(), diagnostics_table(report),
+             footer(report, output_dir)]
     if output_dir:
-        # Never wrapped or cropped: users copy this path, and tools grep it from piped output.
-        console.print(Text(f"report: {os.path.join(output_dir, 'report.md')}", style="dim"), soft_wrap=True)
+        parts.append(report_path(output_dir))
+    return parts
+
+
+def report_path(output_dir: str) -> Text:
+    # Never wrapped or cropped: users copy this path, and tools grep it from piped output.
+    return Text(f"report: {os.path.join(output_dir, 'report.md')}", style="dim", no_wrap=True, overflow="ignore")
+
+
+def print_report(console: Console, report: dict, output_dir: str | None):
+    *view, last = renderables(report, output_dir)
+    for part in view:
+        console.print(part)
+    console.print(last, soft_wrap=bool(output_dir))

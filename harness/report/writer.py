@@ -15,6 +15,7 @@ import os
 import tempfile
 from typing import Any
 
+from harness.api import API_COMMAND  # report.json's command for a run made from Python: [it, *overrides]
 from harness.engine.compile import STATS
 from harness.findings import checklist_order, first_to_fix, to_jsonable
 from harness.pipeline import RunResult, flat_metrics
@@ -66,10 +67,36 @@ def _findings(result: RunResult) -> dict[int, dict[str, Any]]:
     return out
 
 
+def program_mark() -> tuple:
+    """Where the process's program statistics stand now, for :func:`program_stats` of what comes after."""
+    return (STATS.compiles, STATS.traces_reused, STATS.compile_seconds, STATS.run_seconds,
+            len(STATS.compile_intervals), {name: dict(entry) for name, entry in STATS.by_program.items()})
+
+
+def program_stats(since: tuple | None = None) -> dict[str, Any]:
+    """report.json's ``programs``: sums over programs and threads since ``since`` (:func:`program_mark`; None: the
+    whole process). ``compile_wall_seconds``: the time anything was compiling; ``traces_reused``: compiles whose
+    traced program came from the program cache (harness.engine.exported). A process that runs several checklists
+    (harness.diagnose in a notebook) reports each run's own."""
+    compiles, reused, compile_s, run_s, n_intervals, by_program = since or (0, 0, 0.0, 0.0, 0, {})
+    intervals = type(STATS)(compile_intervals=list(STATS.compile_intervals[n_intervals:]))
+    own = {}
+    for name, entry in STATS.by_program.items():
+        before = by_program.get(name, {})
+        delta = {k: v - before.get(k, 0) for k, v in entry.items()}
+        if any(delta.values()):
+            own[name] = delta
+    return {"compiles": STATS.compiles - compiles, "traces_reused": STATS.traces_reused - reused,
+            "compile_seconds": round(STATS.compile_seconds - compile_s, 3),
+            "compile_wall_seconds": round(intervals.compile_wall_seconds, 3),
+            "run_seconds": round(STATS.run_seconds - run_s, 3), "by_program": own}
+
+
 def build_report(result: RunResult, *, config: dict, command: list[str], environment: dict,
                  plots: dict[str, dict] | None = None, choices: dict[str, str] | None = None,
-                 output_dir: str | None = None) -> dict[str, Any]:
-    """The report as plain JSON-able data. ``plots`` is :func:`harness.report.plots.draw_all`'s result."""
+                 output_dir: str | None = None, programs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The report as plain JSON-able data. ``plots`` is :func:`harness.report.plots.draw_all`'s result;
+    ``programs``: :func:`program_stats` (default: the whole process's)."""
     by_finding = _findings(result)
     findings = list(by_finding.values())
     crashes = {o.name: o.internal_error for o in result.outcomes if o.internal_error is not None}
@@ -101,12 +128,7 @@ def build_report(result: RunResult, *, config: dict, command: list[str], environ
             }
             for o in result.outcomes
         },
-        # Sums over programs and threads; compile_wall_seconds: the time anything was compiling; traces_reused:
-        # compiles whose traced program came from the program cache (harness.engine.exported).
-        "programs": {"compiles": STATS.compiles, "traces_reused": STATS.traces_reused,
-                     "compile_seconds": round(STATS.compile_seconds, 3),
-                     "compile_wall_seconds": round(STATS.compile_wall_seconds, 3),
-                     "run_seconds": round(STATS.run_seconds, 3), "by_program": STATS.by_program},
+        "programs": programs if programs is not None else program_stats(),  # compiles and times (program_stats)
         "plots": plots,
         "seconds": round(result.seconds, 3),
         "finished": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -201,11 +223,15 @@ def _members_md(name: str, members: list[dict], limit: int = 50) -> list[str]:
 def _reproduce_md(report: dict) -> list[str]:
     env = report.get("environment") or {}
     versions = env.get("versions") or {}
-    command = " ".join(_shell_quote(a) for a in report.get("command") or ["harness"])
-    lines = ["## Reproduce", "", "```sh"]
-    if env.get("cwd"):
-        lines.append(f"cd {_shell_quote(env['cwd'])}")
-    lines += [command, "```", ""]
+    recorded = report.get("command") or ["harness"]
+    if recorded[0] == API_COMMAND:
+        lines = ["## Reproduce", ""] + _api_call_md(report, recorded[1:])
+    else:
+        command = " ".join(_shell_quote(a) for a in recorded)
+        lines = ["## Reproduce", "", "```sh"]
+        if env.get("cwd"):
+            lines.append(f"cd {_shell_quote(env['cwd'])}")
+        lines += [command, "```", ""]
     pkgs = ", ".join(f"{k} {v}" for k, v in versions.items() if v and k in ("jax", "jaxlib", "flax", "optax", "python"))
     device = f"{env.get('device_count', '?')} × {env.get('device_kind', '?')} ({env.get('backend', '?')})"
     rows = [["packages", pkgs], ["devices", device], ["git revision", env.get("git_revision") or "not a git checkout"]]
@@ -213,6 +239,33 @@ def _reproduce_md(report: dict) -> list[str]:
         rows.append(["environment", ", ".join(f"{k}={v}" for k, v in env["env"].items())])
     lines += _table(["", ""], rows)
     lines += ["The full resolved configuration is under `config` in `report.json`.", ""]
+    return lines
+
+
+def _api_call_md(report: dict, overrides: list[str]) -> list[str]:
+    """How a run made by :func:`harness.diagnose` was called; objects it was given in memory are named by their
+    ``<in-memory: ...>`` targets (they cannot be imported elsewhere, so ``harness reproduce`` cannot rerun them)."""
+    from harness.config import IN_MEMORY
+
+    config = report.get("config") or {}
+    arguments, in_memory = [], []
+    for group in ("model", "data", "loss"):
+        target = (config.get(group) or {}).get("_target_") if isinstance(config.get(group), dict) else None
+        if isinstance(target, str) and target.startswith(IN_MEMORY):
+            name = target[len(IN_MEMORY):].strip(": <>") or group
+            arguments.append(f"{group}={name if '.' in name else f'<{name}>'}")
+            in_memory.append(group)
+    if overrides:
+        arguments.append("overrides=[" + ", ".join(repr(o) for o in overrides) + "]")
+    cwd = (report.get("environment") or {}).get("cwd")
+    lines = ["Made from Python" + (f" (in `{cwd}`)" if cwd else "") + ":", "", "```python", "import harness", "",
+             f"report = harness.diagnose({', '.join(arguments)})", "```", ""]
+    if in_memory:
+        names = [f"`{g}`" for g in in_memory]
+        listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+        lines += [f"{listed} {'was' if len(in_memory) == 1 else 'were'} given "
+                  f"as objects in memory: rerun the notebook or script that defines them (`harness reproduce` "
+                  f"needs importable `_target_`s).", ""]
     return lines
 
 
@@ -235,7 +288,9 @@ def _internal_errors_md(report: dict) -> list[str]:
     return lines
 
 
-def render_markdown(report: dict) -> str:
+def render_markdown(report: dict, *, image_src=None) -> str:
+    """report.md's text. ``image_src(path)``: what a plot's image link points to (default: its path relative to
+    the run directory, where report.md is; a notebook view embeds the PNG as a data URI instead)."""
     status = report["status"]
     counts = report.get("counts") or fmt.counts(report["findings"])
     icon = "✅" if status == "healthy" else "💥" if status == "internal_error" else "❌"
@@ -269,7 +324,8 @@ def render_markdown(report: dict) -> str:
         lines += ["## Plots", ""]
         for key, p in plots.items():
             source = f" (`{p['diagnostic']}`)" if p.get("diagnostic") else ""
-            lines += [f"### {p.get('title') or key}{source}", "", f"![{_cell(p.get('title') or key)}]({p['path']})", ""]
+            src = image_src(p["path"]) if image_src is not None else p["path"]
+            lines += [f"### {p.get('title') or key}{source}", "", f"![{_cell(p.get('title') or key)}]({src})", ""]
 
     swept = [(n, d["members"]) for n, d in report["diagnostics"].items() if d.get("members")]
     if swept:

@@ -70,8 +70,9 @@ class Dataset:
             x = getattr(self, f"x_{split}")[keep]
             x = x.astype(np.int32) if x.dtype.kind in "iu" else x.astype(np.float32)
             y = getattr(self, f"y_{split}")[keep]
-            if self.classification and y.ndim == 2 and (y.shape[1] == 1 or _one_hot(y, self.num_classes)):
-                # (N, 1) column labels are squeezed; (N, C) one-hot labels become class indices.
+            if self.classification and y.ndim == 2 and (y.shape[1] == 1 or _one_hot(y, self.num_classes)
+                                                        or _soft(y, self.num_classes)):
+                # (N, 1) column labels are squeezed; (N, C) one-hot or soft labels become class indices.
                 y = y[:, 0] if y.shape[1] == 1 else np.argmax(y, axis=1)
             if self.classification:
                 y = np.rint(y)
@@ -88,6 +89,16 @@ def _one_hot(y: np.ndarray, num_classes: int) -> bool:
         return False
     finite = y[np.isfinite(y).all(axis=1)] if y.dtype.kind == "f" else y
     return bool(np.all((finite == 0) | (finite == 1)) and np.all(finite.sum(axis=1) == 1))
+
+
+def _soft(y: np.ndarray, num_classes: int) -> bool:
+    """(N, C) float rows of probabilities (label smoothing, distillation), not all whole numbers: one class per
+    example (their argmax), not a sequence of C class indices (the data check ``data.shape`` warns)."""
+    if y.shape[1] != num_classes or y.dtype.kind != "f":
+        return False
+    finite = y[np.isfinite(y).all(axis=1)]
+    return bool(finite.size and not np.all(finite == np.round(finite)) and np.all(finite >= 0)
+                and np.allclose(finite.sum(axis=1), 1.0, atol=1e-3))
 
 
 def _as_numeric(value: Any, key: str, source: str) -> np.ndarray:

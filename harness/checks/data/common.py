@@ -92,21 +92,28 @@ class Part:
 def label_layout(y: np.ndarray, num_classes: int) -> str:
     """How classification labels are laid out: ``index`` (N,), ``column`` (N, 1), ``one_hot`` (N, C) with a
     single 1 per row, ``soft`` (N, C) probabilities, ``multi_hot`` (N, C) of 0/1 with rows not summing to 1,
-    ``other`` (N, C) of anything else, ``bad`` for any other shape."""
+    ``per_position`` a class per position (a token sequence (N, T), a label map (N, H, W); negative values are
+    padding), ``other`` (N, C) of anything else, ``bad`` for any other shape. The same reading as training's
+    (``Dataset.training_arrays``): (N, C) rows that are not one class per example are per-position labels when
+    they hold class ids (whole numbers)."""
     if y.ndim == 1:
         return "index"
-    if y.ndim != 2:
+    if y.ndim < 1:
         return "bad"
-    if y.shape[1] == 1:
+    if y.ndim == 2 and y.shape[1] == 1:
         return "column"
-    if y.shape[1] != num_classes:
-        return "bad"
-    finite = np.isfinite(y).all(axis=1) if y.dtype.kind == "f" else np.ones(len(y), bool)
+    finite = (np.isfinite(y.reshape(len(y), -1)).all(axis=1) if y.dtype.kind == "f" else np.ones(len(y), bool))
     rows = y[finite]
     binary = bool(np.all((rows == 0) | (rows == 1)))
+    if y.ndim > 2 or y.shape[1] != num_classes:
+        # Rows with a single 1 look like one-hot labels of another width: num_classes is wrong, not a sequence.
+        one_hot_like = y.ndim == 2 and binary and len(rows) > 0 and bool(np.all(rows.sum(axis=1) == 1))
+        return "bad" if one_hot_like else "per_position"
     sums = rows.sum(axis=1)
     if binary:
         return "one_hot" if np.all(sums == 1) else "multi_hot"
+    if y.dtype.kind in "iu" or bool(np.all(rows == np.round(rows))):
+        return "per_position"  # class ids, one per position, in a sequence as long as num_classes
     if np.all(rows >= 0) and np.allclose(sums, 1.0, atol=1e-3):
         return "soft"
     return "other"
@@ -161,7 +168,7 @@ class Views:
         out: dict[str, np.ndarray | None] = {}
         for s in SPLITS:
             y, layout = self.y(s)[self.finite[s]], self.layouts[s]
-            if layout == "index":
+            if layout in ("index", "per_position"):
                 out[s] = y
             elif layout == "column":
                 out[s] = y[:, 0]
@@ -172,8 +179,26 @@ class Views:
         return out
 
     @functools.cached_property
+    def per_position(self) -> bool:
+        """Labels are one class per position (sequences, label maps), not one per example."""
+        return any(layout == "per_position" for layout in self.layouts.values())
+
+    @functools.cached_property
+    def causal(self) -> bool:
+        """A next-token language model (harness.tasks): its labels are the inputs shifted by one."""
+        return self.per_position and self.dataset.task.causal
+
+    @property
+    def integer_inputs(self) -> bool:
+        """Inputs are ids (tokens, categories) that a model embeds, not magnitudes: integer inputs, except 8-bit
+        images (``uint8`` inputs of anything but a language model), whose 0..255 intensities are a scale to judge."""
+        dtype = self.x("train").dtype
+        return dtype.kind in "iu" and not (dtype == np.uint8 and not self.causal)
+
+    @functools.cached_property
     def class_counts(self) -> dict[str, np.ndarray | None]:
-        """Examples per class in [0, num_classes), from the rounded labels (out-of-range ones are not counted)."""
+        """Examples (positions, for per-position labels) per class in [0, num_classes), from the rounded labels
+        (out-of-range ones and padding are not counted)."""
         out = {}
         c = self.dataset.num_classes
         for s in SPLITS:

@@ -79,10 +79,12 @@ def _same_labels(v: Views, val_rows: np.ndarray, train_rows: np.ndarray) -> np.n
 
 def check_conflicting_labels(v: Views) -> Part:
     """``data.conflicting_labels`` (classification): identical training inputs labelled with different classes.
-    In regression, repeated inputs with different targets are ordinary noise, so only the count is recorded."""
+    In regression, repeated inputs with different targets are ordinary noise, so only the count is recorded.
+    Per-position labels conflict when identical inputs carry different label sequences (label maps); a language
+    model's identical contexts followed by different next tokens are what language is, so it is not judged."""
     s = v.settings
     part = Part()
-    if not v.has_features:
+    if not v.has_features or v.causal:
         return part
     groups = v.groups["train"]
     labels = v.labels["train"] if v.dataset.classification else None
@@ -93,6 +95,9 @@ def check_conflicting_labels(v: Views) -> Part:
     if not duplicated.any():
         return part
     idx = np.rint(labels).astype(np.int64) if labels.dtype.kind == "f" else labels.astype(np.int64)
+    per_position = idx.ndim > 1
+    if per_position:  # a label sequence or map per example: compare whole rows, by an exact hash of each
+        idx = stats.row_hashes(np.where(idx < 0, -1, idx))
     # Per group: the smallest and largest label; a group conflicts when they differ.
     n_groups = len(groups.sizes)
     lo = np.full(n_groups, np.iinfo(np.int64).max)
@@ -114,15 +119,17 @@ def check_conflicting_labels(v: Views) -> Part:
     example_rows = groups.rows[groups.group == first_group]
     example_labels = idx[groups.group == first_group]
     make = error if fraction >= s.conflicting_error_fraction else warning
+    labelled = ("different labels at some positions" if per_position else
+                f"labels {stats.listing(example_labels, 5)}")
     part.findings.append(make(
         "data.conflicting_labels",
         f"{count} of {n} training examples ({fraction:.1%}) share identical inputs with an example of a different "
-        f"class ({int(conflicting_group.sum())} groups; e.g. rows {stats.listing(example_rows, 5)} have labels "
-        f"{stats.listing(example_labels, 5)}): no model can fit them all, and a large share means labels are "
-        f"misaligned with inputs.",
+        f"{'labelling' if per_position else 'class'} ({int(conflicting_group.sum())} groups; e.g. rows "
+        f"{stats.listing(example_rows, 5)} have {labelled}): no model can fit them all, and a large share means "
+        f"labels are misaligned with inputs.",
         "Check that inputs and labels are shuffled and filtered together (one permutation for both); if the "
         "duplicates are real, merge them under one label (majority vote) or drop them.",
         count=count, fraction=fraction, groups=int(conflicting_group.sum()),
         first_rows=stats.first(rows, s.max_listed), example_rows=stats.first(example_rows, 5),
-        example_labels=stats.first(example_labels, 5)))
+        example_labels=None if per_position else stats.first(example_labels, 5)))
     return part

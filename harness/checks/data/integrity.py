@@ -113,8 +113,9 @@ def _label_encoding(v: Views) -> Part:
         if layout == "bad":
             part.findings.append(error(
                 "data.shape",
-                f"{key} has shape {y.shape}; classification labels must be class indices (N,), a column (N, 1) or "
-                f"one-hot (N, {c}) for num_classes={c}.",
+                f"{key} has shape {y.shape}; classification labels must be class indices (N,), a column (N, 1), "
+                f"one-hot (N, {c}) for num_classes={c}, or class indices per position ((N, T) sequences, (N, H, W) "
+                f"label maps), but its rows look one-hot over {y.shape[-1]} classes.",
                 f"Return class indices of shape (N,). If there are {y.shape[-1]} classes, set num_classes to "
                 f"{y.shape[-1]}.",
                 key=key, shape=list(y.shape), num_classes=c,
@@ -150,19 +151,19 @@ def _label_encoding(v: Views) -> Part:
                 "sigmoid/binary cross-entropy loss, not softmax classification.",
                 key=key, shape=list(y.shape), rows=int(len(bad)), first_rows=stats.first(bad, s.max_listed)))
         labels = v.labels[split]
-        if labels is not None and labels.dtype.kind == "f" and layout in ("index", "column"):
+        if labels is not None and labels.dtype.kind == "f" and layout in ("index", "column", "per_position"):
             whole = labels == np.round(labels)
             if not whole.all():
-                bad = np.flatnonzero(v.finite[split])[~whole]
+                bad = np.flatnonzero(v.finite[split])[~whole.reshape(len(labels), -1).all(axis=1)]
                 values = np.unique(labels[~whole])
                 part.findings.append(error(
                     "data.shape",
-                    f"{key} holds non-integer class labels ({len(bad)} of {len(labels)}, e.g. "
+                    f"{key} holds non-integer class labels ({int((~whole).sum())} of {labels.size}, e.g. "
                     f"{stats.listing(values, 5)}; rows {stats.listing(bad, s.max_listed)}), but this is "
                     f"classification with {c} classes; they would be rounded to the nearest class.",
                     "Return integer class indices; if the targets are continuous, this is regression: drop "
                     "num_classes (or use task=regression for files).",
-                    key=key, count=int(len(bad)), values=[float(x) for x in values[:s.max_listed]],
+                    key=key, count=int((~whole).sum()), values=[float(x) for x in values[:s.max_listed]],
                     first_rows=stats.first(bad, s.max_listed)))
             else:
                 part.findings.append(info(
@@ -170,6 +171,35 @@ def _label_encoding(v: Views) -> Part:
                     f"converts them to integers.",
                     "Nothing to do; integer labels avoid surprises in your own losses and metrics.",
                     key=key, dtype=str(y.dtype)))
+    part.add(_per_position_labels(v))
+    return part
+
+
+def _per_position_labels(v: Views) -> Part:
+    """Per-position labels (sequences, label maps) must be per position in both splits, with the same shape per
+    example: the model's outputs on either split are read against them position by position."""
+    part = Part()
+    layouts = v.layouts
+    kinds = {split: layouts[split] == "per_position" for split in SPLITS}
+    if not any(kinds.values()):
+        return part
+    shapes = {split: tuple(v.y(split).shape[1:]) for split in SPLITS}
+    if kinds["train"] != kinds["val"] and "bad" not in layouts.values():
+        per, one = ("train", "val") if kinds["train"] else ("val", "train")
+        part.findings.append(error(
+            "data.shape",
+            f"y_{per} holds a class per position (shape {v.y(per).shape}) but y_{one} one class per example (shape "
+            f"{v.y(one).shape}): the two splits describe different tasks.",
+            "Give both splits labels of the same layout: (N,) class indices for one label per example, or (N, T) / "
+            "(N, H, W) class indices per position.",
+            y_train_shape=list(v.y("train").shape), y_val_shape=list(v.y("val").shape)))
+    elif all(kinds.values()) and shapes["train"] != shapes["val"]:
+        part.findings.append(error(
+            "data.shape",
+            f"per-position labels differ in shape between splits: y_train examples are {shapes['train']}, y_val "
+            f"examples {shapes['val']}; a model's outputs cannot match both.",
+            "Pad or crop both splits to the same length (pad labels with -1, which the loss ignores).",
+            y_train_shape=list(v.y("train").shape), y_val_shape=list(v.y("val").shape)))
     return part
 
 
@@ -195,10 +225,10 @@ def _regression_targets(v: Views) -> Part:
     if d.y_train.ndim > 2:
         part.findings.append(info(
             "data.shape",
-            f"regression targets of shape {trail['train']} per example; the model predicts them as "
-            f"{size['train']} flattened outputs.",
-            "Nothing to do if that is meant (dense targets); check the order matches how the model's outputs are "
-            "read.", y_train_shape=list(d.y_train.shape)))
+            f"regression targets of shape {trail['train']} per example; the model predicts them with outputs of "
+            f"that shape per example, or as {size['train']} flattened outputs.",
+            "Nothing to do if that is meant (dense targets); with flattened outputs, check their order matches the "
+            "targets' (row-major).", y_train_shape=list(d.y_train.shape)))
     # Forgotten num_classes: targets that are a handful of whole numbers look like class labels (Karpathy, "A
     # Recipe for Training Neural Networks": know your data). 0..K-1 exactly is what class indices look like: a
     # warning; other small integer sets (ratings 1-5, counts) are plausibly regression: info.

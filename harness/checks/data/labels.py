@@ -19,25 +19,32 @@ from harness.findings import error, info, warning
 
 
 def check_label_range(v: Views) -> Part:
-    """``data.label_range``: class labels outside ``[0, num_classes)`` (after rounding, as training reads them)."""
+    """``data.label_range``: class labels outside ``[0, num_classes)`` (after rounding, as training reads them).
+    Per-position labels (token ids, label maps) must lie in ``[0, num_classes)`` (the vocabulary, for a language
+    model); their negative values are padding, which the loss ignores, and are counted, not reported."""
     s, c = v.settings, v.dataset.num_classes
     part = Part()
     described, evidence, all_values = [], {}, []
     total = 0
+    padding = v.per_position
+    what = "token ids" if v.causal else "class labels"
     for split in SPLITS:
         labels = v.labels[split]
         if labels is None:
             continue
         idx = np.rint(labels) if labels.dtype.kind == "f" else labels
-        out = (idx < 0) | (idx >= c)
+        out = (idx >= c) if padding else (idx < 0) | (idx >= c)
         part.metrics[f"data/label_range/out_of_range/{split}"] = int(out.sum())
-        all_values.append(idx)
+        if padding:
+            part.metrics[f"data/label_range/padding/{split}"] = int((idx < 0).sum())
+            idx = idx[idx >= 0]
+        all_values.append(idx.ravel())
         if not out.any():
             continue
-        rows = np.flatnonzero(v.finite[split])[out]
+        rows = np.flatnonzero(v.finite[split])[out.reshape(len(out), -1).any(axis=1)]
         values, counts = np.unique(labels[out], return_counts=True)
         total += int(out.sum())
-        described.append(f"y_{split} has {int(out.sum())} of {len(labels)} (values "
+        described.append(f"y_{split} has {int(out.sum())} of {labels.size} (values "
                          f"{stats.listing(_plain(values), s.max_listed)})")
         evidence[f"y_{split}"] = {"count": int(out.sum()), "values": _plain(values[:s.max_listed]),
                                   "value_counts": _plain(counts[:s.max_listed]),
@@ -48,7 +55,11 @@ def check_label_range(v: Views) -> Part:
     every = np.concatenate(all_values)
     lo, hi = float(every.min()), float(every.max())
     one_based = lo == 1 and hi == c
-    if one_based:
+    if v.causal and not one_based:
+        suggestion = (f"Token ids reach {hi:g} but the vocabulary size (num_classes) is {c}: set num_classes to the "
+                      f"tokenizer's vocabulary size (at least {int(hi) + 1}), or check that the targets come from the "
+                      f"same tokenizer as the inputs.")
+    elif one_based:
         suggestion = (f"The labels run from 1 to {c}: they look 1-based. Subtract 1 so they run from 0 to {c - 1} "
                       f"(cross-entropy indexes logits from 0).")
     elif lo >= 0:
@@ -59,8 +70,8 @@ def check_label_range(v: Views) -> Part:
                       f"or remap the labels to 0..{c - 1}.")
     part.findings.append(error(
         "data.label_range",
-        f"class labels outside [0, {c}): {'; '.join(described)}. The harness clips them into range to keep going, "
-        f"which mislabels those examples.",
+        f"{what} outside [0, {c}): {'; '.join(described)}. The harness clips them into range to keep going, "
+        f"which mislabels those {'positions' if padding else 'examples'}.",
         suggestion, num_classes=c, out_of_range=total, label_min=lo, label_max=hi, looks_one_based=one_based,
         **evidence))
     return part
@@ -69,7 +80,13 @@ def check_label_range(v: Views) -> Part:
 def check_label_distribution(v: Views) -> Part:
     """``data.label_distribution``: one class only (error), classes never seen in training (warning), classes
     absent from validation (warning when chance cannot explain it, else info), and train/val class proportions that
-    differ beyond sampling noise (warning: typically data sorted by label and split without shuffling)."""
+    differ beyond sampling noise (warning: typically data sorted by label and split without shuffling).
+
+    Per-position labels are counted over positions, and judged only by what holds for them: one class only is
+    still an error, and a label map's classes (not a language model's: a sample of text never holds every token of
+    a vocabulary) should all appear in training. The chance arguments (a class missing from validation, a shift
+    in proportions) assume independent labels, which the positions of one sequence or image are not, and a
+    language model's token frequencies are skewed by nature (Zipf): those are not judged."""
     s, c = v.settings, v.dataset.num_classes
     part = Part()
     counts = v.class_counts
@@ -91,7 +108,7 @@ def check_label_distribution(v: Views) -> Part:
             "Check how labels are read and filtered (a wrong label column, a filter that keeps one class, a split "
             "of data sorted by label).",
             class_present=int(present[0]), examples=int(train.sum()), num_classes=c))
-    elif len(missing_train):
+    elif len(missing_train) and not v.causal:
         above = bool(missing_train.min() > present.max())
         hint = (f" Labels only reach {int(present.max())}: is num_classes={c} right?" if above else "")
         part.findings.append(warning(
@@ -102,7 +119,7 @@ def check_label_distribution(v: Views) -> Part:
             "that exist.", missing=stats.first(missing_train, s.max_listed), missing_count=int(len(missing_train)),
             num_classes=c))
     val = counts["val"]
-    if val is None or val.sum() == 0:
+    if val is None or val.sum() == 0 or v.per_position:
         return part
     part.add(_missing_from_val(train, val, s))
     part.add(_split_shift(train, val, s))
@@ -176,7 +193,9 @@ def _split_shift(train: np.ndarray, val: np.ndarray, s) -> Part:
 def check_class_imbalance(v: Views) -> Part:
     """``data.class_imbalance``: the majority/minority count ratio among the classes present in training. Warning
     from ``imbalance_warning_ratio`` (10:1: accuracy then rewards predicting the majority), info from
-    ``imbalance_info_ratio`` (3:1). The builtins are at most 1.6:1 (wine, breast_cancer)."""
+    ``imbalance_info_ratio`` (3:1). The builtins are at most 1.6:1 (wine, breast_cancer). Per-position labels get
+    the metrics only: token frequencies are skewed by nature (Zipf's law) and background pixels dominate label
+    maps, so a ratio says nothing about a bug there."""
     s = v.settings
     part = Part()
     train = v.class_counts["train"]
@@ -190,7 +209,7 @@ def check_class_imbalance(v: Views) -> Part:
     baseline = float(train[major] / train.sum())
     part.metrics["data/class_imbalance/ratio"] = ratio
     part.metrics["data/class_imbalance/majority_fraction"] = baseline
-    if ratio < s.imbalance_info_ratio:
+    if ratio < s.imbalance_info_ratio or v.per_position:
         return part
     make = warning if ratio >= s.imbalance_warning_ratio else info
     prior = train[present] / train.sum()

@@ -45,10 +45,15 @@ MAX_SERIES_FEATURES = 4096  # per-feature series/plots beyond this are too long 
 
 def check_feature_scale(v: Views) -> Part:
     """``data.feature_scale`` (warning): unnormalized inputs, features whose ranges differ by orders of magnitude,
-    a large constant offset, val preprocessed differently from train; (info) inputs far below unit scale."""
+    a large constant offset, val preprocessed differently from train; (info) inputs far below unit scale. Integer
+    inputs are ids (tokens, categories) that a model embeds, not magnitudes: they are not judged, except 8-bit
+    images (``uint8`` inputs outside a language model: raw 0..255 intensities)."""
     s = v.settings
-    st = v.x_stats["train"]
     part = Part()
+    if v.integer_inputs:
+        part.metrics["data/feature_scale/status"] = "skipped: integer inputs (token ids) are not scaled"
+        return part
+    st = v.x_stats["train"]
     if st.count == 0 or st.mean.size == 0:
         return part
     dtype = v.x("train").dtype
@@ -202,7 +207,8 @@ def check_target_scale(v: Views) -> Part:
 def check_constant_features(v: Views) -> Part:
     """``data.constant_features``: features that take one value across the training split. Info: images have
     constant border pixels (3 in digits) and a constant feature is harmless, just useless; an error only when
-    every feature is constant (the inputs carry no information)."""
+    every feature is constant (the inputs carry no information). For integer inputs (token ids) a constant
+    position (a start token, padding) is ordinary: only the error is kept."""
     s = v.settings
     part = Part()
     st = v.x_stats["train"]
@@ -223,7 +229,7 @@ def check_constant_features(v: Views) -> Part:
             f"carry no information, so no model can do better than predicting the label frequencies.",
             "Check how the inputs are loaded (an all-zero array, a wrong column, a broken image decoder).",
             **evidence))
-    else:
+    elif not v.integer_inputs:
         part.findings.append(info(
             "data.constant_features",
             f"{len(constant)} of {total} input features are constant across the training split (features "

@@ -29,7 +29,10 @@ from harness.findings import Finding, error
 def gradients_across_batch(forward_fn, x, rows, cotangent_seed):
     """For each checked row ``i``: max |d (c . out_i) / d x_i|, max over ``j != i`` of |d (c . out_i) / d x_j|,
     and how many other examples ``j`` get a nonzero gradient (``c`` a random projection of the outputs, so no
-    dependence can cancel out in a plain sum)."""
+    dependence can cancel out in a plain sum). Integer inputs (token ids) have no gradient: they are checked by
+    :func:`changes_across_batch` instead."""
+    if jnp.issubdtype(x.dtype, jnp.integer):
+        return changes_across_batch(forward_fn, x, rows)
     out, pullback = jax.vjp(forward_fn, x)
     n = x.shape[0]
     cotangents = hash_uniform((rows.shape[0],) + out.shape[1:], cotangent_seed, 0xBA7C).astype(out.dtype)
@@ -42,6 +45,25 @@ def gradients_across_batch(forward_fn, x, rows, cotangent_seed):
                 jnp.sum(others & (per_example > 0)))
 
     return jax.vmap(one)(rows, cotangents)
+
+
+def changes_across_batch(forward_fn, x, rows):
+    """The same three quantities for integer inputs, by replacement instead of differentiation: example ``j``'s
+    input is replaced by the next example's (valid token ids, whatever the vocabulary), one example at a time
+    (``lax.map``: one forward pass of the batch in memory at once), and ``|out_i(changed) - out_i|`` stands for the
+    gradient. Without mixing, another example's change leaves ``out_i`` exactly unchanged."""
+    out = forward_fn(x)
+    n = x.shape[0]
+
+    def changed(j):
+        moved = x.at[j].set(x[(j + 1) % n])
+        delta = jnp.abs(forward_fn(moved) - out).astype(jnp.float32)
+        return jnp.max(delta[rows].reshape(rows.shape[0], -1), axis=1)  # (rows,): how out_i moved
+
+    effect = jax.lax.map(changed, jnp.arange(n)).T  # (rows, n): row i's change when example j changed
+    own = effect[jnp.arange(rows.shape[0]), rows]
+    others = jnp.arange(n)[None, :] != rows[:, None]
+    return (own, jnp.max(jnp.where(others, effect, 0.0), axis=1), jnp.sum(others & (effect > 0), axis=1))
 
 
 def checked_rows(batch: int, count: int) -> np.ndarray:
@@ -63,9 +85,10 @@ def judge(own: np.ndarray, cross: np.ndarray, leaking: np.ndarray, rows: np.ndar
     worst = int(np.argmax(cross))
     return [error(
         f"{NAME}.batch_dependence",
-        f"Examples are mixed across the batch: the output of example {int(rows[worst])} has a nonzero gradient "
-        f"w.r.t. the inputs of {int(leaking[worst])} other examples of the batch of {batch} (largest cross-example "
-        f"gradient {leak:.3g}, {ratio:.3g}x its own input's), with the model in eval mode.",
+        f"Examples are mixed across the batch: the output of example {int(rows[worst])} depends on the inputs of "
+        f"{int(leaking[worst])} other examples of the batch of {batch} (a nonzero gradient, or for integer inputs a "
+        f"change when theirs change; largest cross-example effect {leak:.3g}, {ratio:.3g}x its own input's), with "
+        f"the model in eval mode.",
         "An operation mixes the batch axis: a reshape where a transpose/swapaxes was meant, a softmax, mean, sum or "
         "norm over axis 0 instead of the feature axis, or a layer that normalizes over the batch in eval mode. "
         "(BatchNorm in train mode couples examples by design; this check runs in eval mode so it is not flagged.)",

@@ -3,7 +3,8 @@ loss wants logits; is the initial loss what a well-initialized model gives?
 
 * ``model.forward`` (seed 001, "2.1 Forward Pass Verification"; seed 003: "invoke the forward pass on a small batch
   ... to make sure shapes are correct. Because of broadcasting rules, you can have silent failure"): the forward
-  pass, the loss or the backward pass raises; outputs not of shape (batch, num_outputs); per-example losses not of
+  pass, the loss or the backward pass raises; outputs not of the task's shape (``Task.output_shapes``: (batch,
+  num_classes), (batch, T, vocabulary) per position, the targets' shape for regression); per-example losses not of
   shape (batch,); non-finite outputs or losses. Blocks the training stages.
 * ``model.output_range``: probabilities (rows in [0, 1] summing to 1, or all in [0, 1]) handed to a loss that
   applies its own softmax/sigmoid: "softmax applied twice" squashes the logits into [0, 1], the loss starts at
@@ -147,7 +148,8 @@ def output_range_findings(outputs: np.ndarray, loss_name: str, classification: b
     is not enough: all of them must be)."""
     lo, hi = float(np.min(outputs)), float(np.max(outputs))
     metrics = {f"{NAME}/output_min": lo, f"{NAME}/output_max": hi}
-    if not (classification and expects_logits(loss_name)) or outputs.ndim != 3:
+    # (inits, batch, classes) per example; (inits, batch, positions..., classes) per position.
+    if not (classification and expects_logits(loss_name)) or outputs.ndim < 3:
         return [], metrics
     tol = settings.probability_tolerance
     row_sums = outputs.sum(axis=-1)
@@ -197,7 +199,9 @@ def initial_loss_findings(per_example: np.ndarray, loss_fn, num_classes: int | N
         evidence.update(excess_nats=excess, threshold_nats=settings.max_initial_loss_excess)
         suggestion = ("Initialize the output layer with a small scale (fan-in scaled like LeCun/Glorot, or zeros) "
                       "so the initial logits are near zero and the predictions near uniform (Karpathy: 'init well').")
-        prior = np.bincount(np.asarray(y_train, np.int64).ravel(), minlength=num_classes) / max(len(y_train), 1)
+        labels = np.asarray(y_train, np.int64).ravel()
+        labels = labels[(labels >= 0) & (labels < num_classes)]  # padding (negative) is not a class
+        prior = np.bincount(labels, minlength=num_classes) / max(len(labels), 1)
         if prior.min() > 0 and prior.max() / prior.min() >= 3:
             suggestion += (f" The classes are imbalanced (frequencies {prior.min():.2g} to {prior.max():.2g}): set the "
                            "output bias to log(class frequency) so the model starts at the prior.")

@@ -333,8 +333,10 @@ def capacity_finding(v: Verdict, results: list[RungResult], settings: Settings, 
     largest = max(results, key=lambda r: r.rung.params)
     still_high = mean(largest.train_loss) > settings.fit_fraction * v.reference_loss
     if best is largest and still_high:
+        share = (f"{mean(largest.train_loss) / v.reference_loss:.0%} of the untrained loss, "
+                 if v.reference_loss > 0 else "")  # an untrained loss of 0 is no scale
         message += (f" Even the largest rung ({largest.rung.label}) fits only to {mean(largest.train_loss):.3g}, "
-                    f"{mean(largest.train_loss) / v.reference_loss:.0%} of the untrained loss, and is still improving.")
+                    f"{share}and is still improving.")
     suggestion = (f"Increase the model's {width_key} to at least {v.sufficient.rung.get(width_key)} (the smallest "
                   f"rung within the margin of the best), or add depth.")
     if best is largest and still_high:

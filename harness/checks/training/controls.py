@@ -122,10 +122,14 @@ def accuracy_noise(p: float, n_val: int) -> float:
 
 def chance_accuracy(y_train, y_val, num_classes: int) -> float:
     """The expected accuracy of predictions unrelated to the inputs that follow the training label frequencies:
-    ``sum_c p_train(c) p_val(c)``."""
-    p_train = np.bincount(np.asarray(y_train, np.int64), minlength=num_classes)[:num_classes] / max(len(y_train), 1)
-    p_val = np.bincount(np.asarray(y_val, np.int64), minlength=num_classes)[:num_classes] / max(len(y_val), 1)
-    return float(np.dot(p_train, p_val))
+    ``sum_c p_train(c) p_val(c)``, over real positions for per-position labels (negative labels are padding, which
+    accuracy ignores)."""
+    def frequencies(y):
+        y = np.asarray(y, np.int64).ravel()
+        y = y[y >= 0]
+        return np.bincount(y, minlength=num_classes)[:num_classes] / max(len(y), 1)
+
+    return float(np.dot(frequencies(y_train), frequencies(y_val)))
 
 
 def compare(control: str, real_loss: np.ndarray, control_loss: np.ndarray, loss_std: float, settings: Settings,

@@ -131,9 +131,10 @@ def log_slope(steps, values) -> float:
 
 
 def steps_to_reach(current: float, target: float, slope: float) -> float:
-    """Further steps until ``current`` falls to ``target`` at a constant log slope (inf if not falling)."""
+    """Further steps until ``current`` falls to ``target`` at a constant log slope (inf if not falling, or if the
+    target is 0 or below: a geometric fall never gets there)."""
     if not (current > target):
         return 0.0
-    if not np.isfinite(slope) or slope >= 0:
+    if not np.isfinite(slope) or slope >= 0 or not target > 0:
         return math.inf
     return math.log(target / current) / slope

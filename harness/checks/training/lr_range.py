@@ -242,14 +242,28 @@ def running_median3(values) -> np.ndarray:
     return out
 
 
+# Losses below this fraction of the untrained loss are at float32's resolution of it: a loss that reaches exactly
+# 0 (a memorized batch, a deterministic sequence) counts as this, so no ratio or logarithm divides by 0.
+LOSS_RESOLUTION = 1e-6
+
+
 def log_progress(val, untrained: float, best: float) -> np.ndarray:
     """p = log(untrained / val) / log(untrained / best): 1 at the best LR, 0 at the untrained level, negative when
     worse than untrained. On a log scale because losses such as cross-entropy fall geometrically, so the last factor
-    of two matters as much as the first."""
+    of two matters as much as the first. Losses are floored at ``LOSS_RESOLUTION`` x the untrained loss (a loss of
+    exactly 0 is as good as the float32 resolution, not infinitely better); losses that can be negative, or an
+    untrained loss that is not above the best, have no log scale: then p is linear, (untrained - val) /
+    (untrained - best)."""
     val = np.asarray(val, dtype=np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        p = np.log(untrained / val) / math.log(untrained / best)
-    return np.where(np.isfinite(val) & (val > 0), p, -np.inf)
+    finite = np.isfinite(val)
+    if untrained > 0 and best >= 0 and best < untrained and np.all(val[finite] >= 0):
+        floor = LOSS_RESOLUTION * untrained
+        with np.errstate(divide="ignore", invalid="ignore"):
+            p = np.log(untrained / np.maximum(val, floor)) / math.log(untrained / max(best, floor))
+        return np.where(finite, p, -np.inf)
+    if not untrained > best:
+        return np.where(finite & (val <= best), 1.0, -np.inf)
+    return np.where(finite, (untrained - val) / (untrained - best), -np.inf)
 
 
 def read_grid(lrs, val, diverged, untrained: float, margin: float) -> GridReading:
@@ -295,12 +309,25 @@ class Suggestion:
     grid_ratio_at_valley: float  # the grid's loss at the valley LR over the grid's best (NaN if unknown)
 
 
+def loss_ratio(loss: float, best: float, untrained: float) -> float:
+    """``loss / best``, with both floored at ``LOSS_RESOLUTION`` x the untrained loss when they are not negative:
+    a best loss of exactly 0 (the grid memorized its data) makes every other loss infinitely worse otherwise, and
+    a division by it fails. NaN when either is NaN; for negative losses the plain ratio."""
+    loss, best = float(loss), float(best)
+    if math.isnan(loss) or not math.isfinite(best):
+        return float("nan")
+    if loss >= 0 and best >= 0:
+        floor = LOSS_RESOLUTION * abs(untrained) if np.isfinite(untrained) and untrained != 0 else 1e-30
+        return max(loss, floor) / max(best, floor)
+    return loss / best if best != 0 else float("nan")
+
+
 def suggest(reading: GridReading, valley_lr: float | None) -> Suggestion:
     """The reported LR: fastai's valley when the grid confirms it (its loss at the valley LR within
     VALLEY_TOLERANCE of the grid's best), else the grid's best LR. See the module docstring for why."""
     if not reading.learns_at_all:
         return Suggestion(None, "none", float("nan"))
-    ratio = grid_loss_at(reading, valley_lr) / reading.best_loss
+    ratio = loss_ratio(grid_loss_at(reading, valley_lr), reading.best_loss, reading.untrained)
     if valley_lr is not None and ratio <= VALLEY_TOLERANCE:
         return Suggestion(float(valley_lr), "valley", ratio)
     return Suggestion(reading.best_lr, "grid_best", ratio)
@@ -387,7 +414,8 @@ def findings_for(reading: GridReading, verdict: Verdict, ramp: RampReading, sugg
     if verdict.diverged_at >= 0 or verdict.exploded:
         how = (f"went non-finite at step {verdict.diverged_at}" if verdict.diverged_at >= 0 else
                f"blew up: the training loss jumped from {_fmt(verdict.start_loss)} to {_fmt(verdict.peak_loss)} "
-               f"({verdict.peak_loss / verdict.start_loss:.3g}x) and the run ended at validation loss "
+               f"({_fmt(loss_ratio(verdict.peak_loss, verdict.start_loss, reading.untrained))}x) and the run ended "
+               f"at validation loss "
                f"{_fmt(verdict.val)} (untrained: {_fmt(reading.untrained)})")
         out.append(error(
             "train.divergence",

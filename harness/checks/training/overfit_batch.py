@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from harness import losses
 from harness.checks.base import Outcome, Plot
 from harness.checks.training import curves
 from harness.engine import compile as programs
@@ -95,12 +96,13 @@ class Settings:
 
 def choose_batch(y, size: int, classification: bool) -> np.ndarray:
     """Indices of the batch: for classification, round-robin over the classes in dataset order (the first example of
-    every class, then the second, ...), so every class present is represented; for regression the first ``size``."""
+    every class, then the second, ...), so every class present is represented; for regression and per-position
+    labels (sequences, label maps: every example holds many classes) the first ``size``."""
     n = len(y)
     size = min(size, n)
-    if not classification:
-        return np.arange(size)
     y = np.asarray(y)
+    if not classification or y.ndim > 1:
+        return np.arange(size)
     per_class = [np.flatnonzero(y == c) for c in np.unique(y)]
     order = []
     for rank in range(max(len(p) for p in per_class)):
@@ -113,7 +115,10 @@ def choose_batch(y, size: int, classification: bool) -> np.ndarray:
 def default_target(classification: bool, yb) -> float:
     if classification:
         return CLASSIFICATION_TARGET
-    variance = float(np.var(np.asarray(yb, dtype=np.float64)))
+    yb = np.asarray(yb, dtype=np.float64)
+    # Several targets per example: the mean of each target's variance across the batch (what R^2 averages), not
+    # the variance of all values pooled, which counts the targets' different means as signal.
+    variance = float(np.var(yb)) if yb.ndim <= 1 else float(np.mean(np.var(yb, axis=0)))
     return REGRESSION_TARGET_FRACTION * variance if variance > 0 else 1e-6
 
 
@@ -365,38 +370,93 @@ FLOOR_PEAK_LR = 3.0  # cosine-decayed to 1e-3 of it: large steps reach far-off o
 # targets, logits growing without bound), small ones settle on near ones (label smoothing) to float precision
 
 
-def loss_floor(ctx, arrays: Arrays) -> float | None:
-    """The lowest mean loss *any* outputs reach on this batch: the loss minimized over the outputs themselves
-    (free logits, Adam with a cosine-decayed step, from zeros), with no model in the way. Plain cross-entropy and squared error give about 0;
-    a label-smoothed cross-entropy gives the entropy of its smoothed targets (0.20 for 4 classes at 0.05), which
-    no model can go below, so memorizing means reaching that floor, not 0. None when the minimization does not
-    settle (a loss unbounded below, such as a sign-flipped one, or outputs far from zero): then the usual target.
+def prefix_groups(x: np.ndarray) -> np.ndarray:
+    """``(B, T)`` group ids of a batch of token sequences: positions ``(i, t)`` and ``(j, s)`` share a group exactly
+    when their prefixes ``x[i, :t+1]`` and ``x[j, :s+1]`` are equal, i.e. when a causal model sees the same thing
+    at both. Prefixes are keyed by two independent 64-bit polynomial hashes and their length (a collision between
+    two prefixes of one batch is about 2^-128 likely)."""
+    x = np.asarray(x).astype(np.int64)
+    b, length = x.shape
+    keys = np.empty((b, length, 3), np.uint64)
+    h1, h2 = np.zeros(b, np.uint64), np.full(b, 0x9E3779B97F4A7C15, np.uint64)
+    token = (x + 1).astype(np.uint64)  # + 1: a token 0 still changes the hash
+    for t in range(length):
+        h1 = h1 * np.uint64(0x100000001B3) + token[:, t]
+        h2 = (h2 ^ token[:, t]) * np.uint64(0xC2B2AE3D27D4EB4F) + np.uint64(t + 1)
+        keys[:, t, 0], keys[:, t, 1], keys[:, t, 2] = h1, h2, t
+    _, group = np.unique(keys.reshape(b * length, 3), axis=0, return_inverse=True)
+    return group.reshape(b, length)
+
+
+def conditional_entropy(groups: np.ndarray, y: np.ndarray, num_classes: int) -> float:
+    """The lowest mean built-in cross-entropy a causal model can reach on a batch: within each group of positions
+    that see the same prefix (:func:`prefix_groups`) the model must predict one distribution, best the group's
+    empirical distribution of targets, which leaves the group's entropy. Weighted as the built-in cross-entropy
+    averages: each example's real positions (targets >= 0) share its weight equally, examples weigh the same (an
+    all-padding example contributes 0)."""
+    y = np.asarray(y, np.int64)
+    real = y >= 0
+    per_example = real.sum(axis=1, keepdims=True)
+    weight = np.where(real, 1.0 / (len(y) * np.maximum(per_example, 1)), 0.0)
+    key = groups.astype(np.int64) * num_classes + np.clip(y, 0, num_classes - 1)
+    mass = np.bincount(key[real], weights=weight[real], minlength=(int(groups.max()) + 1) * num_classes)
+    mass = mass.reshape(-1, num_classes)
+    group_mass = mass.sum(axis=1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(mass > 0, -mass * np.log(mass / group_mass), 0.0)
+    return float(terms.sum())
+
+
+def loss_floor(ctx, arrays: Arrays) -> tuple[float | None, str]:
+    """The lowest mean loss *any* outputs reach on this batch, and how it was found: the loss minimized over the
+    outputs themselves (free logits, Adam with a cosine-decayed step, from zeros), with no model in the way. Plain
+    cross-entropy and squared error give about 0; a label-smoothed cross-entropy gives the entropy of its smoothed
+    targets (0.20 for 4 classes at 0.05), which no model can go below, so memorizing means reaching that floor,
+    not 0. None when the minimization does not settle (a loss unbounded below, such as a sign-flipped one, or
+    outputs far from zero): then the usual target.
+
+    A causal model (a next-token language model) cannot give two positions that see the same prefix different
+    outputs, and a batch of text has such positions with different next tokens (the first token of many sequences
+    is followed by many others): its floor is the conditional entropy of the targets given the prefix. For the
+    built-in cross-entropy it is computed exactly (:func:`conditional_entropy`); for other losses the outputs are
+    minimized tied within each prefix group (one free output per group).
     """
     problem = ctx.problem
     xb, yb = np.asarray(arrays.x_train), np.asarray(arrays.y_train)
     model = problem.model
     outputs = jax.eval_shape(lambda x: model(*model.init(jax.random.key(0), x), x), xb)
+    groups = None
+    if (problem.task.causal and xb.ndim == 2 and yb.shape == xb.shape
+            and tuple(outputs.shape[:2]) == xb.shape and len(outputs.shape) == 3):
+        groups = prefix_groups(xb)
+        if problem.loss_fn is losses.cross_entropy:
+            return conditional_entropy(groups, yb, int(problem.task.num_classes)), "conditional_entropy"
 
-    def program(y):
+    def program(y, *tied):
         tx = optax.adam(optax.cosine_decay_schedule(FLOOR_PEAK_LR, FLOOR_STEPS, alpha=1e-3))
-        start = jnp.zeros(outputs.shape, outputs.dtype)
+        if tied:  # one free output per prefix group, shared by the positions that see that prefix
+            start = jnp.zeros((tied[0].size, *outputs.shape[2:]), outputs.dtype)
+        else:
+            start = jnp.zeros(outputs.shape, outputs.dtype)
 
         def step(carry, _):
             out, opt_state = carry
-            loss, grad = jax.value_and_grad(lambda o: mean_loss(problem.loss_fn, o, y))(out)
+            loss, grad = jax.value_and_grad(lambda o: mean_loss(problem.loss_fn, o[tied[0]] if tied else o, y))(out)
             updates, opt_state = tx.update(grad, opt_state, out)
             return (optax.apply_updates(out, updates), opt_state), loss
 
         return jax.lax.scan(step, (start, tx.init(start)), None, length=FLOOR_STEPS)[1]
 
+    args = (yb,) if groups is None else (yb, groups.astype(np.int32))
+    kind = "free_outputs" if groups is None else "prefix_tied_outputs"
     try:
-        losses = np.asarray(programs.run(f"{NAME}/loss_floor", program, yb, static_key=(NAME, "loss_floor", problem,
-                                                                                         FLOOR_STEPS)), np.float64)
+        found = np.asarray(programs.run(f"{NAME}/loss_floor", program, *args,
+                                        static_key=(NAME, "loss_floor", problem, FLOOR_STEPS, kind)), np.float64)
     except Exception:  # noqa: BLE001 - a loss that only works on a model's outputs: keep the usual target
-        return None
-    last, earlier = losses[-1], losses[-FLOOR_STEPS // 10]
+        return None, kind
+    last, earlier = found[-1], found[-FLOOR_STEPS // 10]
     settled = np.isfinite(last) and abs(earlier - last) <= 1e-4 * max(1.0, abs(last))
-    return float(last) if settled else None
+    return (float(last) if settled else None), kind
 
 
 def run_program(ctx, settings: Settings) -> tuple[Plan, Arrays, SweepResult]:
@@ -565,7 +625,7 @@ def findings_for(g: Reading) -> list:
 def run(ctx, settings: Settings) -> Outcome:
     plan, arrays, r = run_program(ctx, settings)
     classification = ctx.problem.classification
-    floor = loss_floor(ctx, arrays)
+    floor, floor_kind = loss_floor(ctx, arrays)
     target = settings.target_loss
     if target is None:  # the default target above the loss's own floor (label smoothing, say)
         target = default_target(classification, arrays.y_train) + max(floor or 0.0, 0.0)
@@ -579,6 +639,7 @@ def run(ctx, settings: Settings) -> Outcome:
         f"{NAME}/initial_loss": c.initial,
         f"{NAME}/target_loss": target,
         f"{NAME}/loss_floor": floor,
+        f"{NAME}/loss_floor_kind": floor_kind,
         f"{NAME}/lr": plan.lr,
         f"{NAME}/batch_size": g.batch_size,
         f"{NAME}/failure": g.shape or "none",

@@ -15,6 +15,9 @@ Sections (each prints ratios measured side by side in this one run, since shared
   sweep     a 16-point sweep (4 learning rates x 4 seeds) of the reference job three ways: collapsed into vmapped
             programs, the same sweep with collapse=false, and one process per point (a shell loop, as job arrays
             and sweep agents do)
+  families  the default run on the reference job written in each model library (tests/families.py: the built-in
+            NNX MLP, Flax Linen, Equinox, Haiku) as fresh processes, cold (each its own empty cache) and warm
+            (median of three, interleaved across families): wall, compile and run seconds and traces reused
 
 Reference figure (measured by the issue's author on 2 CPU cores): the same five training diagnostics written by
 hand in sequential PyTorch take about 16 s (18 s as a process).
@@ -39,9 +42,10 @@ def harness_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "harness", *args]
 
 
-def run_process(args: list[str], cwd: str, cache_dir: str, timeout: float = 1800) -> float:
+def run_process(args: list[str], cwd: str, cache_dir: str, timeout: float = 1800,
+                extra_env: dict[str, str] | None = None) -> float:
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache_dir, WANDB_MODE=os.environ.get("WANDB_MODE", "offline"),
-               WANDB_SILENT="true")
+               WANDB_SILENT="true", **(extra_env or {}))
     start = time.perf_counter()
     proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     elapsed = time.perf_counter() - start
@@ -231,12 +235,56 @@ def bench_sweep(workdir: str) -> dict:
     return out
 
 
+# The reference job's MLP (64-128-128-10, ReLU) in each model library: harness's built-in NNX model and the
+# factories of tests/families.py, as a user would write them. `width` is a config key in each, so the capacity
+# ladder runs for every family (the built-in model's ladder is width-masked: two programs; the others train one
+# program per width).
+FAMILIES = {
+    "nnx": [],
+    "linen": ["~model", "+model={_target_:families.linen_mlp,width:128,depth:2}"],
+    "equinox": ["~model", "+model={_target_:families.equinox_mlp,width:128,depth:2}"],
+    "haiku": ["~model", "+model={_target_:families.haiku_mlp,width:128,depth:2}"],
+}
+
+
+def bench_families(workdir: str, warm_runs: int = 3) -> dict:
+    """The default run per family as fresh processes: cold (each family its own empty cache), then warm rounds
+    that go through the families in turn, so a noisy hour weighs on all of them alike. Compile and run seconds
+    come from each process's report.json (run seconds: the programs' execution, summed over the diagnostics'
+    threads: the family's own compute)."""
+    tests = os.path.join(REPO, "tests")
+    extra_env = {"PYTHONPATH": os.pathsep.join(p for p in (tests, REPO, os.environ.get("PYTHONPATH")) if p)}
+    out = {family: {"warm_runs": [], "warm_reports": []} for family in FAMILIES}
+
+    def one(family: str) -> tuple[float, dict]:
+        cache = os.path.join(workdir, f"jax-cache-family-{family}")
+        seconds = run_process(harness_command(*FAMILIES[family]), workdir, cache, extra_env=extra_env)
+        return seconds, latest_report(workdir)
+
+    for family in FAMILIES:
+        shutil.rmtree(os.path.join(workdir, f"jax-cache-family-{family}"), ignore_errors=True)
+        seconds, report = one(family)
+        out[family].update(cold_seconds=seconds, cold_programs=report["programs"], status=report["status"],
+                           cold_in_process_seconds=report["seconds"])
+    for _ in range(warm_runs):
+        for family in FAMILIES:
+            seconds, report = one(family)
+            out[family]["warm_runs"].append(seconds)
+            out[family]["warm_reports"].append(report)
+    for family, r in out.items():
+        order = sorted(range(len(r["warm_runs"])), key=r["warm_runs"].__getitem__)
+        median = order[len(order) // 2]
+        r["warm_seconds"] = r["warm_runs"][median]
+        r["warm_programs"] = r.pop("warm_reports")[median]["programs"]
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------------------
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="machine,default,grid,floor,sweep")
+    parser.add_argument("--only", default="machine,default,grid,floor,sweep,families")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     only = set(args.only.split(","))
@@ -296,6 +344,27 @@ def main():
               f"collapsed is {s['process_per_point_seconds'] / s['collapsed_seconds']:.1f}x faster than a process "
               f"per point (target 20x) and {s['uncollapsed_seconds'] / s['collapsed_seconds']:.1f}x faster "
               f"than collapse=false")
+    if "families" in only:
+        fam = results["families"] = bench_families(workdir)
+        base = fam["nnx"]
+        print("families: the default run on the reference job written in each library, as a fresh process "
+              "(compile: wall seconds compiling; run: programs' execution summed over threads)")
+        print(f"  {'family':8s} {'status':9s} {'cold s':>7s} {'compile':>8s} {'run':>6s} {'compiles':>8s}   "
+              f"{'warm s':>7s} {'compile':>8s} {'run':>6s} {'reused':>7s}   {'warm/nnx':>8s} {'run/nnx':>7s}")
+        for family, r in fam.items():
+            cp, wp = r["cold_programs"], r["warm_programs"]
+            print(f"  {family:8s} {r['status']:9s} {r['cold_seconds']:7.1f} {cp['compile_wall_seconds']:8.1f} "
+                  f"{cp['run_seconds']:6.1f} {cp['compiles']:8d}   {r['warm_seconds']:7.1f} "
+                  f"{wp['compile_wall_seconds']:8.1f} {wp['run_seconds']:6.1f} "
+                  f"{wp['traces_reused']:3d}/{wp['compiles']:<3d}   {r['warm_seconds'] / base['warm_seconds']:8.2f} "
+                  f"{wp['run_seconds'] / base['warm_programs']['run_seconds']:7.2f}")
+        ladders = []
+        for family, r in fam.items():
+            rungs = [p for name, p in r["cold_programs"]["by_program"].items() if name.startswith("capacity/")]
+            ladders.append(f"{family} {sum(p['compiles'] for p in rungs):.0f} "
+                           f"({sum(p['compile_seconds'] for p in rungs):.1f} s)")
+        print(f"  capacity ladder, cold: programs (compile seconds): {', '.join(ladders)}; the built-in model's "
+              f"ladder is width-masked, any other trains one program per width")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2, default=str)

@@ -25,6 +25,23 @@ from harness.models.adapters.base import Model, Variables, attribute_path, conta
 BATCH_AXIS = "batch"
 
 
+def _pickle_missing_by_name():
+    """Every Equinox module's treedef holds Equinox's ``MISSING`` sentinel, which pickle copies into a new object
+    that Equinox's unflatten no longer recognizes (``TypeError: '_Missing' object is not subscriptable``): a
+    program whose outputs hold a module, stored by the traced-program cache (harness.engine.exported pickles the
+    output treedef), crashed in the next process. Pickled by name, it comes back as the singleton itself."""
+    try:
+        from equinox._module import _flatten
+    except ImportError:  # another Equinox layout: nothing to fix here
+        return
+    missing = getattr(_flatten, "MISSING", None)
+    if missing is not None and "__reduce__" not in vars(type(missing)):
+        type(missing).__reduce__ = lambda self: "MISSING"
+
+
+_pickle_missing_by_name()
+
+
 def detect(obj) -> bool:
     if isinstance(obj, tuple) and len(obj) == 2:
         return isinstance(obj[0], eqx.Module) and isinstance(obj[1], eqx.nn.State)

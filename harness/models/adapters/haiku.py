@@ -27,10 +27,15 @@ def detect(obj) -> bool:
 
 
 def _install_dropout_switch():
-    """Wrap ``hk.dropout`` once (where Haiku's own nets and users look it up) with a thread-local off switch."""
+    """Wrap Haiku's dropout once with a thread-local off switch. ``hk.dropout`` has aliases bound at import time
+    that a wrapper of the name cannot reach (``hk.nets.MLP`` calls its own module's copy, and so does a user's
+    ``from haiku import dropout``), but every alias calls ``haiku._src.basic.dropout_impl``, looked up when called
+    (Haiku separates it out for monkey patching): that is what is wrapped. Older Haikus without it get the names
+    wrapped instead."""
     from haiku._src import basic
 
-    original = basic.dropout
+    name = "dropout_impl" if hasattr(basic, "dropout_impl") else "dropout"
+    original = getattr(basic, name)
     if getattr(original, "_harness_switch", False):
         return
 
@@ -40,8 +45,9 @@ def _install_dropout_switch():
         return original(rng, rate, x, broadcast_dims=broadcast_dims)
 
     dropout._harness_switch = True
-    basic.dropout = dropout
-    hk.dropout = dropout
+    setattr(basic, name, dropout)
+    if name == "dropout":
+        hk.dropout = dropout
 
 
 @contextlib.contextmanager

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from harness.checks.model.capture import path_name, record_activations
+from harness.checks.model.capture import record_activations
+from harness.models.adapters.base import slash_path as path_name
 
 X = jax.random.normal(jax.random.key(1), (6, 3))
 

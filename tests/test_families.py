@@ -299,12 +299,7 @@ DEAD = {
 }
 
 
-@pytest.mark.parametrize("family", [
-    "linen", "haiku",
-    pytest.param("equinox", marks=pytest.mark.xfail(
-        strict=True, reason="activations are named by harness.checks.model.capture.module_path, which spells "
-                            "every family's module path with '/' (layers/1), not Equinox's layers[1]")),
-])
+@pytest.mark.parametrize("family", ["linen", "haiku", "equinox"])
 def test_a_dead_relu_layer_is_named_with_the_familys_path(family):
     target, layer = DEAD[family]
     r = diagnose(*replace_group("model", target), *MODEL_STAGE)

@@ -46,7 +46,9 @@ from typing import Any, Callable
 
 import jax
 from jax.extend.core import ClosedJaxpr, Literal
-from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
+from jax.tree_util import GetAttrKey
+
+from harness.models.adapters.base import slash_path
 
 # Activation functions by their jax.nn name, and what their outputs can tell: ``rectifier`` units are dead when
 # exactly zero for every example; ``tanh`` / ``sigmoid`` units saturate at their asymptotes; ``smooth`` ones
@@ -94,42 +96,28 @@ class Activation:
     output: Any
 
 
-def path_name(path) -> str:
-    """``"layers/0/kernel"`` for a pytree key path (DictKey, GetAttrKey, SequenceKey, FlattenedIndexKey)."""
-    parts = []
-    for key in path:
-        if isinstance(key, DictKey):
-            parts.append(str(key.key))
-        elif isinstance(key, GetAttrKey):
-            parts.append(key.name)
-        elif isinstance(key, SequenceKey):
-            parts.append(str(key.idx))
-        elif isinstance(key, FlattenedIndexKey):
-            parts.append(str(key.key))
-        else:
-            parts.append(str(key))
-    return "/".join(parts)
-
-
-def module_path(path) -> str:
+def module_path(path, name_path: Callable[[tuple], str] = slash_path) -> str:
     """The module a parameter belongs to: its path minus its own name, and minus the ``.value`` of an nnx
-    Variable box (``layers/0/kernel/value`` -> ``layers/0``); the whole path for a top-level parameter."""
+    Variable box (``layers/0/kernel/value`` -> ``layers/0``); the whole path for a top-level parameter. Spelled
+    by ``name_path`` (the model family's own: ``layers/0``, ``layers[0]``)."""
     path = tuple(path)
     if len(path) > 1 and isinstance(path[-1], GetAttrKey) and path[-1].name == "value":
         path = path[:-1]
-    return path_name(path[:-1]) or path_name(path)
+    return name_path(path[:-1]) or name_path(path)
 
 
-def record_activations(fn: Callable, params, *args) -> tuple[Any, list[Activation]]:
+def record_activations(fn: Callable, params, *args, name_path: Callable[[tuple], str] = slash_path
+                       ) -> tuple[Any, list[Activation]]:
     """Evaluate ``fn(params, *args)`` and also return every activation function's output, in call order.
 
     ``params`` is a pytree of arrays (an ``nnx.State``, Linen variables, an Equinox partition, Haiku params); it and
-    ``args`` may be tracers. Call it inside the traced function that computes statistics of the outputs."""
+    ``args`` may be tracers. Call it inside the traced function that computes statistics of the outputs. Layers
+    are named with ``name_path`` (a Model's own, ``harness.models.adapters.Model.name_path``)."""
     closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(params, *args)
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     values = [x for _, x in leaves] + jax.tree.leaves(args)
     assert len(values) == len(closed.jaxpr.invars), "fn's traced inputs do not match params and args"
-    labels = [("param", module_path(path)) for path, _ in leaves] + [("data", 0, None)] * (len(values) - len(leaves))
+    labels = [("param", module_path(path, name_path)) for path, _ in leaves] + [("data", 0, None)] * (len(values) - len(leaves))
     recorder = _Recorder()
     outs, _ = recorder.walk(closed.jaxpr, closed.consts, values, labels)
     return jax.tree.unflatten(jax.tree.structure(out_shape), outs), recorder.activations

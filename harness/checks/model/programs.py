@@ -149,7 +149,7 @@ def make_init_program(problem: Problem, with_capture: bool):
             def train_forward(params, x):
                 return model.apply(params, rest, x, key=key, train=True)[0]
 
-            _, activations = capture.record_activations(train_forward, params, x)
+            _, activations = capture.record_activations(train_forward, params, x, name_path=model.name_path)
             stats["units"] = {a.name: units.statistics(a, thresholds) for a in activations}
         return stats, params, rest
 

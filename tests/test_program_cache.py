@@ -510,3 +510,32 @@ def test_later_processes_reuse_programs_of_files_while_their_content_is_unchange
     assert (path.stat().st_size, path.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
     edited = later_process(cache, "user_net.Net", pythonpath=str(package))
     assert edited["reused"] == 0 and edited["errors"] == ["model.output_range"]
+
+
+class _Sentinel:
+    """Compared by identity, like Equinox's MISSING was: pickle makes a new object, so the structure changes."""
+
+
+_SENTINEL = _Sentinel()
+
+
+@jax.tree_util.register_pytree_node_class
+class _Node:
+    def __init__(self, value, aux=_SENTINEL):
+        self.value, self.aux = value, aux
+
+    def tree_flatten(self):
+        return (self.value,), self.aux
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(children[0], aux)
+
+
+def test_an_output_structure_that_does_not_survive_pickling_is_not_stored():
+    from harness.engine import exported
+
+    plain = jax.tree.structure({"a": 1, "b": (2, 3)})
+    broken = jax.tree.structure(_Node(1))
+    assert exported._round_trips(plain)
+    assert not exported._round_trips(broken)

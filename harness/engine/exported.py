@@ -261,8 +261,22 @@ def export_and_store(key: str, fn: Callable, args, name: str):
     leaves, in_tree = jax.tree.flatten(args)
     out_trees: list = []
     exported = export.export(jax.jit(_flat(fn, in_tree, out_trees)))(*leaves)
-    _store(key, name, exported=exported.serialize(), out_tree=out_trees[0])
+    if not _round_trips(out_trees[0]):  # a library's node that pickles into something its unflatten rejects
+        store_unexportable(key, name, "its output structure does not survive pickling")
+    else:
+        _store(key, name, exported=exported.serialize(), out_tree=out_trees[0])
     return exported, out_trees[0]
+
+
+def _round_trips(treedef) -> bool:
+    """The output structure comes back from pickle equal and usable (Equinox's MISSING sentinel once did not:
+    the next process failed to unflatten the outputs)."""
+    try:
+        again = pickle.loads(pickle.dumps(treedef))
+        jax.tree.unflatten(again, [0] * treedef.num_leaves)
+        return again == treedef
+    except Exception:  # noqa: BLE001 -- anything that fails here would fail in the next process
+        return False
 
 
 def _store(key: str, name: str, **content):

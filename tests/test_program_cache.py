@@ -22,6 +22,7 @@ import sys
 import textwrap
 import types
 
+import jax
 import numpy as np
 import optax
 import pytest

@@ -42,6 +42,8 @@ FINDING_IDS: tuple[str, ...] = (
     "model.gradient_flow",
     "model.gradient_check",
     "model.batch_dependence",
+    "model.causal_leakage",
+    "model.padding_leakage",
     "model.dead_units",
     "model.saturated_units",
     "train.overfit_batch",

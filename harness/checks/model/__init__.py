@@ -11,6 +11,7 @@ the float64 gradient check. Families of checks, one module each:
 * :mod:`.gradients` -- parameter counts, ``model.gradient_flow`` (zero, non-finite and vanishing gradients)
 * :mod:`.gradient_check` -- ``model.gradient_check`` (analytic vs numerical directional derivatives)
 * :mod:`.batch_dependence` -- ``model.batch_dependence``
+* :mod:`.sequence` -- ``model.causal_leakage``, ``model.padding_leakage`` (causal tasks and padded data only)
 * :mod:`.units` -- ``model.dead_units``, ``model.saturated_units`` (activations recorded by :mod:`.capture`)
 
 Everything that judges gradients or outputs runs the model in eval mode (dropout off, BatchNorm on running
@@ -26,7 +27,7 @@ import math
 import numpy as np
 
 from harness.checks.base import Context, Outcome, Plot
-from harness.checks.model import batch_dependence, forward, gradient_check, gradients, programs, units
+from harness.checks.model import batch_dependence, forward, gradient_check, gradients, programs, sequence, units
 from harness.checks.model.settings import NAME, Settings
 from harness.findings import info
 
@@ -71,6 +72,7 @@ def run(ctx: Context, settings: Settings) -> Outcome:
     judge_gradient_flow(outcome, stats, layers, x, settings)
     add(outcome, *batch_dependence.judge(stats.own_gradient, stats.cross_gradient, stats.leaking_examples, rows,
                                          len(x), settings))
+    add(outcome, *sequence.run(ctx, settings, params0, rest0, x))
     judge_units(outcome, layers, settings)
 
     if settings.gradient_check and all(np.all(v) for v in stats.grad_finite.values()):

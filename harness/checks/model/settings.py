@@ -31,6 +31,9 @@ class Settings:
     saturation_level: float = 0.99
     saturated_example_fraction: float = 0.9
     vanishing_activation_ratio: float = 1e-3
+    sequence_examples: int = 4
+    sequence_positions: int = 64
+    sequence_tolerance: float = 0.0
     max_listed: int = 10
 
     def validate(self, key: str):
@@ -38,7 +41,7 @@ class Settings:
             raise HarnessError(f"{message}, got {getattr(self, name)}", key=f"{key}.{name}")
 
         for name in ("batch_size", "init_seeds", "gradient_check_examples", "gradient_check_directions",
-                     "batch_dependence_rows", "max_listed"):
+                     "batch_dependence_rows", "sequence_examples", "sequence_positions", "max_listed"):
             if getattr(self, name) < 1:
                 fail(name, "must be at least 1")
         if self.batch_size < 2:
@@ -56,3 +59,5 @@ class Settings:
                 fail(name, "must be in (0, 1]")
         if not 0.5 < self.saturation_level < 1:
             fail("saturation_level", "must be in (0.5, 1)")
+        if not 0 <= self.sequence_tolerance < 1:
+            fail("sequence_tolerance", "must be in [0, 1) (0: outputs must not change at all)")

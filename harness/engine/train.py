@@ -330,12 +330,22 @@ def _chunk_plan(spec: TrainSpec) -> tuple[int, int]:
     return calls, per_call
 
 
+def eval_size(n: int, max_eval_examples: int, y) -> int:
+    """How many of ``n`` examples an evaluation reads: ``max_eval_examples`` counts *predictions*, so a sequence
+    of T class targets (a language model's tokens) counts T. Every member evaluates in one vmapped call, so this
+    bounds its memory: 2048 sequences of 64 tokens are 131k predictions a member, and a 34-member LR grid of a
+    small character-level transformer ran out of 24 GB."""
+    y = np.asarray(y)
+    per_example = int(np.prod(y.shape[1:])) if np.issubdtype(y.dtype, np.integer) else 1
+    return min(n, max(1, max_eval_examples // max(per_example, 1)))
+
+
 def prepare_arrays(arrays: Arrays, spec: TrainSpec) -> tuple[Arrays, Any]:
-    """Device arrays, replicated over the mesh; the validation set capped at ``spec.max_eval_examples``.
-    Evaluation on the training side uses the first examples, as many as the validation set."""
-    n_eval = min(len(arrays.x_val), spec.max_eval_examples)
+    """Device arrays, replicated over the mesh; the validation set capped at ``spec.max_eval_examples``
+    predictions (:func:`eval_size`). Evaluation on the training side uses the first examples, as many."""
+    n_eval = eval_size(len(arrays.x_val), spec.max_eval_examples, arrays.y_val)
     capped = Arrays(arrays.x_train, arrays.y_train, arrays.x_val[:n_eval], arrays.y_val[:n_eval])
-    n_fit = min(len(arrays.x_train), spec.max_eval_examples)
+    n_fit = eval_size(len(arrays.x_train), spec.max_eval_examples, arrays.y_train)
     return devices.replicate(capped), devices.replicate(np.asarray(arrays.x_train[:n_fit]))
 
 

@@ -40,7 +40,7 @@ import numpy as np
 from harness.checks.base import Context, Outcome, Plot, require_at_least
 from harness.checks.training import seeds
 from harness.engine import devices
-from harness.engine.train import Hparams, SweepResult
+from harness.engine.train import Hparams, SweepResult, eval_size
 from harness.errors import HarnessError
 from harness.findings import Finding, error
 
@@ -199,7 +199,7 @@ def run(ctx: Context, settings: Settings) -> Outcome:
     rows = len(kinds)
     noise = seeds.spread(real, settings.steps)
     classification = real.val_accuracy is not None
-    n_val = min(len(ctx.arrays.x_val), ctx.engine.max_eval_examples)
+    n_val = eval_size(len(ctx.arrays.x_val), ctx.engine.max_eval_examples, ctx.arrays.y_val)
     chance = (chance_accuracy(ctx.arrays.y_train, ctx.arrays.y_val[:n_val], ctx.dataset.num_classes)
               if classification else 0.0)
 

@@ -237,10 +237,11 @@ def bench_sweep(workdir: str) -> dict:
 
 # The reference job's MLP (64-128-128-10, ReLU) in each model library: harness's built-in NNX model and the
 # factories of tests/families.py, as a user would write them. `width` is a config key in each, so the capacity
-# ladder runs for every family (the built-in model's ladder is width-masked: two programs; the others train one
-# program per width).
+# ladder runs for every family (the built-in model's ladder is width-masked: two programs; the others, the same MLP
+# written by a user in NNX included, train one program per width).
 FAMILIES = {
     "nnx": [],
+    "nnx_user": ["~model", "+model={_target_:families.NNXMLP,width:128,depth:2}"],
     "linen": ["~model", "+model={_target_:families.linen_mlp,width:128,depth:2}"],
     "equinox": ["~model", "+model={_target_:families.equinox_mlp,width:128,depth:2}"],
     "haiku": ["~model", "+model={_target_:families.haiku_mlp,width:128,depth:2}"],

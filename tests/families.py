@@ -18,6 +18,22 @@ from flax import nnx
 # Flax NNX (the reference MLP itself is the built-in harness.models.mlp.MLP)
 
 
+class NNXMLP(nnx.Module):
+    """The reference MLP as a user writes it in NNX (no width masking: the capacity ladder trains each width as its
+    own program, as for the other libraries)."""
+
+    def __init__(self, *, rngs: nnx.Rngs, input_shape, num_outputs: int, width: int = 128, depth: int = 2):
+        sizes = [math.prod(input_shape)] + [width] * depth
+        self.hidden = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
+        self.out = nnx.Linear(sizes[-1], num_outputs, rngs=rngs)
+
+    def __call__(self, x):
+        x = x.reshape((x.shape[0], -1))
+        for layer in self.hidden:
+            x = jax.nn.relu(layer(x))
+        return self.out(x)
+
+
 class NNXBatchNormMLP(nnx.Module):
     def __init__(self, *, rngs: nnx.Rngs, input_shape, num_outputs: int, width: int = 64):
         self.first = nnx.Linear(math.prod(input_shape), width, rngs=rngs)

@@ -117,6 +117,7 @@ def test_third_party_models_as_shipped_are_healthy(name):
     assert_healthy(r)
     assert r.context.problem.model.family == family
     m = pipeline.flat_metrics(r.outcomes)
+    assert m["model/family"] == family and m["model/task"] == "classification"  # what the report says it saw
     assert f"model/grad_norm/{first_path}" in m  # gradient flow per parameter, in the family's own spelling
     # The overfit test ran (through the bridge it used to crash with TraceContextError) and memorized the batch.
     assert m["overfit_batch/final_batch_accuracy"] == 1.0

@@ -211,6 +211,7 @@ def test_reference_job_is_healthy_with_known_numbers(reference):
     o = reference["outcome"]
     assert problems(o) == [] and o.skipped is None
     m = o.metrics
+    assert m["model/family"] == "nnx" and m["model/task"] == "classification"
     assert m["model/param_count"] == 64 * 128 + 128 + 128 * 128 + 128 + 128 * 10 + 10 == 26122
     assert m["model/param_count/hidden/0"] == 64 * 128 + 128
     assert m["model/initial_loss"] == pytest.approx(np.log(10), abs=0.25)  # LeCun output layer: near uniform

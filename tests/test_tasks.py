@@ -71,6 +71,7 @@ def test_language_model_is_healthy(language_model):
     assert r.context.problem.task.kind == "language_model"
     assert r.status == "healthy" and problems(r.findings) == []
     metrics = pipeline.flat_metrics(r.outcomes)
+    assert metrics["model/task"] == "language_model"
     assert metrics["model/expected_initial_loss"] == pytest.approx(math.log(VOCAB))
     assert metrics["model/initial_loss"] == pytest.approx(math.log(VOCAB), abs=0.1)
     # Token ids are not feature scales.

@@ -48,7 +48,8 @@ def run(ctx: Context, settings: Settings) -> Outcome:
     x, y = sample_batch(ctx, settings.batch_size)
     probe = programs.probe(problem, x, y)
     metrics, series = gradients.parameter_outputs(gradients.parameter_table(probe.parameters))
-    add(outcome, [], metrics, series)
+    # What harness understood the setup to be: the model's library and the task read off the data.
+    add(outcome, [], {f"{NAME}/family": problem.model.family, f"{NAME}/task": problem.task.kind, **metrics}, series)
     blocking = forward.probe_findings(probe, len(x), problem.task)
     if not blocking and not probe.parameters:
         blocking = [gradients.no_parameters_finding()]
@@ -140,7 +141,8 @@ def judge_units(outcome: Outcome, layers, settings: Settings) -> None:
                               lambda path: units.draw(path, layers, settings)))
 
 
-HEADLINE = ("initial_loss", "expected_initial_loss", "gradient_check/relative_error", "param_count")
+HEADLINE = ("initial_loss", "expected_initial_loss", "gradient_check/relative_error", "param_count", "family",
+            "task")
 
 
 def headline_first(metrics: dict) -> dict:

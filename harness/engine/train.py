@@ -24,9 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from harness import tasks
 from harness.engine import compile as programs
 from harness.engine import devices
-from harness import tasks
 from harness.models.adapters import Model
 from harness.optim import OptimSpec, make_optimizer, set_learning_rate
 from harness.tasks import Task

@@ -123,7 +123,8 @@ def record_activations(fn: Callable, params, *args, name_path: Callable[[tuple],
     return jax.tree.unflatten(jax.tree.structure(out_shape), outs), recorder.activations
 
 
-def _bind(eqn, invals) -> list:
+def bind_equation(eqn, invals) -> list:
+    """Evaluate one equation on ``invals`` (what ``jax.core.eval_jaxpr`` does for each)."""
     with eqn.ctx.manager:
         out = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
     return list(out) if eqn.primitive.multiple_results else [out]
@@ -133,7 +134,7 @@ def _inputs(eqn) -> list:
     return [v for v in eqn.invars if not isinstance(v, Literal)]
 
 
-def _subjaxpr(eqn):
+def called_jaxpr(eqn):
     """(jaxpr, consts) of a call-like equation that is walked into, else None."""
     if eqn.primitive.name not in JITS | REMATS | INLINED:
         return None
@@ -179,7 +180,7 @@ def _gelu_length(eqns, i: int) -> int:
 
 def _contains_activation(jaxpr) -> bool:
     for i, eqn in enumerate(jaxpr.eqns):
-        sub = _subjaxpr(eqn)
+        sub = called_jaxpr(eqn)
         if _activation(eqn) or _gelu_length(jaxpr.eqns, i) or (sub and _contains_activation(sub[0])):
             return True
     return False
@@ -226,10 +227,10 @@ class _Recorder:
             function = "gelu" if gelu else _activation(eqns[i])
             for eqn in span:
                 invals, inlabels = [read(v) for v in eqn.invars], [tag(v) for v in eqn.invars]
-                if function is None and _subjaxpr(eqn) is not None:
+                if function is None and called_jaxpr(eqn) is not None:
                     outs, outlabels = self.call(eqn, invals, inlabels, run)
                 else:
-                    outs = _bind(eqn, invals) if run else [None] * len(eqn.outvars)
+                    outs = bind_equation(eqn, invals) if run else [None] * len(eqn.outvars)
                     outlabels = [self.propagate(inlabels)] * len(eqn.outvars)
                 env.update(zip(eqn.outvars, outs))
                 tags.update(zip(eqn.outvars, outlabels))
@@ -241,9 +242,9 @@ class _Recorder:
     def call(self, eqn, invals, labels: list[Label], run: bool) -> tuple[list, list[Label]]:
         """A call-like equation: walked into when it contains an activation (re-jitted / re-checkpointed, its
         activations returned as extra outputs), else bound as it is (and walked for labels only)."""
-        jaxpr, consts = _subjaxpr(eqn)
+        jaxpr, consts = called_jaxpr(eqn)
         if not (run and _contains_activation(jaxpr)):
-            outs = _bind(eqn, invals) if run else [None] * len(eqn.outvars)
+            outs = bind_equation(eqn, invals) if run else [None] * len(eqn.outvars)
             return outs, self.walk(jaxpr, consts, [None] * len(invals), labels, run=False)[1]
         found: dict[str, Any] = {}
 

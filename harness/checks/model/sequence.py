@@ -65,9 +65,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend.core import ClosedJaxpr, Literal
+from jax.extend.core import Literal
 
 from harness.checks.model import programs
+from harness.checks.model.capture import bind_equation, called_jaxpr
 from harness.checks.model.noise import hash_uniform
 from harness.checks.model.settings import NAME, Settings
 from harness.engine import compile as compiled
@@ -93,10 +94,6 @@ PADDING_FIX = (
     "the right) so that the recurrence does not run through the padding."
 )
 
-# Call-like equations the padding interpreter walks into (their forward values are the same inlined).
-_JITS = {"jit", "pjit"}
-_WALKED = _JITS | {"remat2", "checkpoint", "remat", "closed_call", "core_call", "custom_jvp_call",
-                   "custom_vjp_call", "custom_vjp_call_jaxpr"}
 # What a value depends on: nothing (constants), the tokens only, the parameters/state only, or both.
 CONST, TOKEN, PARAM, MIXED = 0, 1, 2, 3
 
@@ -467,11 +464,11 @@ class _NoiseWalker:
             invals, inkinds = zip(*[read(v) for v in eqn.invars]) if eqn.invars else ((), ())
             kind = max(inkinds, default=CONST)
             kind = MIXED if {TOKEN, PARAM} <= set(inkinds) or MIXED in inkinds else kind
-            sub = _subjaxpr(eqn)
+            sub = called_jaxpr(eqn)  # the call-like equations activation capture walks into
             if sub is not None and kind in (TOKEN, MIXED):  # tokens flow in: an embedding may be inside
                 outs, outkinds = self.walk(sub[0], sub[1], list(invals), list(inkinds))
             else:
-                outs, outkinds = _bind(eqn, invals), [kind] * len(eqn.outvars)
+                outs, outkinds = bind_equation(eqn, invals), [kind] * len(eqn.outvars)
                 if self.is_lookup(eqn, inkinds):
                     noisy = self.add_noise(outs[0])
                     if noisy is not None:
@@ -512,18 +509,3 @@ class _NoiseWalker:
         scale = 1.0 + jnp.sqrt(jnp.mean(jnp.square(value.astype(jnp.float32))))
         noise = hash_uniform(shape, self.noise_seed, 0x9AD0 + self.sites) * scale
         return value + (self.amount * jnp.where(mask, noise, 0.0)).astype(value.dtype)
-
-
-def _subjaxpr(eqn):
-    if eqn.primitive.name not in _WALKED:
-        return None
-    sub = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
-    if sub is None:
-        return None
-    return (sub.jaxpr, sub.consts) if isinstance(sub, ClosedJaxpr) else (sub, ())
-
-
-def _bind(eqn, invals) -> list:
-    with eqn.ctx.manager:
-        out = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
-    return list(out) if eqn.primitive.multiple_results else [out]

@@ -44,6 +44,7 @@ FINDING_IDS: tuple[str, ...] = (
     "model.batch_dependence",
     "model.causal_leakage",
     "model.padding_leakage",
+    "model.exploding_activations",
     "model.dead_units",
     "model.saturated_units",
     "train.overfit_batch",

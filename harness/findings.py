@@ -66,11 +66,18 @@ class Finding:
     message: str
     evidence: dict[str, Any] = dataclasses.field(default_factory=dict)
     suggestion: str = ""
+    # Set by harness.causes.reconcile once every diagnostic has run: the findings this one explains (it is their
+    # cause), the root cause that explains this one (it is a symptom), and why its severity differs from the
+    # diagnostic's own judgement (it explains an error; or training as configured recovered from it).
+    explains: tuple[str, ...] = ()
+    explained_by: str | None = None
+    note: str = ""
 
     def __post_init__(self):
         if self.id not in _ORDER:
             raise ValueError(f"unknown finding id {self.id!r}; known ids: {', '.join(FINDING_IDS)}")
         object.__setattr__(self, "severity", Severity(self.severity))
+        object.__setattr__(self, "explains", tuple(self.explains))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -79,11 +86,15 @@ class Finding:
             "message": self.message,
             "evidence": to_jsonable(self.evidence),
             "suggestion": self.suggestion,
+            "explains": list(self.explains),
+            "explained_by": self.explained_by,
+            "note": self.note,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Finding":
-        return cls(d["id"], Severity(d["severity"]), d["message"], d.get("evidence", {}), d.get("suggestion", ""))
+        return cls(d["id"], Severity(d["severity"]), d["message"], d.get("evidence", {}), d.get("suggestion", ""),
+                   tuple(d.get("explains") or ()), d.get("explained_by"), d.get("note", ""))
 
 
 # JAX appends this note to an exception whose traceback it filtered: it is not the error's message.
@@ -151,8 +162,9 @@ def checklist_order(findings: list[Finding]) -> list[Finding]:
 
 
 def first_to_fix(findings: list[Finding]) -> Finding | None:
-    """The first thing to fix: the earliest error in checklist order, else the earliest warning."""
-    ranked = [f for f in checklist_order(findings) if f.severity is not Severity.INFO]
+    """The first thing to fix: the most severe root cause (a finding no other finding explains, see
+    :mod:`harness.causes`), the earliest in checklist order among equals; never info."""
+    ranked = [f for f in checklist_order(findings) if f.severity is not Severity.INFO and f.explained_by is None]
     return ranked[0] if ranked else None
 
 

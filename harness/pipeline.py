@@ -273,6 +273,17 @@ class RunResult:
         """The diagnostics that crashed, in the configured order."""
         return [o.internal_error for o in self.outcomes if o.internal_error is not None]
 
+    @classmethod
+    def of(cls, outcomes: list[Outcome], seconds: float, context: Context | None = None) -> "RunResult":
+        """The run's result once every diagnostic has run: findings reconciled into causes and the symptoms they
+        explain (:func:`harness.causes.reconcile`, written back into the outcomes), then the status."""
+        from harness.causes import reconcile_outcomes
+
+        optim = getattr(context, "optim", None)
+        optimizer = f"{optim.name}, lr {optim.lr:g}" if optim is not None else "the configured optimizer"
+        findings = reconcile_outcomes(outcomes, optimizer)
+        return cls(outcomes, findings, cls.status_of(outcomes), seconds, context)
+
     @staticmethod
     def status_of(outcomes: list[Outcome]) -> str:
         """``internal_error`` when a diagnostic crashed (a crash is never healthy), else ``unhealthy`` when there
@@ -287,8 +298,7 @@ def run(rc: RunConfig, progress=None, on_outcome=None) -> RunResult:
     start = time.perf_counter()
     ctx = build_context(rc, progress)
     outcomes = run_diagnostics(rc, ctx, on_outcome)
-    findings = [f for o in outcomes for f in o.findings]
-    return RunResult(outcomes, findings, RunResult.status_of(outcomes), time.perf_counter() - start, ctx)
+    return RunResult.of(outcomes, time.perf_counter() - start, ctx)
 
 
 def flat_metrics(outcomes: list[Outcome]) -> dict[str, Any]:

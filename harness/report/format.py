@@ -29,6 +29,19 @@ def stage_of(diagnostic: str | None, finding_id: str) -> str:
     return _PREFIX_STAGE.get(finding_id.split(".", 1)[0], "training")
 
 
+def causal_lines(f: dict) -> list[str]:
+    """How a finding sits among the others (:mod:`harness.causes`): the symptoms it explains, the cause that
+    explains it, and why its severity is what it is."""
+    lines = []
+    if f.get("explained_by"):
+        lines.append(f"symptom of {f['explained_by']}: fix that first")
+    if f.get("explains"):
+        lines.append(f"explains: {', '.join(f['explains'])}")
+    if f.get("note"):
+        lines.append(f["note"])
+    return lines
+
+
 def by_stage(findings: Iterable[dict]) -> list[tuple[str, list[dict]]]:
     """Findings grouped by checklist stage (data -> model -> training -> hyperparameters); within a stage the most
     severe first, then in the checklist's id order. Stages without findings are left out."""

@@ -110,6 +110,8 @@ def findings_table(report: dict) -> Table | Text:
         table.add_row(Text(fmt.STAGE_TITLES.get(stage, stage), style="bold underline"), "", "")
         for f in findings:
             details = Text(f["message"])
+            for line in fmt.causal_lines(f):
+                details.append(f"\n{line}", style="magenta")
             if f.get("evidence"):
                 details.append("\nevidence: ", style="dim").append(fmt.evidence_line(f["evidence"]), style="dim")
             if f.get("suggestion"):
@@ -156,6 +158,8 @@ def footer(report: dict, output_dir: str | None) -> Group:
     if first:
         fix = Text("first to fix: ", style="bold").append(first["id"], style=SEVERITY_STYLE.get(first["severity"]))
         fix.append(f": {first['message']}")
+        if first.get("explains"):
+            fix.append("\n  explains: ", style="magenta").append(", ".join(first["explains"]))
         if first.get("suggestion"):
             fix.append("\n  fix: ", style="green").append(first["suggestion"])
         parts.append(fix)

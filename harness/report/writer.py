@@ -184,6 +184,7 @@ def _run_line(report: dict) -> str:
 
 def _finding_md(f: dict) -> list[str]:
     lines = [f"#### {_SEVERITY_MARK.get(f['severity'], f['severity'])} `{f['id']}`", "", f["message"], ""]
+    lines += [f"*{line}*" for line in fmt.causal_lines(f)] + ([""] if fmt.causal_lines(f) else [])
     if f.get("suggestion"):
         lines += [f"**Fix:** {f['suggestion']}", ""]
     items = fmt.evidence_items(f.get("evidence") or {}, max_items=20)
@@ -300,6 +301,8 @@ def render_markdown(report: dict, *, image_src=None) -> str:
     first = report.get("first_to_fix")
     if first:
         lines += [f"> **First to fix** ({first['severity']}, `{first['id']}`): {first['message']}"]
+        if first.get("explains"):
+            lines += [">", "> **It explains:** " + ", ".join(f"`{i}`" for i in first["explains"])]
         if first.get("suggestion"):
             lines += [">", f"> **Fix:** {first['suggestion']}"]
         lines += [""]

@@ -230,8 +230,7 @@ def run_points(rcs: list[RunConfig], on_outcome=None) -> tuple[list[RunResult], 
     seconds = time.perf_counter() - start
     results = []
     for ctx, outs in zip(contexts, outcomes):
-        findings = [f for o in outs for f in o.findings]
-        results.append(RunResult(outs, findings, RunResult.status_of(outs), seconds, ctx))
+        results.append(RunResult.of(outs, seconds, ctx))
     return results, trainer
 
 

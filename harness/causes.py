@@ -1,0 +1,165 @@
+"""What explains what: the findings of one run turned into root causes with the symptoms they explain.
+
+Diagnostics judge one thing each and do not see each other, so one defect shows up several times: unscaled inputs
+are a ``data.feature_scale`` warning, and also the ``train.overfit_batch`` error they cause; a learning rate of 3
+is ``train.divergence``, and also the failed controls. The report must name the cause first (the checklist's rule:
+data, then model, then training, then hyperparameters -- seed 001, and Karpathy's "A Recipe for Training Neural
+Networks", 2019), with the symptoms it explains under it. :func:`reconcile` does that once every diagnostic has
+run, from a fixed table of mechanisms (:data:`EXPLAINS`: "unscaled inputs can make one batch impossible to fit",
+never "any data finding explains any training finding"), and fixes severities so that they mean one thing:
+
+* ``error`` -- training as configured is broken by it. A cause that explains an error is an error (unscaled
+  inputs that make the overfit test fail break training, whatever the data check alone could tell).
+* ``warning`` -- a real pathology that the configured training happens to survive. An init pathology the model
+  stage calls an error (activations exploding across depth, a loss at init orders of magnitude off) becomes a
+  warning, with the reason, when the training diagnostics ran and found training as configured working: Adam
+  recovers from a bad init scale that plain SGD would not.
+* ``info`` -- context. Info findings neither explain nor are explained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from harness.findings import Finding, Severity, checklist_order
+
+# What the training diagnostics report when training as configured fails.
+TRAINING_FAILURES = frozenset({"train.overfit_batch", "train.loss_increasing", "train.divergence", "train.no_signal",
+                               "train.capacity", "train.learning_rate"})
+# Model findings about the scale of the init: training can recover from them, depending on the optimizer.
+INIT_SCALE = frozenset({"model.initial_loss", "model.exploding_activations", "model.saturated_units",
+                        "model.dead_units", "model.gradient_flow"})
+
+# cause id -> the ids of findings it can cause. Acyclic (checked below); a finding explains only findings that the
+# mechanism in the comment can produce.
+EXPLAINS: dict[str, frozenset[str]] = {
+    # Labels outside [0, C): the loss at init and every training result are computed on wrong targets.
+    "data.label_range": frozenset({"model.initial_loss"}) | TRAINING_FAILURES,
+    # Unscaled inputs blow up pre-activations (saturation, dead ReLUs, exploding activations, a huge loss at init)
+    # and make the usable learning rate tiny (LeCun et al., "Efficient BackProp", 1998, section 4.3).
+    "data.feature_scale": INIT_SCALE | TRAINING_FAILURES,
+    # Targets in the thousands: a squared error at init in the millions, gradients to match, divergence.
+    "data.target_scale": frozenset({"model.initial_loss"}) | TRAINING_FAILURES,
+    # Identical inputs with different labels cannot all be memorized, and cap what any model can learn.
+    "data.conflicting_labels": frozenset({"train.overfit_batch", "train.no_signal"}),
+    # Probabilities handed to a logits loss: a squashed loss surface, small gradients, slow or no learning.
+    "model.output_range": frozenset({"model.initial_loss", "model.gradient_flow"}) | TRAINING_FAILURES,
+    # A wrong gradient: training follows a direction that is not downhill.
+    "model.gradient_check": frozenset({"model.gradient_flow"}) | TRAINING_FAILURES,
+    # Activations growing across depth: a huge loss at init, saturated or dead units, huge or vanishing gradients.
+    "model.exploding_activations": frozenset({"model.initial_loss", "model.saturated_units", "model.dead_units",
+                                              "model.gradient_flow"}) | TRAINING_FAILURES,
+    # Saturated or dead units pass no gradient back (Glorot & Bengio, 2010).
+    "model.saturated_units": frozenset({"model.gradient_flow"}) | TRAINING_FAILURES,
+    "model.dead_units": frozenset({"model.gradient_flow"}) | TRAINING_FAILURES,
+    "model.gradient_flow": TRAINING_FAILURES,
+    "model.initial_loss": TRAINING_FAILURES,
+    # A loss whose sign is flipped is driven to -inf: training diverges and every control fails.
+    "train.loss_increasing": TRAINING_FAILURES - {"train.loss_increasing"},
+    # The configured run diverging explains every other training failure at the configured learning rate.
+    "train.divergence": TRAINING_FAILURES - {"train.divergence", "train.loss_increasing"},
+    # A configured LR far outside the usable range: nothing else trains well at it.
+    "train.learning_rate": frozenset({"train.overfit_batch", "train.no_signal", "train.capacity"}),
+}
+
+
+def _check_acyclic(table: dict[str, frozenset[str]]) -> None:
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: tuple[str, ...]):
+        if state.get(node) == 2:
+            return
+        if state.get(node) == 1:
+            raise AssertionError(f"harness.causes.EXPLAINS has a cycle: {' -> '.join(path + (node,))}")
+        state[node] = 1
+        for child in table.get(node, ()):
+            if child != node:
+                visit(child, path + (node,))
+        state[node] = 2
+
+    for node in table:
+        visit(node, ())
+
+
+_check_acyclic(EXPLAINS)
+_RANK = {Severity.ERROR: 0, Severity.WARNING: 1, Severity.INFO: 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingEvidence:
+    """What the training stage showed: which training diagnostics ran to the end, and the configured optimizer."""
+
+    ran: tuple[str, ...]
+    optimizer: str = "the configured optimizer"
+
+    @classmethod
+    def of(cls, outcomes, optimizer: str = "the configured optimizer") -> "TrainingEvidence":
+        from harness.checks.registry import DIAGNOSTICS
+
+        ran = tuple(o.name for o in outcomes if DIAGNOSTICS.get(o.name, ("", ""))[1] in ("training",
+                                                                                          "hyperparameters")
+                    and not o.skipped and o.internal_error is None)
+        return cls(ran, optimizer)
+
+
+def reconcile(findings: list[Finding], evidence: TrainingEvidence) -> list[Finding]:
+    """The same findings (same order), with severities that mean the same thing everywhere and each symptom linked
+    to the root cause that explains it (``explained_by``; the cause's ``explains`` lists them).
+
+    1. An init-scale error (:data:`INIT_SCALE`) becomes a warning when training diagnostics ran and none failed.
+    2. Every warning or error is a root unless an earlier-ranked root explains it, directly or through a chain of
+       present findings; roots are taken most severe first, then in checklist order, so a symptom explained by two
+       causes belongs to the more severe one.
+    3. A root is at least as severe as the symptoms it explains.
+    """
+    training_failed = any(f.id in TRAINING_FAILURES and f.severity is Severity.ERROR for f in findings)
+    out = list(findings)
+    if evidence.ran and not training_failed:
+        for i, f in enumerate(out):
+            if f.id in INIT_SCALE and f.severity is Severity.ERROR:
+                out[i] = dataclasses.replace(
+                    f, severity=Severity.WARNING,
+                    note=f"A warning, not an error: trained as configured ({evidence.optimizer}), the training "
+                         f"diagnostics ({', '.join(evidence.ran)}) found no failure, so training recovers from it; "
+                         f"it still costs steps, and another optimizer or learning rate (plain SGD) may not.")
+    index = {id(f): i for i, f in enumerate(out)}
+    candidates = [f for f in checklist_order(out) if f.severity is not Severity.INFO]
+
+    def explained(g: Finding, by: Finding) -> bool:
+        return by is not g and by.id != g.id and g.id in EXPLAINS.get(by.id, ())
+
+    roots = [f for f in candidates if not any(explained(f, c) for c in candidates)]
+    assigned: dict[int, Finding] = {}  # id(symptom) -> its root cause
+    for root in roots:  # most severe first: a root claims what it explains before less severe roots do
+        frontier = [root]
+        while frontier:
+            cause = frontier.pop()
+            for g in candidates:
+                if id(g) not in assigned and explained(g, cause):
+                    assigned[id(g)] = root
+                    frontier.append(g)
+    for root in roots:
+        symptoms = [g for g in candidates if assigned.get(id(g)) is root]
+        if not symptoms:
+            continue
+        worst = min((g.severity for g in symptoms), key=_RANK.__getitem__)
+        changes: dict = {"explains": tuple(dict.fromkeys(g.id for g in symptoms))}
+        if _RANK[worst] < _RANK[root.severity]:
+            named = ", ".join(g.id for g in symptoms if g.severity is worst)
+            changes["severity"] = worst
+            changes["note"] = f"An error, not a warning: it explains {named}."
+        out[index[id(root)]] = dataclasses.replace(out[index[id(root)]], **changes)
+    for sid, root in assigned.items():
+        out[index[sid]] = dataclasses.replace(out[index[sid]], explained_by=root.id)
+    return out
+
+
+def reconcile_outcomes(outcomes, optimizer: str = "the configured optimizer") -> list[Finding]:
+    """:func:`reconcile` over every diagnostic's findings, written back into the outcomes (each keeps its own
+    findings, reconciled); returns them flat, in the diagnostics' order."""
+    flat = [f for o in outcomes for f in o.findings]
+    done = reconcile(flat, TrainingEvidence.of(outcomes, optimizer))
+    it = iter(done)
+    for o in outcomes:
+        o.findings = [next(it) for _ in o.findings]
+    return done

@@ -1,0 +1,133 @@
+"""harness.causes: the report names the cause first, with the symptoms it explains under it, and severities mean
+one thing everywhere (an error breaks training as configured; a warning is a pathology training survives)."""
+
+from __future__ import annotations
+
+import pytest
+
+from harness.causes import EXPLAINS, TrainingEvidence, _check_acyclic, reconcile
+from harness.checks.base import Outcome
+from harness.findings import Severity, error, first_to_fix, info, warning
+
+TRAINED = TrainingEvidence(("overfit_batch", "seeds", "controls", "lr_range"), "adam, lr 0.001")
+NOT_TRAINED = TrainingEvidence(())
+
+
+def by_id(findings):
+    return {f.id: f for f in findings}
+
+
+def test_unscaled_inputs_explain_the_failed_overfit_and_become_the_error_headline():
+    findings = [warning("data.feature_scale", "inputs RMS 600"), error("train.overfit_batch", "could not memorize"),
+                error("train.no_signal", "controls fail")]
+    out = reconcile(findings, TRAINED)
+    got = by_id(out)
+    assert first_to_fix(out).id == "data.feature_scale"
+    assert got["data.feature_scale"].severity is Severity.ERROR
+    assert "train.overfit_batch" in got["data.feature_scale"].note
+    assert set(got["data.feature_scale"].explains) == {"train.overfit_batch", "train.no_signal"}
+    assert got["train.overfit_batch"].explained_by == "data.feature_scale"
+    assert [f.id for f in out] == [f.id for f in findings]  # same findings, same order
+
+
+def test_a_diverging_configured_lr_explains_the_failed_controls_and_the_lr_finding():
+    findings = [error("train.overfit_batch", "x"), error("train.no_signal", "x"), error("train.divergence", "x"),
+                error("train.learning_rate", "too high")]
+    out = reconcile(findings, TRAINED)
+    assert first_to_fix(out).id == "train.divergence"
+    assert by_id(out)["train.learning_rate"].explained_by == "train.divergence"
+    assert by_id(out)["train.no_signal"].explained_by == "train.divergence"
+
+
+def test_vanishing_gradients_headline_a_deep_sigmoid_net_and_chains_reach_the_root():
+    findings = [error("model.exploding_activations", "x"), warning("model.saturated_units", "x"),
+                error("model.gradient_flow", "vanishing"), error("train.overfit_batch", "x")]
+    out = reconcile(findings, TRAINED)
+    assert first_to_fix(out).id == "model.exploding_activations"
+    got = by_id(out)
+    # The chain exploding -> saturated -> gradient_flow -> overfit ends at the one root.
+    assert {got[i].explained_by for i in ("model.saturated_units", "model.gradient_flow",
+                                          "train.overfit_batch")} == {"model.exploding_activations"}
+    out = reconcile(findings[2:], TRAINED)
+    assert first_to_fix(out).id == "model.gradient_flow"
+
+
+def test_unrelated_findings_do_not_explain_each_other():
+    # Class imbalance does not make one batch impossible to memorize: a real model bug stays the headline.
+    findings = [warning("data.class_imbalance", "10:1"), error("train.overfit_batch", "x")]
+    out = reconcile(findings, TRAINED)
+    assert first_to_fix(out).id == "train.overfit_batch"
+    assert by_id(out)["data.class_imbalance"].severity is Severity.WARNING
+    assert by_id(out)["train.overfit_batch"].explained_by is None
+
+
+def test_info_neither_explains_nor_is_explained():
+    findings = [info("data.feature_scale", "tiny"), error("train.overfit_batch", "x"), info("train.capacity", "y")]
+    out = reconcile(findings, TRAINED)
+    assert first_to_fix(out).id == "train.overfit_batch"
+    assert all(f.explained_by is None and not f.explains for f in out)
+
+
+def test_an_init_pathology_training_recovers_from_is_a_warning_that_says_so():
+    findings = [error("model.exploding_activations", "1e5 at layer 20"), error("model.initial_loss", "760000")]
+    out = reconcile(findings, TRAINED)
+    got = by_id(out)
+    assert got["model.exploding_activations"].severity is Severity.WARNING
+    assert "adam" in got["model.exploding_activations"].note and "SGD" in got["model.exploding_activations"].note
+    assert first_to_fix(out).id == "model.exploding_activations"
+    # Without training evidence (diagnostics.run=[model]) the model stage's judgement stands.
+    assert by_id(reconcile(findings, NOT_TRAINED))["model.exploding_activations"].severity is Severity.ERROR
+    # ... and when training failed, it is what broke it.
+    failed = reconcile(findings + [error("train.overfit_batch", "x")], TRAINED)
+    assert by_id(failed)["model.exploding_activations"].severity is Severity.ERROR
+    assert first_to_fix(failed).id == "model.exploding_activations"
+
+
+def test_a_wrong_gradient_is_never_downgraded_by_training_evidence():
+    out = reconcile([error("model.gradient_check", "relative error 0.9")], TRAINED)
+    assert out[0].severity is Severity.ERROR
+
+
+def test_the_more_severe_of_two_causes_claims_a_shared_symptom():
+    findings = [warning("data.conflicting_labels", "3%"), error("model.output_range", "probabilities"),
+                error("train.overfit_batch", "x")]
+    out = reconcile(findings, TRAINED)
+    got = by_id(out)
+    assert got["train.overfit_batch"].explained_by == "model.output_range"
+    assert got["data.conflicting_labels"].severity is Severity.WARNING
+    assert first_to_fix(out).id == "model.output_range"
+
+
+def test_the_table_is_acyclic_and_names_known_ids():
+    from harness.findings import FINDING_IDS
+
+    for cause, symptoms in EXPLAINS.items():
+        assert cause in FINDING_IDS and symptoms <= set(FINDING_IDS)
+    with pytest.raises(AssertionError, match="cycle"):
+        _check_acyclic({"a": frozenset({"b"}), "b": frozenset({"a"})})
+
+
+def test_run_result_writes_reconciled_findings_back_into_outcomes():
+    from harness.pipeline import RunResult
+
+    outcomes = [Outcome("data", findings=[warning("data.feature_scale", "x")]),
+                Outcome("overfit_batch", findings=[error("train.overfit_batch", "x")])]
+    result = RunResult.of(outcomes, 1.0)
+    assert result.status == "unhealthy"
+    assert outcomes[0].findings[0].severity is Severity.ERROR
+    assert outcomes[1].findings[0].explained_by == "data.feature_scale"
+    assert first_to_fix(result.findings).id == "data.feature_scale"
+
+
+def test_the_report_shows_the_cause_with_its_symptoms(tmp_path):
+    from harness.pipeline import RunResult
+    from harness.report.writer import build_report, render_markdown
+
+    outcomes = [Outcome("data", findings=[warning("data.feature_scale", "inputs unscaled", "standardize")]),
+                Outcome("overfit_batch", findings=[error("train.overfit_batch", "could not memorize")])]
+    report = build_report(RunResult.of(outcomes, 1.0), config={}, command=[], environment={})
+    assert report["first_to_fix"]["id"] == "data.feature_scale"
+    assert report["first_to_fix"]["explains"] == ["train.overfit_batch"]
+    md = render_markdown(report)
+    assert "**It explains:** `train.overfit_batch`" in md
+    assert "symptom of data.feature_scale" in md

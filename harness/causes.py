@@ -163,3 +163,38 @@ def reconcile_outcomes(outcomes, optimizer: str = "the configured optimizer") ->
     for o in outcomes:
         o.findings = [next(it) for _ in o.findings]
     return done
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What the budgets could not rule out.
+
+# The training diagnostics and the settings field holding their training length.
+_STEPS_FIELD = {"overfit_batch": "steps", "seeds": "steps", "controls": "steps", "lr_range": "grid_steps",
+                "capacity": "steps"}
+
+
+def not_ruled_out(outcomes, settings: dict) -> list[str]:
+    """What a clean result does not cover, said plainly, so a report without findings is never read as "this run
+    will train to the end": the suite trains for budgets of a few hundred steps, and some real bugs (a hand-written
+    cross-entropy that reaches log(0) after thousands of steps) only show later. ``settings``: diagnostic name ->
+    its Settings (:attr:`harness.config.RunConfig.settings`)."""
+    ran = {o.name: o for o in outcomes if o.name in _STEPS_FIELD and not o.skipped and o.internal_error is None}
+    if not ran:
+        return ["No training diagnostic ran: the data and the model at init were checked, nothing about training "
+                "is ruled out."]
+    steps = {name: int(getattr(settings[name], _STEPS_FIELD[name])) for name in ran if name in settings}
+    longest = max(steps.values(), default=0)
+    seeds = ran.get("seeds")
+    if seeds is not None and "seeds" in steps:
+        if int(seeds.metrics.get("seeds/diverged", 0) or 0):
+            return []  # training as configured diverged: that is a finding, not a limit
+        runs = seeds.metrics.get("seeds/num_seeds")
+        said = (f"No non-finite loss in {steps['seeds']} steps of training as configured"
+                + (f" ({runs} seeds)" if runs else ""))
+        length = steps["seeds"]
+    else:
+        said = f"The training diagnostics ran at most {longest} steps each"
+        length = longest
+    return [f"{said}; a longer run may still diverge (a loss that reaches log(0) or overflows after thousands of "
+            f"steps), and a plateau or overfitting later in training is not judged. Train your full length with "
+            f"`harness diagnostics.run=[seeds] diagnostics.seeds.steps=<steps>` (now {length})."]

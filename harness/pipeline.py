@@ -263,6 +263,7 @@ class RunResult:
     status: str
     seconds: float
     context: Context | None = None
+    not_ruled_out: list[str] = dataclasses.field(default_factory=list)  # harness.causes.not_ruled_out
 
     @property
     def has_error(self) -> bool:
@@ -274,15 +275,18 @@ class RunResult:
         return [o.internal_error for o in self.outcomes if o.internal_error is not None]
 
     @classmethod
-    def of(cls, outcomes: list[Outcome], seconds: float, context: Context | None = None) -> "RunResult":
+    def of(cls, outcomes: list[Outcome], seconds: float, context: Context | None = None,
+           settings: dict | None = None) -> "RunResult":
         """The run's result once every diagnostic has run: findings reconciled into causes and the symptoms they
-        explain (:func:`harness.causes.reconcile`, written back into the outcomes), then the status."""
-        from harness.causes import reconcile_outcomes
+        explain (:func:`harness.causes.reconcile`, written back into the outcomes), the status, and what the
+        training budgets (``settings``: the run's diagnostic settings) could not rule out."""
+        from harness.causes import not_ruled_out, reconcile_outcomes
 
         optim = getattr(context, "optim", None)
         optimizer = f"{optim.name}, lr {optim.lr:g}" if optim is not None else "the configured optimizer"
         findings = reconcile_outcomes(outcomes, optimizer)
-        return cls(outcomes, findings, cls.status_of(outcomes), seconds, context)
+        limits = not_ruled_out(outcomes, settings) if settings is not None else []
+        return cls(outcomes, findings, cls.status_of(outcomes), seconds, context, limits)
 
     @staticmethod
     def status_of(outcomes: list[Outcome]) -> str:
@@ -298,7 +302,7 @@ def run(rc: RunConfig, progress=None, on_outcome=None) -> RunResult:
     start = time.perf_counter()
     ctx = build_context(rc, progress)
     outcomes = run_diagnostics(rc, ctx, on_outcome)
-    return RunResult.of(outcomes, time.perf_counter() - start, ctx)
+    return RunResult.of(outcomes, time.perf_counter() - start, ctx, rc.settings)
 
 
 def flat_metrics(outcomes: list[Outcome]) -> dict[str, Any]:

@@ -131,3 +131,18 @@ def test_the_report_shows_the_cause_with_its_symptoms(tmp_path):
     md = render_markdown(report)
     assert "**It explains:** `train.overfit_batch`" in md
     assert "symptom of data.feature_scale" in md
+
+
+def test_a_clean_run_says_what_its_budgets_could_not_rule_out():
+    from harness.causes import not_ruled_out
+    from harness.checks.training import seeds
+
+    settings = {"seeds": seeds.Settings(steps=500)}
+    clean = not_ruled_out([Outcome("seeds", metrics={"seeds/diverged": 0})], settings)
+    assert len(clean) == 1 and "500 steps" in clean[0] and "diagnostics.seeds.steps" in clean[0]
+    # A configured run that diverged is a finding, not a limit; no training at all rules nothing out.
+    assert not_ruled_out([Outcome("seeds", metrics={"seeds/diverged": 2})], settings) == []
+    assert "nothing about training" in not_ruled_out([Outcome("model")], settings)[0]
+    # A crashed or skipped diagnostic is no evidence.
+    crashed = Outcome("seeds", skipped="crashed: X")
+    assert "nothing about training" in not_ruled_out([crashed], settings)[0]

@@ -154,6 +154,8 @@ def footer(report: dict, output_dir: str | None) -> Group:
     not_run = [n for n, d in report["diagnostics"].items() if d.get("skipped") and not d.get("internal_error")]
     if not_run:
         parts.append(Text(f"did not run: {', '.join(not_run)} (reasons above)", style="dim"))
+    for line in report.get("not_ruled_out") or []:
+        parts.append(Text("not ruled out: ", style="dim bold").append(line, style="dim"))
     first = report.get("first_to_fix")
     if first:
         fix = Text("first to fix: ", style="bold").append(first["id"], style=SEVERITY_STYLE.get(first["severity"]))

@@ -108,6 +108,7 @@ def build_report(result: RunResult, *, config: dict, command: list[str], environ
         "counts": fmt.counts(findings),
         "first_to_fix": by_finding[id(first)] if first is not None else None,
         "findings": findings,
+        "not_ruled_out": result.not_ruled_out,  # what the training budgets could not rule out
         # Diagnostics that crashed on something unforeseen (a bug, not a finding): the exception's type, its own
         # message and the traceback (also in harness.log).
         "internal_errors": [e.to_dict() for e in crashes.values()],
@@ -319,6 +320,9 @@ def render_markdown(report: dict, *, image_src=None) -> str:
         lines += [f"### {fmt.STAGE_TITLES.get(stage, stage)}", ""]
         for f in findings:
             lines += _finding_md(f)
+
+    if report.get("not_ruled_out"):
+        lines += ["## Not ruled out", ""] + [f"- {line}" for line in report["not_ruled_out"]] + [""]
 
     lines += ["## Diagnostics", ""] + _diagnostics_md(report)
 

@@ -229,8 +229,8 @@ def run_points(rcs: list[RunConfig], on_outcome=None) -> tuple[list[RunResult], 
             raise err
     seconds = time.perf_counter() - start
     results = []
-    for ctx, outs in zip(contexts, outcomes):
-        results.append(RunResult.of(outs, seconds, ctx))
+    for ctx, outs, rc in zip(contexts, outcomes, rcs):
+        results.append(RunResult.of(outs, seconds, ctx, rc.settings))
     return results, trainer
 
 

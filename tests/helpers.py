@@ -160,3 +160,16 @@ def failing_data(message: str = "corrupt shard 3 in /data/train"):
 def failing_factory(*args, **kwargs):
     """Any factory (model, loss, optimizer) that raises when called, whatever its arguments."""
     raise RuntimeError("factory exploded on purpose")
+
+
+def headline(findings, trained: bool = False) -> str | None:
+    """The id a report would headline for these findings (:func:`harness.causes.reconcile`, then
+    :func:`harness.findings.first_to_fix`): a planted bug's test asserts its cause is named first, not only present.
+    ``findings``: a list of findings, or of outcomes (every finding of a run); ``trained``: the training stage ran."""
+    from harness.causes import TrainingEvidence, reconcile
+    from harness.findings import first_to_fix
+
+    flat = [f for item in findings for f in (item.findings if hasattr(item, "findings") else [item])]
+    evidence = TrainingEvidence(("seeds",) if trained else ())
+    first = first_to_fix(reconcile(flat, evidence))
+    return first.id if first is not None else None

@@ -413,6 +413,185 @@ def test_duplicates_within_validation_are_info(digits):
     assert f.severity is Severity.INFO and f.evidence["val_duplicates"] == 40
 
 
+def planted_copies(mapping, k: int, transform, seed: int = 0):
+    """``mapping`` with its first ``k`` validation rows replaced by ``transform`` of random training rows; returns
+    it and the training row behind each copy."""
+    d = copy(mapping)
+    rng = np.random.default_rng(seed)
+    src = rng.choice(len(d["x_train"]), k, replace=False)
+    d["x_val"][:k] = transform(d["x_train"][src], rng)
+    return d, src
+
+
+def near(outcome, key):
+    return outcome.metrics[f"data/leakage/near/{key}"]
+
+
+def flagged(outcome, split):
+    """Examples of a split within the near-copy distance of the reference, in the view that flags most."""
+    return max(v for k, v in outcome.metrics.items() if k.startswith("data/leakage/near/") and k.endswith(split))
+
+
+def tiny_noise(x, rng):  # 1% of each pixel's spread: invisible
+    return x + 0.01 * x.std() * rng.standard_normal(x.shape).astype(x.dtype)
+
+
+def test_near_copies_with_tiny_noise_are_leakage(digits):
+    d, src = planted_copies(digits, 60, tiny_noise)
+    outcome = check(d)
+    [f] = found(outcome, "data.leakage")
+    assert f.severity is Severity.ERROR and f.evidence["exact"] == 0
+    assert 40 <= f.evidence["near"] == f.evidence["count"] <= 80  # an estimate: copies of held-out rows are scaled in
+    assert set(f.evidence["near_val_rows"]) <= set(range(60))  # every listed row is a planted one
+    pair = f.evidence["near_pair"]
+    assert pair["train_row"] == src[pair["val_row"]] and pair["ratio"] < 0.05
+    assert flagged(outcome, "flagged_train") == 0 and near(outcome, "p_value") < 1e-6
+    assert "near-copies of training examples" in f.message and f"val row {pair['val_row']} is" in f.message
+    assert "449 of 449 validation rows" in f.evidence["near_checked"]  # small data: every row checked
+
+
+@pytest.mark.parametrize("name, transform", [
+    ("rescaled", lambda x, rng: x * 255),
+    ("encoded -1..1", lambda x, rng: 2 * x - 1),
+    ("brightness and contrast", lambda x, rng: 0.7 * x + 0.2 + 0.005 * rng.standard_normal(x.shape)),
+])
+def test_rescaled_and_reencoded_copies_are_leakage(digits, name, transform):
+    d, src = planted_copies(digits, 60, lambda x, rng: transform(x, rng).astype(np.float32))
+    outcome = check(d)
+    [f] = found(outcome, "data.leakage")
+    assert f.severity is Severity.ERROR and f.evidence["near"] >= 40
+    assert f.evidence["near_pair"]["view"] == "per_example"  # far apart feature by feature, one example by shape
+    assert f.evidence["near_pair"]["train_row"] == src[f.evidence["near_pair"]["val_row"]]
+
+
+def test_uint8_validation_split_with_copies_of_float_training_rows(digits):
+    """The same images stored twice: training as float 0..1, validation as 8-bit 0..255 (re-encoded)."""
+    d, _ = planted_copies(digits, 60, lambda x, rng: x)
+    d["x_val"] = np.round(d["x_val"] * 255).astype(np.uint8)
+    [f] = found(check(d), "data.leakage")
+    assert f.severity is Severity.ERROR and f.evidence["exact"] == 0 and f.evidence["near"] >= 40
+
+
+def test_exact_and_near_copies_are_one_finding(digits):
+    d, _ = planted_copies(digits, 90, tiny_noise)
+    d["x_val"][:30] = d["x_train"][100:130]  # the first 30 exact
+    outcome = check(d)
+    [f] = found(outcome, "data.leakage")
+    assert f.evidence["exact"] == 30 and 40 <= f.evidence["near"] <= 80
+    assert f.evidence["count"] == f.evidence["exact"] + f.evidence["near"]
+    assert f.evidence["val_rows"][:3] == [0, 1, 2] and set(f.evidence["near_val_rows"]) <= set(range(30, 90))
+    assert "also appear in the training split" in f.message and "more" in f.message
+    assert outcome.metrics["data/leakage/count"] == 30  # exact matches, as before
+
+
+HONEST = {
+    "digits": builtin.digits,
+    "digits_image": lambda split_seed: builtin.digits(form="image", split_seed=split_seed),
+    "wine": builtin.wine,
+    "wine_raw": lambda split_seed: builtin.wine(standardize=False, split_seed=split_seed),
+    "breast_cancer": builtin.breast_cancer,
+    "breast_cancer_raw": lambda split_seed: builtin.breast_cancer(standardize=False, split_seed=split_seed),
+    "regression": lambda split_seed: builtin.regression(seed=split_seed),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HONEST))
+def test_honest_splits_have_no_near_copies(name):
+    """Five random splits of each builtin: not a single example within the near-copy distance (digits' closest
+    honest pair is 0.24 x the typical nearest-neighbour distance, the limit 0.2 x). Raw wine is the exception: in
+    raw units one feature (proline, ~750) dominates every example's shape, so the per-example view is nearly
+    one-dimensional and a training example or two falls that close; the test compares the splits and stays
+    silent."""
+    for seed in range(5):
+        outcome = check(HONEST[name](split_seed=seed))
+        assert not found(outcome, "data.leakage"), (name, seed)
+        assert near(outcome, "status") == "checked" and near(outcome, "count") == 0
+        if name != "wine_raw":
+            assert flagged(outcome, "flagged_val") == flagged(outcome, "flagged_train") == 0, (name, seed)
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_dense_low_dimensional_data_is_not_leakage(dims):
+    """4000 samples of a 1-3 dimensional Gaussian in 10 features: nearest neighbours are close everywhere, so
+    up to a fifth of the examples fall within the near-copy distance, validation and training alike."""
+    rng = np.random.default_rng(dims)
+    x = (rng.standard_normal((4000, dims)) @ rng.standard_normal((dims, 10))).astype(np.float32)
+    d = {**builtin.split(x, rng.integers(0, 3, 4000)), "num_classes": 3}
+    outcome = check(d)
+    assert not found(outcome, "data.leakage")
+    assert flagged(outcome, "flagged_val") > 20 and flagged(outcome, "flagged_train") > 20
+    assert near(outcome, "p_value") > 0.01
+    if dims == 3:  # the same data with 5% of validation copied: flagged beyond the training rate
+        planted, _ = planted_copies(d, 50, lambda x, rng: x + 1e-4 * rng.standard_normal(x.shape).astype(x.dtype))
+        [f] = found(check(planted), "data.leakage")
+        assert f.severity is Severity.ERROR and 25 <= f.evidence["near"] <= 100
+
+
+def test_natural_near_duplicates_split_at_random_are_not_leakage(digits):
+    """A data set in which 300 of 1797 images have a near-identical twin, split at random: the twins straddle the
+    split as often as they stay on one side, so training has as many near-copies as validation. (Augmenting before
+    splitting looks the same and cannot be told apart from the data: split by original example.)"""
+    x = np.concatenate([digits["x_train"], digits["x_val"]])
+    y = np.concatenate([digits["y_train"], digits["y_val"]])
+    rng = np.random.default_rng(0)
+    twins = rng.choice(len(x), 300, replace=False)
+    x[twins[:150]] = x[twins[150:]] + 0.01 * rng.standard_normal((150, 64)).astype(np.float32)
+    outcome = check({**builtin.split(x, y), "num_classes": 10})
+    assert not found(outcome, "data.leakage")
+    assert flagged(outcome, "flagged_train") > 20 and flagged(outcome, "flagged_val") > 5
+
+
+def test_integer_inputs_compare_exact_copies_only():
+    rng = np.random.default_rng(0)
+    x_train, x_val = rng.integers(0, 50, (600, 16)), rng.integers(0, 50, (200, 16))
+    x_val[:20] = x_train[:20]
+    outcome = check({"x_train": x_train, "y_train": rng.integers(0, 3, 600), "x_val": x_val,
+                     "y_val": rng.integers(0, 3, 200), "num_classes": 3})
+    [f] = found(outcome, "data.leakage")
+    assert f.evidence["exact"] == 20 and "near" not in f.evidence
+    assert near(outcome, "status").startswith("skipped: integer inputs are ids")
+
+
+def test_near_copies_in_large_data_are_sampled_and_projected():
+    """20k x 256 image-like rows (a smooth function of 20 latent factors), 2% of validation noisy copies: the
+    search samples validation rows and projects features, and still finds them."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((20, 256)).astype(np.float32)
+    x = 1 / (1 + np.exp(-(rng.standard_normal((25_000, 20)).astype(np.float32) @ w)))
+    d = {**builtin.split(x, rng.integers(0, 10, 25_000), val_fraction=0.2), "num_classes": 10}
+    start = time.perf_counter()
+    assert not found(check(d, check_determinism=False), "data.leakage")
+    planted, src = planted_copies(d, 100, tiny_noise)
+    outcome = check(planted, check_determinism=False)
+    seconds = time.perf_counter() - start
+    [f] = found(outcome, "data.leakage")
+    assert f.severity is Severity.ERROR and 50 <= f.evidence["near"] <= 150
+    assert f.evidence["near_pair"]["train_row"] == src[f.evidence["near_pair"]["val_row"]]
+    assert near(outcome, "checked_val") < 5000 and "random projections" in f.evidence["near_checked"]
+    assert seconds < 30, seconds  # about 2 s on an idle 2-core machine
+
+
+def test_near_duplicates_switched_off_and_settings_checked(digits):
+    from harness.config import settings_from
+
+    d, _ = planted_copies(digits, 60, tiny_noise)
+    outcome = check(d, near_duplicate_distance=0.0)
+    assert not found(outcome, "data.leakage") and near(outcome, "status").startswith("skipped")
+    for key, value in (("near_duplicate_distance", 1.0), ("near_duplicate_p_value", 0.0)):
+        with pytest.raises(HarnessError, match=f"diagnostics.data.{key}"):
+            settings_from(data_checks.Settings, {key: value}, "diagnostics.data")
+
+
+def test_hypergeometric_tail_matches_scipy():
+    from scipy.stats import hypergeom
+
+    from harness.checks.data.duplicates import hypergeometric_tail
+
+    for k, population, marked, drawn in [(5, 1797, 5, 449), (3, 100, 10, 30), (0, 50, 5, 10), (12, 3000, 40, 1000)]:
+        expected = hypergeom.sf(k - 1, population, marked, drawn)
+        assert hypergeometric_tail(k, population, marked, drawn) == pytest.approx(expected, rel=1e-9, abs=1e-300)
+
+
 def test_conflicting_duplicates(digits):
     d = copy(digits)
     d["x_train"][500:520] = d["x_train"][:20]
@@ -525,6 +704,7 @@ def test_large_inputs_stay_fast():
     seconds = time.perf_counter() - start
     assert ctx.shared["_reloaded_arrays"] is ctx.arrays  # identical reload: no second conversion
     assert outcome.metrics["data/leakage/count"] == 25
+    assert outcome.metrics["data/leakage/near/count"] == 0  # sampled: see data/leakage/near/checked_val
     assert outcome.metrics["data/feature_scale/rms"] == pytest.approx(1.0, abs=0.01)
     assert problems(outcome) == [f for f in problems(outcome) if f.id == "data.leakage"]
     assert seconds < 15, seconds  # about 1.5 s on an idle 2-core machine

@@ -39,6 +39,8 @@ class Settings:
     leakage_error_fraction: float = 0.01
     leakage_info_fraction: float = 0.001
     val_duplicate_fraction: float = 0.05
+    near_duplicate_distance: float = 0.2
+    near_duplicate_p_value: float = 1e-3
     conflicting_error_fraction: float = 0.05
     max_regression_classes: int = 20
     check_determinism: bool = True
@@ -68,6 +70,13 @@ class Settings:
         if self.leakage_info_fraction > self.leakage_error_fraction:
             raise HarnessError(f"must be at most leakage_error_fraction ({self.leakage_error_fraction}), got "
                                f"{self.leakage_info_fraction}", key=f"{key}.leakage_info_fraction")
+        if not 0 <= self.near_duplicate_distance < 1:
+            raise HarnessError(f"is a fraction of the typical distance between training examples, in [0, 1) "
+                               f"(0 switches near-duplicates off), got {self.near_duplicate_distance}",
+                               key=f"{key}.near_duplicate_distance")
+        if not 0 < self.near_duplicate_p_value < 1:
+            raise HarnessError(f"must be in (0, 1), got {self.near_duplicate_p_value}",
+                               key=f"{key}.near_duplicate_p_value")
         require_at_least(self, key, "max_regression_classes", 2)
         require_at_least(self, key, "max_listed", 1)
 

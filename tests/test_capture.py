@@ -131,6 +131,24 @@ def test_gelu_silu_sigmoid_recorded_once_each():
     assert [a.kind for a in acts] == ["smooth", "smooth", "smooth", "sigmoid"]
 
 
+def test_pre_activations_recorded_with_each_activation():
+    """The input each activation was applied to (the per-layer saturation rule reads tanh/sigmoid inputs), also from
+    inside a user's jit and for an inlined GELU."""
+    params = dense_params("a", "b", "c")
+
+    @jax.jit
+    def block(w, x):
+        return jnp.tanh(x @ w)
+
+    def fn(p, x):
+        return block(p["a"]["w"], x) + jax.nn.sigmoid(x @ p["b"]["w"]) + jax.nn.gelu(x @ p["c"]["w"])
+
+    _, acts = record_activations(fn, params, X)
+    assert [(a.name, a.function) for a in acts] == [("a", "tanh"), ("b", "sigmoid"), ("c", "gelu")]
+    for a in acts:
+        np.testing.assert_allclose(a.input, X @ params[a.name]["w"], rtol=1e-6, atol=1e-6)
+
+
 def test_nested_jit_checkpoint_and_custom_vjp():
     params = dense_params("a", "b", "c", "d", "e")
     params["e"]["w"] = params["e"]["w"][:, :3]

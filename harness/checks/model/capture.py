@@ -22,6 +22,9 @@ How activations appear in a jaxpr (jax 0.10; the same for all four libraries, wh
   ``integer_pow[y=3] mul add mul tanh add mul mul``; exact: ``mul neg mul erfc mul [copy]``) when their only
   non-constant input is the one ``x``.
 
+Each activation is recorded with its input too (the pre-activation: the activation equation's data input, for
+GELU the first primitive's), which the per-layer saturation rule reads (tanh and sigmoid inputs beyond +-5).
+
 An activation is recorded as a whole and never descended into: the tanh of an approximate GELU or of mish, the
 logistic of silu are not recorded again. Other call-like equations are walked into, so activations inside them are
 found: a user's own ``jax.jit`` (re-jitted around the walk), ``jax.checkpoint`` (re-wrapped with its policy),
@@ -94,6 +97,7 @@ class Activation:
     function: str  # "relu", "tanh", ...
     kind: str  # rectifier | tanh | sigmoid | smooth
     output: Any
+    input: Any = None  # the pre-activation it was applied to (the activation equation's data input)
 
 
 def module_path(path, name_path: Callable[[tuple], str] = slash_path) -> str:
@@ -202,7 +206,7 @@ class _Recorder:
             return ("data", self.stamp, modules[-1])
         return max(data, key=lambda label: label[1])
 
-    def record(self, function: str, label: Label, output) -> None:
+    def record(self, function: str, label: Label, output, input_) -> None:
         if not (label and label[0] == "data" and getattr(output, "ndim", 0) >= 1):
             return
         base = label[2] or f"{function}_{len(self.activations)}"
@@ -211,7 +215,7 @@ class _Recorder:
         while name in taken:
             n += 1
             name = f"{base}#{n}"
-        self.activations.append(Activation(name, function, ACTIVATION_KINDS[function], output))
+        self.activations.append(Activation(name, function, ACTIVATION_KINDS[function], output, input_))
 
     def walk(self, jaxpr, consts, args, labels: list[Label], run: bool = True) -> tuple[list, list[Label]]:
         """Evaluate ``jaxpr`` (only propagate labels when not ``run``), recording activations."""
@@ -235,7 +239,8 @@ class _Recorder:
                 env.update(zip(eqn.outvars, outs))
                 tags.update(zip(eqn.outvars, outlabels))
             if function and run:
-                self.record(function, tag(next(iter(_inputs(span[0])), None)), env[span[-1].outvars[0]])
+                first = next(iter(_inputs(span[0])), None)
+                self.record(function, tag(first), env[span[-1].outvars[0]], None if first is None else read(first))
             i += len(span)
         return [read(v) for v in jaxpr.outvars], [tag(v) for v in jaxpr.outvars]
 
@@ -253,7 +258,7 @@ class _Recorder:
             outs, found["labels"] = self.walk(jaxpr, consts, xs, labels)
             found["recorded"] = self.activations[start:]
             del self.activations[start:]
-            return outs, [a.output for a in found["recorded"]]
+            return outs, [(a.output, a.input) for a in found["recorded"]]
 
         name = eqn.primitive.name
         if name in JITS:
@@ -263,5 +268,6 @@ class _Recorder:
             inner = jax.checkpoint(inner, prevent_cse=eqn.params.get("prevent_cse", True),
                                    policy=eqn.params.get("policy"))
         outs, outputs = inner(*invals)
-        self.activations += [dataclasses.replace(a, output=o) for a, o in zip(found["recorded"], outputs)]
+        self.activations += [dataclasses.replace(a, output=o, input=i)
+                             for a, (o, i) in zip(found["recorded"], outputs)]
         return list(outs), found["labels"]

@@ -11,8 +11,11 @@ loss wants logits; is the initial loss what a well-initialized model gives?
   almost exactly -log(1/C) (so the initial-loss check cannot see it) and the gradients are tiny.
 * ``model.initial_loss`` (Karpathy, "A Recipe for Training Neural Networks", 2019, "verify loss @ init" and "init
   well"; seed 003): the mean loss over ``init_seeds`` inits vs what a model predicting nothing gives: -log(1/C) for
-  cross-entropy (uniform predictions), E[y^2] for squared error (outputs at zero); user losses are reported, not
-  judged.
+  cross-entropy (uniform predictions), E[y^2] for squared error (outputs at zero), and for a user's own loss its
+  value at the null prediction (:func:`harness.losses.null_prediction`: zero logits or uniform probabilities,
+  whichever space the model's outputs live in; the higher of zero outputs and the target mean for regression).
+  Judged in nats when the loss behaves like cross-entropy, as a ratio otherwise; an error when orders of magnitude
+  off.
 """
 
 from __future__ import annotations
@@ -172,30 +175,46 @@ def output_range_findings(outputs: np.ndarray, loss_name: str, classification: b
 
 
 def initial_loss_findings(per_example: np.ndarray, loss_fn, num_classes: int | None, y: np.ndarray,
-                          y_train: np.ndarray, settings: Settings) -> tuple[list[Finding], dict[str, Any]]:
-    """How far the loss at init is from what a model predicting nothing gives.
+                          y_train: np.ndarray, settings: Settings, *, outputs: np.ndarray | None = None,
+                          null_values: dict[str, Any] | None = None) -> tuple[list[Finding], dict[str, Any]]:
+    """How far the loss at init is from what a model predicting nothing gives (:func:`losses.initial_loss_expectation`:
+    closed form for the built-in losses; for any other loss, the user's loss at the null prediction of the space
+    the model's ``outputs`` live in, on the batch's targets ``y``; ``null_values`` precomputed in the init program).
 
-    Cross-entropy is judged by its excess in nats over -log(1/C): logits of scale s add about s^2 / 2 nats
-    whatever C, while a ratio to log(C) would be twice as strict for 2 classes as for 4. Measured on the healthy
-    builtins (MLPs and the CNN, 4 inits): at most 0.37 nats (breast_cancer), 0.13 on digits; an N(0, 1) output
-    layer of width 64 adds ~3.9. Squared error is judged by its ratio to E[y^2] (the loss of zero outputs; the
-    targets' scale cancels): at most 1.73 on the healthy regression (an output with about the targets' variance),
-    ~20 with an N(0, 1) output layer.
+    A loss that behaves like cross-entropy (its null value is log C) is judged by its excess in nats: logits of
+    scale s add about s^2 / 2 nats whatever C, while a ratio to log(C) would be twice as strict for 2 classes as for
+    4. Measured on the healthy builtins (MLPs and the CNN, 4 inits): at most 0.37 nats (breast_cancer), 0.13 on
+    digits; an N(0, 1) output layer of width 64 adds ~3.9. Any other loss with a positive null value (squared
+    error: E[y^2], the loss of zero outputs; the targets' scale cancels) is judged by its ratio to it: at most 1.73
+    on the healthy regression (an output with about the targets' variance), ~20 with an N(0, 1) output layer. A
+    null value of 0 or below (a sign-flipped loss) gives no scale: reported, not judged.
+
+    Severity: a warning for a confidently wrong init (the optimizer spends its first steps undoing it; Adam does,
+    plain SGD may not); an error from ``initial_loss_error_ratio`` (100x) the null value, for any loss: orders of
+    magnitude mean the forward pass's scale itself is broken (a deep ReLU net with too large an init gives a loss
+    of 1e4-1e6 where uniform predictions give 2.3), and the first gradients are that far off too.
     """
     per_init = per_example.reshape(len(per_example), -1).mean(axis=1)
     observed = float(per_init.mean())
-    expected = losses.expected_initial_loss(loss_fn, num_classes, y)
     metrics: dict[str, Any] = {f"{NAME}/initial_loss": observed}
-    if expected is None or not np.isfinite(observed):
-        return [], metrics  # a loss we know nothing about: the value is reported, not judged
-    ratio = observed / expected if expected > 0 else float("inf")
-    metrics.update({f"{NAME}/expected_initial_loss": expected, f"{NAME}/initial_loss_ratio": ratio})
-    evidence = dict(initial_loss=observed, expected=expected, ratio=ratio, per_init=per_init.tolist())
-    if num_classes:
+    # On the checked batch, where the observed loss is measured (E[y^2] of the batch for squared error).
+    null = losses.initial_loss_expectation(loss_fn, num_classes, y, outputs, y, null_values)
+    if null is None or not np.isfinite(observed):
+        return [], metrics  # nothing finite is known about this loss: the value is reported, not judged
+    expected = null.value
+    metrics[f"{NAME}/expected_initial_loss"] = expected
+    if expected <= 0:
+        return [], metrics  # no scale to judge against (a sign-flipped loss: the training checks name it)
+    ratio = observed / expected
+    metrics[f"{NAME}/initial_loss_ratio"] = ratio
+    evidence = dict(initial_loss=observed, expected=expected, ratio=ratio, per_init=per_init.tolist(),
+                    null_prediction=null.name, cross_entropy_like=null.cross_entropy_like,
+                    error_ratio=settings.initial_loss_error_ratio)
+    if null.cross_entropy_like:
         excess = observed - expected
-        if excess <= settings.max_initial_loss_excess:
+        if excess <= settings.max_initial_loss_excess and ratio < settings.initial_loss_error_ratio:
             return [], metrics
-        how_far = f"{excess:.2f} nats above the -log(1/{num_classes}) = {expected:.4g} of uniform predictions"
+        how_far = f"{excess:.4g} nats above the -log(1/{num_classes}) = {expected:.4g} of {null.name}"
         evidence.update(excess_nats=excess, threshold_nats=settings.max_initial_loss_excess)
         suggestion = ("Initialize the output layer with a small scale (fan-in scaled like LeCun/Glorot, or zeros) "
                       "so the initial logits are near zero and the predictions near uniform (Karpathy: 'init well').")
@@ -208,11 +227,27 @@ def initial_loss_findings(per_example: np.ndarray, loss_fn, num_classes: int | N
     else:
         if ratio <= settings.max_initial_loss_ratio:
             return [], metrics
-        how_far = f"{ratio:.1f}x the E[y^2] = {expected:.4g} of outputs at zero"
+        what = "E[y^2] = " if loss_fn is losses.mse else ""
+        how_far = f"{ratio:.3g}x the {what}{expected:.4g} of {null.name}"
         evidence.update(threshold_ratio=settings.max_initial_loss_ratio)
-        suggestion = ("Initialize the output layer with a small scale (fan-in scaled, or zeros) so the initial "
-                      "predictions are near zero, and set the output bias to the target mean (or standardize the "
-                      "targets) (Karpathy: 'init well').")
+        if num_classes:
+            suggestion = ("Initialize the output layer with a small scale (fan-in scaled, or zeros) so the initial "
+                          f"outputs are near {null.name} (Karpathy: 'init well').")
+        else:
+            suggestion = ("Initialize the output layer with a small scale (fan-in scaled, or zeros) so the initial "
+                          "predictions are near zero, and set the output bias to the target mean (or standardize the "
+                          "targets) (Karpathy: 'init well').")
+    if ratio >= settings.initial_loss_error_ratio:
+        return [error(
+            f"{NAME}.initial_loss",
+            f"The loss at init is {observed:.4g}, {ratio:.3g}x the {expected:.4g} of {null.name} (mean over "
+            f"{len(per_init)} inits): orders of magnitude off, so the scale of the forward pass itself is broken, "
+            f"and the first gradients are off by as much.",
+            "Look at the init of every layer, not only the output layer: a fixed standard deviation instead of a "
+            "fan-in scaled init (He for ReLU, Glorot/LeCun for tanh) multiplies the activations at every layer "
+            "(model.exploding_activations names the layer where the growth starts); then initialize the output "
+            "layer small (Karpathy: 'init well').", **evidence,
+        )], metrics
     return [warning(
         f"{NAME}.initial_loss",
         f"The loss at init is {observed:.4g}, {how_far} (mean over {len(per_init)} inits): the initial predictions "

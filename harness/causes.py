@@ -40,6 +40,10 @@ EXPLAINS: dict[str, frozenset[str]] = {
     "data.feature_scale": INIT_SCALE | TRAINING_FAILURES,
     # Targets in the thousands: a squared error at init in the millions, gradients to match, divergence.
     "data.target_scale": frozenset({"model.initial_loss"}) | TRAINING_FAILURES,
+    # Inputs that carry no information (every feature constant): every validation row equals a training row and
+    # every label conflicts with another; nothing can be learned, one batch cannot be memorized.
+    "data.constant_features": frozenset({"data.leakage", "data.conflicting_labels", "train.overfit_batch",
+                                         "train.no_signal", "train.capacity", "train.learning_rate"}),
     # Identical inputs with different labels cannot all be memorized, and cap what any model can learn.
     "data.conflicting_labels": frozenset({"train.overfit_batch", "train.no_signal"}),
     # Probabilities handed to a logits loss: a squashed loss surface, small gradients, slow or no learning.

@@ -146,3 +146,11 @@ def test_a_clean_run_says_what_its_budgets_could_not_rule_out():
     # A crashed or skipped diagnostic is no evidence.
     crashed = Outcome("seeds", skipped="crashed: X")
     assert "nothing about training" in not_ruled_out([crashed], settings)[0]
+
+
+def test_inputs_without_information_explain_the_duplicates_they_create():
+    findings = [error("data.leakage", "every val row is in train"), error("data.conflicting_labels", "x"),
+                error("data.constant_features", "all features constant"), error("train.no_signal", "x")]
+    out = reconcile(findings, TRAINED)
+    assert first_to_fix(out).id == "data.constant_features"
+    assert {f.explained_by for f in out if f.id != "data.constant_features"} == {"data.constant_features"}

@@ -237,3 +237,76 @@ def float32_compute(*, rngs, input_shape, num_outputs, width: int = 64):
     model.hidden = nnx.List([nnx.Linear(a, b, dtype=jnp.float32, rngs=rngs) for a, b in zip(sizes[:-1], sizes[1:])])
     model.out = nnx.Linear(width, num_outputs, dtype=jnp.float32, rngs=rngs)
     return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Issue 10 (part 5): init pathologies across depth, user-written losses and zero init, each beside its healthy twin.
+
+
+def deep_he_relu(*, rngs, input_shape, num_outputs, depth: int = 20, **kw):
+    """Healthy: 20 ReLU layers with He init (He et al. 2015): the activations' scale is kept across depth."""
+    return MLP(rngs=rngs, input_shape=input_shape, num_outputs=num_outputs, depth=depth, **kw)
+
+
+def exploding_relu(*, rngs, input_shape, num_outputs, depth: int = 20, std: float = 0.3, **kw):
+    """20 ReLU layers with N(0, 0.3^2) kernels: 1.7x He's sqrt(2 / 64) per layer, so the activations grow ~1.7x
+    per layer (0.4 -> ~1e4 over 20 layers) and the loss at init is in the thousands."""
+    return MLP(rngs=rngs, input_shape=input_shape, num_outputs=num_outputs, depth=depth,
+               kernel_init=nnx.initializers.normal(std), **kw)
+
+
+def lecun_tanh(*, rngs, input_shape, num_outputs, depth: int = 10, **kw):
+    """Healthy: 10 tanh layers with LeCun init (LeCun et al., "Efficient BackProp", 1998)."""
+    return MLP(rngs=rngs, input_shape=input_shape, num_outputs=num_outputs, depth=depth, activation=jnp.tanh,
+               kernel_init=nnx.initializers.lecun_normal(), **kw)
+
+
+def wide_tanh(*, rngs, input_shape, num_outputs, width: int = 128, **kw):
+    """tanh with N(0, 1) kernels on scaled inputs: pre-activations of std ~10 in the second layer, so most of
+    them sit beyond +-5 (the flat tails), yet no unit is pinned for 90% of the examples (the signs vary)."""
+    return MLP(rngs=rngs, input_shape=input_shape, num_outputs=num_outputs, width=width, activation=jnp.tanh,
+               kernel_init=nnx.initializers.normal(1.0), **kw)
+
+
+class SoftmaxHead(MLP):
+    """Healthy with a loss on probabilities: the model ends in a softmax (LeCun output layer: near uniform)."""
+
+    def __call__(self, x):
+        return jax.nn.softmax(super().__call__(x), axis=-1)
+
+
+def softmax_large_output_init(*, rngs, input_shape, num_outputs, **kw):
+    """:class:`SoftmaxHead` with an N(0, 1) output layer: confident, wrong initial probabilities."""
+    return SoftmaxHead(rngs=rngs, input_shape=input_shape, num_outputs=num_outputs,
+                       out_init=nnx.initializers.normal(1.0), **kw)
+
+
+def my_ce(logits, y):
+    """A user's hand-written cross-entropy on logits (harness knows nothing about it)."""
+    return -jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None].astype(jnp.int32), 1)[:, 0]
+
+
+def my_probability_nll(probabilities, y):
+    """A user's negative log-likelihood on probabilities (the model ends in a softmax), clipped like Keras'."""
+    picked = jnp.take_along_axis(probabilities, y[:, None].astype(jnp.int32), 1)[:, 0]
+    return -jnp.log(jnp.clip(picked, 1e-7, 1.0))
+
+
+def my_mse(outputs, targets):
+    """A user's hand-written squared error."""
+    return jnp.mean(jnp.square(outputs - jnp.reshape(targets, outputs.shape)), axis=-1)
+
+
+def zero_linear(*, rngs, input_shape, num_outputs):
+    """Healthy: softmax regression with a zero-initialized kernel and bias (zero init only fails to break the
+    symmetry of hidden units; a linear model has none)."""
+    return nnx.Linear(math.prod(input_shape), num_outputs, kernel_init=nnx.initializers.zeros_init(),
+                      bias_init=nnx.initializers.zeros_init(), rngs=rngs)
+
+
+def zero_mlp(*, rngs, input_shape, num_outputs, activation=jnp.tanh, **kw):
+    """Zero init with hidden layers: every hidden unit computes the same value (0) and gets the same (zero)
+    gradient, so the hidden kernels never learn; only the output bias does."""
+    zeros = nnx.initializers.zeros_init()
+    return MLP(rngs=rngs, input_shape=input_shape, num_outputs=num_outputs, activation=activation,
+               kernel_init=zeros, out_init=zeros, **kw)

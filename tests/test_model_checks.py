@@ -15,19 +15,21 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
-from helpers import compose
+from helpers import compose, replace_group
 
 import planted
 from harness.checks import model
-from harness.checks.model import batch_dependence, capture, forward, gradient_check, units
+from harness.checks.model import batch_dependence, capture, forward, gradient_check, noise, units
 from harness.checks.model import programs as model_programs
 from harness.checks.base import Context
 from harness.config import FactoryConfig, config_dir, settings_from
 from harness.engine import compile as programs
 from harness.errors import HarnessError
 from harness.findings import FINDING_IDS, Severity
+from harness import losses
 from harness.losses import cross_entropy, mse
 from harness.models.adapters import ModelFactory
 from harness.pipeline import BLOCKING, adapt_model, build_context, make_loss, make_model_factory
@@ -101,19 +103,25 @@ def test_unit_statistics_known_answers():
     # sigmoid: saturated below 0.01 or above 0.99; a conv activation pools examples and positions per channel.
     sigmoid_out = np.stack([np.full((5, 2, 2), 0.005), np.full((5, 2, 2), 0.5)], axis=-1).astype(np.float32)
     inputs = np.array([[0.0, 1.0], [2.0, 1.0]], np.float32)
-    thresholds = dict(saturation_level=0.99, saturated_example_fraction=0.9)
+    # tanh pre-activations: 5 of 8 beyond +-5 (5.0 itself is not beyond); the outputs are what tanh makes of them.
+    pre = np.array([[6.0, -7.0, 5.0, 0.1], [-5.5, 9.0, 1.0, 20.0]], np.float32)
+    thresholds = dict(saturation_level=0.99, saturated_example_fraction=0.9, preactivation_saturation=5.0)
 
     @jax.jit  # one program for all cases
-    def stats(relu_out, tanh_out, sigmoid_out, inputs):
-        of = lambda function, kind, y: units.statistics(capture.Activation("h", function, kind, y), thresholds)  # noqa
-        return (of("relu", "rectifier", relu_out), of("tanh", "tanh", tanh_out), of("sigmoid", "sigmoid", sigmoid_out),
-                units.spread(inputs))
+    def stats(relu_out, tanh_out, sigmoid_out, inputs, pre):
+        of = lambda function, kind, y, x=None: units.statistics(  # noqa: E731
+            capture.Activation("h", function, kind, y, x), thresholds)
+        return (of("relu", "rectifier", relu_out, relu_out), of("tanh", "tanh", tanh_out),
+                of("sigmoid", "sigmoid", sigmoid_out), units.spread(inputs), of("tanh", "tanh", jnp.tanh(pre), pre))
 
-    relu, tanh, sigmoid, spread = jax.tree.map(np.asarray, stats(relu_out, tanh_out, sigmoid_out, inputs))
+    relu, tanh, sigmoid, spread, flat = jax.tree.map(np.asarray, stats(relu_out, tanh_out, sigmoid_out, inputs, pre))
     assert relu["dead"] == 0.5 and math.isnan(relu["saturated"]) and relu["units"] == 4
+    assert math.isnan(relu["preactivation_saturated"])  # a ReLU has no flat tails
+    assert relu["rms"] == pytest.approx(np.sqrt(np.mean(relu_out ** 2)))
     assert tanh["saturated"] == pytest.approx(1 / 3) and math.isnan(tanh["dead"])
     assert sigmoid["saturated"] == 0.5 and sigmoid["units"] == 2
     assert spread == pytest.approx(0.5)  # feature stds 1 and 0
+    assert flat["preactivation_saturated"] == pytest.approx(5 / 8)
 
 
 def test_unit_judgement_thresholds():
@@ -129,6 +137,50 @@ def test_unit_judgement_thresholds():
     assert f.severity is Severity.ERROR and "Every unit of a is dead" in f.message
     (f,) = units.judge([layer("a", ratio=1e-4), layer("b", ratio=0.05)], DEFAULTS, 4)
     assert f.id == "model.dead_units" and "vanish" in f.message and list(f.evidence["layers"]) == ["a"]
+
+
+def test_saturation_per_layer_from_pre_activations():
+    """DeepDiagnosis' rule names a layer whose pre-activations are mostly beyond +-5 even when no unit is pinned for
+    90% of the examples; one finding per id, each layer with what each rule measured."""
+    def layer(name, pinned=0.0, beyond=0.0, function="tanh"):
+        return dict(layer=name, function=function, units=8, dead_fraction=np.nan, dead_everywhere=False,
+                    saturated_fraction=pinned, saturated_everywhere=False, preactivation_saturated=beyond,
+                    preactivation_saturated_everywhere=beyond >= 1, spread=1.0, spread_ratio=1.0, rms=1.0,
+                    finite=True)
+
+    assert units.judge([layer("a", pinned=0.2, beyond=0.5)], DEFAULTS, 4) == []  # at the threshold: silent
+    (f,) = units.judge([layer("a", pinned=0.1, beyond=0.62), layer("b", pinned=0.9, beyond=0.3, function="sigmoid")],
+                       DEFAULTS, 4)
+    assert (f.severity, f.id) == (Severity.WARNING, "model.saturated_units")
+    assert "a (tanh): 62% of its pre-activations beyond +-5" in f.message
+    assert "b (sigmoid): 90% of its units pinned" in f.message and "DeepDiagnosis" in f.message
+    assert f.evidence["preactivation_layers"] == {"a": 0.62} and f.evidence["layers"] == {"b": 0.9}
+    (f,) = units.judge([layer("a", beyond=1.0)], DEFAULTS, 4)
+    assert f.severity is Severity.ERROR and "All of a is saturated" in f.message
+
+
+def test_exploding_activation_readings():
+    """Growth of the activations' RMS across depth, from the lowest earlier level and never from below the unit scale;
+    the layer where it starts is named; an error from two orders of magnitude."""
+    def layers(*levels, function="relu"):
+        return [dict(layer=f"h{i}", function=function, units=8, dead_fraction=0.0, dead_everywhere=False,
+                     saturated_fraction=np.nan, saturated_everywhere=False, spread=v, spread_ratio=1.0, rms=v,
+                     finite=True) for i, v in enumerate(levels)]
+
+    def exploding(rows, input_rms=None):
+        return [f for f in units.judge(rows, DEFAULTS, 4, input_rms) if f.id == "model.exploding_activations"]
+
+    assert exploding(layers(*[0.5 * 1.05 ** i for i in range(20)]), 0.4) == []  # 1.05^19 = 2.5x: healthy drift
+    assert exploding(layers(0.002, 0.7, 0.7), 0.001) == []  # tiny inputs, then a normalization: back to unit scale
+    assert exploding(layers(100.0, 120.0, 90.0), 100.0) == []  # unscaled inputs: large, but not growing
+    (f,) = exploding(layers(1.0, 0.5, 2.0, 6.0, 20.0), 1.0)
+    assert f.severity is Severity.WARNING and f.evidence["growth"] == pytest.approx(20.0)
+    assert f.evidence["start_layer"] == "h2" and f.evidence["onset_layer"] == "h4"  # from h1's 0.5 (floored at 1)
+    (f,) = exploding(layers(*[0.8 * 1.7 ** i for i in range(20)]), 0.4)
+    assert f.severity is Severity.ERROR and f.evidence["start"] == "the inputs" and f.evidence["start_layer"] == "h0"
+    assert f.evidence["per_layer_growth"] == pytest.approx((0.8 * 1.7 ** 19 / 0.4) ** (1 / 20))
+    assert "explode across depth" in f.message and "h19" in f.message
+    assert exploding(layers(*[1.7 ** i for i in range(20)])) != []  # integer inputs: counted from the first layer
 
 
 def test_relative_error_and_floor():
@@ -166,7 +218,117 @@ def test_initial_loss_readings():
     (f,), _ = forward.initial_loss_findings(np.full((4, 64), 3.5), mse, None, targets, targets, DEFAULTS)
     assert f.evidence["ratio"] == pytest.approx(3.5)
     unknown = forward.initial_loss_findings(np.full((4, 64), -7.0), planted.negated_cross_entropy, 10, y, y, DEFAULTS)
-    assert unknown == ([], {"model/initial_loss": -7.0})  # reported, not judged
+    assert unknown == ([], {"model/initial_loss": -7.0})  # no outputs to place a null prediction in: reported
+    huge = forward.initial_loss_findings(np.full((4, 64), 760_000.0), cross_entropy, 10, y, y, DEFAULTS)[0]
+    assert [(f.severity, f.id) for f in huge] == [(Severity.ERROR, "model.initial_loss")]
+    assert "orders of magnitude" in huge[0].message
+
+
+def logits_at_init(classes=10, batch=64, scale=0.1, seed=0):
+    """(inits, batch, classes) logits of a well-initialized classifier."""
+    return np.random.default_rng(seed).normal(0, scale, (4, batch, classes)).astype(np.float32)
+
+
+def log_probability_nll(log_probabilities, y):
+    return -jnp.take_along_axis(log_probabilities, y[:, None].astype(jnp.int32), 1)[:, 0]
+
+
+def range_normalized_cross_entropy(logits, y):
+    """Undefined (0 / 0) at every null prediction: the logits' range across classes is exactly 0 there."""
+    top = logits.max(-1, keepdims=True)
+    return my_ce((logits - top) / (top - logits.min(-1, keepdims=True)), y)
+
+
+my_ce = planted.my_ce
+
+
+def test_null_prediction_of_any_loss():
+    """The user's own loss at the null prediction of the space the model's outputs live in."""
+    y = np.arange(64) % 10
+    logits = logits_at_init()
+    softmax = np.asarray(jax.nn.softmax(logits))
+    cases = {  # loss, outputs at init -> the null prediction used
+        "cross-entropy on logits": (my_ce, logits, losses.ZERO_LOGITS),
+        "NLL on probabilities": (planted.my_probability_nll, softmax, losses.UNIFORM_PROBABILITIES),
+        "NLL on log-probabilities": (log_probability_nll, np.log(softmax), losses.UNIFORM_LOG_PROBABILITIES),
+        # A model that forgot its softmax: zero "probabilities" cost 16 nats, uniform ones log C: the lower is kept.
+        "NLL on probabilities, fed logits": (planted.my_probability_nll, logits, losses.UNIFORM_PROBABILITIES),
+    }
+    for what, (loss, outputs, name) in cases.items():
+        found = losses.null_prediction(loss, 10, outputs, y)
+        assert (found.name, found.cross_entropy_like) == (name, True), what
+        assert found.value == pytest.approx(np.log(10), rel=1e-5), what
+    # Label smoothing keeps log C at uniform predictions: still judged in nats.
+    smoothed = lambda o, t: optax.softmax_cross_entropy(o, optax.smooth_labels(jax.nn.one_hot(t, 10), 0.1))  # noqa
+    assert losses.null_prediction(smoothed, 10, logits, y).cross_entropy_like
+    # A summed per-class binary cross-entropy is not log C there: judged by ratio.
+    bce = lambda o, t: optax.sigmoid_binary_cross_entropy(o, jax.nn.one_hot(t, 10)).sum(-1)  # noqa: E731
+    found = losses.null_prediction(bce, 10, logits, y)
+    assert found.value == pytest.approx(10 * np.log(2), rel=1e-5) and not found.cross_entropy_like
+    # Undefined at every null prediction: the best constant output, found from the model's own mean output.
+    found = losses.null_prediction(range_normalized_cross_entropy, 10, logits + np.arange(10, dtype=np.float32), y)
+    # (logits forced to a range of 1: no constant reaches log 10; a random search finds 2.328, one class 1 below
+    # the others gives 2.337)
+    assert found.name == losses.CONSTANT_MINIMUM and np.log(10) < found.value < 2.337
+
+    # Regression: the higher of zero outputs and the target mean, which for squared error is the built-in's E[y^2].
+    targets = np.random.default_rng(1).normal(3.0, 1.0, 64).astype(np.float32)
+    outputs = np.zeros((4, 64, 1), np.float32)
+    found = losses.null_prediction(planted.my_mse, None, outputs, targets)
+    assert found.name == losses.ZERO_OUTPUTS and found.value == pytest.approx(np.mean(targets ** 2), rel=1e-5)
+    assert losses.expected_initial_loss(planted.my_mse, None, targets, outputs[0]) == pytest.approx(
+        losses.expected_initial_loss(mse, None, targets), rel=1e-5)
+    mae = lambda o, t: jnp.abs(o[:, 0] - t)  # noqa: E731
+    assert losses.null_prediction(mae, None, outputs, targets).value == pytest.approx(np.mean(np.abs(targets)))
+
+
+def test_null_prediction_per_position_with_padding():
+    """A user's per-position loss on (batch, T, vocabulary) outputs and padded targets (negative): log V."""
+    import tasks_helpers
+
+    targets = np.tile(np.arange(16) % 5, (8, 1))
+    targets[:, 12:] = -1
+    outputs = np.random.default_rng(0).normal(0, 0.1, (4, 8, 16, 7)).astype(np.float32)
+    found = losses.null_prediction(tasks_helpers.token_cross_entropy, 7, outputs, targets)
+    assert found.cross_entropy_like and found.value == pytest.approx(np.log(7), rel=1e-5)
+
+
+def test_initial_loss_with_user_losses():
+    """A user-written loss is judged like the built-in one: in nats when it behaves like cross-entropy, by ratio
+    otherwise; an error when orders of magnitude off; no scale when its null value is not positive."""
+    y = np.arange(64) % 10
+    logits = logits_at_init()
+
+    def judge(value, loss, outputs=logits):
+        return forward.initial_loss_findings(np.full((4, 64), value), loss, 10, y, y, DEFAULTS, outputs=outputs)
+
+    findings, metrics = judge(np.log(10) + 0.3, my_ce)
+    assert findings == [] and metrics["model/expected_initial_loss"] == pytest.approx(np.log(10), rel=1e-5)
+    (f,), _ = judge(np.log(10) + 1.5, my_ce)
+    assert f.severity is Severity.WARNING and f.evidence["excess_nats"] == pytest.approx(1.5, rel=1e-4)
+    assert f.evidence["null_prediction"] == losses.ZERO_LOGITS
+    (f,), _ = judge(760_000.0, my_ce)  # the 20-layer ReLU net of issue 10
+    assert f.severity is Severity.ERROR and f.evidence["ratio"] > 1e5
+    softmax = np.asarray(jax.nn.softmax(logits))
+    (f,), _ = judge(np.log(10) + 2.0, planted.my_probability_nll, softmax)
+    assert f.severity is Severity.WARNING and f.evidence["null_prediction"] == losses.UNIFORM_PROBABILITIES
+    bce = lambda o, t: optax.sigmoid_binary_cross_entropy(o, jax.nn.one_hot(t, 10)).sum(-1)  # noqa: E731
+    assert judge(2.5 * 10 * np.log(2), bce)[0] == []  # 2.5x its null value: under the ratio of 3
+    (f,), _ = judge(4 * 10 * np.log(2), bce)
+    assert f.severity is Severity.WARNING and f.evidence["ratio"] == pytest.approx(4, rel=1e-4)
+    findings, metrics = judge(-7.0, planted.negated_cross_entropy)
+    assert findings == [] and metrics["model/expected_initial_loss"] == pytest.approx(-np.log(10), rel=1e-5)
+
+
+def test_sign_step_moves_zero_parameters_and_keeps_zero_gradients():
+    params = {"kernel": jnp.zeros((64, 10)), "bias": jnp.zeros(10)}
+    scales = noise.leaf_scales(jax.tree.leaves(params))
+    assert [float(v) for v in scales] == pytest.approx([1.0, 1 / 8])  # bias (fan-in 1), kernel (fan-in 64)
+    grads = {"kernel": jnp.ones((64, 10)).at[0].set(0.0), "bias": jnp.full(10, jnp.nan)}
+    moved = noise.sign_step(params, grads, 0.01)
+    assert np.all(np.asarray(moved["kernel"])[1:] == -0.01 / 8) and np.all(np.asarray(moved["kernel"])[0] == 0)
+    assert np.all(np.asarray(moved["bias"]) == 0)  # non-finite gradients do not move
+    assert np.all(np.asarray(noise.perturb(params, 0, 0.01)["kernel"]) != 0)  # a zero model is perturbed too
 
 
 def test_checked_rows_spread_over_the_batch():
@@ -290,6 +452,25 @@ HEALTHY = {
     "mlp_regression": (["data=regression"], {}),
     "mlp_dropout": (["model.dropout=0.3"], {}),
     "residual_batchnorm": ([model_factory("ResidualBatchNorm")], {}),  # BatchNorm; zero-init branches
+    # Deep nets initialized right: no growth, no saturation, no vanishing.
+    "he_relu_20_layers": ([model_factory("deep_he_relu")], {}),
+    "lecun_tanh_10_layers": ([model_factory("lecun_tanh")], {}),
+    # The user's own losses: judged from their value at the null prediction, silent on a good init.
+    "mlp_user_cross_entropy": ([loss_factory("my_ce")], {}),
+    "softmax_head_user_nll_on_probabilities": ([model_factory("SoftmaxHead"), loss_factory("my_probability_nll")], {}),
+    "regression_user_squared_error": (["data=regression", loss_factory("my_mse")], {}),
+    "language_model_user_token_loss": ([*replace_group("data", "tasks_helpers.progressions"),
+                                        *replace_group("model", "tasks_helpers.TinyCausalLM"),
+                                        Planted("loss", "tasks_helpers.token_cross_entropy")], {}),
+    # Other libraries as their users write them (tests/families.py, tests/sequence_models.py).
+    "linen_mlp": (replace_group("model", "families.linen_mlp"), {}),
+    "equinox_mlp": (replace_group("model", "equinox.nn.MLP", in_size=64, out_size=10, width_size=128, depth=2), {}),
+    "haiku_mlp": (replace_group("model", "families.haiku_mlp"), {}),
+    "linen_batchnorm": (replace_group("model", "families.linen_batchnorm_mlp"), {}),
+    "haiku_batchnorm": (replace_group("model", "families.haiku_batchnorm_mlp"), {}),
+    "equinox_cnn": ([*replace_group("model", "families.EquinoxCNN"), "data=digits_image"], {}),
+    "nnx_transformer_layernorm": ([*replace_group("data", "sequence_models.lm_data"),
+                                   *replace_group("model", "sequence_models.nnx_transformer")], {}),
 }
 
 
@@ -298,7 +479,9 @@ def test_healthy_setups_are_silent(name):
     overrides, settings = HEALTHY[name]
     outcome, _, _ = run_stage(overrides, **settings)
     assert problems(outcome) == [], [f.message for f in outcome.findings]
-    assert outcome.metrics["model/batch_dependence/cross_gradient"] == 0.0
+    # Exactly 0 for the per-example models; the tiny causal LM shows ~5e-9, far under the check's tolerance.
+    m = outcome.metrics
+    assert m["model/batch_dependence/cross_gradient"] <= 1e-6 * m["model/batch_dependence/own_gradient"]
     if settings.get("gradient_check"):
         assert outcome.metrics["model/gradient_check/relative_error"] < 1e-6
     assert outcome.series["model/activations"]["rows"], "activations were captured"
@@ -340,6 +523,23 @@ PLANTED = {
                    "Every unit of hidden/0, hidden/1 is dead"),
     "saturated_tanh": (["data.pixel_scale=1", model_factory("saturated_tanh")], {},
                        [("warning", "model.saturated_units")], "|tanh| > 0.99"),
+    # Issue 10: init pathologies across depth, with the built-in loss and with the user's own.
+    "exploding_relu": ([model_factory("exploding_relu")], {},
+                       [("error", "model.initial_loss"), ("error", "model.exploding_activations")],
+                       "explode across depth"),
+    "exploding_relu_user_loss": ([model_factory("exploding_relu"), loss_factory("my_ce")], {},
+                                 [("error", "model.initial_loss"), ("error", "model.exploding_activations")],
+                                 "orders of magnitude off"),
+    "large_output_init_user_loss": ([model_factory("large_output_init"), loss_factory("my_ce")], {},
+                                    [("warning", "model.initial_loss")], "nats above"),
+    "confident_probabilities_user_loss": ([model_factory("softmax_large_output_init"),
+                                           loss_factory("my_probability_nll")], {},
+                                          [("warning", "model.initial_loss")], "of uniform probabilities"),
+    "saturated_pre_activations": ([model_factory("wide_tanh")], {}, [("warning", "model.saturated_units")],
+                                  "hidden/1 (tanh): 6"),
+    "zero_init_mlp": ([model_factory("zero_mlp")], {},
+                      [("error", "model.gradient_flow"), ("error", "model.gradient_flow"),
+                       ("warning", "model.dead_units")], "all zero at init"),
 }
 
 
@@ -367,6 +567,31 @@ def test_forward_error_blocks_training_and_names_the_line():
     assert f.evidence["exception"] == "TypeError" and f.evidence["location"].split(":")[0].endswith("planted.py")
     assert f.evidence["stage"] == "the forward pass"
     assert outcome.metrics["model/param_count"] > 0  # counted from the abstract model, before anything ran
+
+
+def test_zero_initialized_linear_model_is_healthy():
+    """Softmax regression from zero weights trains (zero init only fails to break the symmetry of hidden units): no
+    "no signal flows" error, although its outputs are identical at init."""
+    outcome, _, _ = run_stage([model_factory("zero_linear")])
+    assert problems(outcome) == [], [f.message for f in outcome.findings]
+    assert outcome.metrics["model/param_count"] == 64 * 10 + 10
+
+
+def test_init_pathology_evidence():
+    exploding = next(f for f in planted_outcome("exploding_relu").findings if f.id == "model.exploding_activations")
+    # Kernels of N(0, 0.3^2) on 64 inputs: a gain of 0.3 * sqrt(64 / 2) = 1.7 per ReLU layer, from the inputs on.
+    assert (exploding.evidence["start"], exploding.evidence["start_layer"]) == ("the inputs", "hidden/0")
+    assert exploding.evidence["peak_layer"] == "hidden/19" and exploding.evidence["growth"] > 1e3
+    assert 1.5 < exploding.evidence["per_layer_growth"] < 1.9
+    loss = next(f for f in planted_outcome("exploding_relu_user_loss").findings if f.id == "model.initial_loss")
+    builtin = next(f for f in planted_outcome("exploding_relu").findings if f.id == "model.initial_loss")
+    assert loss.evidence["expected"] == pytest.approx(np.log(10), rel=1e-5)  # the user's loss at zero logits
+    assert loss.evidence["initial_loss"] == pytest.approx(builtin.evidence["initial_loss"], rel=1e-4)
+    (saturated,) = planted_outcome("saturated_pre_activations").findings
+    assert list(saturated.evidence["preactivation_layers"]) == ["hidden/1"] and saturated.evidence["layers"] == {}
+    zero = next(f for f in planted_outcome("zero_init_mlp").findings if "Zero gradient" in f.message)
+    assert {"hidden/0/kernel", "hidden/1/kernel", "out/kernel"} <= set(zero.evidence["zero_initialized"])
+    assert "out/bias" not in zero.evidence["parameters"]  # the output bias learns: the only thing that does
 
 
 def test_planted_evidence_numbers():

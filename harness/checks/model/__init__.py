@@ -12,7 +12,8 @@ the float64 gradient check. Families of checks, one module each:
 * :mod:`.gradient_check` -- ``model.gradient_check`` (analytic vs numerical directional derivatives)
 * :mod:`.batch_dependence` -- ``model.batch_dependence``
 * :mod:`.sequence` -- ``model.causal_leakage``, ``model.padding_leakage`` (causal tasks and padded data only)
-* :mod:`.units` -- ``model.dead_units``, ``model.saturated_units`` (activations recorded by :mod:`.capture`)
+* :mod:`.units` -- ``model.dead_units``, ``model.saturated_units``, ``model.exploding_activations`` (activations
+  and their inputs recorded by :mod:`.capture`)
 
 Everything that judges gradients or outputs runs the model in eval mode (dropout off, BatchNorm on running
 statistics: deterministic and per-example); activation statistics come from a train-mode forward pass, as the
@@ -66,15 +67,18 @@ def run(ctx: Context, settings: Settings) -> Outcome:
         return outcome
 
     add(outcome, *forward.initial_loss_findings(stats.losses, problem.loss_fn, ctx.dataset.num_classes, y,
-                                                ctx.arrays.y_train, settings))
+                                                ctx.arrays.y_train, settings, outputs=stats.outputs,
+                                                null_values=stats.null_losses))
     add(outcome, *forward.output_range_findings(stats.outputs, ctx.loss_name, ctx.dataset.classification,
                                                 settings))
     layers = units.layer_table(stats.units, stats.input_spread)
+    # Token ids are not a scale: growth is counted from the first activation layer for integer inputs.
+    input_rms = None if problem.task.integer_inputs else float(np.mean(stats.input_rms))
     judge_gradient_flow(outcome, stats, layers, x, settings)
     add(outcome, *batch_dependence.judge(stats.own_gradient, stats.cross_gradient, stats.leaking_examples, rows,
                                          len(x), settings))
     add(outcome, *sequence.run(ctx, settings, params0, rest0, x))
-    judge_units(outcome, layers, settings)
+    judge_units(outcome, layers, settings, input_rms)
 
     if settings.gradient_check and all(np.all(v) for v in stats.grad_finite.values()):
         result = gradient_check.run_check(problem, params0, rest0, x, y, seed=ctx.seed, settings=settings,
@@ -94,12 +98,14 @@ def init_statistics(ctx: Context, settings: Settings, x, y, rows):
     """The init program's results; if recording the activations fails (the probe showed the model itself runs),
     the program again without the recording, and an info saying so."""
     thresholds = dict(perturbation_scale=settings.perturbation_scale, saturation_level=settings.saturation_level,
-                      saturated_example_fraction=settings.saturated_example_fraction)
+                      saturated_example_fraction=settings.saturated_example_fraction,
+                      preactivation_saturation=settings.preactivation_saturation)
 
     def statistics(with_capture: bool):
         return programs.init_statistics(ctx.problem, x, y, seed=ctx.seed,
                                         init_seeds=settings.init_seeds, rows=rows, thresholds=thresholds,
-                                        opt_level=programs.RUN_ONCE_OPT_LEVEL, with_capture=with_capture)
+                                        opt_level=programs.RUN_ONCE_OPT_LEVEL, with_capture=with_capture,
+                                        steps=settings.zero_gradient_steps)
 
     try:
         return (*statistics(with_capture=True), [])
@@ -128,17 +134,20 @@ def judge_gradient_flow(outcome: Outcome, stats, layers, x, settings: Settings) 
                                            "labels": list(grad_median)}
 
 
-def judge_units(outcome: Outcome, layers, settings: Settings) -> None:
-    add(outcome, units.judge(layers, settings, settings.init_seeds), units.metrics(layers))
+def judge_units(outcome: Outcome, layers, settings: Settings, input_rms: float | None = None) -> None:
+    add(outcome, units.judge(layers, settings, settings.init_seeds, input_rms), units.metrics(layers))
     if not layers:
         return
+    grown = [g for g, _ in units.growth(layers, input_rms)]
     outcome.series[f"{NAME}/activations"] = {
-        "columns": ["layer", "function", "units", "dead_fraction", "saturated_fraction", "spread_ratio"],
+        "columns": ["layer", "function", "units", "dead_fraction", "saturated_fraction", "spread_ratio",
+                    "preactivation_saturated", "rms", "growth"],
         "rows": [[r["layer"], r["function"], r["units"], _finite(r["dead_fraction"]),
-                  _finite(r["saturated_fraction"]), _finite(r["spread_ratio"])] for r in layers],
+                  _finite(r["saturated_fraction"]), _finite(r["spread_ratio"]),
+                  _finite(r["preactivation_saturated"]), _finite(r["rms"]), _finite(g)] for r, g in zip(layers, grown)],
     }
     outcome.plots.append(Plot("activations", "Activation statistics per layer at init",
-                              lambda path: units.draw(path, layers, settings)))
+                              lambda path: units.draw(path, layers, settings, input_rms)))
 
 
 HEADLINE = ("initial_loss", "expected_initial_loss", "gradient_check/relative_error", "param_count", "family",

@@ -4,10 +4,14 @@ Seed 001 ("2.2 Parameter Count", "2.3 Gradient Flow Check": "NO GRADIENT!", "ZER
 gradient norms of the different layers", with a bar chart of per-layer norms). Per parameter (named by its path in
 the model, ``hidden/0/kernel``), from the gradient of the mean loss in eval mode at ``init_seeds`` inits:
 
-* zero gradient -- every element exactly zero, at the init AND after a small random perturbation of all
-  parameters: the parameter does not influence the loss (an unused layer, a ``stop_gradient``, dead units in
-  front of it). The perturbation spares legitimate zero-init designs, whose gradient is zero only at the exact
-  init (a zero-initialized residual branch output or gate, ReZero, Fixup, LoRA's B = 0).
+* zero gradient -- every element exactly zero, at the init AND after ``zero_gradient_steps`` steps of sign
+  gradient descent from it (Adam's first steps: :func:`.noise.sign_step`): the parameter does not influence the
+  loss (an unused layer, a ``stop_gradient``, dead units in front of it), or the init traps it. The steps spare
+  legitimate zero-init designs, whose gradient is zero only until the first step moves the zero weight (a
+  zero-initialized residual branch output or gate, ReZero, Fixup, LoRA's B = 0, the zero-initialized softmax
+  regression), and keep what training keeps: a random perturbation would break the symmetry of a zero-initialized
+  MLP's hidden units, which training never breaks (their incoming and outgoing weights stay zero: the hidden
+  kernels never get a gradient). Those are reported, naming the all-zero parameters.
 * non-finite gradient -- a NaN/inf anywhere (sqrt or log at 0, a division by a zero norm).
 * vanishing gradient -- a layer whose gradient norm relative to its parameter norm (the relative update SGD would
   make) is orders of magnitude below the median layer's (Glorot & Bengio, 2010; Hochreiter 1991). The ratio
@@ -17,8 +21,9 @@ the model, ``hidden/0/kernel``), from the gradient of the mean loss in eval mode
   depth 2-3): no layer falls below 0.17x the median. A depth-10 sigmoid MLP puts its first layer at ~7e-4x the
   median. Hence ``vanishing_gradient_ratio`` = 1e-2: two orders of magnitude, 17x under the healthy worst case.
 
-A model whose outputs are the same for every example even after the perturbation is reported here too: no signal
-flows from the inputs to the outputs.
+A model whose outputs are the same for every example even after those steps is reported here too: no signal flows
+from the inputs to the outputs (a zero-initialized linear model's outputs are identical only at init, and vary
+after one step: it is not).
 """
 
 from __future__ import annotations
@@ -108,15 +113,28 @@ def judge(stats, settings: Settings, dead_layers: list[str] = (), inputs_vary: b
         ))
 
     zero = [p for p in paths if p not in nonfinite and np.all(stats.grad_zero[p])]
+    steps = settings.zero_gradient_steps
+    # All-zero parameters at init (every init) among them: a zero (or constant) init that training cannot leave.
+    zero_init = [p for p in zero if np.all(np.asarray(stats.param_norm[p]) == 0)]
     if zero:
+        message = (f"Zero gradient for {len(zero)} of {len(paths)} parameters: {_listed(zero, settings)} (every "
+                   f"element exactly 0 at init and after {steps} sign-gradient step{'s' if steps > 1 else ''} from "
+                   f"it, in all {seeds} inits): they cannot learn.{dead_note}")
+        suggestion = ("The loss does not depend on these parameters: a layer that is built but never called, its "
+                      "output discarded or wrapped in jax.lax.stop_gradient, or dead units (all-zero ReLUs) in front "
+                      "of it.")
+        if zero_init:
+            message += (f" {_listed(zero_init, settings)} {'is' if len(zero_init) == 1 else 'are'} all zero at init: "
+                        f"the hidden units fed by zero weights all compute the same value (0) and get the same "
+                        f"gradient (0), so training never breaks their symmetry.")
+            suggestion = ("Initialize hidden layers randomly with a fan-in scaled init (He for ReLU, Glorot/LeCun "
+                          "for tanh): zero init is fine for biases, for the output layer of a linear model and for a "
+                          "residual branch's last layer, never for a layer whose units feed further hidden layers "
+                          "through zero weights. " + suggestion)
         findings.append(error(
-            f"{NAME}.gradient_flow",
-            f"Zero gradient for {len(zero)} of {len(paths)} parameters: {_listed(zero, settings)} (every element "
-            f"exactly 0 at init and after a {settings.perturbation_scale:g}x random perturbation, in all "
-            f"{seeds} inits): they cannot learn.{dead_note}",
-            "The loss does not depend on these parameters: a layer that is built but never called, its output "
-            "discarded or wrapped in jax.lax.stop_gradient, or dead units (all-zero ReLUs) in front of it.",
+            f"{NAME}.gradient_flow", message, suggestion,
             parameters=zero[: settings.max_listed], count=len(zero), dead_layers=list(dead_layers),
+            zero_initialized=zero_init[: settings.max_listed], steps=steps,
         ))
 
     layers = per_layer(stats.grad_norm, stats.param_norm)
@@ -147,8 +165,8 @@ def judge(stats, settings: Settings, dead_layers: list[str] = (), inputs_vary: b
     if inputs_vary and np.all(stats.outputs_constant):
         findings.append(error(
             f"{NAME}.gradient_flow",
-            "The outputs are identical for every example of the batch, at init and after a random perturbation "
-            f"of the parameters: no signal flows from the inputs to the outputs.{dead_note}",
+            f"The outputs are identical for every example of the batch, at init and after {steps} sign-gradient "
+            f"step{'s' if steps > 1 else ''} from it: no signal flows from the inputs to the outputs.{dead_note}",
             "The forward pass ignores its input: check that the input reaches the first layer (not a constant, "
             "a zeroed or overwritten tensor) and that no layer multiplies it by zero.",
             inits=len(stats.outputs_constant), dead_layers=list(dead_layers),

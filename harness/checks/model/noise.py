@@ -50,14 +50,43 @@ def unit_noise(seed, leaves, shape_prefix=()):
     return out
 
 
-def perturb(params, seed, scale):
-    """``params`` plus noise of ``scale`` x the leaf's RMS (the global RMS for all-zero leaves, so a
-    zero-initialized gate is moved off zero too)."""
-    leaves, treedef = jax.tree.flatten(params)
-    rms = [jnp.sqrt(jnp.mean(jnp.square(a))) if floating(a) else None for a in leaves]
+def leaf_scales(leaves) -> list:
+    """A scale per floating leaf (None for the others): its RMS; the global RMS for an all-zero leaf, so a
+    zero-initialized gate is moved off zero too; and when every parameter is zero (a zero-initialized model), a
+    fan-in scale 1 / sqrt(fan_in) (LeCun's, with the fan-in of Flax's and Haiku's (..., in, out) kernels: the
+    product of all axes but the last; 1 for biases), so "zero times anything" never makes a move vanish."""
+    rms = [jnp.sqrt(jnp.mean(jnp.square(a.astype(jnp.float32)))) if floating(a) else None for a in leaves]
     finite = [r for r in rms if r is not None]
     global_rms = jnp.sqrt(jnp.mean(jnp.stack(finite) ** 2)) if finite else jnp.float32(1.0)
+    scales = []
+    for a, r in zip(leaves, rms):
+        if r is None:
+            scales.append(None)
+            continue
+        fan_in = int(np.prod(a.shape[:-1])) if a.ndim >= 2 else 1
+        fallback = jnp.float32(1.0 / np.sqrt(max(fan_in, 1)))
+        scale = jnp.maximum(r, global_rms)
+        scales.append(jnp.where(scale > 0, scale, fallback))
+    return scales
+
+
+def perturb(params, seed, scale):
+    """``params`` plus noise of ``scale`` x the leaf's scale (:func:`leaf_scales`: its RMS, the global RMS for
+    all-zero leaves, a fan-in scale when every parameter is zero)."""
+    leaves, treedef = jax.tree.flatten(params)
     noise = unit_noise(seed, leaves)
-    moved = [a if r is None else a + (scale * jnp.maximum(r, global_rms)).astype(a.dtype) * z
-             for a, r, z in zip(leaves, rms, noise)]
+    moved = [a if r is None else a + (scale * r).astype(a.dtype) * z
+             for a, r, z in zip(leaves, leaf_scales(leaves), noise)]
+    return jax.tree.unflatten(treedef, moved)
+
+
+def sign_step(params, grads, scale):
+    """One step of sign gradient descent, ``params - scale x leaf scale x sign(grad)`` (what Adam's first step is,
+    Kingma & Ba 2015): every parameter with a gradient moves, every one without stays exactly where it is, so the
+    symmetries of the init that training keeps are kept (a random perturbation would break them). Non-finite
+    gradient elements do not move."""
+    leaves, treedef = jax.tree.flatten(params)
+    grad_leaves = treedef.flatten_up_to(grads)
+    moved = [a if r is None else a - (scale * r).astype(a.dtype) * jnp.where(jnp.isfinite(g), jnp.sign(g), 0)
+             .astype(a.dtype) for a, g, r in zip(leaves, grad_leaves, leaf_scales(leaves))]
     return jax.tree.unflatten(treedef, moved)

@@ -181,6 +181,8 @@ def test_exploding_activation_readings():
     assert f.evidence["per_layer_growth"] == pytest.approx((0.8 * 1.7 ** 19 / 0.4) ** (1 / 20))
     assert "explode across depth" in f.message and "h19" in f.message
     assert exploding(layers(*[1.7 ** i for i in range(20)])) != []  # integer inputs: counted from the first layer
+    (f,) = exploding(layers(1.0, 50.0, np.inf), 1.0)  # overflowed
+    assert f.severity is Severity.ERROR and "overflowing float32" in f.message and f.evidence["peak_layer"] == "h2"
 
 
 def test_relative_error_and_floor():

@@ -233,9 +233,7 @@ def growth(layers: list[dict[str, Any]], input_rms: float | None = None) -> list
     out = []
     low, low_at = (float(input_rms), -1) if input_rms is not None and np.isfinite(input_rms) else (np.inf, -1)
     for j, r in enumerate(layers):
-        level = r.get("rms", np.nan)
-        if not np.isfinite(level) and not r.get("finite", True):
-            level = np.inf  # overflowed: the largest growth there is
+        level = r.get("rms", np.nan)  # inf where the activations overflowed: the largest growth there is
         base = max(low, 1.0) if np.isfinite(low) else np.nan
         out.append((level / base if np.isfinite(base) else np.nan, low_at))
         if np.isfinite(level) and level < low:
@@ -268,11 +266,15 @@ def exploding_finding(layers: list[dict[str, Any]], input_rms: float | None, set
     # The gain per layer from the levels themselves (the floor only decides whether growth counts).
     with np.errstate(divide="ignore", over="ignore"):
         per_layer = float((end["rms"] / start_level) ** (1 / steps)) if start_level > 0 else float("inf")
-    above = f"{peak:.3g}x" + (" the unit scale" if start_level < 1 else "")
+    if np.isfinite(peak):
+        above = f"{peak:.3g}x" + (" the unit scale" if start_level < 1 else "")
+        rate = f"about {per_layer:.3g}x per layer; "
+    else:
+        above, rate = "overflowing float32", ""
     message = (f"Activations explode across depth at init: their RMS grows from {start_level:.3g} at "
                f"{start_name} to {end['rms']:.3g} at {end['layer']} ({end['function']}), {above}, over {steps} "
-               f"layer{'s' if steps > 1 else ''} (about {per_layer:.3g}x per layer; {inits}). The growth starts at "
-               f"{layers[first]['layer']} and passes {settings.exploding_activation_ratio:g}x at {onset}.")
+               f"layer{'s' if steps > 1 else ''} ({rate}{inits}). The growth starts at {layers[first]['layer']} and "
+               f"passes {settings.exploding_activation_ratio:g}x at {onset}.")
     if peak >= settings.exploding_activation_error_ratio:
         message += (f" Orders of magnitude: the outputs, the loss and the gradients are scaled by it too, so the "
                     f"first steps of training are spent (or diverge) undoing the init.")

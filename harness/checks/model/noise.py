@@ -55,7 +55,7 @@ def leaf_scales(leaves) -> list:
     zero-initialized gate is moved off zero too; and when every parameter is zero (a zero-initialized model), a
     fan-in scale 1 / sqrt(fan_in) (LeCun's, with the fan-in of Flax's and Haiku's (..., in, out) kernels: the
     product of all axes but the last; 1 for biases), so "zero times anything" never makes a move vanish."""
-    rms = [jnp.sqrt(jnp.mean(jnp.square(a.astype(jnp.float32)))) if floating(a) else None for a in leaves]
+    rms = [jnp.sqrt(jnp.mean(jnp.square(a))) if floating(a) else None for a in leaves]
     finite = [r for r in rms if r is not None]
     global_rms = jnp.sqrt(jnp.mean(jnp.stack(finite) ** 2)) if finite else jnp.float32(1.0)
     scales = []

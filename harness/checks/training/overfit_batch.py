@@ -27,6 +27,24 @@ the batch's target variance for regression, i.e. R^2 >= 0.99), counted above the
 accuracy) and whose loss still falls geometrically fast enough to reach the target within twice the budget passes
 with a note (the small CNN on digits_image at Adam 1e-3 ends at 0.017 with 100% accuracy, projected to reach 0.01
 near step 584).
+
+A failure is an ``error`` only when it means something is broken. The test's claim holds for a model *with enough
+capacity*; a linear regression on noisy targets, two tanh units on XOR or a 4-unit classifier cannot memorize 32
+arbitrary examples, and calling them broken is a false alarm. So a failed run is judged in two steps:
+
+1. Curves that show a defect whatever the model's size (:func:`bug_evidence`): a flipped sign, non-finite values, a
+   rising loss, no gradient at all, an output that ignores its input (its whole curve equals the zero-input
+   member's), a configured LR under which the loss does not move while a probe LR moves it. Error.
+2. Otherwise, what the model can fit (:class:`Capacity`, :func:`judge_capacity`; any model library, any loss): the
+   rank of the Jacobian of the batch's outputs w.r.t. the parameters, at a perturbed init, against the batch's
+   degrees of freedom (distinct examples x outputs, less one per softmax), which parameter count, a narrow layer and
+   frozen parameters all bound; measured on the batch and on one twice its size, since "able" means past the
+   interpolation threshold with room to spare. A model able to memorize that does not: error, as before. One
+   that is not able because parameters receive no gradient (a stop_gradient), or in which some examples' outputs
+   move with no parameter at all (a ReLU on a regression head): error, naming them. Otherwise a
+   small model: ``info`` with the facts (parameters, degrees of freedom, rank, narrowest layer, the best loss a
+   linear model reaches on the batch), or ``warning`` when it barely moved although a linear model gets far lower,
+   or ends clearly above a linear probe trained the same way while being at least as flexible as a linear model.
 """
 
 from __future__ import annotations
@@ -37,6 +55,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
 import numpy as np
 import optax
 
@@ -267,6 +286,40 @@ def probe_evidence(plan: Plan, probes: list[Curve], configured: Curve) -> tuple[
     return (pick(up) if up else None), (pick(down) if down else None)
 
 
+def has_no_gradient(configured: Curve) -> bool:
+    return configured.grad_norm0 < 1e-12 or not np.isfinite(configured.grad_norm0)
+
+
+def ignores_its_input(configured: Curve, zero_input: Curve) -> bool:
+    """Same init, same batch, same LR: a model whose output does not depend on its input trains exactly as it does
+    on all-zero inputs, so both curves match from start to end. (Equal *initial* losses alone also come from a
+    model whose input weights start at zero -- a zero-initialized linear model -- which then trains apart.)"""
+    def close(a, b):
+        return abs(a - b) <= 1e-5 * max(abs(a), abs(b), 1e-6)
+
+    return close(zero_input.initial, configured.initial) and close(zero_input.final, configured.final)
+
+
+def bug_evidence(g: "Reading") -> list[str]:
+    """What in the curves shows a defect whatever the model's size (a small model does none of these): a flipped
+    sign, non-finite values, a loss that rises, no gradient at all, an output that ignores its input, or a
+    configured LR under which the loss does not move while another LR moves it."""
+    c, reasons = g.configured, []
+    if g.flipped:
+        reasons.append("sign_flipped")
+    if c.diverged:
+        reasons.append("diverged")
+    if g.rise and g.rise["kind"] == "net_rise":
+        reasons.append("rising")
+    if has_no_gradient(c):
+        reasons.append("no_gradient")
+    if ignores_its_input(c, g.zero_input):
+        reasons.append("ignores_input")
+    if g.shape == "flat" and (g.higher or g.lower):
+        reasons.append("learning_rate_does_not_move_the_loss")
+    return reasons
+
+
 def rank_causes(shape: str, configured: Curve, zero_input: Curve, higher: dict | None, lower: dict | None,
                 probes: list[Curve], steps: int, target: float) -> list[str]:
     causes = []
@@ -285,9 +338,8 @@ def rank_causes(shape: str, configured: Curve, zero_input: Curve, higher: dict |
         causes.append(f"the learning rate is too high: {lower['factor']:g}x it ({lower['lr']:.3g}) "
                       + (f"reached the target at step {lower['steps_to_target']}" if lower["steps_to_target"]
                          is not None else f"reached loss {lower['final_loss']:.3g}"))
-    no_gradient = configured.grad_norm0 < 1e-12 or not np.isfinite(configured.grad_norm0)
-    # Same init, same batch: if all-zero inputs give the same initial loss, the output does not depend on the input.
-    ignores_input = abs(zero_input.initial - configured.initial) <= 1e-5 * max(abs(configured.initial), 1e-6)
+    no_gradient = has_no_gradient(configured)
+    ignores_input = ignores_its_input(configured, zero_input)
     if shape == "flat":
         if no_gradient:
             causes.append("no gradient reaches the parameters (gradient norm 0 at step 0): a stop_gradient, a "
@@ -388,6 +440,12 @@ def prefix_groups(x: np.ndarray) -> np.ndarray:
     return group.reshape(b, length)
 
 
+def input_groups(x: np.ndarray) -> np.ndarray:
+    """``(B,)`` group ids: examples ``i`` and ``j`` share a group exactly when their inputs are equal."""
+    rows = np.ascontiguousarray(np.asarray(x).reshape(len(x), -1))
+    return np.unique(rows, axis=0, return_inverse=True)[1].reshape(-1)
+
+
 def conditional_entropy(groups: np.ndarray, y: np.ndarray, num_classes: int) -> float:
     """The lowest mean built-in cross-entropy a causal model can reach on a batch: within each group of positions
     that see the same prefix (:func:`prefix_groups`) the model must predict one distribution, best the group's
@@ -420,6 +478,10 @@ def loss_floor(ctx, arrays: Arrays) -> tuple[float | None, str]:
     is followed by many others): its floor is the conditional entropy of the targets given the prefix. For the
     built-in cross-entropy it is computed exactly (:func:`conditional_entropy`); for other losses the outputs are
     minimized tied within each prefix group (one free output per group).
+
+    Duplicated inputs with conflicting targets are deliberately *not* tied here: a batch whose inputs collapsed to one
+    value (a pipeline that zeroes its features) would then have the labels' entropy as its floor and pass, and the
+    test exists to catch exactly that. They count once in the capacity judgement instead (:class:`Capacity`).
     """
     problem = ctx.problem
     xb, yb = np.asarray(arrays.x_train), np.asarray(arrays.y_train)
@@ -459,6 +521,394 @@ def loss_floor(ctx, arrays: Arrays) -> tuple[float | None, str]:
     return (float(last) if settled else None), kind
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Capacity: could this model memorize this batch at all?
+
+# Outputs (examples x outputs per example) up to which the Jacobian's rank is computed; beyond, parameters are
+# counted (an SVD of a 2048 x 1024 sketch takes about a second here).
+RANK_MAX_ROWS = 1024
+# "Able to memorize" means past the interpolation threshold with room to spare: able to fit a batch this many times
+# larger. At the threshold itself (exactly as many directions as the batch needs: softmax regression on 32 digits)
+# a fit exists but is ill-conditioned -- the condition number of random features diverges as their number reaches
+# the number of examples (Marchenko-Pastur; the peak of double descent, Belkin et al., PNAS 2019) -- and Adam at
+# 1e-3 ends 500 steps at 100% accuracy with the loss at 0.39, slow, not broken.
+SLACK = 2
+# Parameters are perturbed by this fraction of their scale before the Jacobian is taken, so its rank is the
+# architecture's generic rank, not that of a special init (all-zero or symmetric layers, which training leaves).
+PERTURBATION = 0.1
+# "Clearly worse than a linear model": less than half of the improvement a linear correction trained the same way
+# makes from the same untrained outputs.
+LINEAR_SHARE = 0.5
+LINEAR_MAX_PARAMS = 4_000_000  # a linear map from the flattened input to every output larger than this: no probe
+
+
+@dataclasses.dataclass
+class Capacity:
+    """What the model can fit on this batch, independent of how training went.
+
+    The rank of the Jacobian of the batch's outputs with respect to the parameters is the number of independent
+    directions in which the parameters can move the outputs; memorizing arbitrary targets needs one per output
+    number (less one per softmax over classes, which ignores a shift of all logits). A full-rank Jacobian is the
+    condition under which gradient descent drives the training loss to zero (the neural tangent kernel on the batch
+    is non-degenerate: Jacot et al., NeurIPS 2018; Du et al., ICLR 2019; Liu, Zhu & Belkin, ACHA 2022). Parameter
+    count, a narrow layer and frozen parameters all bound this rank, and it is computed for any model from its
+    apply function alone.
+    """
+
+    params: int
+    outputs_per_example: int
+    dof_per_example: int  # outputs per example, less one per softmax over classes
+    distinct_examples: int
+    batch_dof: int  # distinct examples x dof per example: what memorizing this batch must set
+    jacobian_rank: int | None  # on this batch; None when not computed (see note)
+    slack_examples: int  # the larger batch (SLACK x) on which the rank is also measured
+    slack_dof: int
+    slack_rank: int | None
+    frozen: tuple[str, ...] = ()  # parameter leaves that receive no gradient from the outputs
+    frozen_params: int = 0
+    stuck_examples: int = 0  # examples of the batch whose outputs no parameter moves at all
+    narrowest: dict | None = None  # the narrowest activation: {"layer", "function", "units"}
+    linear_rank: int | None = None  # what a linear model's Jacobian reaches on this batch
+    linear_loss: float | None = None  # the best loss a linear model reaches on this batch
+    linear_probe: Curve | None = None  # the untrained model plus a linear map, trained like the model
+    note: str | None = None
+
+    @property
+    def able(self) -> bool:
+        """Able to memorize this batch with room to spare (SLACK): the rank covers twice the batch, or without a
+        rank, the trainable parameters outnumber what twice the batch needs."""
+        if self.slack_rank is not None:
+            return self.slack_rank >= self.slack_dof
+        return self.params - self.frozen_params >= self.slack_dof
+
+    @property
+    def frozen_explains(self) -> bool:
+        """Frozen parameters are enough to make up what the model lacks (the directions missing from twice the
+        batch): they, not the model's size, may be what keeps it from memorizing. (A bias before a BatchNorm gets
+        no gradient either, by design; a few such parameters cannot make up a bottleneck's deficit.)"""
+        if not self.frozen or self.able:
+            return False
+        reached = self.slack_rank if self.slack_rank is not None else self.params - self.frozen_params
+        return self.frozen_params >= self.slack_dof - reached
+
+    @property
+    def as_flexible_as_linear(self) -> bool:
+        """Whether the model moves the batch's outputs in at least as many directions as a linear model does: only
+        then is a linear model a bar it should clear."""
+        if self.linear_rank is None:
+            return False
+        rank = self.jacobian_rank if self.jacobian_rank is not None else self.params - self.frozen_params
+        return rank >= self.linear_rank
+
+    @property
+    def max_examples(self) -> int:
+        """About how many distinct examples the model can fit exactly."""
+        rank = self.jacobian_rank if self.jacobian_rank is not None else self.params - self.frozen_params
+        return int(rank // max(self.dof_per_example, 1))
+
+    def evidence(self) -> dict[str, Any]:
+        out = dict(params=self.params, batch_degrees_of_freedom=self.batch_dof,
+                   distinct_examples=self.distinct_examples, outputs_per_example=self.outputs_per_example,
+                   jacobian_rank=self.jacobian_rank, slack_examples=self.slack_examples,
+                   slack_degrees_of_freedom=self.slack_dof, slack_jacobian_rank=self.slack_rank,
+                   narrowest_layer=self.narrowest, frozen_parameters=self.frozen_params,
+                   frozen_leaves=list(self.frozen), stuck_examples=self.stuck_examples,
+                   linear_model_rank=self.linear_rank,
+                   linear_model_loss=self.linear_loss, able_to_memorize=self.able)
+        if self.linear_probe is not None:
+            out.update(linear_probe_initial_loss=self.linear_probe.initial,
+                       linear_probe_final_loss=self.linear_probe.final)
+        if self.note:
+            out["note"] = self.note
+        return out
+
+    def describe(self) -> str:
+        """One sentence of capacity facts."""
+        if self.jacobian_rank is not None:
+            text = (f"its {self.params} parameters move the batch's outputs in {self.jacobian_rank} independent "
+                    f"directions, of the {self.batch_dof} that memorizing {self.distinct_examples} examples x "
+                    f"{self.dof_per_example} outputs needs (a batch of {self.slack_examples}: "
+                    f"{self.slack_rank} of {self.slack_dof})")
+        else:
+            text = (f"it has {self.params} parameters for the {self.batch_dof} numbers that memorizing "
+                    f"{self.distinct_examples} examples x {self.dof_per_example} outputs sets")
+        if self.narrowest:
+            text += (f"; its narrowest layer, {self.narrowest['layer']}, has {self.narrowest['units']} units per "
+                     f"example")
+        if self.frozen:
+            text += (f"; {self.frozen_params} parameters ({', '.join(self.frozen[:3])}"
+                     f"{', ...' if len(self.frozen) > 3 else ''}) receive no gradient")
+        return text
+
+
+def per_example_dof(outputs_shape: tuple[int, ...], classification: bool) -> tuple[int, int, bool]:
+    """(outputs per example, what memorizing must set per example, whether logits are centered): a softmax over the
+    last axis ignores a common shift of its logits, so C logits carry C - 1 degrees of freedom."""
+    k = int(math.prod(outputs_shape[1:]))
+    classes = int(outputs_shape[-1]) if len(outputs_shape) > 1 else 1
+    if classification and classes > 1:
+        return k, k - k // classes, True
+    return k, k, False
+
+
+def numerical_rank(a: np.ndarray) -> int | None:
+    """The rank of ``a`` at numpy's ``matrix_rank`` tolerance for float32 data (largest singular value x largest
+    dimension x machine epsilon; Press et al., Numerical Recipes, 3rd ed., section 2.6): structural zeros, which a
+    bottleneck or a count of parameters makes, stay zero to round-off; None if ``a`` is not finite."""
+    a = np.asarray(a, np.float64)
+    if a.size == 0:
+        return 0
+    if not np.all(np.isfinite(a)):
+        return None
+    sv = np.linalg.svd(a, compute_uv=False)
+    if sv[0] == 0:
+        return 0
+    return int(np.sum(sv > sv[0] * max(a.shape) * np.finfo(np.float32).eps))
+
+
+def stuck_examples(sketch: np.ndarray, n: int) -> int:
+    """Examples whose outputs no parameter moves (their rows of the Jacobian are zero, up to round-off against the
+    largest example's): a healthy model of any size moves every example's output (an output bias alone does), so
+    this is a ReLU or clip on the outputs, or units dead for those examples."""
+    rows = np.abs(np.asarray(sketch, np.float64)).reshape(sketch.shape[0], n, -1).max(axis=(0, 2))
+    if not np.all(np.isfinite(rows)) or rows.max(initial=0.0) == 0:
+        return 0
+    return int(np.sum(rows <= 1e-6 * rows.max()))
+
+
+def _perturbed(params, key):
+    """``params`` plus Gaussian noise of PERTURBATION x each leaf's RMS (the model's RMS for an all-zero leaf,
+    0.01 if every parameter is zero): a generic point near the init (a relative perturbation alone would leave
+    zero-initialized layers at zero)."""
+    leaves, treedef = jax.tree.flatten(params)
+    squares = [jnp.sum(jnp.square(leaf.astype(jnp.float32))) for leaf in leaves]
+    total = sum(leaf.size for leaf in leaves)
+    model_rms = jnp.sqrt(sum(squares) / max(total, 1))
+    fallback = jnp.where(model_rms > 0, model_rms, 1e-2)
+    out = []
+    for i, (leaf, square) in enumerate(zip(leaves, squares)):
+        rms = jnp.sqrt(square / max(leaf.size, 1))
+        scale = PERTURBATION * jnp.where(rms > 0, rms, fallback)
+        noise = jax.random.normal(jax.random.fold_in(key, i), leaf.shape, jnp.float32)
+        out.append(leaf + (scale * noise).astype(leaf.dtype))
+    return jax.tree.unflatten(treedef, out)
+
+
+def jacobian_facts(ctx, x: np.ndarray, center: bool) -> tuple[np.ndarray, np.ndarray]:
+    """A Gaussian sketch of the Jacobian of the outputs on ``x`` (flattened, example-major) with respect to the
+    parameters at a perturbed init, ``(sketch columns, outputs)``, and each parameter leaf's largest gradient for a
+    random cotangent (0 exactly: the leaf does not reach the outputs). The sketch ``J @ S``, ``S`` Gaussian with
+    twice as many columns as ``J`` has rows (or the identity when there are fewer parameters), has the rank of ``J``
+    and a condition number within a small factor of its own (Halko, Martinsson & Tropp, SIAM Review 2011), computed
+    with forward-mode products only: memory of the sketch, not of ``J``."""
+    problem = ctx.problem
+    model = problem.model
+    shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x[:1]), x)
+    n_params = int(sum(leaf.size for leaf in jax.tree.leaves(shapes.params)))
+    out_shape = jax.eval_shape(
+        lambda x: model.apply(*model.init(jax.random.key(0), x[:1]), x, train=True, regularization=False)[0], x)
+    rows = int(math.prod(out_shape.shape))
+    columns = min(n_params, 2 * rows)
+    exact = columns == n_params
+
+    def program(x, seed):
+        key = jax.random.key(seed)
+        params, state = model.init(key, x[:1])
+        params = _perturbed(params, jax.random.fold_in(key, 1))
+        flat, unravel = ravel_pytree(params)
+
+        def outputs_of(p):
+            out = model.apply(p, state, x, train=True, regularization=False)[0]
+            if center:
+                out = out - jnp.mean(out, axis=-1, keepdims=True)
+            return jnp.reshape(out, (-1,)).astype(jnp.float32)
+
+        sketch_key = jax.random.fold_in(key, 2)
+
+        def column(i):
+            if exact:
+                tangent = jax.nn.one_hot(i, n_params, dtype=flat.dtype)
+            else:
+                tangent = jax.random.normal(jax.random.fold_in(sketch_key, i), flat.shape, flat.dtype)
+            return jax.jvp(lambda f: outputs_of(unravel(f)), (flat,), (tangent,))[1]
+
+        sketch = jax.lax.map(column, jnp.arange(columns), batch_size=min(columns, 32))
+        _, pullback = jax.vjp(outputs_of, params)
+        cotangent = jax.random.normal(jax.random.fold_in(key, 3), (rows,), jnp.float32)
+        grads = pullback(cotangent)[0]
+        largest = jnp.stack([jnp.max(jnp.abs(g.astype(jnp.float32))) if g.size else jnp.float32(0)
+                             for g in jax.tree.leaves(grads)])
+        return sketch, largest
+
+    sketch, largest = programs.run(f"{NAME}/capacity", program, x, np.int32(ctx.seed),
+                                   static_key=(NAME, "capacity", problem, columns, center),
+                                   opt_level=ctx.engine.opt_level)
+    return np.asarray(sketch), np.asarray(largest)
+
+
+def narrowest_layer(model, x: np.ndarray) -> dict | None:
+    """The activation with the fewest numbers per example, read off the traced program
+    (:func:`harness.checks.model.capture.record_activations`; any model library): the bottleneck every signal passes
+    (None for a model without activation functions, such as a linear one)."""
+    from harness.checks.model import capture
+
+    found: list[tuple[str, str, tuple]] = []
+
+    def traced(x):
+        params, state = model.init(jax.random.key(0), x[:1])
+
+        def apply(p, x):
+            return model.apply(p, state, x, train=True, regularization=False)[0]
+
+        out, acts = capture.record_activations(apply, params, x, name_path=model.name_path)
+        found.extend((a.name, a.function, tuple(a.output.shape)) for a in acts)
+        return out
+
+    jax.eval_shape(traced, x)
+    units = [(int(math.prod(shape[1:])), name, function) for name, function, shape in found
+             if len(shape) >= 2 and shape[0] == len(x)]
+    if not units:
+        return None
+    size, name, function = min(units, key=lambda u: u[0])
+    return dict(layer=name, function=function, units=size)
+
+
+def linear_probes(ctx, arrays: Arrays, lr: float, steps: int) -> tuple[float | None, Curve | None]:
+    """Two linear references on the batch, with the user's own loss.
+
+    * The best a linear model reaches (``x -> W x + b`` on the flattened, standardized inputs; a linear model
+      reaches the same losses on raw inputs): Adam with a cosine-decayed step for FLOOR_STEPS steps, from the
+      least-squares solution for regression targets (the optimum for squared error) or from zero; the lowest loss
+      of the run (every iterate is a linear model).
+    * A linear probe trained like the model: the model's own untrained outputs plus ``W x + b`` (from zero), with
+      the configured optimizer and learning rate for the same number of steps. It starts at the model's untrained
+      loss and differs from the model only in what it can represent; for a model that is itself linear it follows
+      the model's own curve. A model at least as flexible as a linear one that ends clearly above it is not using
+      what it has (saturated or dead units, an init or learning rate it cannot escape).
+
+    ``(None, None)`` for token inputs (a linear map of token ids means nothing) and for maps too large."""
+    from harness.optim import make_optimizer
+
+    problem = ctx.problem
+    model = problem.model
+    xb, yb = np.asarray(arrays.x_train), np.asarray(arrays.y_train)
+    if not np.issubdtype(xb.dtype, np.floating):
+        return None, None
+    out_shape = jax.eval_shape(
+        lambda x: model.apply(*model.init(jax.random.key(0), x[:1]), x, train=True, regularization=False)[0], xb)
+    b, d, k = len(xb), int(math.prod(xb.shape[1:])), int(math.prod(out_shape.shape[1:]))
+    if d * k > LINEAR_MAX_PARAMS:
+        return None, None
+    flat = xb.reshape(b, d).astype(np.float64)
+    mean, std = flat.mean(axis=0), flat.std(axis=0)
+    standardized = np.where(std > 0, (flat - mean) / np.where(std > 0, std, 1.0), 0.0).astype(np.float32)
+    w0, b0 = np.zeros((d, k), np.float32), np.zeros(k, np.float32)
+    if not problem.classification and yb.size == b * k:
+        design = np.concatenate([standardized, np.ones((b, 1), np.float32)], axis=1).astype(np.float64)
+        solution = np.linalg.lstsq(design, yb.reshape(b, k).astype(np.float64), rcond=None)[0]
+        if np.all(np.isfinite(solution)):
+            w0, b0 = solution[:-1].astype(np.float32), solution[-1].astype(np.float32)
+
+    def program(x, x_flat, x_std, y, lr, w0, b0, seed):
+        params, state = model.init(jax.random.key(seed), x[:1])
+        untrained = jax.lax.stop_gradient(model.apply(params, state, x, train=True, regularization=False)[0])
+
+        def scan(loss_of, tx, start, length):
+            def step(carry, _):
+                p, opt_state = carry
+                loss, grad = jax.value_and_grad(loss_of)(p)
+                updates, opt_state = tx.update(grad, opt_state, p)
+                return (optax.apply_updates(p, updates), opt_state), loss
+
+            return jax.lax.scan(step, (start, tx.init(start)), None, length=length)[1]
+
+        def best_loss(p):
+            return mean_loss(problem.loss_fn, jnp.reshape(x_std @ p[0] + p[1], untrained.shape), y)
+
+        def probe_loss(p):
+            return mean_loss(problem.loss_fn, untrained + jnp.reshape(x_flat @ p[0] + p[1], untrained.shape), y)
+
+        best = scan(best_loss, optax.adam(optax.cosine_decay_schedule(FLOOR_PEAK_LR, FLOOR_STEPS, alpha=1e-3)),
+                    (w0, b0), FLOOR_STEPS)
+        zeros = (jnp.zeros_like(w0), jnp.zeros_like(b0))
+        probe = scan(probe_loss, make_optimizer(problem.optim, lr, 0.0), zeros, steps)
+        return best, probe
+
+    args = (xb, flat.astype(np.float32), standardized, yb, np.float32(lr), w0, b0, np.int32(ctx.seed))
+    best, probe = programs.run(f"{NAME}/linear_probes", program, *args,
+                               static_key=(NAME, "linear_probes", problem, steps, FLOOR_STEPS),
+                               opt_level=ctx.engine.opt_level)
+    best = np.asarray(best, np.float64)
+    best = float(np.min(best[np.isfinite(best)])) if np.isfinite(best).any() else None
+    probe = np.asarray(probe, np.float64)
+    nonfinite = np.flatnonzero(~np.isfinite(probe))
+    curve = read_curve(probe, -np.inf, int(nonfinite[0]) if nonfinite.size else -1, np.zeros(len(probe)))
+    return best, (curve if np.isfinite(curve.initial) else None)
+
+
+def linear_rank(x: np.ndarray, dof_per_example: int) -> int | None:
+    """The rank a linear model's Jacobian reaches on the batch: that of ``[x, 1]`` (distinct rows) per output
+    degree of freedom. None for token inputs."""
+    if not np.issubdtype(np.asarray(x).dtype, np.floating):
+        return None
+    rows = np.unique(np.asarray(x, np.float64).reshape(len(x), -1), axis=0)
+    design = np.concatenate([rows, np.ones((len(rows), 1))], axis=1)
+    return int(np.linalg.matrix_rank(design)) * dof_per_example
+
+
+def judge_capacity(ctx, settings: Settings, arrays: Arrays, lr: float, *, probes: bool) -> Capacity:
+    """The capacity facts of the configured model on the overfit batch (and on a batch SLACK times larger, drawn the
+    same way: the overfit batch is its prefix). ``probes``: also train the linear references."""
+    problem = ctx.problem
+    model = problem.model
+    classification = problem.classification
+    xb = np.asarray(arrays.x_train)
+    n = len(xb)
+    idx = choose_batch(ctx.arrays.y_train, SLACK * n, classification)
+    x2 = np.asarray(ctx.arrays.x_train)[idx]
+    shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x[:1]), xb)
+    named = model.flat_params(shapes.params)
+    n_params = int(sum(leaf.size for leaf in named.values()))
+    out_shape = jax.eval_shape(
+        lambda x: model.apply(*model.init(jax.random.key(0), x[:1]), x, train=True, regularization=False)[0], xb)
+    k, dof, center = per_example_dof(tuple(out_shape.shape), classification)
+    distinct, distinct2 = int(input_groups(xb).max()) + 1, int(input_groups(x2).max()) + 1
+    cap = Capacity(params=n_params, outputs_per_example=k, dof_per_example=dof, distinct_examples=distinct,
+                   batch_dof=distinct * dof, jacobian_rank=None, slack_examples=len(x2), slack_dof=distinct2 * dof,
+                   slack_rank=None)
+    if len(x2) * k > RANK_MAX_ROWS:
+        cap.note = (f"the Jacobian's rank was not computed ({len(x2) * k} outputs, over {RANK_MAX_ROWS}): "
+                    f"parameters counted instead")
+    else:
+        try:
+            sketch, largest = jacobian_facts(ctx, x2, center)
+            rows = n * k  # the overfit batch's outputs come first (example-major)
+            cap.jacobian_rank = numerical_rank(sketch[:, :rows])
+            cap.slack_rank = numerical_rank(sketch)
+            cap.stuck_examples = stuck_examples(sketch[:, :rows], n)
+            frozen = [(name, int(leaf.size)) for (name, leaf), g in zip(named.items(), largest)
+                      if leaf.size and g == 0]
+            cap.frozen = tuple(name for name, _ in frozen)
+            cap.frozen_params = sum(size for _, size in frozen)
+        except Exception as err:  # noqa: BLE001 - forward-mode autodiff unsupported (a custom_vjp): count instead
+            cap.note = f"the Jacobian's rank could not be computed ({type(err).__name__}): parameters counted instead"
+    try:
+        cap.narrowest = narrowest_layer(model, xb)
+    except Exception:  # noqa: BLE001 - evidence only
+        cap.narrowest = None
+    cap.linear_rank = linear_rank(xb, dof)
+    if probes:
+        cap.linear_loss, cap.linear_probe = _linear_references(ctx, arrays, lr, settings.steps)
+    return cap
+
+
+def _linear_references(ctx, arrays: Arrays, lr: float, steps: int) -> tuple[float | None, Curve | None]:
+    try:
+        return linear_probes(ctx, arrays, lr, steps)
+    except Exception:  # noqa: BLE001 - a loss that only works on the model's own outputs: no linear reference
+        return None, None
+
+
 def run_program(ctx, settings: Settings) -> tuple[Plan, Arrays, SweepResult]:
     arrays, _ = batch_arrays(ctx, settings)
     lr = settings.lr if settings.lr is not None else ctx.optim.lr
@@ -491,6 +941,7 @@ class Reading:
     shape: str | None  # how it failed, None when passed
     higher: dict | None  # a higher-LR probe that did much better
     lower: dict | None
+    capacity: Capacity | None = None  # judged only for a failed run whose curves show no bug (judge_capacity)
 
     def evidence(self) -> dict[str, Any]:
         c = self.configured
@@ -501,6 +952,8 @@ class Reading:
             first_nonfinite_step=c.first_nonfinite)
         if self.classification:
             out.update(final_batch_accuracy=self.final_acc, untrained_batch_accuracy=self.untrained_acc)
+        if self.capacity is not None:
+            out["capacity"] = self.capacity.evidence()
         return out
 
 
@@ -553,7 +1006,69 @@ def _fix_for(first_cause: str, g: Reading) -> str:
         return "Check that the model's forward pass uses its input (a variable overwritten, a wrong argument)."
     if "sign is flipped" in first_cause:
         return "Negate the loss back so that lower is better."
+    if "do not move with any parameter" in first_cause:
+        return ("Remove the ReLU/clip from the output layer (a regression head outputs any real number), or find "
+                "the units that are dead for those examples.")
+    if "receive no gradient" in first_cause:
+        return ("Find what stops the gradient to those parameters: a stop_gradient, a detached array, a layer built "
+                "but never called. If they are frozen on purpose (a pretrained backbone), what still trains is too "
+                "small to memorize the batch.")
     return "Fix the first cause."
+
+
+def small_model_finding(g: Reading, cap: Capacity, evidence: dict):
+    """A failed run of a model that cannot memorize the batch, with no bug in its curves: info, or a warning when
+    it barely moved although something reaches lower, or ends clearly above a linear probe trained the same way
+    while being at least as flexible as a linear model."""
+    c, probe = g.configured, cap.linear_probe
+    acc = f", batch accuracy {g.final_acc:.0%}" if g.classification else ""
+    how = {"slow": ", still falling at the end", "stalled": ", where it plateaued", "flat": ""}.get(g.shape, "")
+    ran = (f"on one batch of {g.batch_size} examples in {g.steps} steps its loss went from {c.initial:.3g} to "
+           f"{c.final:.3g}{how}{acc} (target {g.target:.3g})")
+    if cap.jacobian_rank is not None and cap.jacobian_rank >= cap.batch_dof:
+        what = "a model at the edge of its capacity on this batch, able to fit it with no room to spare"
+    else:
+        what = "a model too small to memorize one batch"
+    context = []
+    if cap.linear_loss is not None:
+        context.append(f"the best linear model reaches {cap.linear_loss:.3g} on this batch")
+    if probe is not None:
+        context.append(f"a linear correction to the untrained model, trained the same way, {probe.initial:.3g} -> "
+                       f"{probe.final:.3g}")
+    if g.higher is not None and g.higher["steps_to_target"] is not None:
+        context.append(f"at {g.higher['factor']:g}x the LR ({g.higher['lr']:.3g}) it reached the target at step "
+                       f"{g.higher['steps_to_target']}, slow at the configured LR rather than broken")
+    context_text = f" For comparison: {'; '.join(context)}." if context else ""
+    reachable = [v for v in (cap.linear_loss, probe.final if probe is not None else None)
+                 if v is not None and np.isfinite(v)]
+    facts = dict(**evidence, failure=g.shape, small_model=True)
+    if g.shape == "flat" and reachable and c.initial - min(reachable) > FLAT_FRACTION * abs(c.initial):
+        return warning(
+            "train.overfit_batch",
+            f"{what} ({cap.describe()}), but it barely learned at all: {ran}, "
+            f"although a linear model gets to {min(reachable):.3g}.{context_text}",
+            "Check the learning rate, the initialization, and dead (ReLU) or saturated (tanh/sigmoid) units "
+            "(the model stage's findings): even a small model should improve on its untrained loss.",
+            **facts)
+    if (probe is not None and cap.as_flexible_as_linear and probe.final < probe.initial
+            and c.final - probe.final > LINEAR_SHARE * (probe.initial - probe.final)):
+        return warning(
+            "train.overfit_batch",
+            f"{what} ({cap.describe()}), and it does worse than a linear model: {ran}, while a linear correction "
+            f"to the same untrained outputs, trained with the same optimizer and learning rate for as long, "
+            f"reaches {probe.final:.3g}. It moves the batch's outputs in "
+            f"at least as many directions as a linear model ({cap.linear_rank}), so it should not end above one."
+            + context_text,
+            "Look for saturated (tanh/sigmoid) or dead (ReLU) units, an initialization the optimizer cannot leave, "
+            "or a learning rate that suits a linear model better (the model stage's findings; the LR range test).",
+            **facts)
+    return info(
+        "train.overfit_batch",
+        f"{what}: {cap.describe()}; {ran}.{context_text} This is what a model of this size does on arbitrary "
+        f"examples, not a sign that training is broken.",
+        "Nothing to fix if the size is deliberate. The overfit test finds bugs in models with room to memorize a "
+        f"batch (this one fits about {cap.max_examples} examples exactly); the other diagnostics still apply.",
+        **facts)
 
 
 def findings_for(g: Reading) -> list:
@@ -590,9 +1105,20 @@ def findings_for(g: Reading) -> list:
             + "; if every LR diverges, look for log(0), division by zero or overflow in the model and loss, and "
               "consider gradient clipping (optim.clip_norm=1.0).",
             **evidence))
-    if not g.passed:
+    cap = g.capacity
+    if (not g.passed and cap is not None and not cap.able and not cap.frozen_explains and not cap.stuck_examples
+            and not bug_evidence(g)):
+        findings.append(small_model_finding(g, cap, evidence))
+    elif not g.passed:
         causes = (["the loss's sign is flipped (see train.loss_increasing)"] if g.flipped else
                   rank_causes(g.shape, c, g.zero_input, g.higher, g.lower, g.probes, g.steps, g.target))
+        if cap is not None and cap.stuck_examples:
+            causes.insert(0, f"the outputs of {cap.stuck_examples} of the {g.batch_size} examples do not move with "
+                             f"any parameter: a ReLU or clip on the model's output, or units dead for those examples")
+        if cap is not None and cap.frozen and (cap.frozen_explains or cap.able):
+            causes.insert(0, f"{cap.frozen_params} of the {cap.params} parameters receive no gradient from the "
+                             f"outputs ({', '.join(cap.frozen[:3])}{', ...' if len(cap.frozen) > 3 else ''}): a "
+                             f"stop_gradient, a detached or unused layer")
         seen = {
             "sign_flipped": "the loss fell only because its sign is flipped",
             "diverged": f"the loss went non-finite at step {c.first_nonfinite}",
@@ -601,11 +1127,18 @@ def findings_for(g: Reading) -> list:
             "stalled": f"the loss fell then plateaued ({c.initial:.3g} -> {c.final:.3g})",
         }[g.shape]
         acc_text = f", batch accuracy {g.final_acc:.0%}" if g.classification else ""
+        able_text = ""
+        if cap is not None and cap.able:
+            able_text = f" It has the capacity to: {cap.describe()}."
+        elif cap is not None and cap.frozen_explains:
+            able_text = f" It could have the capacity if all its parameters trained: {cap.describe()}."
+        elif cap is not None and cap.stuck_examples:
+            able_text = f" Whatever its size, some examples' outputs cannot move: {cap.describe()}."
         findings.append(error(
             "train.overfit_batch",
             f"the model could not memorize one batch of {g.batch_size} examples in {g.steps} steps with "
-            f"regularization off: {seen}{acc_text}; target {g.target:.3g}. Likely causes, most likely first: "
-            + "; ".join(f"({i + 1}) {cause}" for i, cause in enumerate(causes)) + ".",
+            f"regularization off: {seen}{acc_text}; target {g.target:.3g}.{able_text} Likely causes, most likely "
+            "first: " + "; ".join(f"({i + 1}) {cause}" for i, cause in enumerate(causes)) + ".",
             _fix_for(causes[0], g) + " A model that cannot memorize one batch will not learn the data set; re-run "
             "`harness diagnostics.run=[overfit_batch]` after each change.",
             **evidence, failure=g.shape, causes=causes, probe_higher_lr=g.higher, probe_lower_lr=g.lower,
@@ -631,6 +1164,12 @@ def run(ctx, settings: Settings) -> Outcome:
         target = default_target(classification, arrays.y_train) + max(floor or 0.0, 0.0)
     g = read(plan, r, target=target, steps=settings.steps, batch_size=len(arrays.x_train),
              classification=classification, loss_name=ctx.loss_name, num_classes=ctx.dataset.num_classes)
+    if not g.passed and not bug_evidence(g):
+        # Only a failure with no bug in its curves needs the capacity judgement; the linear references only when
+        # the model turns out unable to memorize (what its finding compares against).
+        g.capacity = judge_capacity(ctx, settings, arrays, plan.lr, probes=False)
+        if not g.capacity.able and not g.capacity.frozen_explains and not g.capacity.stuck_examples:
+            g.capacity.linear_loss, g.capacity.linear_probe = _linear_references(ctx, arrays, plan.lr, settings.steps)
     c = g.configured
     metrics = {
         f"{NAME}/passed": bool(g.passed),
@@ -644,6 +1183,11 @@ def run(ctx, settings: Settings) -> Outcome:
         f"{NAME}/batch_size": g.batch_size,
         f"{NAME}/failure": g.shape or "none",
     }
+    if g.capacity is not None:
+        cap = g.capacity
+        metrics.update({f"{NAME}/able_to_memorize": cap.able, f"{NAME}/params": cap.params,
+                        f"{NAME}/batch_dof": cap.batch_dof, f"{NAME}/jacobian_rank": cap.jacobian_rank,
+                        f"{NAME}/linear_model_loss": cap.linear_loss})
     if classification:
         metrics[f"{NAME}/final_batch_accuracy"] = g.final_acc
     labelled = {"configured": (plan.lr, c)}

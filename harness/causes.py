@@ -57,6 +57,10 @@ EXPLAINS: dict[str, frozenset[str]] = {
     "model.saturated_units": frozenset({"model.gradient_flow"}) | TRAINING_FAILURES,
     "model.dead_units": frozenset({"model.gradient_flow"}) | TRAINING_FAILURES,
     "model.gradient_flow": TRAINING_FAILURES,
+    # Hidden weights all zero at init (a zero-init MLP): every unit computes 0 -- dead or saturated by construction --
+    # and training never breaks their symmetry. The cause, not a symptom of the dead units it makes.
+    "model.gradient_flow:zero_init": frozenset({"model.dead_units", "model.saturated_units",
+                                                "model.initial_loss"}) | TRAINING_FAILURES,
     "model.initial_loss": TRAINING_FAILURES,
     # A loss whose sign is flipped is driven to -inf: training diverges and every control fails.
     "train.loss_increasing": TRAINING_FAILURES - {"train.loss_increasing"},
@@ -65,6 +69,14 @@ EXPLAINS: dict[str, frozenset[str]] = {
     # A configured LR far outside the usable range: nothing else trains well at it.
     "train.learning_rate": frozenset({"train.overfit_batch", "train.no_signal", "train.capacity"}),
 }
+
+
+def kind(f: Finding) -> str:
+    """The finding's key in :data:`EXPLAINS`: its id, refined where one id covers a cause and a symptom
+    (``model.gradient_flow`` is a symptom of dead units, but a zero-initialized hidden layer is their cause)."""
+    if f.id == "model.gradient_flow" and f.evidence.get("zero_initialized"):
+        return "model.gradient_flow:zero_init"
+    return f.id
 
 
 def _check_acyclic(table: dict[str, frozenset[str]]) -> None:
@@ -130,7 +142,7 @@ def reconcile(findings: list[Finding], evidence: TrainingEvidence) -> list[Findi
     candidates = [f for f in checklist_order(out) if f.severity is not Severity.INFO]
 
     def explained(g: Finding, by: Finding) -> bool:
-        return by is not g and by.id != g.id and g.id in EXPLAINS.get(by.id, ())
+        return by is not g and by.id != g.id and kind(g) in EXPLAINS.get(kind(by), ())
 
     roots = [f for f in candidates if not any(explained(f, c) for c in candidates)]
     assigned: dict[int, Finding] = {}  # id(symptom) -> its root cause

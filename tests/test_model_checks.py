@@ -18,7 +18,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from helpers import compose, replace_group
+from helpers import compose, headline, replace_group
 
 import planted
 from harness.checks import model
@@ -545,6 +545,22 @@ PLANTED = {
 }
 
 
+# The cause each planted bug's report must headline (harness.causes): e.g. the explosion, not the initial loss it
+# causes; the zero-initialized layers, not the dead units they make.
+HEADLINE = {
+    **{name: "model.forward" for name in ("forward_raises", "python_branch", "wrong_output_shape", "loss_broadcasts",
+                                          "loss_raises", "nan_outputs")},
+    "double_softmax": "model.output_range", "large_output_init": "model.initial_loss",
+    "detached_features": "model.gradient_flow", "nan_gradient": "model.gradient_flow",
+    "deep_sigmoid": "model.dead_units", "wrong_backward": "model.gradient_check",
+    "reshape_not_transpose": "model.batch_dependence", "softmax_over_batch": "model.batch_dependence",
+    "dead_relus": "model.dead_units", "saturated_tanh": "model.saturated_units",
+    "exploding_relu": "model.exploding_activations", "exploding_relu_user_loss": "model.exploding_activations",
+    "large_output_init_user_loss": "model.initial_loss", "confident_probabilities_user_loss": "model.initial_loss",
+    "saturated_pre_activations": "model.saturated_units", "zero_init_mlp": "model.gradient_flow",
+}
+
+
 @functools.cache
 def planted_outcome(name):
     """The model stage's outcome on one planted bug, computed once per test process (whichever test asks first)."""
@@ -558,6 +574,7 @@ def test_planted_bug_fires(name):
     outcome = planted_outcome(name)
     assert sorted(problems(outcome)) == sorted(expected), [f.message for f in outcome.findings]
     assert any(text in f.message for f in outcome.findings), [f.message for f in outcome.findings]
+    assert headline(outcome.findings) == HEADLINE[name]
     for f in outcome.findings:
         assert f.id in FINDING_IDS and f.suggestion and f.evidence
 

@@ -88,6 +88,10 @@ class RunConfig:
     choices: dict[str, str]  # which config of each group was picked (data=digits, model=mlp, ...)
     raw: dict[str, Any]  # the full resolved config, for report.json and W&B
     framework: str = "auto"  # model.framework: the model's library, or detected from what the factory returns
+    # The user's own training run (``train.steps`` / ``train.epochs``), None when not given: the LR range test
+    # suggests and judges the learning rate for this length (it reads them through its own settings).
+    train_steps: int | None = None
+    train_epochs: float | None = None
 
 
 def import_target(path: str, key: str) -> Callable:
@@ -259,6 +263,21 @@ def to_container(cfg: DictConfig) -> dict:
         raise HarnessError(msg, key=key) from None
 
 
+def _train_horizon(node: Any) -> tuple[int | None, float | None]:
+    """``train.steps`` / ``train.epochs``: the length of the user's own training run (at most one of them)."""
+    node = dict(node or {})
+    unknown = sorted(set(node) - {"steps", "epochs"})
+    if unknown:
+        raise HarnessError("unknown setting; valid settings are epochs, steps", key=f"train.{unknown[0]}")
+    steps, epochs = node.get("steps"), node.get("epochs")
+    steps = None if steps is None else _number(steps, "train.steps", positive=True, integer=True)
+    epochs = None if epochs is None else _number(epochs, "train.epochs", positive=True)
+    if steps is not None and epochs is not None:
+        raise HarnessError(f"give train.steps or train.epochs, not both (got steps={steps}, epochs={epochs})",
+                           key="train.epochs")
+    return steps, epochs
+
+
 def from_hydra(cfg: DictConfig, choices: dict[str, str] | None = None) -> RunConfig:
     """Validate the composed config and convert it to a :class:`RunConfig`."""
     raw = to_container(cfg)
@@ -274,6 +293,7 @@ def from_hydra(cfg: DictConfig, choices: dict[str, str] | None = None) -> RunCon
     for name in run:
         if name not in DIAGNOSTICS:
             raise HarnessError(f"unknown diagnostic {name!r}; valid: {', '.join(DIAGNOSTICS)}", key="diagnostics.run")
+    train_steps, train_epochs = _train_horizon(raw.get("train"))  # before the settings that interpolate them
     settings = {}
     for name in DIAGNOSTICS:
         module = diagnostic_module(name)
@@ -313,6 +333,8 @@ def from_hydra(cfg: DictConfig, choices: dict[str, str] | None = None) -> RunCon
         choices=dict(choices or {}),
         raw=raw,
         framework=framework,
+        train_steps=train_steps,
+        train_epochs=train_epochs,
     )
 
 

@@ -1,14 +1,18 @@
-"""The LR range test: the published ramp rules on hand-built curves with known answers, the grid's usable range and
-the configured LR's verdict on hand-built readings, then the compiled test on real jobs (healthy LRs silent,
-too-high and too-low LRs flagged the right way, a diverging member contained, no recompile on a second run).
+"""The LR range test: the published ramp rules on hand-built curves with known answers, the grid's usable range,
+suggestion and the configured LR's verdict on hand-built readings (for the user's horizon too), then the compiled
+test on real jobs (healthy LRs silent, too-high and too-low LRs flagged the right way, a slow LR for a long run not
+an error, a broken configuration's seed spread not poisoning the margin, a diverging member contained, no
+recompile on a second run).
 
-Compiled runs use a small grid (12 LRs, 100 steps) so the whole file stays fast; the default budgets are measured in
-scripts/lr_quality.py and the module docstring of harness/checks/training/lr_range.py.
+Compiled runs use a small grid (12 LRs, 100 steps, so the default 500-step horizon is extrapolated) so the whole
+file stays fast; the default budgets are measured in scripts/lr_quality.py and the module docstring of
+harness/checks/training/lr_range.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 import jax
@@ -111,15 +115,47 @@ def test_usable_range_known_answers():
     assert g.divergence_lr == pytest.approx(GRID[9])  # first LR above the best that ends no better than untrained
 
 
-def test_suggestion_is_the_valley_when_the_grid_confirms_it():
+def test_suggestion_is_the_grid_best_between_grid_points_and_the_valley_only_on_a_tie():
     g = hand_reading()
+    # Smoothed (median of 3): 0.2, 0.1, 0.1, 0.3 at GRID[4..7]. The parabola through 0.2, 0.1, 0.1 has its vertex
+    # half a grid step above GRID[5]: the middle of the flat bottom.
+    middle = math.sqrt(GRID[5] * GRID[6])
+    assert g.refined_lr == pytest.approx(middle)
     # Between GRID[4] (0.2) and GRID[5] (0.1): a third of the way in log LR interpolates to 0.1667 = 1.67x the best.
     far = GRID[4] ** (2 / 3) * GRID[5] ** (1 / 3)
-    assert lr.suggest(g, far) == lr.Suggestion(g.best_lr, "grid_best", pytest.approx(1 + 2 / 3))
-    near = GRID[5] ** 0.95 * GRID[6] ** 0.05  # inside the flat bottom: 1.0x
+    assert lr.suggest(g, far) == lr.Suggestion(pytest.approx(middle), "grid_best", pytest.approx(1 + 2 / 3),
+                                               measured_lr=pytest.approx(middle))
+    near = GRID[5] ** 0.95 * GRID[6] ** 0.05  # inside the flat bottom: tied with the best, and the lower LR
     assert lr.suggest(g, near).rule == "valley" and lr.suggest(g, near).lr == near
     assert lr.suggest(g, None).rule == "grid_best"
     assert lr.suggest(lr.read_grid(GRID, np.full(11, 2.3), np.zeros(11, bool), 2.3, 0.05), near).lr is None
+
+
+def test_window_mean_and_refinement_known_answers():
+    np.testing.assert_allclose(lr.window_mean([3.0, 1.0, 2.0, 6.0, np.inf, 1.0], 3), [np.inf, 2.0, 3.0, np.inf,
+                                                                                     np.inf, np.inf])
+    lrs = np.geomspace(1e-3, 1e-1, 5)
+    x = np.log(lrs)
+    parabola = (x - math.log(1.5e-2)) ** 2  # vertex at 1.5e-2, between grid points
+    assert lr.refine_minimum(lrs, parabola, int(np.argmin(parabola))) == pytest.approx(1.5e-2, rel=1e-9)
+    assert lr.refine_minimum(lrs, [3.0, 2.0, 1.0, 2.0, np.inf], 0) == lrs[0]  # no left neighbour: the grid point
+    # 5.0, 0.5, 1.0: offset (5 - 1) / (2 (5 - 1 + 1)) = 0.4 grid steps up
+    assert lr.refine_minimum(lrs, [3.0, 1.0, 5.0, 0.5, 1.0], 3) == pytest.approx(lrs[3] * (lrs[4] / lrs[3]) ** 0.4)
+
+
+def test_interleaved_seeds_cannot_pick_the_best_by_one_seeds_luck():
+    """Every window holds one run of each seed: a seed whose runs are all better or worse (here by a factor of two
+    or 1.5) shifts every window alike, so whichever member it lands on, the best stays where the loss expected over
+    seeds is lowest."""
+    lrs = np.geomspace(1e-4, 1e-1, 12)
+    expected = 0.1 + (np.log10(lrs) + 2.5) ** 2  # the loss expected over seeds: best at 10^-2.5
+    for rotation in range(3):
+        luck = np.roll([1.0, 0.5, 1.5], rotation)[np.arange(12) % 3]  # per-seed factor, seeds cycling
+        reading = lr.read_grid(lrs, expected * luck, np.zeros(12, bool), untrained=5.0, margin=0.1, window=3)
+        assert abs(math.log10(reading.refined_lr) + 2.5) < 0.2
+    plan = lr.make_plan(lr.Settings(grid_size=6), 1e-3)
+    hp = plan.hparams(seed=7, weight_decay=0.0)
+    assert list(hp.init_seed) == [7, 7, 8, 9, 7, 8, 9, 7, 7] and list(hp.data_seed) == list(hp.init_seed)
 
 
 def test_grid_where_nothing_learns():
@@ -139,6 +175,67 @@ def test_verdict_directions(configured, val, diverged, direction, severity):
     v = lr.judge_configured(hand_reading(), configured, val, train_loss, diverged)
     assert (v.direction, v.severity) == (direction, severity)
     assert v.factor >= 1.0
+
+
+def horizon(steps, trained=100, source="train.steps"):
+    return lr.Horizon(steps, source, trained)
+
+
+@pytest.mark.parametrize("configured, val, steps, severity, learns_within", [
+    (GRID[0] / 10, 2.3, 100, "error", False),  # no horizon beyond the grid's run: cannot learn, an error
+    (GRID[0] / 10, 2.3, 10_000, None, True),  # 1e-6 for 10,000 steps goes as far as 1e-4 for 100: learns enough
+    (GRID[0] / 10, 2.3, 5_000, "warning", True),  # as far as 5e-5 for 100: learns, but slowly
+    (GRID[0] / 1e4, 2.3, 10_000, "error", False),  # 1e-9 x 100 = 1e-7: does not learn within the horizon either
+    (GRID[2], 1.5, 100, None, True),  # slow but inside the lenient usable range
+])
+def test_a_small_lr_is_an_error_only_when_it_does_not_learn_within_the_horizon(configured, val, steps, severity,
+                                                                              learns_within):
+    train_loss = np.linspace(2.3, val, 100)
+    v = lr.judge_configured(hand_reading(), configured, val, train_loss, -1, horizon=horizon(steps))
+    assert v.severity == severity and v.learns_within_horizon is learns_within
+    assert v.equivalent_lr == pytest.approx(configured * max(steps, 100) / 100)
+    if severity:
+        assert v.direction == "low"
+
+
+def test_findings_state_the_horizon():
+    g = hand_reading()
+    ramp = lr.read_ramp(np.linspace(2.3, 0.1, 50), lr.ramp_lrs(lr.Settings(grid_steps=50)))
+    h = horizon(10_000)
+    suggestion = lr.for_horizon(lr.suggest(g, None), h, -0.5)
+    assert suggestion.lr == pytest.approx(g.refined_lr * 100 ** -0.5) and suggestion.rule == "grid_best_extrapolated"
+    low = lr.judge_configured(g, GRID[0] / 1e4, 2.3, np.full(100, 2.3), -1, horizon=h)
+    [f] = lr.findings_for(g, low, ramp, suggestion, 100, h)
+    assert f.severity.value == "error" and "does not learn within your 10,000-step run (train.steps)" in f.message
+    assert f"optim.lr={suggestion.lr:.3g}" in f.suggestion and "10,000 steps" in f.suggestion
+    assert f.evidence["horizon_steps"] == 10_000 and f.evidence["steps"] == 100
+    slow = lr.judge_configured(g, GRID[0] / 10, 2.3, np.full(100, 2.3), -1, horizon=horizon(5_000))
+    [f] = lr.findings_for(g, slow, ramp, suggestion, 100, horizon(5_000))
+    assert f.severity.value == "warning" and "learns, but slowly" in f.message
+    default = lr.Horizon(500, "default", 100)
+    assert "suite's budget; set train.steps or train.epochs" in default.describe()
+
+
+def test_horizon_from_steps_epochs_or_the_suite_budget():
+    s = lr.Settings(grid_steps=500)
+    assert lr.resolve_horizon(s, 1347, 128) == lr.Horizon(500, "default", 500)
+    assert lr.resolve_horizon(dataclasses.replace(s, horizon=200), 1347, 128) == lr.Horizon(200, "train.steps", 200)
+    by_epochs = lr.resolve_horizon(dataclasses.replace(s, horizon_epochs=100.0), 1347, 128)
+    assert by_epochs == lr.Horizon(1053, "train.epochs", 500, 100.0) and by_epochs.extrapolated  # ceil(100 x 10.5)
+    assert "train.epochs=100" in by_epochs.describe()
+    assert lr.resolve_horizon(dataclasses.replace(s, horizon=5), 1347, 128).trained == 20  # the ramp's minimum
+
+
+def test_extrapolation_slope_is_measured_and_clipped():
+    # The best LR halves when the steps double: b = -1, the gradient-flow limit.
+    assert lr.extrapolation_slope([(100, 8e-3), (200, 4e-3), (300, 8e-3 / 3), (400, 2e-3), (500, 1.6e-3)],
+                                  500) == pytest.approx(-1.0)
+    # The first fifth is the initial transient and is left out: a best LR that only rose early is not extrapolated.
+    assert lr.extrapolation_slope([(100, 1e-3), (200, 4e-3), (300, 4e-3), (400, 4e-3), (500, 4e-3)],
+                                  500) == pytest.approx(0.0, abs=1e-12)
+    assert lr.extrapolation_slope([(100, 1e-3), (200, 1e-3), (500, 1e-2)], 500) == 0.0  # rising: clipped to 0
+    assert lr.extrapolation_slope([(100, 1e-3), (500, 1e-5)], 500) == 0.0  # one point after the transient
+    assert lr.extrapolation_slope([(200, 1e-2), (500, 1e-4)], 500) == -1.0  # faster than 1/t: clipped
 
 
 def test_an_exploding_configured_run_is_divergence_even_if_finite():
@@ -167,7 +264,18 @@ def test_settings_validation_and_config_file_match():
     with open(path) as f:
         node = yaml.safe_load(f)
     assert set(node) == {f.name for f in dataclasses.fields(lr.Settings)}
-    assert settings_from(lr.Settings, node, "diagnostics.lr_range") == lr.Settings()
+    assert compose([]).settings["lr_range"] == lr.Settings()
+
+
+def test_the_horizon_comes_from_the_top_level_train_keys():
+    assert compose(["train.steps=20000"]).settings["lr_range"].horizon == 20000
+    rc = compose(["train.epochs=2.5"])
+    assert rc.settings["lr_range"].horizon_epochs == 2.5 and rc.train_epochs == 2.5 and rc.train_steps is None
+    assert compose(["diagnostics.seeds.steps=300"]).settings["lr_range"].default_horizon == 300  # the suite's budget
+    with pytest.raises(HarnessError, match="train.steps"):
+        compose(["train.steps=-3"])
+    with pytest.raises(HarnessError, match="not both"):
+        compose(["train.steps=100", "train.epochs=2"])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -206,7 +314,7 @@ def test_members_table_series_and_plot(healthy, tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.parametrize("value, direction", [(0.5, "high"), (3.0, "high"), (1e-6, "low")])
+@pytest.mark.parametrize("value, direction", [(0.5, "high"), (3.0, "high"), (1e-6, "low"), (1e-7, "low")])
 def test_bad_lrs_are_flagged_with_direction(digits_ctx, healthy, value, direction):
     before = programs.STATS.compiles
     out = lr.run(with_lr(digits_ctx, value), SMALL)
@@ -219,6 +327,53 @@ def test_bad_lrs_are_flagged_with_direction(digits_ctx, healthy, value, directio
     assert finding.evidence["factor"] > 3
     if direction == "high":
         assert "train.divergence" in found  # Adam at 0.5 or 3 blows the loss up before the net dies
+
+
+def test_a_slow_lr_for_a_long_run_is_not_an_error(digits_ctx, healthy):
+    """1e-4 is slow within the test's 100 steps, but a fix for a real bug chose it for many epochs: with the
+    horizon known (20,000 steps, or 100 epochs of digits at batch 128), it is no error, and neither is the same
+    LR at the suite's budget. 1e-7 for 20,000 steps goes as far as 2e-5 for 100, which learns a little: slow, not
+    dead; 1e-9 does not learn within 20,000 steps (2e-7 in 100), an error (1e-7 at the suite's 500 steps is one
+    too: test_bad_lrs_are_flagged_with_direction)."""
+    for settings in (dataclasses.replace(SMALL, horizon=20_000), dataclasses.replace(SMALL, horizon_epochs=100.0),
+                     SMALL):
+        out = lr.run(with_lr(digits_ctx, 1e-4), settings)
+        assert [f for f in out.findings if f.severity.value == "error"] == []
+    assert out.metrics["lr_range/horizon_source"] == "default" and out.metrics["lr_range/horizon_steps"] == 500
+    long = lr.run(with_lr(digits_ctx, 1e-4), dataclasses.replace(SMALL, horizon=20_000))
+    assert long.findings == [] and long.metrics["lr_range/configured_equivalent_lr"] == pytest.approx(0.02)
+    # The suggestion for the long run is extrapolated downward from the grid's 100 steps, never upward.
+    assert long.metrics["lr_range/suggestion_rule"].endswith("extrapolated") or long.metrics["lr_range/lr_slope"] == 0
+    assert long.metrics["lr_range/suggested_lr"] <= long.metrics["lr_range/measured_lr"]
+    slow = lr.run(with_lr(digits_ctx, 1e-7), dataclasses.replace(SMALL, horizon=20_000))
+    assert [(f.id, f.severity.value) for f in slow.findings] == [("train.learning_rate", "warning")]
+    assert "learns, but slowly" in slow.findings[0].message
+    dead = lr.run(with_lr(digits_ctx, 1e-9), dataclasses.replace(SMALL, horizon=20_000))
+    [finding] = [f for f in dead.findings if f.id == "train.learning_rate"]
+    assert finding.severity.value == "error" and finding.evidence["direction"] == "low"
+    assert "does not learn within your 20,000-step run (train.steps)" in finding.message
+
+
+def test_a_broken_configuration_does_not_poison_the_noise_floor(digits_ctx):
+    """optim.lr=3: the seed runs blow up (finite, at validation losses up to ~50): their spread is no noise floor.
+    Before, its 2 sigma became the margin and the test said it "cannot judge"; now the margin falls back to the
+    relative one, the test suggests an LR and says why 3 is wrong."""
+    from harness.checks.training import seeds
+
+    broken = dataclasses.replace(with_lr(digits_ctx, 3.0), shared={})
+    runs = seeds.train_seeds(broken, 500, 3)  # the suite's budget
+    finite = np.isfinite(runs.final_val_loss) & ~runs.diverged
+    assert finite.sum() >= 2 and np.std(runs.final_val_loss[finite], ddof=1) > 0.5  # what used to be the floor
+    spread = seeds.spread(runs, 500)
+    assert spread["num_trained"] <= 1 and np.isnan(spread["val_loss_std"])
+    broken.shared["seed_spread"] = spread
+    out = lr.run(broken, SMALL)
+    assert out.metrics["lr_range/margin_source"] == "relative"
+    assert out.metrics["lr_range/suggested_lr"] is not None and 1e-4 < out.metrics["lr_range/suggested_lr"] < 0.1
+    found = {f.id: f for f in out.findings}
+    assert "cannot judge" not in found["train.learning_rate"].message
+    assert found["train.learning_rate"].severity.value == "error"
+    assert found["train.learning_rate"].evidence["direction"] == "high" and "train.divergence" in found
 
 
 def test_second_run_compiles_nothing(digits_ctx, healthy):

@@ -65,7 +65,7 @@ def test_spread_is_shared_as_the_noise_floor(reference):
     ctx, outcome, _ = reference
     spread = ctx.shared["seed_spread"]
     # 3 seeds asked for, rounded up to a block of 4 members (the controls' width): all four count.
-    assert spread["num_seeds"] == 4 and spread["steps"] == STEPS and spread["num_finite"] == 4
+    assert spread["num_seeds"] == 4 and spread["steps"] == STEPS and spread["num_finite"] == spread["num_trained"] == 4
     result = spread["result"]
     assert list(result.hparams.init_seed) == [0, 1, 2, 3] and list(result.hparams.data_seed) == [0, 1, 2, 3]
     assert spread["val_loss_mean"] == pytest.approx(np.mean(result.final_val_loss), rel=1e-6)
@@ -128,6 +128,33 @@ def test_randomness_outside_the_key_is_caught_by_building_twice():
     assert finding.id == "train.nondeterministic" and "outside its key" in finding.message
     healthy = adapters.ModelFactory(MLP, dict(width=8), (4,), 3, x).adapt()
     assert seeds.init_difference(healthy, x, 0) is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The noise floor comes only from members that trained.
+
+
+def hand_result(val, first_loss=2.3, first_nonfinite=None):
+    from harness.engine.train import Hparams, SweepResult
+
+    val = np.asarray(val, np.float32)[:, None]
+    n = len(val)
+    loss = np.stack([np.full(n, first_loss, np.float32), val[:, 0]], axis=1)
+    return SweepResult(hparams=Hparams.make(n=n), loss=loss, grad_norm=np.ones_like(loss), lr=np.ones_like(loss),
+                       eval_steps=np.array([2]), val_loss=val, val_accuracy=None, train_eval_loss=val,
+                       first_nonfinite=np.full(n, -1) if first_nonfinite is None else np.asarray(first_nonfinite))
+
+
+def test_only_members_that_trained_make_the_noise_floor():
+    # Two trained, one blown up (finite, far above the start), one stuck at the start, one non-finite.
+    result = hand_result([0.10, 0.14, 40.0, 2.29, 0.12], first_nonfinite=[-1, -1, -1, -1, 1])
+    assert list(seeds.trained_members(result)) == [True, True, False, False, False]
+    noise = seeds.spread(result, 2)
+    assert noise["num_trained"] == 2 and noise["num_finite"] == 4 and noise["untrained_loss"] == pytest.approx(2.3)
+    assert noise["val_loss_mean"] == pytest.approx(0.12) and noise["val_loss_std"] == pytest.approx(0.02 * 2 ** 0.5)
+    # optim.lr=3 on the reference job: every run blows up. No noise floor (NaN), not a floor of 140.
+    broken = seeds.spread(hand_result([2.41, 2.50, 2.40, 46.7]), 500)
+    assert broken["num_trained"] == 0 and np.isnan(broken["val_loss_std"]) and np.isnan(broken["val_loss_mean"])
 
 
 # ---------------------------------------------------------------------------------------------------------------

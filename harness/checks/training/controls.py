@@ -155,8 +155,11 @@ def no_signal_finding(comparisons: list[Comparison], loss_std: float, settings: 
     real = comparisons[0].real_loss
     parts = ", ".join(f"{LABELS[c.control]} {c.control_loss:.4g}" for c in comparisons)
     names = " or ".join(LABELS[c.control] for c in failed)
+    # The seed spread counts only runs that trained (seeds.spread); when none did there is no noise floor and the
+    # margin is the minimum effect size alone.
+    spread = f"seed std {loss_std:.2g}" if np.isfinite(loss_std) else "no seed run trained, so no seed std"
     message = (f"Training on the real data does no better than training on {names}: validation loss {real:.4g} "
-               f"(seed std {loss_std:.2g}) vs {parts}; the real data had to be lower by at least "
+               f"({spread}) vs {parts}; the real data had to be lower by at least "
                f"{max(c.loss_margin for c in failed):.3g}.")
     accuracy = [c for c in failed if c.accuracy_gap is not None]
     if accuracy:

@@ -4,6 +4,9 @@
 ``seed, seed+1, ...``) as members of one vmapped program. The standard deviation of their final validation loss is
 the noise floor later diagnostics compare against (controls, lr_range, capacity): a difference smaller than the
 run-to-run scatter of one configuration is not evidence of anything. Shared as ``ctx.shared["seed_spread"]``.
+Only members that trained count (finite, final validation loss clearly below the untrained level): a broken
+configuration (``optim.lr=3``) has no noise floor, not an enormous one, and its readers fall back to their
+relative margins, so the LR range test can still say which learning rate works.
 
 **Determinism.** "Fix random seeds to make sure running the same code twice results in the same result, it makes
 debugging easier because it excludes some of the randomness from the picture" (seed 003, the checklist's
@@ -84,16 +87,50 @@ def train_seeds(ctx: Context, steps: int, num_seeds: int) -> SweepResult:
 # Spread.
 
 
-def spread(result: SweepResult, steps: int) -> dict[str, Any]:
-    """Mean and sample standard deviation (ddof=1) over the members that stayed finite."""
+# A member "trained" when its final validation loss is below the untrained level by this fraction of it: the
+# untrained level is estimated from the first minibatches (128 examples each by default), whose sampling error is
+# about 1% of the loss at init for cross-entropy on digits, so 2% (lr_range's relative margin too) keeps a member
+# that stayed at the start, or died at the label prior, out of the noise floor.
+TRAINED_FRACTION = 0.02
+
+
+def untrained_level(result: SweepResult) -> float:
+    """The loss before any update: the mean over members of the first step's minibatch loss (the engine records
+    the loss at the parameters the step starts from, so step 0 is the freshly initialized model). NaN when no
+    member has a finite first loss."""
+    first = np.asarray(result.loss[:, 0], dtype=np.float64)
+    first = first[np.isfinite(first)]
+    return float(first.mean()) if first.size else float("nan")
+
+
+def trained_members(result: SweepResult) -> np.ndarray:
+    """Which members trained: finite throughout, and a final validation loss clearly below the untrained level.
+    Only these measure the noise floor: a diverged or dead member's loss is the failure's size, not run-to-run
+    scatter (with ``optim.lr=3`` on the reference job the runs end finite but blown up, at validation losses of
+    2.4 to 47: a "standard deviation" of 22 on an untrained loss of 2.4, which put every later comparison "within
+    noise")."""
     finite = ~result.diverged & np.isfinite(result.final_val_loss)
+    untrained = untrained_level(result)
+    if not np.isfinite(untrained):
+        return finite
+    below = np.asarray(result.final_val_loss, dtype=np.float64) < untrained - TRAINED_FRACTION * abs(untrained)
+    return finite & below
+
+
+def spread(result: SweepResult, steps: int) -> dict[str, Any]:
+    """Mean and sample standard deviation (ddof=1) over the members that trained (:func:`trained_members`). With
+    fewer than two, the standard deviations are NaN: there is no noise floor, and its readers (controls, lr_range,
+    capacity) fall back to their relative margins."""
+    finite = ~result.diverged & np.isfinite(result.final_val_loss)
+    trained = trained_members(result)
     out: dict[str, Any] = {"steps": int(steps), "num_seeds": int(len(result.hparams)),
-                           "num_finite": int(finite.sum())}
+                           "num_finite": int(finite.sum()), "num_trained": int(trained.sum()),
+                           "untrained_loss": untrained_level(result)}
     columns = {"val_loss": result.final_val_loss, "train_loss": result.final_train_loss}
     if result.val_accuracy is not None:
         columns["val_accuracy"] = result.val_accuracy[:, -1]
     for name, values in columns.items():
-        values = np.asarray(values, dtype=np.float64)[finite]
+        values = np.asarray(values, dtype=np.float64)[trained]
         out[f"{name}_mean"] = float(values.mean()) if values.size else float("nan")
         out[f"{name}_std"] = float(values.std(ddof=1)) if values.size >= 2 else float("nan")
     return out
@@ -311,7 +348,11 @@ def draw_curves(path: str, first: SweepResult, rerun: SweepResult | None, seeds,
     ax.set_ylabel("training loss (minibatch)")
     if np.nanmin(first.loss) > 0:
         ax.set_yscale("log")
-    ax.set_title(f"final val loss {noise['val_loss_mean']:.4g} ± {noise['val_loss_std']:.2g} (std over seeds)")
+    if noise["num_trained"] >= 2:
+        ax.set_title(f"final val loss {noise['val_loss_mean']:.4g} ± {noise['val_loss_std']:.2g} (std over the "
+                     f"{noise['num_trained']} seeds that trained)")
+    else:
+        ax.set_title(f"{noise['num_trained']} of {noise['num_seeds']} seeds trained: no noise floor")
     ax.legend(fontsize="small")
     fig.savefig(path)
     plt.close(fig)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import yaml
 from flax import nnx
-from helpers import compose, replace_group
+from helpers import compose, headline, replace_group
 from reference_job import fresh
 
 from harness.checks.training import capacity
@@ -182,6 +182,7 @@ def test_a_model_far_too_small_is_train_capacity(too_small):
     assert finding.evidence["best_train_loss"] < 0.3 and "width=64" in finding.evidence["better"]
     assert "underfits" in finding.message and "Increase the model's width" in finding.suggestion
     assert outcome.metrics["capacity/programs"] == 2  # widths 2...32 masked at 32, 64 alone
+    assert headline(outcome.findings, trained=True) == "train.capacity"
 
 
 def test_a_second_run_compiles_nothing(too_small):
@@ -190,6 +191,7 @@ def test_a_second_run_compiles_nothing(too_small):
     again = capacity.run(fresh(ctx), capacity.Settings(steps=STEPS))  # fresh memo: really trains again
     assert programs.STATS.compiles == before
     assert [f.id for f in again.findings] == ["train.capacity"]
+    assert headline(again.findings, trained=True) == "train.capacity"
     assert again.metrics == first.metrics  # reruns of one program are bitwise identical
 
 

@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 import yaml
-from helpers import compose, run_cli, run_dirs
+from helpers import compose, headline, run_cli, run_dirs
 from reference_job import fresh
 
 from harness.checks.training import controls, seeds
@@ -103,6 +103,7 @@ def test_labels_without_signal_are_no_signal(reference, factory):
     assert "does no better than training on constant inputs" in finding.message
     assert "aligned" in finding.suggestion
     assert outcome.metrics["controls/signal"] is False
+    assert headline(outcome.findings, trained=True) == "train.no_signal"
 
 
 @pytest.mark.parametrize("data", ["breast_cancer", "regression"])  # wine: through the CLI below

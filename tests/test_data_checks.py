@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 import yaml
+from helpers import headline
 
 from harness.checks import data as data_checks
 from harness.checks.base import Context
@@ -116,6 +117,7 @@ def test_nan_rows_are_an_error_naming_rows_features_and_what_is_left(digits):
     assert f.evidence["x_train"] == {"nan": 2, "inf": 1, "rows": 3, "first_rows": [3, 7, 11], "features": [5, 9],
                                      "feature_counts": [2, 1]}
     assert f.evidence["y_val"]["first_rows"] == [2]
+    assert headline(outcome.findings) == "data.nonfinite"
     assert f.evidence["finite_rows"] == {"train": 1345, "val": 448}
     assert "rows 3, 7, 11" in f.message and "features 5, 9" in f.message and "train 1345 of 1348" in f.message
     assert outcome.metrics["data/nonfinite/rows/train"] == 3
@@ -130,6 +132,7 @@ def test_all_rows_nonfinite_blocks_later_stages():
     outcome = check(d)
     blocking = found(outcome, "data.shape", "error")
     assert len(blocking) == 1 and "val" in blocking[0].message
+    assert headline(outcome.findings) == "data.nonfinite"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -144,6 +147,7 @@ def test_mismatched_train_val_shapes_are_a_blocking_error(digits):
     outcome = check(d)
     [f] = found(outcome, "data.shape", "error")
     assert f.evidence == {"x_train_shape": [1348, 64], "x_val_shape": [449, 60]}
+    assert headline(outcome.findings) == "data.shape"
     assert set(_blocked_stages(outcome.findings)) == {"model", "training", "hyperparameters"}
     assert "data/leakage/count" not in outcome.metrics  # rows of different widths are not compared
 
@@ -153,6 +157,7 @@ def test_featureless_inputs_are_a_blocking_error():
     d["x_train"], d["x_val"] = d["x_train"][:, :0], d["x_val"][:, :0]
     outcome = check(d)
     assert [(f.id, f.severity.value) for f in problems(outcome)] == [("data.shape", "error")]
+    assert headline(outcome.findings) == "data.shape"
 
 
 def test_label_encodings(digits):
@@ -166,18 +171,23 @@ def test_label_encodings(digits):
 
     soft = copy(digits)
     soft["y_train"] = np.eye(10)[soft["y_train"]] * 0.9 + 0.01  # label smoothing
-    assert found(check(soft), "data.shape", "warning")
+    outcome = check(soft)
+    assert found(outcome, "data.shape", "warning") and headline(outcome.findings) == "data.shape"
 
     multi = copy(digits)
     multi["y_train"] = np.eye(10)[multi["y_train"]]
     rows = np.flatnonzero(digits["y_train"] != 0)[:2]
     multi["y_train"][rows, 0] = 1  # rows with two 1s (multi-label)
-    [f] = found(check(multi), "data.shape", "error")
+    outcome = check(multi)
+    [f] = found(outcome, "data.shape", "error")
     assert f.evidence["rows"] == 2 and f.evidence["first_rows"] == rows.tolist()
+    assert headline(outcome.findings) == "data.shape"
 
     wrong = copy(digits)
     wrong["y_train"] = np.eye(7)[wrong["y_train"] % 7]  # (N, 7) with num_classes 10
-    assert "y_train has shape (1348, 7)" in found(check(wrong), "data.shape", "error")[0].message
+    outcome = check(wrong)
+    assert "y_train has shape (1348, 7)" in found(outcome, "data.shape", "error")[0].message
+    assert headline(outcome.findings) == "data.shape"
 
 
 def test_float_labels(digits):
@@ -186,7 +196,9 @@ def test_float_labels(digits):
     [f] = found(check(d), "data.shape")
     assert f.severity is Severity.INFO and "floats" in f.message
     d["y_train"][[5, 6]] = [2.5, 7.25]
-    [f] = found(check(d), "data.shape", "error")
+    outcome = check(d)
+    [f] = found(outcome, "data.shape", "error")
+    assert headline(outcome.findings) == "data.shape"
     assert f.evidence["count"] == 2 and f.evidence["values"] == [2.5, 7.25] and f.evidence["first_rows"] == [5, 6]
 
 
@@ -200,8 +212,10 @@ def test_one_feature_inputs_are_noted():
 
 def test_regression_with_class_like_targets_is_flagged(digits):
     d = {k: v for k, v in digits.items() if k != "num_classes"}  # forgot num_classes
-    [f] = [f for f in found(check(d), "data.shape") if "class indices" in f.message]
+    outcome = check(d)
+    [f] = [f for f in found(outcome, "data.shape") if "class indices" in f.message]
     assert f.severity is Severity.WARNING and "num_classes=10" in f.suggestion
+    assert headline(outcome.findings) == "data.shape"
     ratings = builtin.regression()
     ratings["y_train"] = np.rint(np.clip(ratings["y_train"] + 3, 1, 5))
     [f] = [f for f in found(check(ratings), "data.shape") if "whole-number" in f.message]
@@ -211,7 +225,8 @@ def test_regression_with_class_like_targets_is_flagged(digits):
 def test_regression_target_shapes():
     d = builtin.regression()
     d["y_val"] = np.stack([d["y_val"], d["y_val"]], axis=1)
-    assert found(check(d), "data.shape", "error")
+    outcome = check(d)
+    assert found(outcome, "data.shape", "error") and headline(outcome.findings) == "data.shape"
     column = builtin.regression()
     column["y_val"] = column["y_val"][:, None]  # (N,) vs (N, 1): the loss reshapes, nothing to say
     assert not found(check(column), "data.shape")
@@ -224,8 +239,10 @@ def test_regression_target_shapes():
 def test_one_based_labels(digits):
     d = copy(digits)
     d["y_train"], d["y_val"] = d["y_train"] + 1, d["y_val"] + 1
-    [f] = found(check(d), "data.label_range")
+    outcome = check(d)
+    [f] = found(outcome, "data.label_range")
     assert f.severity is Severity.ERROR and f.evidence["looks_one_based"]
+    assert headline(outcome.findings) == "data.label_range"
     assert f.evidence["y_train"]["values"] == [10] and f.evidence["y_train"]["count"] == 138
     assert "1-based" in f.suggestion and "Subtract 1" in f.suggestion
 
@@ -233,12 +250,16 @@ def test_one_based_labels(digits):
 def test_labels_beyond_num_classes_and_negative(digits):
     d = copy(digits)
     d["num_classes"] = 8
-    [f] = found(check(d), "data.label_range")
+    outcome = check(d)
+    [f] = found(outcome, "data.label_range")
+    assert headline(outcome.findings) == "data.label_range"
     assert f.evidence["out_of_range"] == int(np.sum(d["y_train"] >= 8) + np.sum(d["y_val"] >= 8))
     assert "num_classes to 10" in f.suggestion
     n = copy(digits)
     n["y_train"][:3] = -1
-    [f] = found(check(n), "data.label_range")
+    outcome = check(n)
+    [f] = found(outcome, "data.label_range")
+    assert headline(outcome.findings) == "data.label_range"
     assert f.evidence["y_train"] == {"count": 3, "values": [-1], "value_counts": [3], "first_rows": [0, 1, 2]}
     assert "Negative" in f.suggestion
 
@@ -250,8 +271,10 @@ def test_labels_beyond_num_classes_and_negative(digits):
 def test_single_class_is_an_error(digits):
     d = copy(digits)
     d["y_train"][:] = 3
-    [f] = found(check(d), "data.label_distribution", "error")
+    outcome = check(d)
+    [f] = found(outcome, "data.label_distribution", "error")
     assert f.evidence["class_present"] == 3
+    assert headline(outcome.findings) == "data.label_distribution"
 
 
 def test_classes_missing_from_train_and_val(digits):
@@ -260,10 +283,13 @@ def test_classes_missing_from_train_and_val(digits):
     d["x_train"], d["y_train"] = d["x_train"][keep], d["y_train"][keep]
     outcome = check(d)
     assert any(f.evidence.get("missing") == [9] for f in found(outcome, "data.label_distribution", "warning"))
+    assert headline(outcome.findings) == "data.label_distribution"
     v = copy(digits)
     keep = v["y_val"] != 4
     v["x_val"], v["y_val"] = v["x_val"][keep], v["y_val"][keep]
-    [f] = found(check(v), "data.label_distribution")
+    outcome = check(v)
+    [f] = found(outcome, "data.label_distribution")
+    assert headline(outcome.findings) == "data.label_distribution"
     # 400 validation examples would hold ~40 fours: chance cannot explain their absence
     assert f.severity is Severity.WARNING and f.evidence["missing"] == [4] and f.evidence["chance"] < 1e-10
 
@@ -286,6 +312,7 @@ def test_split_of_sorted_data_is_a_warning(digits):
     outcome = check(d)
     fids = [(f.id, f.severity.value) for f in outcome.findings]
     assert ("data.label_distribution", "warning") in fids
+    assert headline(outcome.findings) == "data.label_distribution"
     assert outcome.metrics["data/label_distribution/shift_distance"] > 0.5
 
 
@@ -303,6 +330,7 @@ def test_imbalance_20_to_1_is_a_warning():
     outcome = check(d)
     [f] = found(outcome, "data.class_imbalance")
     assert f.severity is Severity.WARNING
+    assert headline(outcome.findings) == "data.class_imbalance"
     assert f.evidence["majority_class"] == 0 and f.evidence["ratio"] == pytest.approx(
         f.evidence["counts"][0] / f.evidence["counts"][1]) and 15 < f.evidence["ratio"] < 25
     assert "bias" in f.suggestion and "prior" in f.suggestion
@@ -321,15 +349,19 @@ def test_raw_digits_pixels():
     [f] = found(outcome, "data.feature_scale")
     assert f.severity is Severity.WARNING and f.evidence["rms"] == pytest.approx(7.75, abs=0.05)
     assert "raw pixel" in f.suggestion and "divide by 16" in f.suggestion
+    assert headline(outcome.findings) == "data.feature_scale"
     d = builtin.digits(pixel_scale=16 / 255, form="image")
     d["x_train"], d["x_val"] = (np.rint(d[k]).astype(np.uint8) for k in ("x_train", "x_val"))  # 8-bit images
-    [f] = found(check(d), "data.feature_scale")
+    outcome = check(d)
+    [f] = found(outcome, "data.feature_scale")
     assert f.evidence["rms"] > 100 and "divide by 255" in f.suggestion
+    assert headline(outcome.findings) == "data.feature_scale"
 
 
 def test_raw_wine_scales():
-    [f] = found(check(builtin.wine(standardize=False)), "data.feature_scale")
-    assert f.severity is Severity.WARNING
+    outcome = check(builtin.wine(standardize=False))
+    [f] = found(outcome, "data.feature_scale")
+    assert f.severity is Severity.WARNING and headline(outcome.findings) == "data.feature_scale"
     assert f.evidence["range_ratio"] > 1000 and f.evidence["widest_feature"] == 12  # proline, in the 1000s
     assert "differ by" in f.message and "Standardize each feature" in f.suggestion
 
@@ -338,24 +370,30 @@ def test_one_feature_on_another_scale_fires_on_ranges_only():
     d = builtin.breast_cancer()
     d["x_train"][:, 3] *= 300.0
     d["x_val"][:, 3] *= 300.0
-    [f] = found(check(d), "data.feature_scale")
+    outcome = check(d)
+    [f] = found(outcome, "data.feature_scale")
     assert f.evidence["widest_feature"] == 3 and f.evidence["range_ratio"] > 100
+    assert headline(outcome.findings) == "data.feature_scale"
 
 
 def test_val_preprocessed_differently():
     raw = builtin.wine(standardize=False)
     d = builtin.wine()
     d["x_val"] = raw["x_val"]  # standardized train, raw val
-    [f] = found(check(d), "data.feature_scale")
+    outcome = check(d)
+    [f] = found(outcome, "data.feature_scale")
     assert "val inputs are on a different scale" in f.message and f.evidence["split_rms_ratio"] > 100
+    assert headline(outcome.findings) == "data.feature_scale"
 
 
 def test_offset_and_tiny_inputs():
     rng = np.random.default_rng(0)
     x = 1.0 + 0.05 * rng.normal(size=(500, 6))
     y = rng.integers(0, 2, 500)
-    [f] = found(check({**builtin.split(x, y), "num_classes": 2}), "data.feature_scale")
+    outcome = check({**builtin.split(x, y), "num_classes": 2})
+    [f] = found(outcome, "data.feature_scale")
     assert f.severity is Severity.WARNING and "offset" in f.message
+    assert headline(outcome.findings) == "data.feature_scale"
     [f] = found(check({**builtin.split(x * 0.001 - 0.001, y), "num_classes": 2}), "data.feature_scale")
     assert f.severity is Severity.INFO and "tiny" in f.message
 
@@ -364,20 +402,25 @@ def test_big_regression_targets():
     d = builtin.regression()
     d["y_train"] = d["y_train"] * 3000 + 180_000
     d["y_val"] = d["y_val"] * 3000 + 180_000
-    [f] = found(check(d), "data.target_scale")
+    outcome = check(d)
+    [f] = found(outcome, "data.target_scale")
     assert f.severity is Severity.WARNING and f.evidence["abs_mean"] > 1e5
+    assert headline(outcome.findings) == "data.target_scale"
     assert "output bias" in f.suggestion
     both = builtin.regression()
     both["y_val"] = both["y_val"] * 50  # val targets scaled, train not
-    [f] = found(check(both), "data.target_scale")
-    assert "val targets" in f.message
+    outcome = check(both)
+    [f] = found(outcome, "data.target_scale")
+    assert "val targets" in f.message and headline(outcome.findings) == "data.target_scale"
 
 
 def test_all_features_constant_is_an_error(digits):
     d = copy(digits)
     d["x_train"] = np.zeros_like(d["x_train"])
-    [f] = found(check(d), "data.constant_features")
+    outcome = check(d)
+    [f] = found(outcome, "data.constant_features")
     assert f.severity is Severity.ERROR and f.evidence["count"] == 64
+    assert headline(outcome.findings) == "data.constant_features"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -393,16 +436,21 @@ def test_leaked_validation_rows(digits):
     assert f.severity is Severity.ERROR and f.evidence["count"] == 30
     assert f.evidence["val_rows"][:3] == [0, 1, 2] and f.evidence["train_rows"][:3] == [100, 101, 102]
     assert outcome.metrics["data/leakage/fraction"] == pytest.approx(30 / 449)
+    assert headline(outcome.findings) == "data.leakage"
     few = copy(digits)
     few["x_val"][7] = few["x_train"][0]  # 1 of 449 (0.2%): a warning
-    assert found(check(few), "data.leakage")[0].severity is Severity.WARNING
+    outcome = check(few)
+    assert found(outcome, "data.leakage")[0].severity is Severity.WARNING
+    assert headline(outcome.findings) == "data.leakage"
 
 
 def test_leakage_across_dtypes(digits):
     d = copy(digits)
     d["x_val"] = d["x_val"].astype(np.float64)
     d["x_val"][:10] = d["x_train"][:10]
-    assert found(check(d), "data.leakage")[0].evidence["count"] == 10
+    outcome = check(d)
+    assert found(outcome, "data.leakage")[0].evidence["count"] == 10
+    assert headline(outcome.findings) == "data.leakage"
 
 
 def test_duplicates_within_validation_are_info(digits):
@@ -448,6 +496,7 @@ def test_near_copies_with_tiny_noise_are_leakage(digits):
     assert flagged(outcome, "flagged_train") == 0 and near(outcome, "p_value") < 1e-6
     assert "near-copies of training examples" in f.message and f"val row {pair['val_row']} is" in f.message
     assert "449 of 449 validation rows" in f.evidence["near_checked"]  # small data: every row checked
+    assert headline(outcome.findings) == "data.leakage"
 
 
 @pytest.mark.parametrize("name, transform", [
@@ -462,14 +511,17 @@ def test_rescaled_and_reencoded_copies_are_leakage(digits, name, transform):
     assert f.severity is Severity.ERROR and f.evidence["near"] >= 40
     assert f.evidence["near_pair"]["view"] == "per_example"  # far apart feature by feature, one example by shape
     assert f.evidence["near_pair"]["train_row"] == src[f.evidence["near_pair"]["val_row"]]
+    assert headline(outcome.findings) == "data.leakage"
 
 
 def test_uint8_validation_split_with_copies_of_float_training_rows(digits):
     """The same images stored twice: training as float 0..1, validation as 8-bit 0..255 (re-encoded)."""
     d, _ = planted_copies(digits, 60, lambda x, rng: x)
     d["x_val"] = np.round(d["x_val"] * 255).astype(np.uint8)
-    [f] = found(check(d), "data.leakage")
+    outcome = check(d)
+    [f] = found(outcome, "data.leakage")
     assert f.severity is Severity.ERROR and f.evidence["exact"] == 0 and f.evidence["near"] >= 40
+    assert headline(outcome.findings) == "data.leakage"
 
 
 def test_exact_and_near_copies_are_one_finding(digits):
@@ -482,6 +534,7 @@ def test_exact_and_near_copies_are_one_finding(digits):
     assert f.evidence["val_rows"][:3] == [0, 1, 2] and set(f.evidence["near_val_rows"]) <= set(range(30, 90))
     assert "also appear in the training split" in f.message and "more" in f.message
     assert outcome.metrics["data/leakage/count"] == 30  # exact matches, as before
+    assert headline(outcome.findings) == "data.leakage"
 
 
 HONEST = {
@@ -523,8 +576,10 @@ def test_dense_low_dimensional_data_is_not_leakage(dims):
     assert near(outcome, "p_value") > 0.01
     if dims == 3:  # the same data with 5% of validation copied: flagged beyond the training rate
         planted, _ = planted_copies(d, 50, lambda x, rng: x + 1e-4 * rng.standard_normal(x.shape).astype(x.dtype))
-        [f] = found(check(planted), "data.leakage")
+        outcome = check(planted)
+        [f] = found(outcome, "data.leakage")
         assert f.severity is Severity.ERROR and 25 <= f.evidence["near"] <= 100
+        assert headline(outcome.findings) == "data.leakage"
 
 
 def test_natural_near_duplicates_split_at_random_are_not_leakage(digits):
@@ -550,6 +605,7 @@ def test_integer_inputs_compare_exact_copies_only():
     [f] = found(outcome, "data.leakage")
     assert f.evidence["exact"] == 20 and "near" not in f.evidence
     assert near(outcome, "status").startswith("skipped: integer inputs are ids")
+    assert headline(outcome.findings) == "data.leakage"
 
 
 def test_near_copies_in_large_data_are_sampled_and_projected():
@@ -569,6 +625,7 @@ def test_near_copies_in_large_data_are_sampled_and_projected():
     assert f.evidence["near_pair"]["train_row"] == src[f.evidence["near_pair"]["val_row"]]
     assert near(outcome, "checked_val") < 5000 and "random projections" in f.evidence["near_checked"]
     assert seconds < 30, seconds  # about 2 s on an idle 2-core machine
+    assert headline(outcome.findings) == "data.leakage"
 
 
 def test_near_duplicates_switched_off_and_settings_checked(digits):
@@ -600,6 +657,7 @@ def test_conflicting_duplicates(digits):
     [f] = found(outcome, "data.conflicting_labels")
     assert f.severity is Severity.WARNING and f.evidence["count"] == 40 and f.evidence["groups"] == 20
     assert f.evidence["example_rows"] == [0, 500]
+    assert headline(outcome.findings) == "data.conflicting_labels"
     # harmless duplicates (same label) are not conflicts
     same = copy(digits)
     same["x_train"][500:520], same["y_train"][500:520] = same["x_train"][:20], same["y_train"][:20]
@@ -608,7 +666,9 @@ def test_conflicting_duplicates(digits):
     many = copy(digits)
     many["x_train"][674:] = many["x_train"][:674]
     many["y_train"][674:] = np.random.default_rng(0).permutation(many["y_train"][:674])
-    assert found(check(many), "data.conflicting_labels")[0].severity is Severity.ERROR
+    outcome = check(many)
+    assert found(outcome, "data.conflicting_labels")[0].severity is Severity.ERROR
+    assert headline(outcome.findings) == "data.conflicting_labels"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -628,6 +688,7 @@ def test_unseeded_shuffle_is_an_error():
     [f] = found(outcome, "data.nondeterministic")
     assert f.severity is Severity.ERROR and f.evidence["differing"] == ["x_train", "y_train"]
     assert f.evidence["x_train"]["same_rows_reordered"] and "unseeded shuffle" in f.message
+    assert headline(outcome.findings) == "data.nondeterministic"
     assert "_reloaded_arrays" in ctx.shared  # the second load is shared with later determinism checks
 
 
@@ -641,8 +702,9 @@ def test_nondeterminism_skips_and_reload_failures(digits):
     def broken():
         raise HarnessError("data (mine.load): file moved")
 
-    [f] = found(check(digits, reload=broken), "data.nondeterministic")
-    assert "second time failed" in f.message
+    outcome = check(digits, reload=broken)
+    [f] = found(outcome, "data.nondeterministic")
+    assert "second time failed" in f.message and headline(outcome.findings) == "data.nondeterministic"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -707,6 +769,7 @@ def test_large_inputs_stay_fast():
     assert outcome.metrics["data/leakage/near/count"] == 0  # sampled: see data/leakage/near/checked_val
     assert outcome.metrics["data/feature_scale/rms"] == pytest.approx(1.0, abs=0.01)
     assert problems(outcome) == [f for f in problems(outcome) if f.id == "data.leakage"]
+    assert headline(outcome.findings) == "data.leakage"
     assert seconds < 15, seconds  # about 1.5 s on an idle 2-core machine
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from helpers import compose
+from helpers import compose, headline
 
 from harness.models import adapters
 from harness.checks.training import overfit_batch as ob
@@ -249,6 +249,7 @@ def test_the_floor_does_not_hide_a_model_that_cannot_memorize(digits_ctx):
     out = ob.run(ctx, FAST)
     assert out.metrics["overfit_batch/loss_floor"] > 0.4
     assert ids(out)["train.overfit_batch"].severity.value == "error"
+    assert headline(out.findings, trained=True) == "train.overfit_batch"
 
 
 def test_shuffled_labels_are_still_memorized(digits_ctx):
@@ -266,6 +267,7 @@ def test_lr_far_too_high_fails_and_names_the_lr(digits_ctx):
     assert f.evidence["causes"][0].startswith("the learning rate is too high")
     assert f.evidence["probe_lower_lr"]["factor"] < 1
     assert f"optim.lr to about {f.evidence['probe_lower_lr']['lr']:.3g}" in f.suggestion
+    assert headline(out.findings, trained=True) == "train.overfit_batch"
 
 
 def test_lr_far_too_low_is_flat_and_names_the_lr(digits_ctx):
@@ -274,6 +276,7 @@ def test_lr_far_too_low_is_flat_and_names_the_lr(digits_ctx):
     assert f.evidence["failure"] == "flat"
     assert f.evidence["causes"][0].startswith("the learning rate is too low")
     assert "ignores its input" not in f.message  # the MLP's output does depend on its input
+    assert headline(out.findings, trained=True) == "train.overfit_batch"
 
 
 def test_sign_flipped_loss_is_named(digits_ctx):
@@ -285,6 +288,7 @@ def test_sign_flipped_loss_is_named(digits_ctx):
     assert found["train.overfit_batch"].evidence["failure"] == "sign_flipped"
     assert out.metrics["overfit_batch/steps_to_target"] is None  # a negative loss "under the target" is no pass
     assert out.metrics["overfit_batch/loss_floor"] is None  # unbounded below: the usual target stays
+    assert headline(out.findings, trained=True) == "train.loss_increasing"
 
 
 def test_output_that_ignores_its_input(digits_ctx):
@@ -292,12 +296,14 @@ def test_output_that_ignores_its_input(digits_ctx):
     f = ids(out)["train.overfit_batch"]
     assert f.evidence["failure"] == "flat"
     assert "ignores its input" in f.evidence["causes"][0]
+    assert headline(out.findings, trained=True) == "train.overfit_batch"
 
 
 def test_zero_initialized_output_behind_stop_gradient(digits_ctx):
     out = ob.run(with_problem(digits_ctx, model=FrozenZeroOutput), FAST)
     f = ids(out)["train.overfit_batch"]
     assert f.evidence["causes"][0].startswith("no gradient reaches the parameters")
+    assert headline(out.findings, trained=True) == "train.overfit_batch"
 
 
 def test_divergence_is_reported(digits_ctx):
@@ -307,3 +313,4 @@ def test_divergence_is_reported(digits_ctx):
     assert found["train.divergence"].severity.value == "error"
     assert found["train.divergence"].evidence["first_nonfinite_step"] >= 0
     assert found["train.overfit_batch"].evidence["failure"] == "diverged"
+    assert headline(out.findings, trained=True) == "train.divergence"

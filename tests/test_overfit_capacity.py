@@ -23,7 +23,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from helpers import compose, replace_group
+from helpers import compose, headline, replace_group
 
 from harness.checks.training import overfit_batch as ob
 from harness.engine.train import Arrays, Problem
@@ -245,8 +245,10 @@ def overfit_finding(out):
 
 def test_big_mlp_at_a_learning_rate_of_1e_7_is_an_error(digits_ctx):
     ctx = dataclasses.replace(digits_ctx, optim=dataclasses.replace(digits_ctx.optim, lr=1e-7))
-    f = overfit_finding(ob.run(ctx, ob.Settings(steps=250)))
+    out = ob.run(ctx, ob.Settings(steps=250))
+    f = overfit_finding(out)
     assert f.severity.value == "error" and f.evidence["causes"][0].startswith("the learning rate is too low")
+    assert headline(out.findings, trained=True) == "train.overfit_batch"
 
 
 def test_a_zeroed_pipeline_is_not_excused_by_its_duplicates(digits_ctx):
@@ -255,8 +257,10 @@ def test_a_zeroed_pipeline_is_not_excused_by_its_duplicates(digits_ctx):
     so it is an error whatever the model's capacity."""
     a = digits_ctx.arrays
     zeroed = dataclasses.replace(digits_ctx, arrays=Arrays(np.zeros_like(a.x_train), a.y_train, a.x_val, a.y_val))
-    f = overfit_finding(ob.run(zeroed, ob.Settings(steps=250)))
+    out = ob.run(zeroed, ob.Settings(steps=250))
+    f = overfit_finding(out)
     assert f.severity.value == "error" and "ignores its input" in f.evidence["causes"][0]
+    assert headline(out.findings, trained=True) == "train.overfit_batch"  # the data stage did not run
 
 
 def clipped_cross_entropy(logits, labels):
@@ -286,14 +290,17 @@ def test_frozen_network_is_an_error_that_names_the_frozen_parameters(digits_ctx)
     assert set(cap["frozen_leaves"]) == {"hidden/kernel", "hidden/bias", "out/kernel", "out/bias"}
     assert cap["frozen_parameters"] == 64 * 128 + 128 + 128 * 10 + 10
     assert "receive no gradient" in f.evidence["causes"][0] and "stop_gradient" in f.suggestion
+    assert headline(out.findings, trained=True) == "train.overfit_batch"
 
 
 def test_big_mlp_whose_loss_has_a_bug_is_an_error_with_its_capacity_in_evidence(digits_ctx):
     """No bug shows in the curves alone (the loss falls, then plateaus): the capacity judgement decides, and a model
     with room to memorize twice the batch that does not memorize it is broken."""
     ctx = with_problem(digits_ctx, loss=clipped_cross_entropy, loss_name="clipped_cross_entropy")
-    f = overfit_finding(ob.run(ctx, ob.Settings(steps=250)))
+    out = ob.run(ctx, ob.Settings(steps=250))
+    f = overfit_finding(out)
     assert f.severity.value == "error" and f.evidence["failure"] in ("stalled", "slow")
+    assert headline(out.findings, trained=True) == "train.overfit_batch"
     cap = f.evidence["capacity"]
     assert cap["able_to_memorize"] is True and cap["params"] == 64 * 128 + 128 + 128 * 128 + 128 + 128 * 10 + 10
     assert cap["jacobian_rank"] == cap["batch_degrees_of_freedom"] == 32 * 9
@@ -314,3 +321,4 @@ def test_a_small_model_with_a_real_bug_is_still_an_error():
     out = ob.run(ctx, ob.Settings(steps=250))
     assert overfit_finding(out).severity.value == "error"
     assert "sign is flipped" in {f.id: f for f in out.findings}["train.loss_increasing"].message
+    assert headline(out.findings, trained=True) == "train.loss_increasing"

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from helpers import compose, replace_group
+from helpers import compose, headline, replace_group
 
 import sequence_models as sm
 from harness import pipeline
@@ -23,7 +23,7 @@ from harness.config import settings_from
 from harness.engine import compile as programs
 from harness.engine.train import Problem
 from harness.errors import HarnessError
-from harness.findings import FINDING_IDS, Severity
+from harness.findings import FINDING_IDS, Severity, first_to_fix
 from harness.losses import cross_entropy
 from harness.models.adapters import ModelFactory
 from harness.optim import OptimSpec
@@ -85,6 +85,7 @@ def test_planted_causal_bugs_fire_with_the_first_leaking_position(factory, kwarg
     assert "make_causal_mask" in f.suggestion and "k=1" in f.suggestion
     if "next input" in pattern:
         assert set(f.evidence["inputs_ahead_read"].values()) == {1}
+    assert headline(list(findings.values())) == "model.causal_leakage"
 
 
 def test_not_causal_and_unpadded_runs_nothing():
@@ -131,12 +132,14 @@ def test_padding_leakage(factory, task, x, kwargs, fires):
         first_padded = x[(x == sm.PAD).any(axis=1)][0]
         assert f.evidence["first_leak"] == {"sequence": 0, "position": int(np.argmax(first_padded != sm.PAD))}
     assert "key" in f.suggestion
+    assert headline(list(findings.values())) == "model.padding_leakage"
 
 
 def test_padding_leak_that_follows_from_a_causal_leak_says_so():
     findings, _ = check(sm.nnx_transformer, PADDED_LM, RIGHT_PADDED, mask="none")
     assert set(findings) == {"model.causal_leakage", "model.padding_leakage"}
     assert "follows from the causal leakage" in findings["model.padding_leakage"].message
+    assert headline(list(findings.values())) == "model.causal_leakage"
 
 
 def test_padding_without_an_embedding_lookup_is_not_checked_and_says_so():
@@ -195,6 +198,7 @@ def test_model_stage_names_a_missing_causal_mask():
     assert leak.evidence["first_leaking_position"] == 0
     metrics = pipeline.flat_metrics(result.outcomes)
     assert metrics["model/causal_leakage/leaking_positions"] == sm.LENGTH - 1
+    assert first_to_fix(result.findings).id == "model.causal_leakage"  # the report's headline
 
 
 def test_a_failing_padding_interpreter_costs_only_the_padding_check(monkeypatch):
@@ -206,6 +210,7 @@ def test_a_failing_padding_interpreter_costs_only_the_padding_check(monkeypatch)
     assert findings["model.padding_leakage"].severity is Severity.INFO
     assert "NotImplementedError: an unforeseen primitive" in findings["model.padding_leakage"].message
     assert findings["model.causal_leakage"].evidence["first_leaking_position"] == 0
+    assert headline(list(findings.values())) == "model.causal_leakage"
     assert "model/padding_leakage/max_difference" not in metrics
 
 
@@ -239,3 +244,4 @@ def test_char_transformer_leaks_only_without_its_mask(char_lm, causal):
     task = Task(data["num_classes"], (16,), integer_inputs=True, causal=True)
     findings, _ = check(char_lm.CharTransformer, task, data["x_train"], width=16, depth=1, heads=2, causal=causal)
     assert set(findings) == (set() if causal else {"model.causal_leakage"})
+    assert headline(list(findings.values())) == (None if causal else "model.causal_leakage")

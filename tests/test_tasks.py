@@ -20,7 +20,7 @@ import optax
 import pytest
 
 import tasks_helpers
-from helpers import compose, replace_group
+from helpers import compose, headline, replace_group
 from harness import losses, pipeline
 from harness.checks import data as data_checks
 from harness.checks.base import Context
@@ -29,7 +29,7 @@ from harness.checks.model import batch_dependence, forward
 from harness.checks.model.settings import Settings as ModelSettings
 from harness.checks.training import controls, lr_range, overfit_batch
 from harness.data.dataset import from_mapping
-from harness.findings import Severity
+from harness.findings import Severity, first_to_fix
 
 VOCAB = tasks_helpers.VOCAB
 FIRST_STAGES = "diagnostics.run=[data,model,overfit_batch]"
@@ -142,6 +142,7 @@ def test_token_ids_out_of_range_are_a_label_range_error():
     assert f.severity is Severity.ERROR and r.status == "unhealthy"
     assert f.message.startswith("token ids outside [0, 12)") and f.evidence["out_of_range"] == 1
     assert f.evidence["y_train"]["values"] == [VOCAB] and "vocabulary" in f.suggestion
+    assert first_to_fix(r.findings).id == "data.label_range"
     assert problems(data_check(tasks_helpers.progressions()).findings) == []
 
 
@@ -180,8 +181,10 @@ def test_per_position_labels_conflict_when_whole_label_rows_differ():
     data = tasks_helpers.tagging()
     data["x_train"][1] = data["x_train"][0]
     data["y_train"][1] = (data["y_train"][0] + 1) % 3
-    [f] = found(data_check(data), "data.conflicting_labels")
+    outcome = data_check(data)
+    [f] = found(outcome, "data.conflicting_labels")
     assert f.evidence["count"] == 2 and f.evidence["example_labels"] is None
+    assert headline(outcome.findings) == "data.conflicting_labels"
 
 
 def test_label_layouts():
@@ -240,6 +243,7 @@ def test_output_range_sees_probabilities_per_position():
     probabilities = np.exp(logits) / np.exp(logits).sum(axis=-1, keepdims=True)
     [f] = forward.output_range_findings(probabilities, "cross_entropy", True, ModelSettings())[0]
     assert f.id == "model.output_range" and f.evidence["looks_like"] == "softmax"
+    assert headline([f]) == "model.output_range"
 
 
 def test_batch_dependence_on_token_ids():

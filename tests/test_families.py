@@ -307,6 +307,9 @@ def test_a_dead_relu_layer_is_named_with_the_familys_path(family):
     f = finding(r, "model.dead_units")
     assert f.severity is Severity.ERROR
     assert f.evidence["layers"] == {layer: 1.0}  # only the planted layer, all of it
+    # The dead layer is the cause; the zero gradients behind it (a zero bias is the family's default init, not a
+    # zero-init bug) are its symptom.
+    assert first_to_fix(r.findings).id == "model.dead_units"
 
 
 def test_equinox_dead_layer_is_found_whatever_its_spelling():

@@ -74,7 +74,7 @@ def run(ctx: Context, settings: Settings) -> Outcome:
     layers = units.layer_table(stats.units, stats.input_spread)
     # Token ids are not a scale: growth is counted from the first activation layer for integer inputs.
     input_rms = None if problem.task.integer_inputs else float(np.mean(stats.input_rms))
-    judge_gradient_flow(outcome, stats, layers, x, settings)
+    judge_gradient_flow(outcome, stats, layers, x, settings, probe.parameters)
     add(outcome, *batch_dependence.judge(stats.own_gradient, stats.cross_gradient, stats.leaking_examples, rows,
                                          len(x), settings))
     add(outcome, *sequence.run(ctx, settings, params0, rest0, x))
@@ -120,10 +120,10 @@ def init_statistics(ctx: Context, settings: Settings, x, y, rows):
         return (*statistics(with_capture=False), [note])
 
 
-def judge_gradient_flow(outcome: Outcome, stats, layers, x, settings: Settings) -> None:
+def judge_gradient_flow(outcome: Outcome, stats, layers, x, settings: Settings, shapes=None) -> None:
     dead_layers = [r["layer"] for r in layers if r["dead_everywhere"]]
     inputs_vary = len(x) >= 2 and not np.all(x == x[:1])
-    add(outcome, *gradients.judge(stats, settings, dead_layers, inputs_vary))
+    add(outcome, *gradients.judge(stats, settings, dead_layers, inputs_vary, shapes))
     grad_median = {p: float(np.median(v)) for p, v in stats.grad_norm.items()}
     zero = {p for p, v in stats.grad_zero.items() if np.all(v)}
     nonfinite = {p for p, v in stats.grad_finite.items() if not np.all(v)}

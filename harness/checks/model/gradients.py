@@ -87,11 +87,13 @@ def per_layer(grad_norm: dict[str, np.ndarray], param_norm: dict[str, np.ndarray
     return out
 
 
-def judge(stats, settings: Settings, dead_layers: list[str] = (), inputs_vary: bool = True
-          ) -> tuple[list[Finding], dict[str, Any]]:
+def judge(stats, settings: Settings, dead_layers: list[str] = (), inputs_vary: bool = True,
+          shapes: dict[str, tuple[int, ...]] | None = None) -> tuple[list[Finding], dict[str, Any]]:
     """Findings and metrics from :class:`programs.InitStats` (host arrays). ``dead_layers``: activation layers
     whose every unit is dead (model.dead_units), named as the likely cause of zero gradients. ``inputs_vary``:
-    the batch holds at least two different inputs (else identical outputs say nothing about the model)."""
+    the batch holds at least two different inputs (else identical outputs say nothing about the model).
+    ``shapes``: parameter path -> shape; only weights (two or more dimensions) count as a zero init, since a zero
+    bias is the ordinary init (Linen's and Haiku's default) and leaves no unit symmetric."""
     dead_note = (f" Every unit of {', '.join(dead_layers)} is dead (model.dead_units): nothing flows back through "
                  f"{'it' if len(dead_layers) == 1 else 'them'}." if dead_layers else "")
     findings: list[Finding] = []
@@ -115,7 +117,8 @@ def judge(stats, settings: Settings, dead_layers: list[str] = (), inputs_vary: b
     zero = [p for p in paths if p not in nonfinite and np.all(stats.grad_zero[p])]
     steps = settings.zero_gradient_steps
     # All-zero parameters at init (every init) among them: a zero (or constant) init that training cannot leave.
-    zero_init = [p for p in zero if np.all(np.asarray(stats.param_norm[p]) == 0)]
+    zero_init = [p for p in zero if np.all(np.asarray(stats.param_norm[p]) == 0)
+                 and (shapes is None or len(shapes.get(p, ())) >= 2)]
     if zero:
         message = (f"Zero gradient for {len(zero)} of {len(paths)} parameters: {_listed(zero, settings)} (every "
                    f"element exactly 0 at init and after {steps} sign-gradient step{'s' if steps > 1 else ''} from "

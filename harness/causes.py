@@ -211,6 +211,10 @@ def not_ruled_out(outcomes, settings: dict) -> list[str]:
     else:
         said = f"The training diagnostics ran at most {longest} steps each"
         length = longest
+    horizon = getattr(settings.get("lr_range"), "horizon", None)  # train.steps: the user's own training length
+    yours = f"your {horizon} steps (train.steps)" if horizon else "your full length"
+    if horizon and int(horizon) <= length:
+        return []  # the suite trained as long as the user does
     return [f"{said}; a longer run may still diverge (a loss that reaches log(0) or overflows after thousands of "
-            f"steps), and a plateau or overfitting later in training is not judged. Train your full length with "
-            f"`harness diagnostics.run=[seeds] diagnostics.seeds.steps=<steps>` (now {length})."]
+            f"steps), and a plateau or overfitting later in training is not judged. Train {yours} with "
+            f"`harness diagnostics.run=[seeds] diagnostics.seeds.steps={horizon or '<steps>'}` (now {length})."]

@@ -143,6 +143,13 @@ def test_a_clean_run_says_what_its_budgets_could_not_rule_out():
     # A configured run that diverged is a finding, not a limit; no training at all rules nothing out.
     assert not_ruled_out([Outcome("seeds", metrics={"seeds/diverged": 2})], settings) == []
     assert "nothing about training" in not_ruled_out([Outcome("model")], settings)[0]
+    # With the user's own length known (train.steps), the command names it; a suite as long as it rules it out.
+    from harness.checks.training import lr_range
+
+    longer = {**settings, "lr_range": lr_range.Settings(horizon=20000)}
+    assert "your 20000 steps" in not_ruled_out([Outcome("seeds", metrics={"seeds/diverged": 0})], longer)[0]
+    shorter = {**settings, "lr_range": lr_range.Settings(horizon=300)}
+    assert not_ruled_out([Outcome("seeds", metrics={"seeds/diverged": 0})], shorter) == []
     # A crashed or skipped diagnostic is no evidence.
     crashed = Outcome("seeds", skipped="crashed: X")
     assert "nothing about training" in not_ruled_out([crashed], settings)[0]

@@ -197,6 +197,13 @@ def main(argv=None):
     parser.add_argument("--baseline", default=None, metavar="REV",
                         help="also score the reported rule of lr_range.py at this git revision (column 'before')")
     args = parser.parse_args(argv)
+    if args.baseline:  # one commit for the whole run, even if the branch moves meanwhile
+        import os
+        import subprocess
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        args.baseline = subprocess.run(["git", "rev-parse", args.baseline], cwd=root, check=True,
+                                       capture_output=True, text=True).stdout.strip()
     rows = []
     for name in args.jobs.split(","):
         row = evaluate_job(name, JOBS[name], args)

@@ -53,7 +53,7 @@ reference and regression jobs two seed-to-seed standard deviations of the valida
 3 seeds) are 0.9% of the untrained loss; the tiny wine and breast_cancer validation sets (45 and 142 examples) are
 noisier (4-6%), which is where the seeds diagnostic's measured spread takes over.
 
-Measured quality (``scripts/lr_quality.py --baseline <the previous rule's commit>``, 2-core CPU, 2026-11-30):
+Measured quality (``scripts/lr_quality.py --baseline 4f44d28``, the commit before this rule; 2-core CPU, 2026-11-30):
 validation loss after training at each rule's LR for the horizon, with the job's optimizer and batch size (mean of
 8 held-out seeds; wine 32), divided by the best of 48 fixed LRs trained the same way (the lowest running mean of
 three neighbours, which the winner's curse does not pull below every LR's expected loss); mean over 3 LR range
@@ -73,9 +73,11 @@ breast_cancer      8.2e-4   8%     1.00x (1.00)  1.12x (1.18)  1.27x   2.22x    
 Wine stays above 1.05x: its 45 validation examples make one run's loss scatter by about 45%, so a window of three
 runs cannot place its narrow optimum closer than about one grid step (windows of 5-9, the tied set's lowest or
 centre LR, and a parabola over the basin were no better when replayed on recorded runs).
-Horizons past ``grid_steps``, replayed on recorded runs (2,000 steps, the grid's 500 extrapolated; held-out
-seeds as above): wine 1.02x, regression 1.01x, breast_cancer 1.02x; digits 1.19x, where even a grid trained the
-full 2,000 steps gets only 1.14x (its validation loss rises with overfitting below a flat basin).
+
+Horizons past ``grid_steps`` (``--steps 2000``: the grid trains 500 steps, the suggestion is extrapolated):
+regression 1.00x (b = 0; before 1.10x), breast_cancer 0.99x (b = -1: 6.1e-4 carried to 1.5e-4; unextrapolated
+1.14x). Replayed on recorded runs: wine 1.02x, digits 1.19x, where even a grid trained the full 2,000 steps gets
+only 1.14x (its validation loss rises with overfitting below a flat basin).
 
 Cost: on the reference job the test takes 5.7-6.1 s instead of 2.5-3.1 s (`harness diagnostics.run=[lr_range]
 logger=none`, 2-core CPU, warm compile cache): 500 steps per member instead of 200. ``grid_steps=300`` trains

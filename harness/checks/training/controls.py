@@ -114,7 +114,7 @@ def finite_mean(values) -> float:
 
 
 def accuracy_noise(p: float, n_val: int) -> float:
-    """Three standard errors of the difference of two accuracies near ``p``, each measured on ``n_val`` examples
+    """Three standard errors of the difference of two accuracies near ``p``, each measured on ``n_val`` predictions
     (binomial): smaller accuracy differences are within the validation set's sampling noise."""
     p = min(max(p, 0.0), 1.0)
     return 3.0 * math.sqrt(2.0 * max(p * (1.0 - p), 1e-12) / max(n_val, 1))
@@ -205,6 +205,10 @@ def run(ctx: Context, settings: Settings) -> Outcome:
     n_val = eval_size(len(ctx.arrays.x_val), ctx.engine.max_eval_examples, ctx.arrays.y_val)
     chance = (chance_accuracy(ctx.arrays.y_train, ctx.arrays.y_val[:n_val], ctx.dataset.num_classes)
               if classification else 0.0)
+    # Accuracy is measured over predictions: one per example, or one per real (non-padding) position of a sequence.
+    # Counting sequences instead put a language model's accuracy noise at 0.24 for 64 sequences of 32 tokens, and a
+    # healthy one that beats the unigram control by 10 points was called "no signal".
+    n_predictions = int(np.sum(np.asarray(ctx.arrays.y_val[:n_val]) >= 0)) if classification else n_val
 
     if noise["num_finite"] == 0:
         out.skipped = ("the real-data runs went non-finite at the configured learning rate, so there is nothing to "
@@ -218,7 +222,7 @@ def run(ctx: Context, settings: Settings) -> Outcome:
             noise["val_loss_std"], settings,
             real.val_accuracy[~real.diverged, -1] if classification else None,
             result.val_accuracy[:rows][pick, -1] if classification else None,
-            noise.get("val_accuracy_std", 0.0), n_val, chance,
+            noise.get("val_accuracy_std", 0.0), n_predictions, chance,
         ))
     finding = no_signal_finding(comparisons, noise["val_loss_std"], settings)
     if finding is not None:

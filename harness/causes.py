@@ -57,6 +57,8 @@ EXPLAINS: dict[str, frozenset[str]] = {
     "model.saturated_units": frozenset({"model.gradient_flow"}) | TRAINING_FAILURES,
     "model.dead_units": frozenset({"model.gradient_flow"}) | TRAINING_FAILURES,
     "model.gradient_flow": TRAINING_FAILURES,
+    # A model or loss that mixes the examples of a batch fits batch statistics, not examples.
+    "model.batch_dependence": TRAINING_FAILURES,
     # Hidden weights all zero at init (a zero-init MLP): every unit computes 0 -- dead or saturated by construction --
     # and training never breaks their symmetry. The cause, not a symptom of the dead units it makes.
     "model.gradient_flow:zero_init": frozenset({"model.dead_units", "model.saturated_units",

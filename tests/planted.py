@@ -310,3 +310,9 @@ def zero_mlp(*, rngs, input_shape, num_outputs, activation=jnp.tanh, **kw):
     zeros = nnx.initializers.zeros_init()
     return MLP(rngs=rngs, input_shape=input_shape, num_outputs=num_outputs, activation=activation,
                kernel_init=zeros, out_init=zeros, **kw)
+
+
+def broadcast_mean_square_error(outputs, targets):
+    """The broadcast of ``broadcasting_square_error``, then a mean over the last axis meant for output dimensions:
+    shape ``(batch,)``, so nothing fails, but each example's loss compares its output with every target."""
+    return jnp.mean(jnp.square(outputs - targets), axis=-1)

@@ -539,6 +539,8 @@ PLANTED = {
                                           [("warning", "model.initial_loss")], "of uniform probabilities"),
     "saturated_pre_activations": ([model_factory("wide_tanh")], {}, [("warning", "model.saturated_units")],
                                   "hidden/1 (tanh): 6"),
+    "loss_mixes_targets": (["data=regression", loss_factory("broadcast_mean_square_error")], {},
+                           [("warning", "model.batch_dependence")], "The loss mixes examples"),
     "zero_init_mlp": ([model_factory("zero_mlp")], {},
                       [("error", "model.gradient_flow"), ("error", "model.gradient_flow"),
                        ("warning", "model.dead_units")], "all zero at init"),
@@ -558,6 +560,7 @@ HEADLINE = {
     "exploding_relu": "model.exploding_activations", "exploding_relu_user_loss": "model.exploding_activations",
     "large_output_init_user_loss": "model.initial_loss", "confident_probabilities_user_loss": "model.initial_loss",
     "saturated_pre_activations": "model.saturated_units", "zero_init_mlp": "model.gradient_flow",
+    "loss_mixes_targets": "model.batch_dependence",
 }
 
 

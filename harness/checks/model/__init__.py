@@ -77,6 +77,8 @@ def run(ctx: Context, settings: Settings) -> Outcome:
     judge_gradient_flow(outcome, stats, layers, x, settings, probe.parameters)
     add(outcome, *batch_dependence.judge(stats.own_gradient, stats.cross_gradient, stats.leaking_examples, rows,
                                          len(x), settings))
+    if not outcome.findings or outcome.findings[-1].id != f"{NAME}.batch_dependence":  # one mixing finding
+        add(outcome, batch_dependence.judge_loss(stats.loss_mixing, rows, len(x), settings))
     add(outcome, *sequence.run(ctx, settings, params0, rest0, x))
     judge_units(outcome, layers, settings, input_rms)
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from harness.checks.model.settings import NAME, Settings
 from harness.checks.model.noise import hash_uniform
-from harness.findings import Finding, error
+from harness.findings import Finding, error, warning
 
 
 def gradients_across_batch(forward_fn, x, rows, cotangent_seed):
@@ -45,6 +45,39 @@ def gradients_across_batch(forward_fn, x, rows, cotangent_seed):
                 jnp.sum(others & (per_example > 0)))
 
     return jax.vmap(one)(rows, cotangents)
+
+
+def loss_across_batch(loss_fn, out, y, rows) -> dict:
+    """The same three quantities for the loss, per source: ``"outputs"``, ``d loss_i / d out_j``; ``"targets"``, how
+    ``loss_i`` moves when example ``j``'s target is replaced by the next example's (by replacement, so integer
+    labels are covered; one loss evaluation per example, no model). A per-example loss depends on its own example's
+    outputs and targets only; a user loss that broadcasts ``(N, 1)`` outputs against ``(N,)`` targets and then
+    reduces the wrong axis returns ``(N,)`` values that each compare one output with every target, and training
+    fits the batch mean. A loss that returns one number for the batch (a mean) cannot be checked: zeros."""
+    losses = loss_fn(out, y)
+    zeros = jnp.zeros(rows.shape, jnp.float32)
+    if losses.ndim == 0 or losses.shape[0] != out.shape[0]:
+        none = (zeros, zeros, zeros.astype(jnp.int32))
+        return {"outputs": none, "targets": none}
+    _, pullback = jax.vjp(lambda o: loss_fn(o, y), out)
+    n = out.shape[0]
+
+    def split(per_example, i):
+        others = jnp.arange(n) != i
+        return (per_example[i], jnp.max(jnp.where(others, per_example, 0.0)),
+                jnp.sum(others & (per_example > 0)).astype(jnp.int32))
+
+    def through_outputs(i):
+        (g,) = pullback(jnp.zeros_like(losses).at[i].set(1))
+        return split(jnp.max(jnp.abs(g.reshape(n, -1)), axis=1).astype(jnp.float32), i)
+
+    def target_changed(j):
+        moved = loss_fn(out, y.at[j].set(y[(j + 1) % n]))
+        return jnp.max(jnp.abs(moved - losses).reshape(n, -1), axis=1).astype(jnp.float32)[rows]
+
+    effect = jax.lax.map(target_changed, jnp.arange(n)).T  # (rows, n): row i's loss change when target j changed
+    return {"outputs": jax.vmap(through_outputs)(rows),
+            "targets": jax.vmap(split)(effect, rows)}
 
 
 def changes_across_batch(forward_fn, x, rows):
@@ -95,3 +128,35 @@ def judge(own: np.ndarray, cross: np.ndarray, leaking: np.ndarray, rows: np.ndar
         rows_checked=rows.tolist(), other_examples_affected=leaking.tolist(), cross_gradient=cross.tolist(),
         own_gradient=own.tolist(), mode="eval", tolerance=settings.batch_dependence_tolerance,
     )], metrics
+
+
+def judge_loss(mixing: dict, rows: np.ndarray, batch: int, settings: Settings) -> list[Finding]:
+    """``model.batch_dependence`` for the loss: example ``i``'s loss changes with example ``j``'s outputs. A
+    warning, not an error: a contrastive loss (in-batch negatives) compares examples by design. When the mixing
+    is a bug, training fails, and :mod:`harness.causes` makes this warning the error that explains it."""
+    for source, (own, cross, leaking) in mixing.items():
+        own, cross = np.asarray(own, np.float64), np.asarray(cross, np.float64)
+        if not (np.all(np.isfinite(own)) and np.all(np.isfinite(cross))):
+            continue
+        scale, leak = float(own.max()), float(cross.max())
+        if leak == 0 or leak <= settings.batch_dependence_tolerance * scale:
+            continue
+        return [_loss_mixing(source, own, cross, np.asarray(leaking), rows, batch, scale, leak)]
+    return []
+
+
+def _loss_mixing(source, own, cross, leaking, rows, batch, scale, leak) -> Finding:
+    worst = int(np.argmax(cross))
+    what = "outputs" if source == "outputs" else "targets"
+    return warning(
+        f"{NAME}.batch_dependence",
+        f"The loss mixes examples: the loss of example {int(rows[worst])} depends on the {what} of "
+        f"{int(leaking[worst])} other examples of the batch of {batch} (largest effect {leak:.3g}, "
+        f"{leak / scale if scale > 0 else float('inf'):.3g}x that of its own {what}).",
+        "A per-example loss must compare each example's outputs with its own targets only: check the shapes inside "
+        "the loss (outputs (N, 1) minus targets (N,) broadcasts to (N, N); squeeze the outputs or reshape the "
+        "targets) and the axis of every mean or sum in it. A contrastive loss (in-batch negatives) mixes examples "
+        "by design: then nothing is wrong.",
+        rows_checked=rows.tolist(), other_examples_affected=np.asarray(leaking).tolist(),
+        cross_effect=cross.tolist(), own_effect=own.tolist(), source=f"loss ({what})",
+    )

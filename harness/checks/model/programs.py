@@ -114,6 +114,7 @@ class InitStats(NamedTuple):
     own_gradient: Any  # (rows,) max |d out_i / d x_i| for the checked rows (first init)
     cross_gradient: Any  # (rows,) max |d out_i / d x_j|, j != i
     leaking_examples: Any  # (rows,) number of other examples j with a nonzero d out_i / d x_j
+    loss_mixing: Any  # (own, cross, leaking) of the loss: d loss_i / d out_j (batch_dependence.loss_across_batch)
     null_losses: dict  # null prediction -> mean loss on the batch (losses.null_losses)
 
 
@@ -176,13 +177,15 @@ def make_init_program(problem: Problem, with_capture: bool, steps: int):
         params0, rest0 = first
         own, cross, leaking = batch_dependence.gradients_across_batch(
             lambda xx: model(params0, rest0, xx), x, rows, cotangent_seed)
+        loss_mixing = batch_dependence.loss_across_batch(problem.loss_fn, stats["outputs"][0], y, rows)
         outputs = stats["outputs"]
         try:  # the user's loss at the null predictions (losses.null_prediction chooses on the host)
             null = losses.null_losses(problem.loss_fn, problem.task.num_classes, outputs.shape[1:], outputs.dtype,
                                       y)
         except Exception:  # noqa: BLE001 -- a loss that only takes the model's own outputs: no expectation
             null = {}
-        return InitStats(own_gradient=own, cross_gradient=cross, leaking_examples=leaking, null_losses=null,
+        return InitStats(own_gradient=own, cross_gradient=cross, leaking_examples=leaking, loss_mixing=loss_mixing,
+                         null_losses=null,
                          **stats), first
 
     return program

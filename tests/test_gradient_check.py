@@ -11,36 +11,8 @@ import pytest
 from flax import nnx
 
 import planted
-from test_model_checks import Planted, context, run_stage
-
-
-@jax.custom_vjp
-def swish(x):
-    return x * jax.nn.sigmoid(x)
-
-
-def _swish_fwd(x):
-    return swish(x), x
-
-
-def _swish_bwd(x, g):
-    s = jax.nn.sigmoid(x)
-    return (g * (s + x * s * (1.0 - s)),)
-
-
-swish.defvjp(_swish_fwd, _swish_bwd)
-
-
-@jax.custom_vjp
-def swish_wrong(x):
-    return x * jax.nn.sigmoid(x)
-
-
-def _swish_wrong_bwd(x, g):
-    return (g * jax.nn.sigmoid(x),)  # the x * s * (1 - s) term of the product rule is missing
-
-
-swish_wrong.defvjp(_swish_fwd, _swish_wrong_bwd)
+from test_model_checks import Planted, run_stage
+from zoo.models import swish, swish_wrong  # the same custom_vjp activations the zoo plants
 
 
 def swish_mlp(*, rngs, input_shape, num_outputs):

@@ -14,14 +14,11 @@ import jax
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-
-from harness.config import FactoryConfig  # noqa: E402
-from harness.findings import FINDING_IDS  # noqa: E402
-from harness.pipeline import load_dataset, make_loss, make_model_factory  # noqa: E402
-from zoo import setups as zs  # noqa: E402
+from harness.config import FactoryConfig
+from harness.findings import FINDING_IDS
+from helpers import REPO_DIR as REPO
+from harness.pipeline import load_dataset, make_loss, make_model_factory
+from zoo import setups as zs
 
 
 def _runner():

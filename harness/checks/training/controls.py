@@ -193,6 +193,11 @@ def real_runs(ctx: Context, steps: int) -> SweepResult:
     return seeds.train_seeds(ctx, steps, num_seeds)
 
 
+# The constant-input control's validation loss: what training reaches without information from the inputs (the
+# label frequencies). The LR range test counts an LR as learning only below it.
+SHARES = ("constant_input_val_loss",)
+
+
 def run(ctx: Context, settings: Settings) -> Outcome:
     out = Outcome("controls")
     real = real_runs(ctx, settings.steps)
@@ -224,6 +229,8 @@ def run(ctx: Context, settings: Settings) -> Outcome:
             result.val_accuracy[:rows][pick, -1] if classification else None,
             noise.get("val_accuracy_std", 0.0), n_predictions, chance,
         ))
+    if np.isfinite(comparisons[0].control_loss):
+        ctx.shared["constant_input_val_loss"] = float(comparisons[0].control_loss)
     finding = no_signal_finding(comparisons, noise["val_loss_std"], settings)
     if finding is not None:
         out.findings.append(finding)

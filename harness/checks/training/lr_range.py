@@ -757,6 +757,12 @@ def analyse(result: SweepResult, plan: Plan, shared: dict
     s = plan.settings
     ramp = read_ramp(result.loss[0], ramp_lrs(s, result.loss.shape[1]), s.ema_beta, s.stop_factor)
     untrained = float(result.final_val_loss[plan.untrained_row])
+    # Learning the label frequencies is not learning from the inputs: when the controls ran, an LR learns only
+    # below what training on constant inputs reaches (with shuffled labels every LR only fits the prior, and a
+    # nearly flat landscape must not call the configured LR "too high").
+    constant = shared.get("constant_input_val_loss") if shared is not None else None
+    if constant is not None and np.isfinite(constant):
+        untrained = min(untrained, float(constant))
     margin, _ = noise_margin(shared, untrained, s.relative_margin)
     rows = plan.grid_rows
     window = GRID_SEEDS if len(set(plan.grid_seed_offsets())) > 1 else 1

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import collections
 import io
-import os
-import sysconfig
 
 import numpy as np
 
+from experiments.char_lm import read_corpus  # one reader of Python's sources for the example and the zoo
 from harness.data import builtin
 
 
@@ -231,25 +230,12 @@ SOURCES = ("textwrap.py", "functools.py", "argparse.py")
 UNK = 0
 
 
-def _stdlib_text(sources=SOURCES) -> str:
-    root = sysconfig.get_paths()["stdlib"]
-    texts = []
-    for name in sources:
-        path = os.path.join(root, name)
-        if os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                texts.append(f.read())
-    if not texts:
-        raise FileNotFoundError(f"none of {', '.join(sources)} found under {root}")
-    return "\n".join(texts)
-
-
 def python_chars(num_train: int = 512, num_val: int = 128, seq_len: int = 32, vocab_size: int = 32,
                  sources=SOURCES):
     """Next-character pairs from Python's own standard-library sources: ``(N, seq_len)`` windows, the targets the
     inputs shifted by one. The vocabulary is the ``vocab_size - 1`` most frequent training characters (ids 1..),
     any other character is 0. Training windows from the start of the text, validation from its end."""
-    text = _stdlib_text(tuple(sources))
+    text = read_corpus(tuple(sources))  # the char-LM example's reader of stdlib sources
     need = (num_train + num_val) * seq_len + 2
     if len(text) < need:
         raise ValueError(f"the text has {len(text)} characters, {need} needed")

@@ -163,6 +163,29 @@ def test_grid_where_nothing_learns():
     assert not g.learns_at_all and g.best_lr is None
 
 
+def test_one_lucky_member_on_a_flat_grid_is_not_a_best_lr():
+    """Labels with no signal: every member ends at the untrained loss but one that dips past the margin by chance,
+    between neighbours that trained and did not learn. No window of three learns, and the lone member's neighbours
+    are finite, so the grid learns nothing (no "best LR" for the verdict to measure the configured LR against)."""
+    lrs = np.geomspace(1e-5, 1.0, 12)
+    val = np.full(12, 2.31)
+    val[7] = 2.24  # one seed's luck: below 2.31 - 0.05
+    g = lr.read_grid(lrs, val, np.zeros(12, bool), untrained=2.31, margin=0.05, window=3)
+    assert not g.learns_at_all and g.best_lr is None
+
+
+def test_a_narrow_band_beside_diverged_members_is_still_a_best():
+    """The other direction: the only learning member sits between members that diverged (a landscape whose usable
+    band is narrower than a window): it is the best, as the fallback intends."""
+    lrs = np.geomspace(1e-5, 1.0, 12)
+    val = np.full(12, 2.31)
+    diverged = np.zeros(12, bool)
+    val[7] = 0.9
+    diverged[[6, 8, 9, 10, 11]] = True
+    g = lr.read_grid(lrs, val, diverged, untrained=2.31, margin=0.05, window=3)
+    assert g.learns_at_all and g.best_lr == pytest.approx(lrs[7])
+
+
 @pytest.mark.parametrize("configured, val, diverged, direction, severity", [
     (GRID[5], 0.1, -1, None, None),  # the best LR
     (GRID[3], 0.6, -1, None, None),  # low side but inside the lenient usable range

@@ -416,14 +416,22 @@ def read_grid(lrs, val, diverged, untrained: float, margin: float, window: int =
         nothing = np.full(len(lrs), -np.inf)
         return GridReading(lrs, val, untrained, margin, None, nothing, None, None, None, None)
     smooth = window_mean(val, window) if window > 1 else running_median3(val)
-    # The best: the lowest window whose every member learns; a member that learns alone beside diverged or stuck
-    # neighbours is a best only when no window qualifies.
-    whole = np.array([learns[max(0, i - (window - 1) // 2): i - (window - 1) // 2 + window].all()
-                      if window > 1 else learns[i] for i in range(len(lrs))])
+    # The best: the lowest window whose every member learns. Only when no window qualifies, a member whose window
+    # holds nothing but learners and diverged members (a narrow band where some seeds already blow up) is a best.
+    # A learner beside finite members that did not learn is not: on a flat landscape (labels with no signal) one
+    # member in many passes the margin by chance, and reading it as the best invents a "best LR".
+    def windowed(flags):
+        return np.array([flags[max(0, i - (window - 1) // 2): i - (window - 1) // 2 + window].all()
+                         if window > 1 else flags[i] for i in range(len(lrs))])
+
+    whole = windowed(learns)
     candidates = np.where(whole & np.isfinite(smooth), smooth, np.inf)
     if not np.isfinite(candidates).any():
         smooth = running_median3(val)
-        candidates = np.where(learns, smooth, np.inf)
+        candidates = np.where(learns & windowed(learns | ~np.isfinite(val)), smooth, np.inf)
+    if not np.isfinite(candidates).any():
+        nothing = np.full(len(lrs), -np.inf)
+        return GridReading(lrs, val, untrained, margin, None, nothing, None, None, None, None)
     best = int(np.argmin(candidates))
     p = log_progress(val, untrained, float(smooth[best]))
     # The usable run is contiguous around the best: walk out from it while the thresholds hold.

@@ -111,6 +111,30 @@ def output_space(outputs, tolerance: float = 1e-3) -> str:
     return ZERO_LOGITS
 
 
+# Margins of the "confidently correct" logits: the right class this far above the others, so that a softmax leaves
+# the others exp(-20) and exp(-40) of the mass. A loss that applies its own softmax to them scores ~0 at both.
+CONFIDENT_MARGINS = (20.0, 40.0)
+
+
+def confident_losses(loss_fn, num_classes: int | None, shape: tuple[int, ...], dtype, targets) -> dict[str, Any]:
+    """The mean loss on ``targets`` of logits that are confidently correct, at each of ``CONFIDENT_MARGINS``
+    (traceable; computed in the model stage's init program): the right class's logit ``m`` above zero elsewhere
+    (``(..., C)`` outputs for integer labels of shape ``(...)``; padding labels, negative, get an all-zero row), or
+    ``m (2y - 1)`` for one binary logit per label. Empty for regression or outputs of another shape. A loss that
+    treats its input as logits goes to 0 along them, a label-smoothed one grows; one that levels off above 0
+    squashes the logits before its log (:func:`harness.checks.model.forward.loss_saturation_findings`)."""
+    if not num_classes:
+        return {}
+    y = jnp.asarray(targets)
+    if tuple(shape[:-1]) == tuple(y.shape) and shape[-1] == num_classes and num_classes > 1:
+        direction = jax.nn.one_hot(y.astype(jnp.int32), num_classes, dtype=dtype)
+    elif num_classes == 2 and int(np.prod(shape)) == int(np.prod(y.shape)):
+        direction = jnp.reshape(2.0 * y.astype(dtype) - 1.0, shape)
+    else:
+        return {}
+    return {f"{m:g}": jnp.mean(loss_fn(m * direction, targets).astype(jnp.float32)) for m in CONFIDENT_MARGINS}
+
+
 def null_prediction(loss_fn, num_classes: int | None, outputs, targets, values: dict[str, float] | None = None
                     ) -> NullPrediction | None:
     """The loss a model that predicts nothing gets, for any loss: its value at the null prediction of the space the

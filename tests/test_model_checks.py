@@ -205,6 +205,72 @@ def test_output_range_readings():
     assert judge(probabilities, loss="my_nll_on_probabilities") == []  # a loss we do not know takes what it wants
 
 
+def saturation_of(loss_fn, num_classes=10, shape=(64, 10), targets=np.arange(64) % 10):
+    """The loss-saturation judgement of ``loss_fn`` on logits of ``shape`` (the null prediction as the model stage
+    reads it: zero logits)."""
+    logits = np.random.default_rng(0).normal(0, 0.1, (4, *shape)).astype(np.float32)
+    confident = jax.tree.map(float, losses.confident_losses(loss_fn, num_classes, shape, jnp.float32, targets))
+    null = losses.null_prediction(loss_fn, num_classes, logits, targets)
+    return forward.loss_saturation_findings(confident, null, losses.output_space(logits), "user loss")
+
+
+def focal(logits, y, gamma=2.0):
+    p = jax.nn.softmax(logits)[jnp.arange(len(y)), y]
+    return -((1 - p) ** gamma) * jnp.log(p)
+
+
+def temperature_ce(logits, y):
+    return optax.softmax_cross_entropy_with_integer_labels(logits / 10.0, y)
+
+
+def double_sigmoid_bce(logit, y):
+    return optax.sigmoid_binary_cross_entropy(jax.nn.sigmoid(logit[:, 0]), y.astype(jnp.float32))
+
+
+def bce(logit, y):
+    return optax.sigmoid_binary_cross_entropy(logit[:, 0], y.astype(jnp.float32))
+
+
+def test_a_loss_that_squashes_logits_before_its_log_is_output_range():
+    """Both directions, on the loss alone: probabilities fed to a cross-entropy on logits (softmax, or a sigmoid
+    for one binary logit) level off well above 0 along confidently correct logits; cross-entropy, focal, label
+    smoothing (rising), a temperature and a plain sigmoid BCE do not."""
+    (f,) = saturation_of(planted.softmax_then_cross_entropy)
+    assert f.id == "model.output_range" and f.severity == Severity.ERROR
+    assert f.evidence["floor_fraction"] == pytest.approx(np.log(1 + 9 / np.e) / np.log(10), rel=1e-3)
+    binary = np.arange(64) % 2
+    (f,) = saturation_of(double_sigmoid_bce, 2, (64, 1), binary)
+    assert "squashes" in f.message
+    for healthy in (cross_entropy, planted.my_ce, focal, temperature_ce, planted.label_smoothed_cross_entropy):
+        assert saturation_of(healthy) == [], healthy
+    assert saturation_of(bce, 2, (64, 1), binary) == []
+    assert saturation_of(planted.negated_cross_entropy) == []  # sign flipped: confidence does not help
+    assert losses.confident_losses(mse, None, (64, 1), jnp.float32, np.zeros(64)) == {}  # regression: no logits
+
+
+def test_clamped_regression_head_readings():
+    """Outputs tied at one extreme at every init with targets beyond it (a ReLU head on standardized targets) are
+    an error; the same head on non-negative targets, continuous outputs and classification are silent."""
+    rng = np.random.default_rng(0)
+    raw = rng.normal(0, 1, (4, 64, 1))
+    targets = rng.normal(0, 1, 200)
+    judge = lambda out, y, classification=False: forward.clamped_output_findings(out, y, classification, DEFAULTS)  # noqa
+    (f,) = judge(np.maximum(raw, 0), targets)
+    assert f.id == "model.output_range" and f.evidence["side"] == "below" and f.evidence["bound"] == 0
+    assert f.evidence["unreachable_target_fraction"] == pytest.approx(np.mean(targets < 0))
+    (f,) = judge(np.minimum(raw, 1.0), targets)  # clipped from above, targets above 1
+    assert f.evidence["side"] == "above"
+    assert judge(np.maximum(raw, 0), np.abs(targets)) == []  # counts, prices: a ReLU head by design
+    one_open = np.maximum(raw, 0)
+    one_open[2] = np.abs(raw[2]) + 0.5  # at one init every pre-activation fell on the open side: still a clamp
+    assert len(judge(one_open, targets)) == 1
+    assert judge(raw, targets) == []  # continuous outputs do not tie
+    duplicated = raw.copy()
+    duplicated[:, :8] = duplicated[:, :1] - 10  # 8 copies of one example, lowest at every init, moving with it
+    assert judge(duplicated, targets) == []
+    assert judge(np.maximum(raw, 0), targets, classification=True) == []
+
+
 def test_initial_loss_readings():
     y = np.arange(64) % 10
     ok = forward.initial_loss_findings(np.full((4, 64), np.log(10) + 0.3), cross_entropy, 10, y, y, DEFAULTS)
@@ -459,6 +525,7 @@ HEALTHY = {
     "lecun_tanh_10_layers": ([model_factory("lecun_tanh")], {}),
     # The user's own losses: judged from their value at the null prediction, silent on a good init.
     "mlp_user_cross_entropy": ([loss_factory("my_ce")], {}),
+    "mlp_user_label_smoothing": ([loss_factory("label_smoothed_cross_entropy")], {}),
     "softmax_head_user_nll_on_probabilities": ([model_factory("SoftmaxHead"), loss_factory("my_probability_nll")], {}),
     "regression_user_squared_error": (["data=regression", loss_factory("my_mse")], {}),
     "language_model_user_token_loss": ([*replace_group("data", "tasks_helpers.progressions"),
@@ -541,6 +608,10 @@ PLANTED = {
                                   "hidden/1 (tanh): 6"),
     "loss_mixes_targets": (["data=regression", loss_factory("broadcast_mean_square_error")], {},
                            [("warning", "model.batch_dependence")], "The loss mixes examples"),
+    "softmax_inside_user_loss": ([loss_factory("softmax_then_cross_entropy")], {},
+                                 [("error", "model.output_range")], "squashes the model's logits"),
+    "relu_on_regression_head": (["data=regression", model_factory("ReluHead")], {},
+                                [("error", "model.output_range")], "outputs are clamped at 0"),
     "zero_init_mlp": ([model_factory("zero_mlp")], {},
                       [("error", "model.gradient_flow"), ("error", "model.gradient_flow"),
                        ("warning", "model.dead_units")], "all zero at init"),
@@ -561,6 +632,7 @@ HEADLINE = {
     "large_output_init_user_loss": "model.initial_loss", "confident_probabilities_user_loss": "model.initial_loss",
     "saturated_pre_activations": "model.saturated_units", "zero_init_mlp": "model.gradient_flow",
     "loss_mixes_targets": "model.batch_dependence",
+    "softmax_inside_user_loss": "model.output_range", "relu_on_regression_head": "model.output_range",
 }
 
 

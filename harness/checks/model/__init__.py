@@ -27,6 +27,7 @@ import math
 
 import numpy as np
 
+from harness import losses
 from harness.checks.base import Context, Outcome, Plot
 from harness.checks.model import batch_dependence, forward, gradient_check, gradients, programs, sequence, units
 from harness.checks.model.settings import NAME, Settings
@@ -71,6 +72,16 @@ def run(ctx: Context, settings: Settings) -> Outcome:
                                                 null_values=stats.null_losses))
     add(outcome, *forward.output_range_findings(stats.outputs, ctx.loss_name, ctx.dataset.classification,
                                                 settings))
+    if not any(f.id == f"{NAME}.output_range" for f in outcome.findings):
+        saturation = []
+        if stats.confident_losses and stats.null_losses:
+            classes = ctx.dataset.num_classes
+            null = losses.null_prediction(problem.loss_fn, classes, stats.outputs, y, stats.null_losses)
+            saturation = forward.loss_saturation_findings(stats.confident_losses, null,
+                                                          losses.output_space(stats.outputs), ctx.loss_name)
+        clamped = forward.clamped_output_findings(stats.outputs, ctx.arrays.y_train, ctx.dataset.classification,
+                                                  settings)
+        add(outcome, saturation + clamped)
     layers = units.layer_table(stats.units, stats.input_spread)
     # Token ids are not a scale: growth is counted from the first activation layer for integer inputs.
     input_rms = None if problem.task.integer_inputs else float(np.mean(stats.input_rms))

@@ -8,7 +8,10 @@ loss wants logits; is the initial loss what a well-initialized model gives?
   shape (batch,); non-finite outputs or losses. Blocks the training stages.
 * ``model.output_range``: probabilities (rows in [0, 1] summing to 1, or all in [0, 1]) handed to a loss that
   applies its own softmax/sigmoid: "softmax applied twice" squashes the logits into [0, 1], the loss starts at
-  almost exactly -log(1/C) (so the initial-loss check cannot see it) and the gradients are tiny.
+  almost exactly -log(1/C) (so the initial-loss check cannot see it) and the gradients are tiny. The same bug
+  inside a user's loss (it softmaxes the logits, then calls a cross-entropy on logits): the loss levels off above 0
+  along confidently correct logits (:func:`loss_saturation_findings`). And a regression head clamped by a ReLU or
+  clip with targets beyond the clamp (:func:`clamped_output_findings`).
 * ``model.initial_loss`` (Karpathy, "A Recipe for Training Neural Networks", 2019, "verify loss @ init" and "init
   well"; seed 003): the mean loss over ``init_seeds`` inits vs what a model predicting nothing gives: -log(1/C) for
   cross-entropy (uniform predictions), E[y^2] for squared error (outputs at zero), and for a user's own loss its
@@ -172,6 +175,76 @@ def output_range_findings(outputs: np.ndarray, loss_name: str, classification: b
         output_min=lo, output_max=hi, row_sum_max_deviation=float(np.max(np.abs(row_sums - 1))),
         looks_like="softmax" if softmax else "sigmoid", loss=loss_name,
     )], metrics
+
+
+def loss_saturation_findings(confident: dict[str, float], null: losses.NullPrediction | None, space: str,
+                             loss_name: str) -> list[Finding]:
+    """"Softmax applied twice" inside the loss: the model outputs logits, but the loss squashes them (a softmax or
+    sigmoid) before a log that expects logits, so no output scores below a floor well above zero and the gradients
+    shrink as the model grows confident. Seen along confidently correct logits (:func:`losses.confident_losses`):
+    a loss on logits goes to 0 there (cross-entropy, focal), a label-smoothed one grows (it penalizes confidence);
+    this one levels off. The rule: the loss at margins 20 and 40 is the same within 1% (levelled off, not
+    decreasing) and above 1% of the null prediction's loss (the overfit test's own target for cross-entropy: 0.01
+    against log C), while below it (confidence helps, so the labels are read the right way round)."""
+    if space != losses.ZERO_LOGITS or null is None or not null.value > 0 or len(confident) < 2:
+        return []
+    margins = sorted(confident, key=float)
+    low, high = float(confident[margins[0]]), float(confident[margins[-1]])
+    if not (np.isfinite(low) and np.isfinite(high)):
+        return []
+    levelled = abs(high - low) <= 0.01 * abs(low)
+    if not (levelled and 0.01 * null.value < high < null.value):
+        return []
+    return [error(
+        f"{NAME}.output_range",
+        f"The loss {loss_name!r} squashes the model's logits before its own log: confidently correct logits (the "
+        f"right class {margins[0]} and {margins[-1]} above the others) both score {high:.3g}, "
+        f"{high / null.value:.0%} of the {null.value:.3g} of {null.name}, and no output can score lower. A softmax "
+        "or sigmoid is applied twice (inside the loss, then by a loss that expects logits): the loss can never "
+        "approach 0 and its gradients shrink as the model grows confident.",
+        "Hand the raw logits to the cross-entropy (optax.softmax_cross_entropy_with_integer_labels applies its own "
+        "softmax); if the loss must take probabilities, use -log(p[label]) on them instead.",
+        loss=loss_name, confident_losses={m: float(confident[m]) for m in margins}, null_loss=null.value,
+        null_prediction=null.name, floor_fraction=high / null.value,
+    )]
+
+
+def clamped_output_findings(outputs: np.ndarray, y_train: np.ndarray, classification: bool,
+                            settings: Settings) -> list[Finding]:
+    """A regression head clamped by a ReLU or clip, with targets beyond the clamp. Outputs that take exactly the
+    same extreme value for many examples, at most inits, sit against a bound (continuous outputs do not tie);
+    targets beyond that bound cannot be reached, and while pinned those outputs get no gradient at all. Silent
+    when every target is within reach (a ReLU head on counts or prices is a design, not a bug)."""
+    if classification or outputs.ndim < 2 or outputs.shape[1] < 2:
+        return []
+    per_init = np.asarray(outputs, np.float64).reshape(outputs.shape[0], -1)
+    targets = np.asarray(y_train, np.float64).ravel()
+    targets = targets[np.isfinite(targets)]
+    if not targets.size:
+        return []
+    for side, extreme, beyond in (("below", np.min, np.less), ("above", np.max, np.greater)):
+        bounds = extreme(per_init, axis=1)
+        ties = np.sum(per_init == bounds[:, None], axis=1)
+        pinned_inits = (ties >= 2) & (ties >= settings.pinned_output_fraction * per_init.shape[1])
+        # A clamp is the same value whatever the init, and shows at most inits (at one, the head's pre-activations
+        # may all fall on the open side); duplicated examples tie too, but at a value that moves with the init.
+        if pinned_inits.sum() < min(2, len(per_init)) or np.ptp(bounds[pinned_inits]) != 0:
+            continue
+        bound = float(bounds[pinned_inits][0])
+        pinned = ties[pinned_inits] / per_init.shape[1]
+        out_of_reach = float(np.mean(beyond(targets, bound)))
+        if out_of_reach < settings.unreachable_target_fraction:
+            continue
+        return [error(
+            f"{NAME}.output_range",
+            f"The model's outputs are clamped at {bound:.4g}: {np.mean(pinned):.0%} of them are exactly {bound:.4g} at "
+            f"{len(pinned)} of {len(per_init)} inits (a ReLU or clip on the output layer), but {out_of_reach:.0%} of the training targets lie "
+            f"{side} it. Those targets cannot be reached, and outputs pinned at the bound get no gradient.",
+            "Remove the ReLU/clip from the regression head (a linear output reaches any real number), or transform "
+            "the targets into the range the output can take.",
+            bound=bound, side=side, pinned_fraction=float(np.mean(pinned)), unreachable_target_fraction=out_of_reach,
+        )]
+    return []
 
 
 def initial_loss_findings(per_example: np.ndarray, loss_fn, num_classes: int | None, y: np.ndarray,

@@ -116,6 +116,7 @@ class InitStats(NamedTuple):
     leaking_examples: Any  # (rows,) number of other examples j with a nonzero d out_i / d x_j
     loss_mixing: Any  # (own, cross, leaking) of the loss: d loss_i / d out_j (batch_dependence.loss_across_batch)
     null_losses: dict  # null prediction -> mean loss on the batch (losses.null_losses)
+    confident_losses: dict  # margin -> mean loss of confidently correct logits (losses.confident_losses)
 
 
 def make_init_program(problem: Problem, with_capture: bool, steps: int):
@@ -184,8 +185,13 @@ def make_init_program(problem: Problem, with_capture: bool, steps: int):
                                       y)
         except Exception:  # noqa: BLE001 -- a loss that only takes the model's own outputs: no expectation
             null = {}
+        try:
+            confident = losses.confident_losses(problem.loss_fn, problem.task.num_classes, outputs.shape[1:],
+                                                outputs.dtype, y)
+        except Exception:  # noqa: BLE001 -- as above
+            confident = {}
         return InitStats(own_gradient=own, cross_gradient=cross, leaking_examples=leaking, loss_mixing=loss_mixing,
-                         null_losses=null,
+                         null_losses=null, confident_losses=confident,
                          **stats), first
 
     return program

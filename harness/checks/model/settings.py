@@ -18,6 +18,8 @@ class Settings:
     max_initial_loss_ratio: float = 3.0
     initial_loss_error_ratio: float = 100.0
     probability_tolerance: float = 1e-3
+    pinned_output_fraction: float = 0.05
+    unreachable_target_fraction: float = 0.01
     vanishing_gradient_ratio: float = 1e-2
     perturbation_scale: float = 0.01
     zero_gradient_steps: int = 2
@@ -71,7 +73,7 @@ class Settings:
             if not 0 < getattr(self, name) < 1:
                 fail(name, "must be in (0, 1)")
         for name in ("dead_unit_fraction", "saturated_unit_fraction", "saturated_example_fraction",
-                     "saturated_preactivation_fraction"):
+                     "saturated_preactivation_fraction", "pinned_output_fraction", "unreachable_target_fraction"):
             if not 0 < getattr(self, name) <= 1:
                 fail(name, "must be in (0, 1]")
         if not 0.5 < self.saturation_level < 1:

@@ -436,3 +436,24 @@ def test_a_diverging_member_does_not_poison_the_others(digits_ctx):
     ramp, reading, verdict, _ = lr.analyse(result, plan, {})
     assert reading.divergence_lr is not None and reading.divergence_lr <= plan.grid_lrs[first_bad]
     assert verdict.direction is None
+
+
+def test_a_chain_whose_steps_do_not_get_through_is_named():
+    """SGD with gradient clipping at a global norm of 1e-6 (meant 1.0): no LR up to 1 learns, because every step is
+    capped at lr x 1e-6. The range test names the optimizer's steps and the clip key, not "cannot judge". The other
+    direction: clipping at 1.0 (a gradient norm of a few units gets through) and a healthy Adam run record steps
+    that move the weights, and are silent."""
+    clipped = build_context(compose(["logger=none", "optim=sgd", "optim.clip_norm=1e-6"]))
+    out = lr.run(clipped, SMALL)
+    [finding] = [f for f in out.findings if f.id == "train.learning_rate"]
+    assert finding.severity.value == "error" and "barely moves the weights" in finding.message
+    assert "optim.clip_norm=1e-06 caps every step" in finding.suggestion
+    assert finding.evidence["stall_shrink"] < 1e-3 and finding.evidence["stall_path"] < 1e-3
+    sane = lr.run(build_context(compose(["logger=none", "optim=sgd", "optim.clip_norm=1.0"])), SMALL)
+    assert [f for f in sane.findings if f.severity.value == "error"] == []
+    plan, result = lr.run_program(clipped, SMALL)
+    assert lr.stalled(result, plan) is not None
+    plan, result = lr.run_program(build_context(compose(["logger=none"])), SMALL)
+    assert lr.stalled(result, plan) is None
+    top = plan.grid_rows.stop - 1  # Adam's step is about lr x sqrt(params), far longer than lr x |g| here
+    assert result.update_norm[top, 0] > result.lr[top, 0] * result.grad_norm[top, 0]

@@ -254,7 +254,9 @@ def test_clamped_regression_head_readings():
     rng = np.random.default_rng(0)
     raw = rng.normal(0, 1, (4, 64, 1))
     targets = rng.normal(0, 1, 200)
-    judge = lambda out, y, classification=False: forward.clamped_output_findings(out, y, classification, DEFAULTS)  # noqa
+    def judge(out, y, classification=False):
+        return forward.clamped_output_findings(out, y, classification, DEFAULTS)
+
     (f,) = judge(np.maximum(raw, 0), targets)
     assert f.id == "model.output_range" and f.evidence["side"] == "below" and f.evidence["bound"] == 0
     assert f.evidence["unreachable_target_fraction"] == pytest.approx(np.mean(targets < 0))

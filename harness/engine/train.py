@@ -165,6 +165,8 @@ class Records(NamedTuple):
     loss: Any
     grad_norm: Any
     lr: Any
+    update_norm: Any  # |update|: how far the optimizer moved the weights this step
+    param_norm: Any  # |params| before the step (update_norm / param_norm: CS231n's update-to-weight ratio)
     evals: Any = None  # with ``eval_every``: (val_loss, val_acc, fit_loss) after every step, NaN when not due
 
 
@@ -182,6 +184,8 @@ class SweepResult:
     train_eval_loss: np.ndarray  # (members, evals) loss on the (fixed) training evaluation subset
     first_nonfinite: np.ndarray  # (members,) -1 if never
     params: Any = None  # final parameters with a leading member axis, when requested
+    update_norm: np.ndarray | None = None  # (members, steps) |update| of each step, NaN once non-finite
+    param_norm: np.ndarray | None = None  # (members, steps) |params| before each step
 
     @property
     def diverged(self) -> np.ndarray:
@@ -268,6 +272,9 @@ def train_chunk(problem: Problem, spec: TrainSpec, state: State, hp: Hparams, ar
         opt_state = set_learning_rate(state.opt_state, lr_t)
         updates, opt_state = tx.update(grads, opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        # How far the optimizer moves the weights: against lr x |g| and |params| it says whether the chain shrinks
+        # the steps (a clip threshold, a scale) whatever the learning rate.
+        update_norm, param_norm = optax.tree.norm(updates), optax.tree.norm(state.params)
 
         in_range = t < spec.steps
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -291,7 +298,9 @@ def train_chunk(problem: Problem, spec: TrainSpec, state: State, hp: Hparams, ar
             evals = jax.lax.cond(eval_due(spec, t, t0 + spec.steps_per_call),
                                  lambda: tuple(jnp.asarray(v, jnp.float32) for v in evaluate(new_state)),
                                  lambda: (nan, nan, nan))
-        return new_state, Records(recorded, jnp.where(in_range, grad_norm, jnp.nan), lr_t, evals)
+        live = state.alive & in_range
+        return new_state, Records(recorded, jnp.where(in_range, grad_norm, jnp.nan), lr_t,
+                                  jnp.where(live, update_norm, jnp.nan), jnp.where(live, param_norm, jnp.nan), evals)
 
     if spec.steps_per_call == 1:  # the host step loop: no while loop in the program (needs_host_step_loop)
         new_state, rec = step(state, jnp.asarray(t0))
@@ -489,4 +498,6 @@ def train_members(
         train_eval_loss=stack_evals(2),
         first_nonfinite=np.concatenate([o[2] for o in outputs]),
         params=params,
+        update_norm=stack_records("update_norm"),
+        param_norm=stack_records("param_norm"),
     )

@@ -77,6 +77,7 @@ def _take_rows(result: SweepResult, rows: np.ndarray, hparams: Hparams) -> Sweep
         result, hparams=hparams, loss=take(result.loss), grad_norm=take(result.grad_norm), lr=take(result.lr),
         val_loss=take(result.val_loss), val_accuracy=take(result.val_accuracy),
         train_eval_loss=take(result.train_eval_loss), first_nonfinite=take(result.first_nonfinite), params=params,
+        update_norm=take(result.update_norm), param_norm=take(result.param_norm),
     )
 
 

@@ -238,8 +238,8 @@ def clamped_output_findings(outputs: np.ndarray, y_train: np.ndarray, classifica
         return [error(
             f"{NAME}.output_range",
             f"The model's outputs are clamped at {bound:.4g}: {np.mean(pinned):.0%} of them are exactly {bound:.4g} at "
-            f"{len(pinned)} of {len(per_init)} inits (a ReLU or clip on the output layer), but {out_of_reach:.0%} of the training targets lie "
-            f"{side} it. Those targets cannot be reached, and outputs pinned at the bound get no gradient.",
+            f"{len(pinned)} of {len(per_init)} inits (a ReLU or clip on the output layer), but {out_of_reach:.0%} of "
+            f"the training targets lie {side} it. Those targets cannot be reached, and outputs pinned at the bound get no gradient.",
             "Remove the ReLU/clip from the regression head (a linear output reaches any real number), or transform "
             "the targets into the range the output can take.",
             bound=bound, side=side, pinned_fraction=float(np.mean(pinned)), unreachable_target_fraction=out_of_reach,

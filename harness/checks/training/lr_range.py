@@ -98,7 +98,7 @@ from harness.checks.base import Outcome, Plot
 from harness.checks.training import curves
 from harness.engine.train import Hparams, SweepResult
 from harness.errors import HarnessError
-from harness.findings import error, info, warning
+from harness.findings import Finding, error, info, warning
 
 NAME = "lr_range"
 # Thresholds on p(lr), the fraction of the best log-improvement an LR achieves (see module docstring).
@@ -624,6 +624,66 @@ def judge_configured(reading: GridReading, lr: float, val: float, train_loss, di
                    max(float(factor), 1.0), start, peak, float(equivalent), bool(within))
 
 
+# A chain whose steps do not get through. Judged at the grid's highest LR that stayed finite, when no LR learns:
+# its first step shorter than this fraction of plain SGD's (lr x |g|) -- SGD, momentum and clipping at a sane norm
+# give 1 or a modest fraction, Adam lr x sqrt(params) -- AND the whole run moving the weights by less than
+# ``STALLED_PATH`` (1%) of their norm (a huge gradient clipped to 1.0 still moves them: 500 steps of lr 1).
+# Together they mean the optimizer, not the model or the data, keeps the weights where they started.
+STALLED_SHRINK = 1e-2
+STALLED_PATH = 1e-2
+
+
+@dataclasses.dataclass(frozen=True)
+class Stall:
+    """How far the optimizer moved the weights at the grid's highest finite LR."""
+
+    lr: float
+    grad_norm: float  # |g| at the first step
+    first_step: float  # |update| of the first step
+    shrink: float  # first_step / (lr |g|): 1 for plain SGD
+    path: float  # sum of |update| over the run / |params| at init
+    steps: int
+
+
+def stalled(result: SweepResult, plan: Plan) -> Stall | None:
+    """The optimizer's steps at the grid's highest LR that stayed finite, when they are too small to move the
+    weights (``STALLED_SHRINK`` and ``STALLED_PATH``); None otherwise, or when the engine did not record them."""
+    if result.update_norm is None or result.param_norm is None:
+        return None
+    rows = np.arange(len(result.loss))[plan.grid_rows]
+    finite = rows[~result.diverged[rows]]
+    if not finite.size:
+        return None
+    i = int(finite[np.argmax(plan.grid_lrs[finite - rows[0]])])
+    lr, g0, u = float(result.lr[i, 0]), float(result.grad_norm[i, 0]), np.asarray(result.update_norm[i], np.float64)
+    p0 = float(result.param_norm[i, 0])
+    if not (np.isfinite(g0) and g0 > 0 and lr > 0 and np.isfinite(p0) and p0 > 0 and np.isfinite(u[0])):
+        return None  # no gradient to shrink (dead units, a detached output): the model checks name it
+    shrink, path = float(u[0]) / (lr * g0), float(np.nansum(u)) / p0
+    if shrink >= STALLED_SHRINK or path >= STALLED_PATH:
+        return None
+    return Stall(lr, g0, float(u[0]), shrink, path, int(np.isfinite(u).sum()))
+
+
+def stall_finding(stall: Stall, configured_lr: float, clip_norm: float | None, evidence: dict) -> Finding:
+    """The error for a chain whose steps do not get through, with the clip threshold named when it is the cap."""
+    what = (f"the optimizer barely moves the weights: at lr {stall.lr:.3g}, the grid's highest, its first step was "
+            f"{stall.first_step:.3g} long, {stall.shrink:.2g}x the plain gradient step lr x |g| = "
+            f"{stall.lr * stall.grad_norm:.3g}, and {stall.steps} steps moved the weights by {stall.path:.2g} of their "
+            f"norm. No learning rate learns because no step gets through, so optim.lr {configured_lr:.3g} is "
+            f"effectively {stall.shrink:.2g}x smaller.")
+    if clip_norm is not None and clip_norm < stall.grad_norm:
+        fix = (f"optim.clip_norm={clip_norm:.3g} caps every step at lr x {clip_norm:.3g}, against a gradient norm of "
+               f"{stall.grad_norm:.3g} at init: raise it (1.0 is usual; clip only the rare spikes) or remove it.")
+    else:
+        fix = ("Something in the optimizer chain scales the updates down (a clip by norm or value far below the "
+               "gradient, a scale_by with a tiny factor, a mask): print the chain's update for one step and compare "
+               "it with lr x gradient.")
+    return error("train.learning_rate", what, fix, **evidence, stall_lr=stall.lr, stall_grad_norm=stall.grad_norm,
+                 stall_first_step=stall.first_step, stall_shrink=stall.shrink, stall_path=stall.path,
+                 clip_norm=clip_norm)
+
+
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None or not np.isfinite(x) else f"{x:.3g}"
 
@@ -643,8 +703,10 @@ def how_suggested(suggestion: Suggestion, grid_size: int) -> str:
 
 
 def findings_for(reading: GridReading, verdict: Verdict, ramp: RampReading, suggestion: Suggestion,
-                 steps: int, horizon: Horizon | None = None) -> list:
-    """The findings. ``steps``: how long every member trained; ``horizon``: the run the suggestion is for."""
+                 steps: int, horizon: Horizon | None = None, stall: Stall | None = None,
+                 clip_norm: float | None = None) -> list:
+    """The findings. ``steps``: how long every member trained; ``horizon``: the run the suggestion is for;
+    ``stall``: when no LR learns, the optimizer's steps were too small to move the weights (:func:`stalled`)."""
     out = []
     grid_size = len(reading.lrs)
     said = how_suggested(suggestion, grid_size)
@@ -675,6 +737,9 @@ def findings_for(reading: GridReading, verdict: Verdict, ramp: RampReading, sugg
             f"log(0) or division by zero.",
             **evidence, first_nonfinite_step=verdict.diverged_at, start_loss=verdict.start_loss,
             peak_loss=verdict.peak_loss))
+    if not reading.learns_at_all and stall is not None:
+        out.append(stall_finding(stall, verdict.lr, clip_norm, evidence))
+        return out
     if not reading.learns_at_all:
         out.append(info(
             "train.learning_rate",
@@ -801,7 +866,9 @@ def run(ctx, settings: Settings) -> Outcome:
     ramp, reading, verdict, suggestion = analyse(result, plan, ctx.shared)
     _, margin_source = noise_margin(ctx.shared, reading.untrained, settings.relative_margin)
     steps = plan.steps
-    findings = findings_for(reading, verdict, ramp, suggestion, steps, plan.horizon)
+    stall = None if reading.learns_at_all else stalled(result, plan)
+    findings = findings_for(reading, verdict, ramp, suggestion, steps, plan.horizon, stall,
+                            getattr(ctx.optim, "clip_norm", None))
     metrics: dict[str, Any] = {
         f"{NAME}/suggested_lr": suggestion.lr,
         f"{NAME}/suggestion_rule": suggestion.rule,

@@ -55,11 +55,11 @@ def context_for(overrides):
     return build_context(from_hydra(cfg))
 
 
-def rule_suggestions(result, plan, lr_range) -> dict[str, float | None]:
-    """Every rule's LR from one LR range run."""
+def rule_suggestions(result, plan, lr_range, refinement=None) -> dict[str, float | None]:
+    """Every rule's LR from one LR range run (and its second round, when it ran)."""
     from harness.checks.training import curves
 
-    ramp, reading, _, suggestion = lr_range.analyse(result, plan, {})
+    ramp, reading, _, suggestion = lr_range.analyse(result, plan, {}, refinement)
     raw = np.asarray(result.loss[0], dtype=np.float64)
     lrs = ramp.lrs
     # torch-lr-finder: its own smoothing and divergence threshold, then its skips.
@@ -93,7 +93,8 @@ def evaluate_job(name, overrides, args):
     per_seed = []
     for seed in range(args.ramp_seeds):
         plan, result = lr_range.run_program(ctx, settings, seed=seed)
-        per_seed.append(rule_suggestions(result, plan, lr_range))
+        refinement = lr_range.run_refinement(ctx, plan, result, seed=seed) if settings.refine else None
+        per_seed.append(rule_suggestions(result, plan, lr_range, refinement))
     if args.baseline:
         # The reported rule of another revision of lr_range.py, with its own defaults, as a "before" column.
         old = baseline_module(args.baseline)

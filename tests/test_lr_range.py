@@ -457,3 +457,50 @@ def test_a_chain_whose_steps_do_not_get_through_is_named():
     assert lr.stalled(result, plan) is None
     top = plan.grid_rows.stop - 1  # Adam's step is about lr x sqrt(params), far longer than lr x |g| here
     assert result.update_norm[top, 0] > result.lr[top, 0] * result.grad_norm[top, 0]
+
+
+def test_second_round_members_match_the_first_program_and_use_fresh_seeds():
+    plan = lr.make_plan(lr.Settings(), 1e-3)
+    lrs = plan.grid_lrs
+    val = 1.0 + (np.log10(lrs) + 3) ** 2  # best at 1e-3
+    reading = lr.read_grid(lrs, val, np.zeros(len(lrs), bool), untrained=30.0, margin=0.1, window=3)
+    hp, where = lr.refinement_hparams(plan, reading, seed=7, weight_decay=0.0)
+    assert len(hp) == len(plan.hparams(7, 0.0))  # same member count: the compiled program is reused
+    assert set(where) == set(range(reading.best_index - 3, reading.best_index + 4))
+    assert np.bincount(where)[where].min() == len(hp) // 7  # 35 members: 7 LRs x 5 runs
+    assert set(np.asarray(hp.init_seed)) == set(7 + lr.GRID_SEEDS + np.arange(5))  # not the grid's seeds 7, 8, 9
+    np.testing.assert_allclose(hp.lr, lrs[where])
+    assert lr.refinement_hparams(plan, lr.read_grid(lrs, np.full(len(lrs), 30.0), np.zeros(len(lrs), bool), 30.0,
+                                                    0.1, 3), 7, 0.0) is None  # nothing learns: nothing to refine
+    off = dataclasses.replace(plan, settings=lr.Settings(refine=False))
+    assert lr.refinement_hparams(off, reading, 7, 0.0) is None
+
+
+def test_second_round_moves_a_best_made_by_one_runs_luck():
+    """The expected loss is lowest at grid point 10; one lucky run at point 13 (and its window) makes the grid's
+    best there. Five fresh runs at each LR around it average the luck away and the best moves back to 10; the
+    grid's reading elsewhere (its usable range) stands."""
+    lrs = np.geomspace(1e-4, 1e-1, 20)
+    expected = 1.0 + 0.05 * (np.arange(20) - 10) ** 2
+    val = expected.copy()
+    val[13] = 0.2  # one run's luck
+    reading = lr.read_grid(lrs, val, np.zeros(20, bool), untrained=30.0, margin=0.1, window=3)
+    assert reading.best_index in (12, 13, 14)
+    where = np.repeat(np.arange(reading.best_index - 3, reading.best_index + 4), 5)
+    fresh = expected[where] + np.random.default_rng(0).normal(0, 0.01, len(where))
+    refined = lr.refine_reading(reading, lr.Refinement(where, fresh, np.zeros(len(where), bool)))
+    assert refined.best_index in (10, 11) and abs(math.log(refined.refined_lr / lrs[10])) < math.log(lrs[1] / lrs[0])
+    assert (refined.usable_low_lr, refined.usable_high_lr) == (reading.usable_low_lr, reading.usable_high_lr)
+    # A diverged run at an LR rules that LR's windows out.
+    diverged = np.zeros(len(where), bool)
+    diverged[where == 10] = True
+    assert lr.refine_reading(reading, lr.Refinement(where, fresh, diverged)).best_index != 10
+
+
+def test_second_round_reuses_the_compiled_program(digits_ctx):
+    plan, result = lr.run_program(digits_ctx, SMALL)
+    before = programs.STATS.compiles
+    refinement = lr.run_refinement(digits_ctx, plan, result)
+    assert programs.STATS.compiles == before
+    assert refinement is not None and refinement.runs_per_lr >= 2 and len(refinement.val) == len(result.loss)
+    assert np.isfinite(refinement.val).any()

@@ -99,7 +99,8 @@ def fake_result(configured_loss, final_acc, steps=500):
     acc = np.array([[final_acc], [0.1], [0.1], [0.1], [0.1]])
     return SweepResult(hparams=Hparams.make(n=5), loss=loss, grad_norm=np.ones_like(loss), lr=np.ones_like(loss),
                        eval_steps=np.array([steps]), val_loss=loss[:, -1:], val_accuracy=acc,
-                       train_eval_loss=loss[:, -1:], first_nonfinite=np.full(5, -1))
+                       train_eval_loss=loss[:, -1:], first_nonfinite=np.full(5, -1), batch_loss=loss[:, -1:],
+                       batch_accuracy=acc)
 
 
 def test_memorized_but_slow_classification_passes_with_a_note():

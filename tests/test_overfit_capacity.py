@@ -157,7 +157,8 @@ def fake_result(configured_loss, final_acc):
     acc = np.array([[final_acc], [0.5], [0.5], [0.5], [0.5]])
     return SweepResult(hparams=Hparams.make(n=5), loss=loss, grad_norm=np.ones_like(loss), lr=np.ones_like(loss),
                        eval_steps=np.array([len(flat)]), val_loss=loss[:, -1:], val_accuracy=acc,
-                       train_eval_loss=loss[:, -1:], first_nonfinite=np.full(5, -1))
+                       train_eval_loss=loss[:, -1:], first_nonfinite=np.full(5, -1), batch_loss=loss[:, -1:],
+                       batch_accuracy=acc)
 
 
 def small_reading(configured, *, probe_final, linear_loss, linear_rank=3, rank=9):

@@ -190,6 +190,8 @@ def _arrays_key(arrays: Arrays):
 
     digest = hashlib.sha1()
     for a in arrays:
+        if a is None:  # no fixed batch
+            continue
         a = np.ascontiguousarray(a)
         digest.update(str((a.shape, a.dtype)).encode())
         digest.update(a.tobytes())

@@ -98,7 +98,7 @@ def needs_host_step_loop(problem: Problem) -> bool:
 class TrainSpec:
     steps: int
     batch_size: int
-    fixed_batch: bool = False  # train on the whole (small) training array every step: overfit one batch
+    fixed_batch: int = 0  # size of the fixed batch (Arrays.fixed_index) that members with Hparams.fixed_batch train on
     regularization: bool = True
     steps_per_call: int = 500  # chunk length: progress and validation are evaluated between chunks
     eval_every: int = 0  # also evaluate after every this many steps, inside the chunk (0: at chunk ends only)
@@ -118,12 +118,14 @@ class Hparams(NamedTuple):
     data_seed: Any
     input_scale: Any  # 1 = real inputs, 0 = constant (all-zero) inputs
     label_seed: Any  # -1 = real labels, otherwise the seed of a random permutation of the training labels
+    steps: Any  # the member's own step budget (-1: the spec's); past it the member stops updating
+    fixed_batch: Any  # 1: every batch is the fixed batch (TrainSpec.fixed_batch, overfit one batch); 0: sampled
 
     @classmethod
     def make(cls, n: int | None = None, **columns) -> "Hparams":
         """Member rows from columns; scalars broadcast. Defaults: constant LR, no decay, real data, seed 0."""
         defaults = dict(lr=1e-3, lr_growth=0.0, weight_decay=0.0, init_seed=0, data_seed=0, input_scale=1.0,
-                        label_seed=-1)
+                        label_seed=-1, steps=-1, fixed_batch=0)
         unknown = set(columns) - set(defaults)
         if unknown:
             raise TypeError(f"unknown hparams {sorted(unknown)}")
@@ -131,7 +133,8 @@ class Hparams(NamedTuple):
         if n is None:
             n = max((np.size(v) for v in values.values()), default=1)
         dtypes = dict(lr=np.float32, lr_growth=np.float32, weight_decay=np.float32, init_seed=np.uint32,
-                      data_seed=np.uint32, input_scale=np.float32, label_seed=np.int32)
+                      data_seed=np.uint32, input_scale=np.float32, label_seed=np.int32, steps=np.int32,
+                      fixed_batch=np.int32)
         return cls(**{k: np.broadcast_to(np.asarray(v, dtypes[k]), (n,)).copy() for k, v in values.items()})
 
     def __len__(self):
@@ -145,12 +148,14 @@ class Hparams(NamedTuple):
 
 
 class Arrays(NamedTuple):
-    """Training and validation arrays as passed to compiled programs (arguments, never closed-over constants)."""
+    """Training and validation arrays as passed to compiled programs (arguments, never closed-over constants).
+    ``fixed_index``: the training examples of the fixed batch (TrainSpec.fixed_batch), when there is one."""
 
     x_train: Any
     y_train: Any
     x_val: Any
     y_val: Any
+    fixed_index: Any = None
 
 
 class State(NamedTuple):
@@ -186,6 +191,8 @@ class SweepResult:
     params: Any = None  # final parameters with a leading member axis, when requested
     update_norm: np.ndarray | None = None  # (members, steps) |update| of each step, NaN once non-finite
     param_norm: np.ndarray | None = None  # (members, steps) |params| before each step
+    batch_loss: np.ndarray | None = None  # (members, evals) loss on the fixed batch (TrainSpec.fixed_batch)
+    batch_accuracy: np.ndarray | None = None  # (members, evals) its accuracy, for classification
 
     @property
     def diverged(self) -> np.ndarray:
@@ -231,6 +238,11 @@ def _label_permutation(hp: Hparams, n: int):
     return jnp.where(hp.label_seed >= 0, perm, jnp.arange(n))
 
 
+def member_budget(spec: TrainSpec, hp: Hparams):
+    """The member's step budget: its own (``Hparams.steps``), at most the spec's; the spec's when unset."""
+    return jnp.where(hp.steps > 0, jnp.minimum(hp.steps, spec.steps), spec.steps)
+
+
 def eval_due(spec: TrainSpec, t, chunk_end):
     """Whether the evaluation after step ``t`` (0-based) happens inside the chunk (``spec.eval_every``): due every
     ``eval_every`` steps, except at the chunk's end, where the chunk's own evaluation runs anyway."""
@@ -250,7 +262,8 @@ def train_chunk(problem: Problem, spec: TrainSpec, state: State, hp: Hparams, ar
     tx = make_optimizer(problem.optim, hp.lr, hp.weight_decay)
     data_key = jax.random.key(hp.data_seed)
     dropout_key = jax.random.fold_in(jax.random.key(hp.init_seed), 0xD809)  # its own stream, per member
-    denom = max(spec.steps - 1, 1)
+    budget = member_budget(spec, hp)
+    denom = jnp.maximum(budget - 1, 1).astype(jnp.float32)  # a ramp spans the member's own budget
 
     def loss_and_rest(params, rest, x, y, key):
         outputs, new_rest = problem.model.apply(params, rest, x, key=key, train=True,
@@ -258,11 +271,13 @@ def train_chunk(problem: Problem, spec: TrainSpec, state: State, hp: Hparams, ar
         return mean_loss(problem.loss_fn, outputs, y), new_rest
 
     def step(state: State, t):
+        # i.i.d. minibatches: O(batch) per step whatever the dataset size, identical across reruns.
+        idx = jax.random.randint(jax.random.fold_in(data_key, t), (spec.batch_size,), 0, n_train)
         if spec.fixed_batch:
-            idx = jnp.arange(n_train)
-        else:
-            # i.i.d. minibatches: O(batch) per step whatever the dataset size, identical across reruns.
-            idx = jax.random.randint(jax.random.fold_in(data_key, t), (spec.batch_size,), 0, n_train)
+            # The fixed batch, repeated to fill the batch (batch_size is a multiple of it): the same mean loss,
+            # gradient and batch statistics as the batch alone, so its members share the program of the others.
+            fixed = arrays.fixed_index[jnp.arange(spec.batch_size) % spec.fixed_batch]
+            idx = jnp.where(hp.fixed_batch > 0, fixed, idx)
         x = scale_inputs(arrays.x_train[idx], hp.input_scale)
         y = arrays.y_train[perm[idx]]
         lr_t = hp.lr * jnp.exp(hp.lr_growth * t.astype(jnp.float32) / denom)
@@ -276,7 +291,7 @@ def train_chunk(problem: Problem, spec: TrainSpec, state: State, hp: Hparams, ar
         # the steps (a clip threshold, a scale) whatever the learning rate.
         update_norm, param_norm = optax.tree.norm(updates), optax.tree.norm(state.params)
 
-        in_range = t < spec.steps
+        in_range = (t < spec.steps) & (t < budget)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         now_bad = state.alive & ~finite & in_range
         keep = state.alive & finite & in_range
@@ -297,7 +312,7 @@ def train_chunk(problem: Problem, spec: TrainSpec, state: State, hp: Hparams, ar
             nan = jnp.full((), jnp.nan, jnp.float32)
             evals = jax.lax.cond(eval_due(spec, t, t0 + spec.steps_per_call),
                                  lambda: tuple(jnp.asarray(v, jnp.float32) for v in evaluate(new_state)),
-                                 lambda: (nan, nan, nan))
+                                 lambda: (nan,) * EVALUATIONS)
         live = state.alive & in_range
         return new_state, Records(recorded, jnp.where(in_range, grad_norm, jnp.nan), lr_t,
                                   jnp.where(live, update_norm, jnp.nan), jnp.where(live, param_norm, jnp.nan), evals)
@@ -309,8 +324,14 @@ def train_chunk(problem: Problem, spec: TrainSpec, state: State, hp: Hparams, ar
     return jax.lax.scan(step, state, steps)
 
 
+# What every evaluation returns: validation loss and accuracy, the loss on a fixed training subset, and the loss and
+# accuracy on the fixed batch (TrainSpec.fixed_batch; NaN without one).
+EVALUATIONS = 5
+
+
 def evaluate_member(problem: Problem, state: State, hp: Hparams, arrays: Arrays, x_fit):
-    """Validation loss (and accuracy) plus the loss on a fixed training subset, in evaluation mode."""
+    """Validation loss (and accuracy), the loss on a fixed training subset and, with a fixed batch, its loss and
+    accuracy, in evaluation mode."""
     def model(x):
         return problem.model(state.params, state.rest, scale_inputs(x, hp.input_scale))
 
@@ -325,7 +346,15 @@ def evaluate_member(problem: Problem, state: State, hp: Hparams, arrays: Arrays,
     fit_labels = arrays.y_train[perm[: x_fit.shape[0]]]
     out_fit = model(x_fit)
     fit_loss = mean_loss(problem.loss_fn, out_fit, fit_labels)
-    return val_loss, val_acc, fit_loss
+    batch_loss = batch_acc = jnp.array(jnp.nan)
+    if arrays.fixed_index is not None:  # the fixed batch as its members train on it (their labels)
+        index = arrays.fixed_index
+        out_batch = model(arrays.x_train[index])
+        batch_labels = arrays.y_train[perm[index]]
+        batch_loss = mean_loss(problem.loss_fn, out_batch, batch_labels)
+        if problem.classification:
+            batch_acc = tasks.accuracy(out_batch, batch_labels)
+    return val_loss, val_acc, fit_loss, batch_loss, batch_acc
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -353,7 +382,13 @@ def prepare_arrays(arrays: Arrays, spec: TrainSpec) -> tuple[Arrays, Any]:
     """Device arrays, replicated over the mesh; the validation set capped at ``spec.max_eval_examples``
     predictions (:func:`eval_size`). Evaluation on the training side uses the first examples, as many."""
     n_eval = eval_size(len(arrays.x_val), spec.max_eval_examples, arrays.y_val)
-    capped = Arrays(arrays.x_train, arrays.y_train, arrays.x_val[:n_eval], arrays.y_val[:n_eval])
+    fixed = None
+    if spec.fixed_batch:
+        fixed = np.asarray(arrays.fixed_index, np.int32)
+        if fixed.shape != (spec.fixed_batch,) or spec.batch_size % spec.fixed_batch:
+            raise ValueError(f"a fixed batch of {spec.fixed_batch} needs Arrays.fixed_index of that length and a "
+                             f"batch_size that is a multiple of it, got {fixed.shape} and {spec.batch_size}")
+    capped = Arrays(arrays.x_train, arrays.y_train, arrays.x_val[:n_eval], arrays.y_val[:n_eval], fixed)
     n_fit = eval_size(len(arrays.x_train), spec.max_eval_examples, arrays.y_train)
     return devices.replicate(capped), devices.replicate(np.asarray(arrays.x_train[:n_fit]))
 
@@ -484,6 +519,8 @@ def train_members(
         return np.concatenate([np.stack([e[i] for e in evs], axis=1) for _, evs, *_ in outputs], axis=0)
 
     val_acc = stack_evals(1) if problem.classification else None
+    batch_loss = stack_evals(3) if spec.fixed_batch else None
+    batch_acc = stack_evals(4) if spec.fixed_batch and problem.classification else None
     params = None
     if spec.return_params:
         params = jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *[p for *_, p in outputs])
@@ -500,4 +537,6 @@ def train_members(
         params=params,
         update_norm=stack_records("update_norm"),
         param_norm=stack_records("param_norm"),
+        batch_loss=batch_loss,
+        batch_accuracy=batch_acc,
     )

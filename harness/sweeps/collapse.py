@@ -78,6 +78,7 @@ def _take_rows(result: SweepResult, rows: np.ndarray, hparams: Hparams) -> Sweep
         val_loss=take(result.val_loss), val_accuracy=take(result.val_accuracy),
         train_eval_loss=take(result.train_eval_loss), first_nonfinite=take(result.first_nonfinite), params=params,
         update_norm=take(result.update_norm), param_norm=take(result.param_norm),
+        batch_loss=take(result.batch_loss), batch_accuracy=take(result.batch_accuracy),
     )
 
 

@@ -8,9 +8,9 @@ fails says which (seed 003: "if the loss increases, your loss might be ill-defin
 high, numerical instabilities...").
 
 The batch: ``batch_size`` examples chosen deterministically (class-stratified, in dataset order; independent of
-``seed``), so the same request from many sweep points is one merged program. The engine trains on it every step
-(``fixed_batch``) and, given ``Arrays(xb, yb, xb, yb)``, evaluates loss and accuracy on the same batch every
-``eval_every`` steps (inside the training program: one compile).
+``seed``), so the same request from many sweep points is one merged program. The engine trains its members on it
+every step (``Hparams.fixed_batch``, the batch repeated to fill the run's batch size) and evaluates loss and
+accuracy on it every ``eval_every`` steps (inside the training program: one compile).
 
 Members of the one program (all on the same batch and init):
 
@@ -63,7 +63,7 @@ from harness import losses
 from harness.checks.base import Outcome, Plot
 from harness.checks.training import curves
 from harness.engine import compile as programs
-from harness.engine.train import Arrays, Hparams, SweepResult, mean_loss
+from harness.engine.train import Arrays, Hparams, SweepResult, TrainSpec, mean_loss
 from harness.errors import HarnessError
 from harness.findings import error, info, warning
 
@@ -162,7 +162,8 @@ class Plan:
         lrs = [self.lr] + [self.lr * f for f in self.probe_factors] + [self.lr, 0.0]
         scale = np.ones(len(lrs))
         scale[self.zero_input_row] = 0.0
-        return Hparams.make(lr=lrs, weight_decay=0.0, init_seed=seed, data_seed=seed, input_scale=scale)
+        return Hparams.make(lr=lrs, weight_decay=0.0, init_seed=seed, data_seed=seed, input_scale=scale,
+                            fixed_batch=1)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -909,14 +910,28 @@ def _linear_references(ctx, arrays: Arrays, lr: float, steps: int) -> tuple[floa
         return None, None
 
 
-def run_program(ctx, settings: Settings) -> tuple[Plan, Arrays, SweepResult]:
-    arrays, _ = batch_arrays(ctx, settings)
+def train_request(ctx, settings: Settings) -> tuple[Plan, Arrays, TrainSpec, Hparams]:
+    """The members and how they train: on the fixed batch (``Hparams.fixed_batch``), repeated to fill the run's
+    batch size when it is a multiple of the batch (the same loss, gradient and batch statistics, and the program
+    the other training diagnostics use), else batches of exactly the fixed batch. The evaluations every
+    ``eval_every`` steps run inside the chunk (TrainSpec.eval_every): one program."""
     lr = settings.lr if settings.lr is not None else ctx.optim.lr
     plan = Plan(float(lr), tuple(settings.probe_lr_factors))
-    # The evaluations every ``eval_every`` steps run inside the chunk (TrainSpec.eval_every): one program.
-    spec = ctx.spec(settings.steps, fixed_batch=True, batch_size=len(arrays.x_train), regularization=False,
+    _, index = batch_arrays(ctx, settings)
+    n = len(index)
+    batch_size = ctx.batch_size if ctx.batch_size % n == 0 else n
+    a = ctx.arrays
+    arrays = Arrays(a.x_train, a.y_train, a.x_val, a.y_val, fixed_index=np.asarray(index, np.int32))
+    spec = ctx.spec(settings.steps, fixed_batch=n, batch_size=batch_size, regularization=False,
                     eval_every=settings.eval_every)
-    return plan, arrays, ctx.train(NAME, spec, plan.hparams(ctx.seed), arrays)
+    return plan, arrays, spec, plan.hparams(ctx.seed)
+
+
+def run_program(ctx, settings: Settings) -> tuple[Plan, Arrays, SweepResult]:
+    """The members trained; the fixed batch's own arrays (``Arrays(xb, yb, xb, yb)``) for the checks that read
+    it directly (the loss floor, the capacity judgement)."""
+    plan, arrays, spec, hparams = train_request(ctx, settings)
+    return plan, batch_arrays(ctx, settings)[0], ctx.train(NAME, spec, hparams, arrays)
 
 
 @dataclasses.dataclass
@@ -971,7 +986,7 @@ def read(plan: Plan, r: SweepResult, *, target: float, steps: int, batch_size: i
 
     configured = curve(0)
     probes = [curve(i) for i in plan.probe_rows]
-    acc = r.val_accuracy if classification else None
+    acc = r.batch_accuracy if classification else None
     final_acc = float(acc[0, -1]) if acc is not None else float("nan")
     untrained_acc = float(acc[plan.untrained_row, -1]) if acc is not None else float("nan")
     flipped = sign_flipped(configured, loss_name, classification, final_acc, untrained_acc, num_classes)
@@ -984,7 +999,7 @@ def read(plan: Plan, r: SweepResult, *, target: float, steps: int, batch_size: i
     higher, lower = probe_evidence(plan, probes, configured)
     shape = None if passed else ("sign_flipped" if flipped else failure_shape(configured, target))
     return Reading(plan, batch_size, steps, target, classification, configured, probes, curve(plan.zero_input_row),
-                   float(r.val_loss[plan.untrained_row, -1]), final_acc, untrained_acc, flipped,
+                   float(r.batch_loss[plan.untrained_row, -1]), final_acc, untrained_acc, flipped,
                    None if flipped else rising(configured.loss, target), passed, on_track, shape, higher, lower)
 
 
@@ -1196,7 +1211,7 @@ def run(ctx, settings: Settings) -> Outcome:
     series = {f"{NAME}/loss": c.loss.tolist(), f"{NAME}/eval_step": r.eval_steps.tolist()}
     series.update({f"{NAME}/loss/{k}": p.loss.tolist() for k, (_, p) in labelled.items() if k != "configured"})
     if classification:
-        series[f"{NAME}/batch_accuracy"] = r.val_accuracy[0].tolist()
+        series[f"{NAME}/batch_accuracy"] = r.batch_accuracy[0].tolist()
     members = [{"member": k, "lr": lr, "input_scale": 0.0 if k == "zero_input" else 1.0, "final_loss": p.final,
                 "steps_to_target": p.steps_to_target, "diverged": p.diverged} for k, (lr, p) in labelled.items()]
     plotted = {(f"configured (lr {plan.lr:.2g})" if k == "configured" else k): p.loss

@@ -911,15 +911,14 @@ def _linear_references(ctx, arrays: Arrays, lr: float, steps: int) -> tuple[floa
 
 
 def train_request(ctx, settings: Settings) -> tuple[Plan, Arrays, TrainSpec, Hparams]:
-    """The members and how they train: on the fixed batch (``Hparams.fixed_batch``), repeated to fill the run's
-    batch size when it is a multiple of the batch (the same loss, gradient and batch statistics, and the program
-    the other training diagnostics use), else batches of exactly the fixed batch. The evaluations every
-    ``eval_every`` steps run inside the chunk (TrainSpec.eval_every): one program."""
+    """The members and how they train: every step on the fixed batch (``Hparams.fixed_batch``; a program that
+    also trains sampled members repeats it to fill their batch size, with the same loss, gradient and batch
+    statistics). The evaluations every ``eval_every`` steps run inside the chunk (TrainSpec.eval_every): one
+    program."""
     lr = settings.lr if settings.lr is not None else ctx.optim.lr
     plan = Plan(float(lr), tuple(settings.probe_lr_factors))
     _, index = batch_arrays(ctx, settings)
-    n = len(index)
-    batch_size = ctx.batch_size if ctx.batch_size % n == 0 else n
+    n = batch_size = len(index)
     a = ctx.arrays
     arrays = Arrays(a.x_train, a.y_train, a.x_val, a.y_val, fixed_index=np.asarray(index, np.int32))
     spec = ctx.spec(settings.steps, fixed_batch=n, batch_size=batch_size, regularization=False,

@@ -185,6 +185,7 @@ def run_diagnostics(rc: RunConfig, ctx: Context, on_outcome: Callable[[Outcome],
         if on_outcome is not None:
             on_outcome(outcome)
     later = [n for n in names if n not in early]
+    prefetch(rc, ctx, later, outcomes)
     workers = max(1, int(getattr(ctx.engine, "concurrent_diagnostics", 1)))
     # Sequential where the order of programs must be the same everywhere: a collapsed sweep's batching trainer
     # expects one request at a time from each point, and in a multi-process run every process must launch the
@@ -227,6 +228,29 @@ def run_diagnostics(rc: RunConfig, ctx: Context, on_outcome: Callable[[Outcome],
                 future.cancel()
             raise
     return outcomes
+
+
+def prefetch(rc: RunConfig, ctx: Context, names: list[str], previous: list[Outcome]) -> None:
+    """Train what the training diagnostics are about to ask for as few merged programs (the member table,
+    :mod:`harness.engine.table`), before they run: each then finds its first request answered. Best effort: a
+    request that fails here is left to its diagnostic, which trains it alone and reports what went wrong."""
+    blocked = _blocked_stages([f for o in previous for f in o.findings])
+    requests = []
+    for name in names:
+        announce = getattr(diagnostic_module(name), "requests", None)
+        if announce is None or stage(name) in blocked:
+            continue
+        try:
+            requests += announce(ctx, rc.settings[name])
+        except Exception:  # noqa: BLE001 -- the diagnostic itself will meet (and report) the same problem
+            continue
+    try:
+        ctx.prefetch(requests)
+    except HarnessError:
+        raise
+    except Exception:  # noqa: BLE001 -- as above: the diagnostics train on their own
+        if rc.debug:
+            traceback.print_exc()
 
 
 def _run_one(rc: RunConfig, ctx: Context, name: str, previous: list[Outcome]) -> Outcome:

@@ -14,6 +14,7 @@ import dataclasses
 import threading
 from typing import Any, Callable
 
+import jax
 import numpy as np
 
 from harness.data.dataset import Dataset
@@ -111,11 +112,10 @@ class Context:
         problem = problem or self.problem
         arrays = arrays if arrays is not None else self.arrays
         with self._lock():
-            fingerprints = self.shared.setdefault("_arrays_keys", {})  # id -> (arrays, digest): hash each once
-            if id(arrays) not in fingerprints:
-                fingerprints[id(arrays)] = (arrays, _arrays_key(arrays))
-            key = (id(problem), spec, fingerprints[id(arrays)][1], _hparams_key(hparams))
+            key = self._memo_key(problem, spec, arrays, hparams)
             memo = self.shared.setdefault("_train_memo", {})  # key -> Future: a request in flight is waited for
+            if rerun and (key, "rerun") in memo:  # trained by the member table beside the first run (prefetch)
+                return memo.pop((key, "rerun")).result()
             pending = memo.get(key)
             owner = pending is None or rerun
             if owner:
@@ -136,6 +136,79 @@ class Context:
             raise
         pending.set_result(result)
         return result
+
+    def train_like(self, first: SweepResult, name: str, hparams: Hparams, *, rerun: bool = False,
+                   arrays: Arrays | None = None) -> SweepResult:
+        """A follow-up request trained by the program that trained ``first`` (its spec, arrays and member count,
+        which a merged member table sets): ``hparams`` padded to that count, so the compiled program is reused;
+        ``arrays`` replaces the training and validation arrays (the fixed batch stays). The result has
+        ``hparams``' rows and the program's evaluation schedule."""
+        spec, width = first.program_spec, first.program_width
+        if spec is None or width is None or len(hparams) > width:
+            return self.train(name, self.spec(first.loss.shape[1]), hparams, arrays, rerun=rerun)
+        base = first.program_arrays if first.program_arrays is not None else self.arrays
+        if arrays is not None:
+            base = Arrays(*arrays[:4], fixed_index=base.fixed_index)
+        n = len(hparams)
+        padded = Hparams(*(np.concatenate([np.asarray(v), np.repeat(np.asarray(v)[-1:], width - n)])
+                           for v in hparams))
+        result = self.train(name, spec, padded, base, rerun=rerun)
+
+        def take(x):
+            return None if x is None else np.asarray(x)[:n]
+
+        params = None if result.params is None else jax.tree.map(lambda a: np.asarray(a)[:n], result.params)
+        return dataclasses.replace(
+            result, hparams=hparams, loss=take(result.loss), grad_norm=take(result.grad_norm), lr=take(result.lr),
+            val_loss=take(result.val_loss), val_accuracy=take(result.val_accuracy),
+            train_eval_loss=take(result.train_eval_loss), first_nonfinite=take(result.first_nonfinite),
+            params=params, update_norm=take(result.update_norm), param_norm=take(result.param_norm),
+            batch_loss=take(result.batch_loss), batch_accuracy=take(result.batch_accuracy))
+
+    def _memo_key(self, problem: Problem, spec: TrainSpec, arrays: Arrays, hparams: Hparams):
+        fingerprints = self.shared.setdefault("_arrays_keys", {})  # id -> (array, digest): hash each array once
+        digests = []
+        for a in arrays:
+            if a is None:
+                digests.append(None)
+                continue
+            if id(a) not in fingerprints:
+                fingerprints[id(a)] = (a, _array_key(a))  # the array is kept: its id is not reused
+            digests.append(fingerprints[id(a)][1])
+        return id(problem), spec, tuple(digests), _hparams_key(hparams)
+
+    def prefetch(self, requests: list) -> int:
+        """Train the training diagnostics' announced requests (:class:`harness.engine.table.Request`) merged into
+        as few programs as can share one (:func:`harness.engine.table.plan`), and remember each request's share, so
+        that when a diagnostic makes its request, it is answered at once. Returns the number of merged programs
+        trained. A request that cannot share a program is left to its diagnostic."""
+        from harness.engine import table
+
+        if len(requests) < 2 or self.train_fn is not train_members:
+            return 0  # nothing to merge, or a collapsed multirun's trainer merges across sweep points instead
+        mixed = len({r.spec.regularization for r in requests}) > 1  # else no need to trace the model twice
+        free = mixed and not table.regularization_matters(self.problem, self.arrays.x_train[:2])
+        groups = table.plan(requests, self.arrays, self.batch_size, free)
+        memo = self.shared.setdefault("_train_memo", {})
+        for members in groups:
+            parts = [requests[i] for i in members]
+            both = table.merged(parts, self.arrays)
+            progress = None
+            if self.progress is not None:
+                progress = lambda done, total: self.progress(both.name, done, total)  # noqa: E731
+            result = self.train_fn(self.problem, both.spec, both.hparams, both.arrays, name="table",
+                                   progress=progress)
+            start = 0
+            for r in parts:
+                rows = slice(start, start + len(r.hparams))
+                start = rows.stop
+                done = concurrent.futures.Future()
+                done.set_result(table.split(result, rows, r))
+                with self._lock():
+                    key = self._memo_key(self.problem, r.spec, r.arrays if r.arrays is not None else self.arrays,
+                                         r.hparams)
+                    memo.setdefault((key, "rerun") if r.rerun else key, done)
+        return len(groups)
 
     def _lock(self):
         lock = getattr(self.shared, "lock", None)
@@ -184,17 +257,13 @@ def require_at_least(settings, key: str, field: str, minimum, reason: str = ""):
         raise HarnessError(f"must be at least {minimum}{why}, got {value}", key=f"{key}.{field}")
 
 
-def _arrays_key(arrays: Arrays):
-    """Identity for the run's own arrays; a content fingerprint for arrays a diagnostic made (a fixed batch)."""
+def _array_key(a) -> str:
+    """A content fingerprint of one array (the run's own, or one a diagnostic made: a fixed batch's indices)."""
     import hashlib
 
-    digest = hashlib.sha1()
-    for a in arrays:
-        if a is None:  # no fixed batch
-            continue
-        a = np.ascontiguousarray(a)
-        digest.update(str((a.shape, a.dtype)).encode())
-        digest.update(a.tobytes())
+    a = np.ascontiguousarray(a)
+    digest = hashlib.sha1(str((a.shape, a.dtype)).encode())
+    digest.update(a.tobytes())
     return digest.hexdigest()
 
 

@@ -193,6 +193,11 @@ class SweepResult:
     param_norm: np.ndarray | None = None  # (members, steps) |params| before each step
     batch_loss: np.ndarray | None = None  # (members, evals) loss on the fixed batch (TrainSpec.fixed_batch)
     batch_accuracy: np.ndarray | None = None  # (members, evals) its accuracy, for classification
+    # The program that trained it (merged requests share one): a follow-up request given the same spec, arrays and
+    # member count reuses it (Context.train_like).
+    program_width: int | None = None
+    program_spec: TrainSpec | None = None
+    program_arrays: Arrays | None = None
 
     @property
     def diverged(self) -> np.ndarray:
@@ -361,6 +366,20 @@ def evaluate_member(problem: Problem, state: State, hp: Hparams, arrays: Arrays,
 # Host driver.
 
 
+def eval_schedule(spec: TrainSpec) -> list[int]:
+    """The steps after which :func:`train_members` evaluates, in order (``SweepResult.eval_steps``): every
+    ``eval_every`` steps inside each chunk, and at each chunk's end."""
+    calls, per_call = _chunk_plan(spec)
+    spec = dataclasses.replace(spec, steps_per_call=per_call)
+    out: list[int] = []
+    for c in range(calls):
+        end = (c + 1) * per_call
+        if spec.eval_every > 0:
+            out += [t + 1 for t in range(c * per_call, end) if bool(eval_due(spec, t, end))]
+        out.append(min(end, spec.steps))
+    return out
+
+
 def _chunk_plan(spec: TrainSpec) -> tuple[int, int]:
     """(number of calls, steps per call): calls of equal length so one compiled program serves them all."""
     calls = max(1, math.ceil(spec.steps / max(1, spec.steps_per_call)))
@@ -406,6 +425,7 @@ def train_members(
     ``spec.max_members_per_call`` (padded to a multiple of the device count, sharded across devices), steps in
     chunks of ``spec.steps_per_call``. All chunks share one compiled training program and one evaluation program.
     """
+    original_spec = spec
     calls, per_call = _chunk_plan(spec)
     spec = dataclasses.replace(spec, steps_per_call=per_call)
     data, x_fit = prepare_arrays(arrays, spec)
@@ -539,4 +559,7 @@ def train_members(
         param_norm=stack_records("param_norm"),
         batch_loss=batch_loss,
         batch_accuracy=batch_acc,
+        program_width=width,
+        program_spec=original_spec,
+        program_arrays=arrays,
     )

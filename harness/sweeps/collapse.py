@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
-from harness.checks.base import Context, Shared, _arrays_key
+from harness.checks.base import Context, Shared, _array_key
 from harness.config import RunConfig, from_hydra
 from harness.engine.train import Hparams, SweepResult, train_members
 from harness.errors import HarnessError
@@ -141,7 +141,7 @@ class BatchingTrainer:
     def _execute(self, batch: list[_Request]):
         groups: dict[Any, list[_Request]] = {}
         for r in sorted(batch, key=lambda r: r.point):
-            key = (id(r.problem), r.spec, r.name, _arrays_key(r.arrays))
+            key = (id(r.problem), r.spec, r.name, tuple(None if a is None else _array_key(a) for a in r.arrays))
             groups.setdefault(key, []).append(r)
         for requests in groups.values():
             self.requests += len(requests)

@@ -40,6 +40,7 @@ import numpy as np
 from harness.checks.base import Context, Outcome, Plot, require_at_least
 from harness.checks.training import seeds
 from harness.engine import devices
+from harness.engine.table import Request
 from harness.engine.train import Hparams, SweepResult, eval_size
 from harness.errors import HarnessError
 from harness.findings import Finding, error
@@ -196,6 +197,13 @@ def real_runs(ctx: Context, steps: int) -> SweepResult:
 # The constant-input control's validation loss: what training reaches without information from the inputs (the
 # label frequencies). The LR range test counts an LR as learning only below it.
 SHARES = ("constant_input_val_loss",)
+
+
+def requests(ctx: Context, settings: Settings) -> list[Request]:
+    """What :func:`run` is about to train (the pipeline merges it with the other diagnostics'): the controls; the
+    real-data runs are the seeds diagnostic's request."""
+    return [Request("controls", seeds.seed_spec(ctx, settings.steps),
+                    control_hparams(ctx, settings.members_per_control)[0])]
 
 
 def run(ctx: Context, settings: Settings) -> Outcome:

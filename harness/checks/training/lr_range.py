@@ -96,6 +96,7 @@ import numpy as np
 
 from harness.checks.base import Outcome, Plot
 from harness.checks.training import curves
+from harness.engine.table import Request
 from harness.engine.train import Hparams, SweepResult
 from harness.errors import HarnessError
 from harness.findings import Finding, error, info, warning
@@ -469,18 +470,18 @@ class Refinement:
         return int(np.bincount(self.grid_index).max()) if len(self.grid_index) else 0
 
 
-def refinement_hparams(plan: Plan, reading: GridReading, seed: int, weight_decay: float
+def refinement_hparams(plan: Plan, reading: GridReading, seed: int, weight_decay: float, rows: int | None = None
                        ) -> tuple[Hparams, np.ndarray] | None:
     """Members for the second round, or None when there is nothing to refine: the grid points within
     ``refine_span`` of the grid's best, cycled with fresh seeds (``seed + GRID_SEEDS`` on: the grid used the first
-    ``GRID_SEEDS``) to exactly as many members as the first program had, so the compiled program is reused (35
-    members: 7 LRs x 5 seeds)."""
+    ``GRID_SEEDS``) to exactly ``rows`` members, the width of the program that trained the first round (by default
+    the first round's own 35 members: 7 LRs x 5 seeds), so that program is reused."""
     s = plan.settings
     if not s.refine or not reading.learns_at_all:
         return None
     b = reading.best_index
     index = np.arange(max(0, b - s.refine_span), min(len(plan.grid_lrs), b + s.refine_span + 1))
-    rows = len(plan.hparams(seed, weight_decay))
+    rows = rows or len(plan.hparams(seed, weight_decay))
     k = np.arange(rows)
     where = index[k % len(index)]
     seeds = seed + GRID_SEEDS + k // len(index)
@@ -925,15 +926,28 @@ def analyse(result: SweepResult, plan: Plan, shared: dict, refinement: Refinemen
     return ramp, reading, verdict, suggestion
 
 
-def run_program(ctx, settings: Settings, seed: int | None = None, horizon: Horizon | None = None
-                ) -> tuple[Plan, SweepResult]:
-    """Train the one program: for ``horizon`` (default: the settings' horizon for this job's data and batch size)."""
+def train_request(ctx, settings: Settings, seed: int | None = None, horizon: Horizon | None = None
+                  ) -> tuple[Plan, Request]:
+    """The plan and the first round's request: for ``horizon`` (default: the settings' horizon for this job's
+    data and batch size)."""
     if horizon is None:
         horizon = resolve_horizon(settings, len(ctx.arrays.x_train), ctx.batch_size)
     plan = make_plan(settings, ctx.optim.lr, horizon)
     seed = ctx.seed if seed is None else seed
     hparams = plan.hparams(seed, ctx.optim.weight_decay)
-    return plan, ctx.train(NAME, ctx.spec(plan.steps, eval_every=plan.eval_every), hparams)
+    return plan, Request(NAME, ctx.spec(plan.steps, eval_every=plan.eval_every), hparams)
+
+
+def requests(ctx, settings: Settings) -> list[Request]:
+    """What :func:`run` is about to train first (the pipeline merges it with the other diagnostics')."""
+    return [train_request(ctx, settings)[1]]
+
+
+def run_program(ctx, settings: Settings, seed: int | None = None, horizon: Horizon | None = None
+                ) -> tuple[Plan, SweepResult]:
+    """Train the first round (:func:`train_request`)."""
+    plan, request = train_request(ctx, settings, seed, horizon)
+    return plan, ctx.train(request.name, request.spec, request.hparams)
 
 
 def run_refinement(ctx, plan: Plan, result: SweepResult, seed: int | None = None) -> Refinement | None:
@@ -941,11 +955,11 @@ def run_refinement(ctx, plan: Plan, result: SweepResult, seed: int | None = None
     learns nothing or ``refine`` is off."""
     seed = ctx.seed if seed is None else seed
     reading = analyse(result, plan, ctx.shared)[1]
-    made = refinement_hparams(plan, reading, seed, ctx.optim.weight_decay)
+    made = refinement_hparams(plan, reading, seed, ctx.optim.weight_decay, result.program_width)
     if made is None:
         return None
     hparams, where = made
-    second = ctx.train(f"{NAME}/refine", ctx.spec(plan.steps, eval_every=plan.eval_every), hparams)
+    second = ctx.train_like(result, f"{NAME}/refine", hparams)
     return Refinement(where, second.final_val_loss, second.diverged)
 
 

@@ -63,6 +63,7 @@ from harness import losses
 from harness.checks.base import Outcome, Plot
 from harness.checks.training import curves
 from harness.engine import compile as programs
+from harness.engine.table import Request
 from harness.engine.train import Arrays, Hparams, SweepResult, TrainSpec, mean_loss
 from harness.errors import HarnessError
 from harness.findings import error, info, warning
@@ -924,6 +925,12 @@ def train_request(ctx, settings: Settings) -> tuple[Plan, Arrays, TrainSpec, Hpa
     spec = ctx.spec(settings.steps, fixed_batch=n, batch_size=batch_size, regularization=False,
                     eval_every=settings.eval_every)
     return plan, arrays, spec, plan.hparams(ctx.seed)
+
+
+def requests(ctx, settings: Settings) -> list[Request]:
+    """What :func:`run` is about to train (the pipeline merges it with the other diagnostics')."""
+    _, arrays, spec, hparams = train_request(ctx, settings)
+    return [Request(NAME, spec, hparams, arrays)]
 
 
 def run_program(ctx, settings: Settings) -> tuple[Plan, Arrays, SweepResult]:

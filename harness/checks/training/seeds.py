@@ -13,7 +13,10 @@ debugging easier because it excludes some of the randomness from the picture" (s
 "Reproducibility"). The same seeds are trained again, on data loaded again from the user's factory
 (``ctx.reloaded_arrays()``), as a request of the same member count and :class:`TrainSpec`: reruns of one compiled
 program are bitwise identical on CPU (a member in a differently sized batch differs by ~1e-3, ../shared/ECOSYSTEM.md,
-so only like is compared with like). Losses at every step and final parameters must be bitwise equal; otherwise
+so only like is compared with like). In a full run the pipeline's member table (:mod:`harness.engine.table`)
+trains the rerun as duplicate rows of the same call (identical members of one call must come out identical), so it
+costs no program of its own; only data that came back different from the factory are trained on again, alone.
+Losses at every step and final parameters must be bitwise equal; otherwise
 ``train.nondeterministic`` names the first differing step, by how much, and the likely cause: a data factory that
 returns different arrays on each call (an unseeded shuffle), else nondeterministic ops. A model whose
 initialization draws randomness outside its PRNG key (``np.random`` at construction) is caught separately: that
@@ -35,6 +38,7 @@ import numpy as np
 
 from harness.checks.base import Context, Outcome, Plot, require_at_least
 from harness.models.adapters import Model
+from harness.engine.table import Request
 from harness.engine.train import Arrays, Hparams, SweepResult, TrainSpec
 from harness.findings import Finding, error
 
@@ -77,6 +81,18 @@ def seed_spec(ctx: Context, steps: int) -> TrainSpec:
     """The seed runs' TrainSpec. Final parameters are returned (the determinism check compares them); the
     controls use this same spec, so one compiled program serves both diagnostics."""
     return ctx.spec(steps, return_params=True)
+
+
+def requests(ctx: Context, settings: Settings) -> list[Request]:
+    """What :func:`run` is about to train (the pipeline merges it with the other diagnostics')."""
+    spec, hparams = seed_spec(ctx, settings.steps), seed_hparams(ctx, settings.num_seeds)
+    first = [Request("seeds", spec, hparams)]
+    if not settings.check_determinism:
+        return first
+    # The determinism check's second run, as rows of the same program beside the first: identical members of one
+    # call are computed alike, so any difference is nondeterminism. Data loaded again are compared on the host;
+    # only when they differ does the rerun train on them, by itself.
+    return first + [Request("seeds/rerun", spec, hparams, rerun=True)]
 
 
 def train_seeds(ctx: Context, steps: int, num_seeds: int) -> SweepResult:

@@ -1,0 +1,121 @@
+"""The member table (harness/engine/table.py): the training diagnostics' requests merged into one program.
+
+Planning on hand-built requests (which requests share a program, the merged cadence, the overfit batch repeated to
+the run's batch size), then compiled on the reference job: every request's share of the merged program is bitwise
+what that program gives its rows alone, follow-up requests (the LR test's second round, the determinism rerun)
+reuse the program, and a default run compiles one training program for seeds, controls, LR range and overfit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from helpers import compose
+
+from harness.checks.training import controls, lr_range, overfit_batch, seeds
+from harness.engine import compile as programs
+from harness.engine import table
+from harness.engine.train import Hparams, TrainSpec, eval_schedule
+from harness.pipeline import build_context, run
+
+SMALL_LR = lr_range.Settings(grid_size=12, grid_steps=100)
+
+
+def spec(**kw):
+    return TrainSpec(**{"steps": 100, "batch_size": 128, **kw})
+
+
+def request(name, n, **kw):
+    return table.Request(name, spec(**kw), Hparams.make(n=n))
+
+
+@pytest.fixture(scope="module")
+def ctx():
+    return build_context(compose(["logger=none"]))
+
+
+def test_plan_groups_requests_that_can_share_a_program(ctx):
+    base = ctx.arrays
+    reqs = [request("a", 3), request("b", 4, eval_every=25), request("c", 2, steps=200), request("d", 5),
+            table.Request("e", spec(), Hparams.make(n=2), arrays=base._replace(x_train=base.x_train.copy()))]
+    groups = table.plan(reqs, base, 128, free_regularization=True)
+    assert groups == [[0, 1, 3]]  # other steps (c) and other arrays (e) train alone
+    merged = table.merged([reqs[i] for i in groups[0]], base)
+    assert len(merged.hparams) == 12 and merged.spec.eval_every == 25
+    assert table.plan(reqs[:2], base, 128, free_regularization=True) == [[0, 1]]
+    # Regularization off (overfit) joins only a model that has none to switch off.
+    off = request("f", 2, regularization=False)
+    assert table.plan([reqs[0], off], base, 128, free_regularization=False) == []
+    assert table.plan([reqs[0], off], base, 128, free_regularization=True) == [[0, 1]]
+
+
+def test_the_fixed_batch_joins_at_the_runs_batch_size(ctx):
+    base = ctx.arrays
+    index = np.arange(32, dtype=np.int32)
+    fixed = table.Request("overfit", spec(batch_size=32, fixed_batch=32, regularization=False),
+                          Hparams.make(n=2, fixed_batch=1), arrays=base._replace(fixed_index=index))
+    assert table.fixed_only(fixed)
+    groups = table.plan([request("seeds", 4), fixed], base, 128, free_regularization=True)
+    assert groups == [[0, 1]]
+    merged = table.merged([request("seeds", 4), fixed], base)
+    assert merged.spec.batch_size == 128 and merged.spec.fixed_batch == 32 and merged.spec.regularization
+    np.testing.assert_array_equal(merged.arrays.fixed_index, index)
+    assert table.plan([request("seeds", 4), fixed], base, 100, free_regularization=True) == []  # 100 % 32 != 0
+
+
+def test_split_takes_each_requests_own_evaluations():
+    assert eval_schedule(spec(eval_every=25)) == [25, 50, 75, 100]
+    assert eval_schedule(spec(steps=1000, steps_per_call=500)) == [500, 1000]
+
+
+def test_each_share_is_what_the_merged_program_gives_its_rows_alone(ctx):
+    """Bitwise: a request's share of the merged table equals the same program (spec, arrays, member count) run
+    with only that request's rows (the others padding), and its follow-ups reuse that program."""
+    seed_settings, control_settings = seeds.Settings(steps=100), controls.Settings(steps=100)
+    ob_settings = overfit_batch.Settings(steps=100)
+    reqs = (seeds.requests(ctx, seed_settings) + controls.requests(ctx, control_settings)
+            + lr_range.requests(ctx, SMALL_LR) + overfit_batch.requests(ctx, ob_settings))
+    fresh = dataclasses.replace(ctx, shared={})
+    before = programs.STATS.compiles
+    assert fresh.prefetch(reqs) == 1
+    assert programs.STATS.compiles == before + 1  # one training program for four diagnostics
+    plan, grid = lr_range.run_program(fresh, SMALL_LR)  # answered from the table
+    assert programs.STATS.compiles == before + 1
+    alone = fresh.train_like(grid, "alone", grid.hparams)  # the same program, only the grid's rows real
+    np.testing.assert_array_equal(alone.loss, grid.loss)
+    np.testing.assert_array_equal(alone.final_val_loss, grid.final_val_loss)
+    refinement = lr_range.run_refinement(fresh, plan, grid)
+    assert refinement is not None and len(refinement.val) == grid.program_width
+    assert programs.STATS.compiles == before + 1  # the second round reuses the table's program
+    first = seeds.train_seeds(fresh, 100, seed_settings.num_seeds)
+    again = fresh.train("seeds/rerun", seeds.seed_spec(fresh, 100), first.hparams, rerun=True)
+    np.testing.assert_array_equal(first.loss, again.loss)  # duplicate members of one call: identical
+    _, _, ob = overfit_batch.run_program(fresh, ob_settings)
+    own = overfit_batch.train_request(fresh, ob_settings)[2]
+    assert list(ob.eval_steps) == eval_schedule(own)  # its own cadence, not the table's
+    assert ob.batch_loss.shape == (len(ob.hparams), len(ob.eval_steps)) and np.isfinite(ob.batch_loss).all()
+    assert programs.STATS.compiles == before + 1
+
+
+def test_a_default_run_trains_one_program_for_the_training_diagnostics():
+    rc = compose(["logger=none", "diagnostics.seeds.steps=100", "diagnostics.overfit_batch.steps=100",
+                  "diagnostics.controls.steps=100", "diagnostics.lr_range.grid_steps=100",
+                  "diagnostics.run=[model,overfit_batch,seeds,controls,lr_range]"])
+    before = {k: dict(v) for k, v in programs.STATS.by_program.items()}
+    result = run(rc)
+    assert result.status == "healthy", [f.message for f in result.findings]
+    ran = {k for k, v in programs.STATS.by_program.items()
+           if k.endswith("/train") and v["run_seconds"] > before.get(k, {}).get("run_seconds", 0.0)}
+    # The table, and the LR test's second round by the table's program (the rerun is rows of the table).
+    assert ran == {"table/train", "lr_range/refine/train"}, ran
+    assert programs.STATS.by_program["lr_range/refine/train"]["compiles"] == before.get(
+        "lr_range/refine/train", {}).get("compiles", 0)
+
+
+def test_regularization_matters_only_for_a_model_with_dropout(ctx):
+    x = ctx.arrays.x_train[:2]
+    assert not table.regularization_matters(ctx.problem, x)
+    dropout = build_context(compose(["logger=none", "model.dropout=0.3"]))
+    assert table.regularization_matters(dropout.problem, x)

@@ -504,3 +504,17 @@ def test_second_round_reuses_the_compiled_program(digits_ctx):
     assert programs.STATS.compiles == before
     assert refinement is not None and refinement.runs_per_lr >= 2 and len(refinement.val) == len(result.loss)
     assert np.isfinite(refinement.val).any()
+
+
+def test_a_high_lr_that_fits_the_training_set_but_not_validation_is_a_warning():
+    """Above the best LR, with the validation loss no better than the untrained level: an error when training did
+    not fit either (nothing works at this LR), a warning when the training loss fell (a small language model at
+    Adam 3e-3 overfits its corpus within 500 steps: training works as configured)."""
+    args = (hand_reading(), GRID[8], 2.3, np.full(100, 2.0), -1)
+    broken = lr.judge_configured(*args)
+    assert (broken.direction, broken.severity, broken.overfits) == ("high", "error", False)
+    overfit = lr.judge_configured(*args, fits_training=True)
+    assert (overfit.direction, overfit.severity, overfit.overfits) == ("high", "warning", True)
+    [finding] = lr.findings_for(hand_reading(), overfit, lr.read_ramp(np.full(50, 2.3), np.geomspace(1e-5, 1, 50)),
+                                lr.suggest(hand_reading(), None), 100)
+    assert finding.severity.value == "warning" and "fits the training set faster" in finding.message

@@ -646,13 +646,17 @@ class Verdict:
     peak_loss: float = float("nan")  # highest smoothed training loss
     equivalent_lr: float = float("nan")  # the LR that goes as far in the grid's steps as lr in the horizon's
     learns_within_horizon: bool = False
+    overfits: bool = False  # validation did not improve, but the training loss fell: fits faster than generalizes
 
 
 def judge_configured(reading: GridReading, lr: float, val: float, train_loss, diverged_at: int,
-                     beta: float = 0.98, horizon: Horizon | None = None) -> Verdict:
+                     beta: float = 0.98, horizon: Horizon | None = None, fits_training: bool = False) -> Verdict:
     """Where the configured LR sits for the horizon. High: judged on the grid's run (a short run flatters high
-    LRs, so one that blew up or lost half the improvement there is too high for any longer run). Low: an *error*
-    only when it does not learn within the horizon; learning slowly is at most a warning.
+    LRs, so one that blew up or lost half the improvement there is too high for any longer run). An error when it
+    blew up, or when neither the validation nor the training loss improved; a run above the best LR whose
+    training loss fell (``fits_training``) while its validation loss did not is a warning: training works as
+    configured, it overfits within the horizon (a small language model at Adam 3e-3). Low: an *error* only when it
+    does not learn within the horizon; learning slowly is at most a warning.
 
     When the horizon is longer than the grid's run, a small LR is judged by the LR that goes as far in the grid's
     steps: ``lr x horizon / trained``. Small steps follow gradient flow, whose progress depends on lr x t only
@@ -672,10 +676,14 @@ def judge_configured(reading: GridReading, lr: float, val: float, train_loss, di
     within = learns or bool(reading.learns_at_all and scale > 1 and diverged_at < 0 and not exploded
                             and equivalent >= reading.lowest_learning_lr)
     direction, severity, factor = None, None, 1.0
+    overfits = False
     if reading.learns_at_all:
         best = reading.best_lr
-        if diverged_at >= 0 or exploded or (not learns and lr > best):
+        if diverged_at >= 0 or exploded:
             direction, severity = "high", "error"
+        elif not learns and lr > best:
+            overfits = bool(fits_training)
+            direction, severity = "high", "warning" if overfits else "error"
         elif not within:
             direction, severity = "low", "error"
         elif lr > reading.usable_high_lr:
@@ -689,7 +697,7 @@ def judge_configured(reading: GridReading, lr: float, val: float, train_loss, di
     elif diverged_at >= 0 or exploded:
         direction, severity = "high", "error"
     return Verdict(lr, float(val), int(diverged_at), exploded, learns, progress, direction, severity,
-                   max(float(factor), 1.0), start, peak, float(equivalent), bool(within))
+                   max(float(factor), 1.0), start, peak, float(equivalent), bool(within), overfits)
 
 
 # A chain whose steps do not get through. Judged at the grid's highest LR that stayed finite, when no LR learns:
@@ -829,6 +837,12 @@ def findings_for(reading: GridReading, verdict: Verdict, ramp: RampReading, sugg
                    f"it reached validation loss {_fmt(verdict.val)} after {steps} steps, against "
                    f"{_fmt(reading.best_loss)} at the best LR {_fmt(reading.best_lr)}")
                 + f"; it is {verdict.factor:.3g}x above the usable range {usable}")
+        if verdict.overfits:
+            what = (f"the configured learning rate {verdict.lr:.3g} is high for {run}: its training loss fell, but "
+                    f"its validation loss ended at {_fmt(verdict.val)} after {steps} steps, against "
+                    f"{_fmt(reading.best_loss)} at the best LR {_fmt(reading.best_lr)}: at this LR the model fits "
+                    f"the training set faster than it generalizes; it is {verdict.factor:.3g}x above the usable "
+                    f"range {usable}")
     elif verdict.severity == "error":
         what = (f"the configured learning rate {verdict.lr:.3g} is too low: it does not learn within {run}: the "
                 f"validation loss barely moved ({_fmt(reading.untrained)} -> {_fmt(verdict.val)}) in {steps} steps")
@@ -845,7 +859,7 @@ def findings_for(reading: GridReading, verdict: Verdict, ramp: RampReading, sugg
                 + f"{verdict.factor:.3g}x below the usable range {usable}")
     make = error if verdict.severity == "error" else warning
     out.append(make("train.learning_rate", what + ".", fix,
-                    **evidence, direction=verdict.direction, factor=verdict.factor,
+                    **evidence, direction=verdict.direction, factor=verdict.factor, overfits=verdict.overfits,
                     equivalent_lr=verdict.equivalent_lr))
     return out
 
@@ -914,8 +928,11 @@ def analyse(result: SweepResult, plan: Plan, shared: dict, refinement: Refinemen
     if refinement is not None and reading.learns_at_all:
         reading = refine_reading(reading, refinement)
     c = plan.configured_row
+    # The training side: the configured run's loss on a fixed training subset against the untrained member's.
+    train_c, train_0 = float(result.final_train_loss[c]), float(result.final_train_loss[plan.untrained_row])
+    fits = bool(np.isfinite(train_c) and np.isfinite(train_0) and train_c < train_0 - margin)
     verdict = judge_configured(reading, plan.configured_lr, float(result.final_val_loss[c]), result.loss[c],
-                               int(result.first_nonfinite[c]), horizon=plan.horizon)
+                               int(result.first_nonfinite[c]), horizon=plan.horizon, fits_training=fits)
     suggestion = suggest(reading, ramp.valley_lr)
     slope = 0.0
     if plan.horizon is not None and plan.horizon.extrapolated and suggestion.lr is not None:

@@ -108,6 +108,11 @@ def test_a_default_run_trains_one_program_for_the_training_diagnostics():
     assert result.status == "healthy", [f.message for f in result.findings]
     ran = {k for k, v in programs.STATS.by_program.items()
            if k.endswith("/train") and v["run_seconds"] > before.get(k, {}).get("run_seconds", 0.0)}
+    # Each diagnostic's time includes its rows' share of the table's training.
+    seconds = {o.name: o.seconds for o in result.outcomes}
+    shares = result.context.shared["_prefetched_seconds"]
+    assert set(shares) == {"overfit_batch", "seeds", "controls", "lr_range"}
+    assert all(seconds[name] >= share > 0 for name, share in shares.items())
     # The table, and the LR test's second round by the table's program (the rerun is rows of the table).
     assert ran == {"table/train", "lr_range/refine/train"}, ran
     assert programs.STATS.by_program["lr_range/refine/train"]["compiles"] == before.get(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import threading
+import time
 from typing import Any, Callable
 
 import jax
@@ -196,12 +197,18 @@ class Context:
             progress = None
             if self.progress is not None:
                 progress = lambda done, total: self.progress(both.name, done, total)  # noqa: E731
+            began = time.perf_counter()
             result = self.train_fn(self.problem, both.spec, both.hparams, both.arrays, name="table",
                                    progress=progress)
+            seconds = time.perf_counter() - began
+            # Each diagnostic is credited its rows' share of the table's time (the report's time per diagnostic).
+            credit = self.shared.setdefault("_prefetched_seconds", {})
             start = 0
             for r in parts:
                 rows = slice(start, start + len(r.hparams))
                 start = rows.stop
+                owner = r.name.split("/")[0]
+                credit[owner] = credit.get(owner, 0.0) + seconds * len(r.hparams) / len(both.hparams)
                 done = concurrent.futures.Future()
                 done.set_result(table.split(result, rows, r))
                 with self._lock():

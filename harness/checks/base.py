@@ -15,7 +15,6 @@ import threading
 import time
 from typing import Any, Callable
 
-import jax
 import numpy as np
 
 from harness.data.dataset import Dataset
@@ -138,33 +137,17 @@ class Context:
         pending.set_result(result)
         return result
 
-    def train_like(self, first: SweepResult, name: str, hparams: Hparams, *, rerun: bool = False,
-                   arrays: Arrays | None = None) -> SweepResult:
+    def train_like(self, first: SweepResult, name: str, hparams: Hparams) -> SweepResult:
         """A follow-up request trained by the program that trained ``first`` (its spec, arrays and member count,
-        which a merged member table sets): ``hparams`` padded to that count, so the compiled program is reused;
-        ``arrays`` replaces the training and validation arrays (the fixed batch stays). The result has
-        ``hparams``' rows and the program's evaluation schedule."""
+        which a merged member table sets): ``hparams`` padded to that count, so the compiled program is reused.
+        The result has ``hparams``' rows and the program's evaluation schedule."""
         spec, width = first.program_spec, first.program_width
         if spec is None or width is None or len(hparams) > width:
-            return self.train(name, self.spec(first.loss.shape[1]), hparams, arrays, rerun=rerun)
-        base = first.program_arrays if first.program_arrays is not None else self.arrays
-        if arrays is not None:
-            base = Arrays(*arrays[:4], fixed_index=base.fixed_index)
+            return self.train(name, self.spec(first.loss.shape[1]), hparams)
         n = len(hparams)
         padded = Hparams(*(np.concatenate([np.asarray(v), np.repeat(np.asarray(v)[-1:], width - n)])
                            for v in hparams))
-        result = self.train(name, spec, padded, base, rerun=rerun)
-
-        def take(x):
-            return None if x is None else np.asarray(x)[:n]
-
-        params = None if result.params is None else jax.tree.map(lambda a: np.asarray(a)[:n], result.params)
-        return dataclasses.replace(
-            result, hparams=hparams, loss=take(result.loss), grad_norm=take(result.grad_norm), lr=take(result.lr),
-            val_loss=take(result.val_loss), val_accuracy=take(result.val_accuracy),
-            train_eval_loss=take(result.train_eval_loss), first_nonfinite=take(result.first_nonfinite),
-            params=params, update_norm=take(result.update_norm), param_norm=take(result.param_norm),
-            batch_loss=take(result.batch_loss), batch_accuracy=take(result.batch_accuracy))
+        return self.train(name, spec, padded, first.program_arrays).take(slice(0, n), hparams)
 
     def _memo_key(self, problem: Problem, spec: TrainSpec, arrays: Arrays, hparams: Hparams):
         fingerprints = self.shared.setdefault("_arrays_keys", {})  # id -> (array, digest): hash each array once

@@ -121,26 +121,10 @@ def merged(requests: list[Request], base: Arrays) -> Request:
 
 def split(result: SweepResult, rows: slice, request: Request) -> SweepResult:
     """``request``'s share of a merged result: its rows, its steps, and the evaluations of its own schedule."""
-    spec = request.spec
     steps = list(np.asarray(result.eval_steps))
-    columns = [steps.index(s) for s in eval_schedule(spec)]
-
-    def take(x, evals=False):
-        if x is None:
-            return None
-        x = np.asarray(x)[rows]
-        return x[:, columns] if evals else x
-
-    params = None
-    if spec.return_params and result.params is not None:
-        params = jax.tree.map(lambda a: np.asarray(a)[rows], result.params)
-    fixed = bool(spec.fixed_batch)
-    return dataclasses.replace(
-        result, hparams=request.hparams, loss=take(result.loss), grad_norm=take(result.grad_norm),
-        lr=take(result.lr), eval_steps=np.asarray([steps[c] for c in columns]),
-        val_loss=take(result.val_loss, True), val_accuracy=take(result.val_accuracy, True),
-        train_eval_loss=take(result.train_eval_loss, True), first_nonfinite=take(result.first_nonfinite),
-        params=params, update_norm=take(result.update_norm), param_norm=take(result.param_norm),
-        batch_loss=take(result.batch_loss, True) if fixed else None,
-        batch_accuracy=take(result.batch_accuracy, True) if fixed else None,
-    )
+    share = result.take(rows, request.hparams, [steps.index(s) for s in eval_schedule(request.spec)])
+    if not request.spec.return_params:
+        share = dataclasses.replace(share, params=None)
+    if not request.spec.fixed_batch:
+        share = dataclasses.replace(share, batch_loss=None, batch_accuracy=None)
+    return share

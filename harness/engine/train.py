@@ -199,6 +199,24 @@ class SweepResult:
     program_spec: TrainSpec | None = None
     program_arrays: Arrays | None = None
 
+    def take(self, rows, hparams: Hparams, evals=None) -> "SweepResult":
+        """The members ``rows`` (a slice or index array) as their own result, labelled ``hparams``; ``evals``
+        (indices into ``eval_steps``) keeps only those evaluations."""
+        members = (lambda x: None if x is None else np.asarray(x)[rows])  # noqa: E731
+        columns = slice(None) if evals is None else list(evals)
+
+        def per_eval(x):
+            return None if x is None else np.asarray(x)[rows][:, columns]
+
+        params = None if self.params is None else jax.tree.map(lambda a: np.asarray(a)[rows], self.params)
+        return dataclasses.replace(
+            self, hparams=hparams, loss=members(self.loss), grad_norm=members(self.grad_norm), lr=members(self.lr),
+            eval_steps=np.asarray(self.eval_steps)[columns], val_loss=per_eval(self.val_loss),
+            val_accuracy=per_eval(self.val_accuracy), train_eval_loss=per_eval(self.train_eval_loss),
+            first_nonfinite=members(self.first_nonfinite), params=params, update_norm=members(self.update_norm),
+            param_norm=members(self.param_norm), batch_loss=per_eval(self.batch_loss),
+            batch_accuracy=per_eval(self.batch_accuracy))
+
     @property
     def diverged(self) -> np.ndarray:
         return self.first_nonfinite >= 0

@@ -62,26 +62,6 @@ def _unique_rows(hparams: Hparams) -> tuple[Hparams, np.ndarray]:
     return hparams.take(np.array(representatives)), inverse
 
 
-def _take_rows(result: SweepResult, rows: np.ndarray, hparams: Hparams) -> SweepResult:
-    """The rows of a merged result that belong to one request (``rows`` indexes the merged members)."""
-
-    def take(x):
-        return None if x is None else np.asarray(x)[rows]
-
-    params = None
-    if result.params is not None:
-        import jax
-
-        params = jax.tree.map(lambda a: np.asarray(a)[rows], result.params)
-    return dataclasses.replace(
-        result, hparams=hparams, loss=take(result.loss), grad_norm=take(result.grad_norm), lr=take(result.lr),
-        val_loss=take(result.val_loss), val_accuracy=take(result.val_accuracy),
-        train_eval_loss=take(result.train_eval_loss), first_nonfinite=take(result.first_nonfinite), params=params,
-        update_norm=take(result.update_norm), param_norm=take(result.param_norm),
-        batch_loss=take(result.batch_loss), batch_accuracy=take(result.batch_accuracy),
-    )
-
-
 def _concat(hparams: list[Hparams]) -> Hparams:
     return Hparams(*(np.concatenate([np.asarray(getattr(h, f)) for h in hparams]) for f in Hparams._fields))
 
@@ -160,7 +140,7 @@ class BatchingTrainer:
             start = 0
             for r in requests:
                 stop = start + len(r.hparams)
-                r.result = _take_rows(merged, inverse[start:stop], r.hparams)
+                r.result = merged.take(inverse[start:stop], r.hparams)
                 start = stop
 
 

@@ -141,17 +141,45 @@ def test_reference_width_is_silent(reference):
     _, outcome, _ = reference
     assert outcome.skipped is None and outcome.findings == []
     m = outcome.metrics
-    assert m["capacity/rungs"] == 6 and m["capacity/masked"] is True and m["capacity/programs"] == 2
+    assert m["capacity/rungs"] == 6 and m["capacity/masked"] is True and m["capacity/programs"] == 1
     assert [m[f"capacity/params/width={w}"] for w in (8, 128)] == [682, 26122]  # 64-w-w-10 with biases
     assert m["capacity/train_loss/width=8"] > 2 * m["capacity/train_loss/width=128"]  # capacity does matter
-    assert m["capacity/train_loss/width=128"] - m["capacity/train_loss/width=256"] < 0.05 * np.log(10)
     assert m["capacity/untrained_loss"] == pytest.approx(np.log(10), rel=0.1)
-    assert len(outcome.members) == 6 and outcome.plots[0].name == "capacity"
+    # The configured rung is the 4 seed runs; 8...128 are trained, 5 rungs and 8 rows in all.
+    assert m["capacity/trained"] == 5 and len(outcome.members) == 4 + 4 and outcome.plots[0].name == "capacity"
 
 
-def test_the_default_ladder_is_two_programs(reference):
-    _, _, compiles = reference
-    assert compiles == 2  # 8...128 masked at 128, 256 alone
+def test_the_reference_model_fits_so_no_larger_rung_is_trained(reference):
+    """Cross-entropy cannot go below 0, and width 128 ends within the margin (5% of the untrained loss) of it: a
+    larger model cannot beat it by the margin, so 256 is decided without training."""
+    _, outcome, compiles = reference
+    m = outcome.metrics
+    assert m["capacity/not_trained"] == ["width=256"] and "capacity/train_loss/width=256" not in m
+    assert m["capacity/train_loss/width=128"] < 0.05 * m["capacity/untrained_loss"]
+    assert any("larger rungs not trained" in d for d in m["capacity/decisions"])
+    assert compiles == 2  # the seed runs (shared with seeds and controls in a full run), 8...64 masked at 64
+
+
+def test_without_a_known_floor_the_larger_rungs_are_trained():
+    """A user's own cross-entropy has no floor the ladder knows until overfit one batch shares one: the larger
+    rung is trained; with the shared floor (0) it is decided."""
+    from harness.checks.training import overfit_batch
+
+    def own_cross_entropy(logits, labels):
+        return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1)[:, 0]
+
+    base = fresh()
+    problem = dataclasses.replace(base.problem, loss_fn=own_cross_entropy, fingerprint=None)
+    settings = capacity.Settings(steps=300, widths=(64,))
+    unknown = capacity.run(fresh(problem=problem), settings)
+    assert "capacity/not_trained" not in unknown.metrics and unknown.metrics["capacity/trained"] == 3
+    known = fresh(problem=problem)
+    floor, _ = overfit_batch.loss_floor(known, overfit_batch.batch_arrays(known, overfit_batch.Settings())[0])
+    assert floor == pytest.approx(0.0, abs=1e-3)
+    known.shared["loss_floor"] = floor
+    assert capacity.loss_lower_bound(known) == floor
+    decided = capacity.run(known, settings)
+    assert decided.metrics["capacity/not_trained"] == ["width=256"]
 
 
 @pytest.mark.parametrize("widths, bands, expected", [
@@ -169,7 +197,7 @@ def test_width_bands_halve_from_the_top(widths, bands, expected):
 @pytest.fixture(scope="module")
 def too_small():
     """Planted bug: width 2 on digits (64-2-2-10)."""
-    tiny = fresh(model_config={**fresh().model_config, "width": 2})
+    tiny = build_context(compose(["logger=none", "model.width=2"]))
     return tiny, capacity.run(tiny, capacity.Settings(steps=STEPS))
 
 
@@ -216,10 +244,22 @@ def test_models_without_masking_train_one_program_per_rung():
     ctx = build_context(rc)
     before = programs.STATS.compiles
     outcome = capacity.run(ctx, capacity.Settings(steps=40, widths=(16,)))
-    assert programs.STATS.compiles - before == 2
+    assert programs.STATS.compiles - before == 2  # the seed runs (the configured rung) and width 16
     m = outcome.metrics
-    assert m["capacity/masked"] is False and m["capacity/programs"] == 2 and m["capacity/rungs"] == 2
+    assert m["capacity/masked"] is False and m["capacity/programs"] == 1 and m["capacity/trained"] == 2
     assert np.isfinite(m["capacity/train_loss/width=8"]) and np.isfinite(m["capacity/train_loss/width=16"])
+
+
+def test_without_masking_smaller_rungs_stop_at_the_first_that_suffices():
+    """Trained from the smallest up, the ladder stops at the first width within the margins of the configured
+    model on both splits; the ones between are not trained (nor is 128: width 64 fits digits)."""
+    ctx = build_context(compose(["logger=none", "model.width=64"]))
+    outcome = capacity.run(ctx, capacity.Settings(steps=300, widths=(2, 32, 48), masking=False))
+    m = outcome.metrics
+    assert m["capacity/train_loss/width=2"] > 0.5  # far too small: trained, not as good
+    assert m["capacity/not_trained"] == ["width=48", "width=128"] and m["capacity/sufficient_width"] == 32
+    assert any("stopped at width=32" in d for d in m["capacity/decisions"])
+    assert m["capacity/programs"] == 2 and outcome.findings == []
 
 
 def test_a_model_without_the_width_key_is_skipped_with_the_reason():
@@ -256,9 +296,10 @@ def test_collapsed_sweep_points_merge_their_ladders():
     rcs = [compose([*tiny, f"optim.lr={lr}"]) for lr in (1e-2, 3e-2)]
     before = programs.STATS.compiles
     results, trainer = collapse.run_points(rcs)
-    # Both points' ladders: one call per width band (4 and 8 masked at 8, 16 alone), each one program.
-    assert trainer.requests == 4 and trainer.merged_calls == 2
-    assert programs.STATS.compiles - before == 2
+    # Both points' seed runs (their configured rung) are one call, and so are their masked width-4 rungs; at
+    # lr 3e-2 width 8 fits the tiny set, so only the other point trains width 16.
+    assert trainer.requests == 5 and trainer.merged_calls == 3
+    assert programs.STATS.compiles - before == 3
     rows = [r.outcomes[0].metrics for r in results]
-    assert [m["capacity/rungs"] for m in rows] == [3, 3]
-    assert rows[0]["capacity/train_loss/width=16"] != rows[1]["capacity/train_loss/width=16"]  # each its own lr
+    assert [m["capacity/rungs"] for m in rows] == [3, 3] and [m["capacity/trained"] for m in rows] == [3, 2]
+    assert rows[0]["capacity/train_loss/width=4"] != rows[1]["capacity/train_loss/width=4"]  # each its own lr

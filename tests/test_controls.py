@@ -83,7 +83,7 @@ def test_controls_reuse_the_seed_runs_and_their_program(reference):
     ctx, outcome, seed_compiles, control_compiles = reference
     # 4 seed members and 2 + 2 controls: one program (compiled by the seed runs, or earlier in this session).
     assert seed_compiles <= 1 and control_compiles == 0
-    assert controls.real_runs(ctx, STEPS) is ctx.shared["seed_spread"]["result"]  # the memo served the real runs
+    assert seeds.real_runs(ctx, STEPS) is ctx.shared["seed_spread"]["result"]  # the memo served the real runs
     kinds = [row["control"] for row in outcome.members]
     assert kinds == ["real"] * 4 + ["constant_input"] * 2 + ["shuffled_labels"] * 2
     assert [row["input_scale"] for row in outcome.members[4:]] == [0.0, 0.0, 1.0, 1.0]

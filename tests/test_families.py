@@ -362,7 +362,10 @@ def test_equinox_mlp_full_default_suite_with_its_width_key():
     assert [f for f in r.findings if f.severity is Severity.ERROR] == [], problems(r)
     m = pipeline.flat_metrics(r.outcomes)
     assert m["capacity/configured"] == "width_size=128"
-    assert m["capacity/rungs"] >= 4 and "capacity/train_loss/width_size=256" in m
+    # The MLP fits digits, so the larger rung is decided without training; smaller ones are trained up to the first
+    # as good as the configured one (no masking outside the built-in models).
+    assert m["capacity/rungs"] >= 4 and m["capacity/not_trained"][-1] == "width_size=256"
+    assert "capacity/train_loss/width_size=8" in m
 
 
 @pytest.mark.slow
@@ -376,7 +379,7 @@ def test_full_default_suite_per_family_is_healthy(target):
     assert [o.name for o in r.outcomes if o.skipped is None] == ["data", "model", "overfit_batch", "seeds",
                                                                  "controls", "lr_range", "capacity"]
     m = pipeline.flat_metrics(r.outcomes)
-    assert m["capacity/configured"] == "width=128" and "capacity/train_loss/width=256" in m
+    assert m["capacity/configured"] == "width=128" and m["capacity/not_trained"][-1] == "width=256"
 
 
 @pytest.mark.slow

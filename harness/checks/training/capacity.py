@@ -14,21 +14,25 @@ reference job's final losses, under 0.5% of it) and at least ``margin_std`` seed
 The default ladder doubles up to ``max(2 x configured width, 64)`` over six rungs (8...256 for the reference
 width 128), always includes the configured width and at least one larger rung.
 
-**Two programs for the whole ladder.** Every width is a different program shape, so a ladder costs a compile per
+**Early decisions.** The configured rung is the seed runs (the configured job from seeds ``seed, seed+1, ...`` for
+the same steps), which the seeds diagnostic trains anyway. A finding needs a larger rung lower by the margin on
+the training loss, so when the configured model is already within that margin of the lowest loss any model can
+reach (0 for the built-in losses; the loss floor overfit one batch found for any other), no larger rung is
+trained: it could not win. Smaller rungs only say which size would suffice; models without masking train them
+from the smallest up and stop at the first that fits (seed 003: start small, increase capacity). On the healthy
+reference job the ladder then trains 8...64 in one masked program instead of 8...256 in two.
+
+**Few programs for the whole ladder.** Every width is a different program shape, so a ladder costs a compile per
 rung unless the rungs share one. The built-in models support *width masking* (:mod:`harness.models.width_mask`):
 built at the ladder's largest width with a traced number of live units and an initialization rescaled to the live
 fans, a masked rung trains like the real small model, and all rungs become members of one vmapped program. A
 member's width travels in its init seed (``seed * 4096 + width``; the model reads it back from its PRNG key), so
-the engine needs no new per-member field. Measured for the default 6-rung, 500-step ladder of the reference job
-(2 shared cores under load, ``engine.opt_level=0``): one program per rung 18 s compile + 4 s run = 22 s; masked 4.4 s
-compile + 7.8 s run = 12 s (with ``opt_level=None``: 9 s + 3.5 s); with a warm persistent compilation cache (a
-second process), 4.7 + 5.0 s per rung vs 0.9 + 7.5 s masked. Masking wastes FLOPs on the masked units (every rung
-costs the widest), which the saved compiles repay when small models run faster than they compile, as here; for
-conv models whose run time dominates, set ``masking: false``. Since every rung costs its program's widest model
-and a dense layer's FLOPs grow with the width squared, the rungs are split into ``mask_bands`` (default 2) width
-bands by halving from the top (:func:`width_bands`): the default ladder runs 8...128 masked at 128 and 256 alone,
-2.4x fewer FLOPs than all six at 256 for one more compile (``mask_bands: 1`` for a single program). Models without masking support train one program
-per rung (each rung's seeds are members of its program).
+the engine needs no new per-member field. Masking wastes FLOPs on the masked units (every rung costs its
+program's widest), which the saved compiles repay when small models run faster than they compile, as here; for
+conv models whose run time dominates, set ``masking: false``. Since a dense layer's FLOPs grow with the width
+squared, the smaller rungs share one program at the widest of them (at most half the configured width), and
+larger rungs are split into ``mask_bands`` (default 2) width bands by halving from the top (:func:`width_bands`).
+Models without masking support train one program per rung (each rung's seeds are members of its program).
 """
 
 from __future__ import annotations
@@ -42,7 +46,9 @@ from typing import Any
 import jax
 import numpy as np
 
+from harness import losses
 from harness.checks.base import Context, Outcome, Plot, require_at_least
+from harness.checks.training import seeds
 from harness.checks.training.seeds import headline_first
 from harness.engine.train import Hparams, Problem, SweepResult
 from harness.errors import HarnessError
@@ -237,41 +243,131 @@ def width_bands(widths: list[int], bands: int) -> list[list[int]]:
     return out[::-1]
 
 
-def train_ladder(ctx: Context, settings: Settings, rungs: list[Rung]) -> tuple[list[RungResult], dict[str, Any]]:
-    """Train every rung; masked groups (rungs that differ only in width) as one program per width band."""
+def margins(reference: float, settings: Settings, noise: dict[str, Any] | None) -> tuple[float, float]:
+    """How much lower a larger rung's (training, validation) loss must be to count: ``min_improvement`` of the
+    untrained loss, and at least ``margin_std`` seed-to-seed standard deviations."""
+    noise = noise or {}
+    floor = settings.min_improvement * abs(reference)
+    return (max(floor, settings.margin_std * _finite_or_zero(noise.get("train_loss_std"))),
+            max(floor, settings.margin_std * _finite_or_zero(noise.get("val_loss_std"))))
+
+
+def loss_lower_bound(ctx: Context) -> float | None:
+    """The lowest training loss any model can reach: 0 for the built-in losses (cross-entropy, squared error),
+    else the floor overfit one batch found by minimizing the loss over free outputs (label smoothing's entropy, say);
+    None when unknown (not computed, or a loss unbounded below)."""
+    if ctx.problem.loss_fn in (losses.cross_entropy, losses.mse):
+        return 0.0
+    floor = ctx.shared.get("loss_floor")
+    return float(floor) if floor is not None and np.isfinite(floor) else None
+
+
+def configured_result(ctx: Context, settings: Settings, configured: Rung) -> tuple[RungResult, bool]:
+    """The configured rung: the seed runs (:func:`seeds.real_runs`: the configured job trained from seeds ``seed,
+    seed+1, ...`` for the same steps), which the seeds diagnostic has trained already in a full run; all of them,
+    a better estimate than ``seeds_per_rung`` for free. Trained here only when there are fewer seed runs than
+    ``seeds_per_rung``. Returns the result and whether it came from the seed runs."""
+    runs = seeds.real_runs(ctx, settings.steps)
+    if len(runs.hparams) >= settings.seeds_per_rung:
+        return _rung_result(configured, runs, slice(None)), True
+    member_seeds = ctx.seed + np.arange(settings.seeds_per_rung)
+    hp = Hparams.make(lr=ctx.optim.lr, weight_decay=ctx.optim.weight_decay, init_seed=member_seeds,
+                      data_seed=member_seeds)
+    return _rung_result(configured, ctx.train("capacity/configured", ctx.spec(settings.steps), hp), slice(None)), False
+
+
+@dataclasses.dataclass
+class Ladder:
+    results: list[RungResult]  # the rungs trained, in the ladder's order (the configured one included)
+    programs: int  # training programs the ladder itself ran (the configured rung's seed runs not counted)
+    masked: bool
+    skipped: list[Rung]  # rungs not trained because their outcome was decided
+    decisions: list[str]  # why, in words
+
+
+def train_ladder(ctx: Context, settings: Settings, rungs: list[Rung], configured: Rung) -> Ladder:
+    """Train the rungs whose outcome is not decided yet, masked groups (rungs that differ only in width) as few
+    programs as width bands allow.
+
+    Early decisions (a finding needs a larger rung below the configured one by the margins on *both* splits):
+    when the configured model's training loss is already within the training margin of the lowest loss any model
+    can reach (:func:`loss_lower_bound`), no larger rung can beat it by the margin, so none is trained. Smaller
+    rungs only say which size would suffice: with masking they are one program (at the widest of them); without,
+    they are trained from the smallest up and stop at the first within the margins of the configured model on both
+    splits (seed 003: start small, increase capacity); larger rungs without masking stop at the first that fits."""
     spec = ctx.spec(settings.steps)
-    seeds = ctx.seed + np.arange(settings.seeds_per_rung)
+    seeds_ = ctx.seed + np.arange(settings.seeds_per_rung)
+    cfg, from_seeds = configured_result(ctx, settings, configured)
+    train_margin, val_margin = margins(float(np.nanmedian(cfg.initial_loss)), settings, ctx.shared.get("seed_spread"))
+    bound = loss_lower_bound(ctx)
+
+    def fits(r: RungResult) -> bool:
+        return bound is not None and mean(r.train_loss) - bound <= train_margin
+
+    def as_good(r: RungResult) -> bool:  # what judge() calls sufficient, against the configured model
+        return (mean(r.train_loss) - mean(cfg.train_loss) <= train_margin
+                and mean(r.val_loss) - mean(cfg.val_loss) <= val_margin)
+
+    results: dict[Rung, RungResult] = {configured: cfg}
+    decisions = []
+    if from_seeds:
+        decisions.append(f"the configured rung is the seed runs ({len(cfg.train_loss)} seeds)")
+    skip_larger = fits(cfg)
+    if skip_larger:
+        decisions.append(f"larger rungs not trained: the configured model's training loss "
+                         f"{mean(cfg.train_loss):.3g} is within the margin {train_margin:.3g} of the lowest reachable "
+                         f"({bound:.3g}), so no larger model can beat it by the margin")
     groups: dict[tuple, list[Rung]] = {}
     for rung in rungs:
-        fixed = tuple((k, v) for k, v in rung.overrides if k != settings.width_key)
-        groups.setdefault(fixed, []).append(rung)
-    results: dict[Rung, RungResult] = {}
+        if rung != configured:
+            groups.setdefault(tuple((k, v) for k, v in rung.overrides if k != settings.width_key), []).append(rung)
     programs, masked_groups = 0, 0
+
+    def train(name: str, problem: Problem, members: list[Rung], widths=None):
+        nonlocal programs
+        member_seeds = np.tile(seeds_, len(members))
+        init = member_seeds if widths is None else encode(member_seeds, np.repeat(widths, len(seeds_)))
+        hp = Hparams.make(lr=ctx.optim.lr, weight_decay=ctx.optim.weight_decay, init_seed=init,
+                          data_seed=member_seeds)
+        result = ctx.train(name, spec, hp, problem=problem)
+        programs += 1
+        for i, rung in enumerate(members):
+            results[rung] = _rung_result(rung, result, slice(i * len(seeds_), (i + 1) * len(seeds_)))
+
     for fixed, group in groups.items():
-        widths = [r.get(settings.width_key) for r in group]
+        smaller = sorted((r for r in group if r.params < configured.params), key=lambda r: r.params)
+        larger = [] if skip_larger else sorted((r for r in group if r.params >= configured.params),
+                                               key=lambda r: r.params)
+        if not smaller and not larger:
+            continue
+        widths = [r.get(settings.width_key) for r in smaller + larger]
         masked = masked_problem(ctx, settings.width_key, max(widths), fixed) if settings.masking else None
         if masked is not None:
-            for band in width_bands(widths, settings.mask_bands):
-                problem = masked_problem(ctx, settings.width_key, max(band), fixed)
-                members = [r for r in group if r.get(settings.width_key) in band]
-                member_widths = np.repeat([r.get(settings.width_key) for r in members], len(seeds))
-                member_seeds = np.tile(seeds, len(members))
-                hp = Hparams.make(lr=ctx.optim.lr, weight_decay=ctx.optim.weight_decay,
-                                  init_seed=encode(member_seeds, member_widths), data_seed=member_seeds)
-                result = ctx.train("capacity", spec, hp, problem=problem)
-                for i, rung in enumerate(members):
-                    results[rung] = _rung_result(rung, result, slice(i * len(seeds), (i + 1) * len(seeds)))
-                programs += 1
+            # The smaller rungs in one program at the widest of them (each costs at most a quarter of the
+            # configured model there); the larger ones in width bands.
+            bands = [smaller] if smaller else []
+            if larger:
+                bands += [[r for r in larger if r.get(settings.width_key) in band]
+                          for band in width_bands([r.get(settings.width_key) for r in larger], settings.mask_bands)]
+            for band in bands:
+                band_widths = [r.get(settings.width_key) for r in band]
+                train("capacity", masked_problem(ctx, settings.width_key, max(band_widths), fixed), band,
+                      band_widths)
             masked_groups += 1
             continue
-        for rung in group:
-            hp = Hparams.make(lr=ctx.optim.lr, weight_decay=ctx.optim.weight_decay, init_seed=seeds,
-                              data_seed=seeds)
-            result = ctx.train(f"capacity/{rung.label}", spec, hp, problem=rung_problem(ctx, rung.overrides))
-            results[rung] = _rung_result(rung, result, slice(None))
-            programs += 1
-    info = {"programs": programs, "masked": masked_groups == len(groups)}
-    return [results[r] for r in rungs], info
+        for ordered, stop, why in ((smaller, as_good, "matches the configured model within the margins, so it "
+                                                       "suffices"),
+                                   (larger, fits, "fits the training set within the margin, so no larger rung "
+                                                  "can do better by it")):
+            for i, rung in enumerate(ordered):
+                train(f"capacity/{rung.label}", rung_problem(ctx, rung.overrides), [rung])
+                if stop(results[rung]) and i + 1 < len(ordered):
+                    decisions.append(f"stopped at {rung.label}: it {why} "
+                                     f"({', '.join(r.label for r in ordered[i + 1:])} not trained)")
+                    break
+    trained = [r for r in rungs if r in results]
+    return Ladder([results[r] for r in trained], programs, masked_groups == len(groups),
+                  [r for r in rungs if r not in results], decisions)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -297,11 +393,8 @@ def mean(values) -> float:
 def judge(results: list[RungResult], configured: Rung, settings: Settings, noise: dict[str, Any] | None) -> Verdict:
     by_rung = {r.rung: r for r in results}
     cfg = by_rung[configured]
-    reference = float(np.nanmedian(np.concatenate([r.initial_loss for r in results])))
-    noise = noise or {}
-    floor = settings.min_improvement * abs(reference)
-    train_margin = max(floor, settings.margin_std * _finite_or_zero(noise.get("train_loss_std")))
-    val_margin = max(floor, settings.margin_std * _finite_or_zero(noise.get("val_loss_std")))
+    reference = float(np.nanmedian(cfg.initial_loss))
+    train_margin, val_margin = margins(reference, settings, noise)
     tr, va = mean(cfg.train_loss), mean(cfg.val_loss)
     better = [r for r in results if r.rung.params > configured.params
               and tr - mean(r.train_loss) > train_margin and va - mean(r.val_loss) > val_margin]
@@ -384,10 +477,16 @@ def run(ctx: Context, settings: Settings) -> Outcome:
     if configured_rung is None:
         out.skipped = "the configured model could not be built for the ladder: " + "; ".join(failures[:2])
         return out
-    results, info = train_ladder(ctx, settings, rungs)
+    ladder = train_ladder(ctx, settings, rungs, configured_rung)
+    results = ladder.results
     finite = [r for r in results if np.isfinite(mean(r.train_loss)) and np.isfinite(mean(r.val_loss))]
-    out.metrics.update({"capacity/configured": configured_rung.label, "capacity/programs": info["programs"],
-                        "capacity/masked": info["masked"], "capacity/rungs": len(rungs)})
+    out.metrics.update({"capacity/configured": configured_rung.label, "capacity/programs": ladder.programs,
+                        "capacity/masked": ladder.masked, "capacity/rungs": len(rungs),
+                        "capacity/trained": len(results)})
+    if ladder.skipped:
+        out.metrics["capacity/not_trained"] = [r.label for r in ladder.skipped]
+    if ladder.decisions:
+        out.metrics["capacity/decisions"] = ladder.decisions
     if failures:
         out.metrics["capacity/unbuildable"] = failures
     report_rungs(out, results, configured_rung, settings)
@@ -402,7 +501,7 @@ def run(ctx: Context, settings: Settings) -> Outcome:
     finding = capacity_finding(verdict, finite, settings, settings.width_key)
     if finding is not None:
         out.findings.append(finding)
-    out.metrics = headline_first(out.metrics, ("capacity/configured", "capacity/sufficient", "capacity/rungs",
+    out.metrics = headline_first(out.metrics, ("capacity/configured", "capacity/sufficient", "capacity/trained",
                                                "capacity/programs"))
     return out
 

@@ -186,14 +186,6 @@ def no_signal_finding(comparisons: list[Comparison], loss_std: float, settings: 
 # The diagnostic.
 
 
-def real_runs(ctx: Context, steps: int) -> SweepResult:
-    """The seed runs: the seeds diagnostic's own request when it ran (so the memo answers), else the same request
-    with its default seed count."""
-    noise = ctx.shared.get("seed_spread")
-    num_seeds = int(noise["num_seeds"]) if noise else seeds.Settings().num_seeds
-    return seeds.train_seeds(ctx, steps, num_seeds)
-
-
 # The constant-input control's validation loss: what training reaches without information from the inputs (the
 # label frequencies). The LR range test counts an LR as learning only below it.
 SHARES = ("constant_input_val_loss",)
@@ -208,7 +200,7 @@ def requests(ctx: Context, settings: Settings) -> list[Request]:
 
 def run(ctx: Context, settings: Settings) -> Outcome:
     out = Outcome("controls")
-    real = real_runs(ctx, settings.steps)
+    real = seeds.real_runs(ctx, settings.steps)
     hp, kinds = control_hparams(ctx, settings.members_per_control)
     result = ctx.train("controls", seeds.seed_spec(ctx, settings.steps), hp)
     kinds_arr = np.array(kinds)

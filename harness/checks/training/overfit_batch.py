@@ -914,8 +914,8 @@ def _linear_references(ctx, arrays: Arrays, lr: float, steps: int) -> tuple[floa
 def train_request(ctx, settings: Settings) -> tuple[Plan, Arrays, TrainSpec, Hparams]:
     """The members and how they train: every step on the fixed batch (``Hparams.fixed_batch``; a program that
     also trains sampled members repeats it to fill their batch size, with the same loss, gradient and batch
-    statistics). The evaluations every ``eval_every`` steps run inside the chunk (TrainSpec.eval_every): one
-    program."""
+    statistics). The evaluations of the batch every ``eval_every`` steps run inside the chunk
+    (TrainSpec.batch_eval_every: the batch only, not the validation set): one program."""
     lr = settings.lr if settings.lr is not None else ctx.optim.lr
     plan = Plan(float(lr), tuple(settings.probe_lr_factors))
     _, index = batch_arrays(ctx, settings)
@@ -923,7 +923,7 @@ def train_request(ctx, settings: Settings) -> tuple[Plan, Arrays, TrainSpec, Hpa
     a = ctx.arrays
     arrays = Arrays(a.x_train, a.y_train, a.x_val, a.y_val, fixed_index=np.asarray(index, np.int32))
     spec = ctx.spec(settings.steps, fixed_batch=n, batch_size=batch_size, regularization=False,
-                    eval_every=settings.eval_every)
+                    batch_eval_every=settings.eval_every)
     return plan, arrays, spec, plan.hparams(ctx.seed)
 
 
@@ -1176,10 +1176,15 @@ def findings_for(g: Reading) -> list:
     return findings
 
 
+# The loss floor (None when it did not settle): the capacity ladder's bound on how far a larger model can go.
+SHARES = ("loss_floor",)
+
+
 def run(ctx, settings: Settings) -> Outcome:
     plan, arrays, r = run_program(ctx, settings)
     classification = ctx.problem.classification
     floor, floor_kind = loss_floor(ctx, arrays)
+    ctx.shared["loss_floor"] = floor
     target = settings.target_loss
     if target is None:  # the default target above the loss's own floor (label smoothing, say)
         target = default_target(classification, arrays.y_train) + max(floor or 0.0, 0.0)

@@ -99,6 +99,15 @@ def train_seeds(ctx: Context, steps: int, num_seeds: int) -> SweepResult:
     return ctx.train("seeds", seed_spec(ctx, steps), seed_hparams(ctx, num_seeds))
 
 
+def real_runs(ctx: Context, steps: int) -> SweepResult:
+    """The configured job's seed runs, for the diagnostics that compare against them (controls, the capacity
+    ladder's configured rung): the seeds diagnostic's own request when it ran (so the memo answers), else the same
+    request with its default seed count."""
+    noise = ctx.shared.get("seed_spread")
+    num_seeds = int(noise["num_seeds"]) if noise else Settings().num_seeds
+    return train_seeds(ctx, steps, num_seeds)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Spread.
 

@@ -61,6 +61,25 @@ def test_evaluations_inside_a_chunk_match_evaluations_between_chunks(problem, di
     np.testing.assert_allclose(uneven.val_loss[:, -1], sweep.val_loss[:, -1], rtol=1e-5, atol=1e-6)
 
 
+def test_batch_evaluations_inside_a_chunk_read_only_the_fixed_batch(problem, digits):
+    """``batch_eval_every``: the fixed batch's loss and accuracy inside the chunk (overfit one batch's curve),
+    without the validation and fit-subset passes, which run at the chunk's end; a full cadence still wins where
+    both are due."""
+    _, arrays = digits
+    arrays = arrays._replace(fixed_index=np.arange(16, dtype=np.int32))
+    hp = Hparams.make(lr=[1e-3, 3e-3], fixed_batch=[1, 0])
+    spec = dataclasses.replace(SPEC, steps_per_call=40, fixed_batch=16, batch_eval_every=10)
+    out = train_members(problem, spec, hp, arrays, name="eval_batch")
+    assert list(out.eval_steps) == [10, 20, 30, 40]
+    assert np.isfinite(out.batch_loss).all() and np.isfinite(out.batch_accuracy).all()
+    assert np.isnan(out.val_loss[:, :3]).all() and np.isnan(out.train_eval_loss[:, :3]).all()
+    assert np.isfinite(out.val_loss[:, 3]).all() and np.isfinite(out.train_eval_loss[:, 3]).all()
+    assert out.batch_loss[0, -1] < out.batch_loss[0, 0]  # the fixed-batch member memorizes its batch
+    both = train_members(problem, dataclasses.replace(spec, eval_every=20), hp, arrays, name="eval_batch")
+    assert np.isnan(both.val_loss[:, [0, 2]]).all() and np.isfinite(both.val_loss[:, [1, 3]]).all()
+    np.testing.assert_array_equal(both.batch_loss, out.batch_loss)
+
+
 def test_result_shapes_and_eval_points(sweep):
     assert sweep.loss.shape == (4, 40)
     assert sweep.val_loss.shape == (4, 2)

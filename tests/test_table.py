@@ -17,7 +17,7 @@ from helpers import compose
 from harness.checks.training import controls, lr_range, overfit_batch, seeds
 from harness.engine import compile as programs
 from harness.engine import table
-from harness.engine.train import Hparams, TrainSpec, eval_schedule
+from harness.engine.train import Hparams, SweepResult, TrainSpec, eval_schedule
 from harness.pipeline import build_context, run
 
 SMALL_LR = lr_range.Settings(grid_size=12, grid_steps=100)
@@ -65,9 +65,39 @@ def test_the_fixed_batch_joins_at_the_runs_batch_size(ctx):
     assert table.plan([request("seeds", 4), fixed], base, 100, free_regularization=True) == []  # 100 % 32 != 0
 
 
+def test_call_width_fits_the_table_and_its_follow_ups():
+    """On CPU (linear cost in members), the widest call that pads the table and the LR test's second round by at
+    most 5%: 54 rows and 35 to follow in calls of 18 (90 rows trained, not 54 + 54 in calls of 54)."""
+    assert table.call_width(54, [35], 64) == 18
+    assert table.call_width(54, [], 64) == 54  # nothing follows: one call
+    assert table.call_width(100, [], 64) == 64
+    w = table.call_width(40, [13], 64)
+    assert sum(-(-n // w) * w for n in (40, 13)) <= 1.05 * 53
+
+
 def test_split_takes_each_requests_own_evaluations():
     assert eval_schedule(spec(eval_every=25)) == [25, 50, 75, 100]
     assert eval_schedule(spec(steps=1000, steps_per_call=500)) == [500, 1000]
+
+
+def test_a_share_keeps_its_own_batch_only_evaluations(ctx):
+    """Overfit's batch-only cadence merged with another request's full one: the merged program evaluates the
+    validation set where the other asked, but overfit's share has NaN there, as its program alone would."""
+    base = ctx.arrays._replace(fixed_index=np.arange(32, dtype=np.int32))
+    full = request("full", 2, eval_every=50)
+    batch = table.Request("overfit", spec(fixed_batch=32, batch_eval_every=25, regularization=False),
+                          Hparams.make(n=1, fixed_batch=1), arrays=base)
+    merged = table.merged([full, batch], ctx.arrays)
+    assert (merged.spec.eval_every, merged.spec.batch_eval_every) == (50, 25)
+    steps = eval_schedule(merged.spec)
+    assert steps == [25, 50, 75, 100]
+    ones = np.ones((3, len(steps)))
+    result = SweepResult(merged.hparams, np.ones((3, 100)), np.ones((3, 100)), np.ones((3, 100)), np.array(steps),
+                         ones, ones, ones, np.full(3, -1), batch_loss=ones, batch_accuracy=ones)
+    mine = table.split(result, slice(2, 3), batch)
+    assert np.isnan(mine.val_loss[0, :3]).all() and mine.val_loss[0, 3] == 1 and (mine.batch_loss == 1).all()
+    other = table.split(result, slice(0, 2), full)
+    assert list(other.eval_steps) == [50, 100] and (other.val_loss == 1).all()
 
 
 def test_each_share_is_what_the_merged_program_gives_its_rows_alone(ctx):
@@ -87,7 +117,9 @@ def test_each_share_is_what_the_merged_program_gives_its_rows_alone(ctx):
     np.testing.assert_array_equal(alone.loss, grid.loss)
     np.testing.assert_array_equal(alone.final_val_loss, grid.final_val_loss)
     refinement = lr_range.run_refinement(fresh, plan, grid)
-    assert refinement is not None and len(refinement.val) == grid.program_width
+    # As many members as the first round (15), in whole calls of the table's program.
+    assert refinement is not None and len(refinement.val) % grid.program_width == 0
+    assert len(grid.hparams) <= len(refinement.val) < len(grid.hparams) + grid.program_width
     assert programs.STATS.compiles == before + 1  # the second round reuses the table's program
     first = seeds.train_seeds(fresh, 100, seed_settings.num_seeds)
     again = fresh.train("seeds/rerun", seeds.seed_spec(fresh, 100), first.hparams, rerun=True)

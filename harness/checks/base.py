@@ -138,14 +138,14 @@ class Context:
         return result
 
     def train_like(self, first: SweepResult, name: str, hparams: Hparams) -> SweepResult:
-        """A follow-up request trained by the program that trained ``first`` (its spec, arrays and member count,
-        which a merged member table sets): ``hparams`` padded to that count, so the compiled program is reused.
-        The result has ``hparams``' rows and the program's evaluation schedule."""
+        """A follow-up request trained by the program that trained ``first`` (its spec, arrays and call width, which
+        a merged member table sets): ``hparams`` padded to whole calls, so the compiled program is reused. The
+        result has ``hparams``' rows and the program's evaluation schedule."""
         spec, width = first.program_spec, first.program_width
-        if spec is None or width is None or len(hparams) > width:
+        if spec is None or width is None:
             return self.train(name, self.spec(first.loss.shape[1]), hparams)
         n = len(hparams)
-        padded = Hparams(*(np.concatenate([np.asarray(v), np.repeat(np.asarray(v)[-1:], width - n)])
+        padded = Hparams(*(np.concatenate([np.asarray(v), np.repeat(np.asarray(v)[-1:], -(-n // width) * width - n)])
                            for v in hparams))
         return self.train(name, spec, padded, first.program_arrays).take(slice(0, n), hparams)
 

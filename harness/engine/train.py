@@ -102,6 +102,9 @@ class TrainSpec:
     regularization: bool = True
     steps_per_call: int = 500  # chunk length: progress and validation are evaluated between chunks
     eval_every: int = 0  # also evaluate after every this many steps, inside the chunk (0: at chunk ends only)
+    # Evaluate only the fixed batch (its loss and accuracy; the other values NaN) after every this many steps, inside
+    # the chunk: overfit one batch's curve, without the validation and fit-subset passes every member would pay for.
+    batch_eval_every: int = 0
     max_members_per_call: int = 64
     return_params: bool = False
     max_eval_examples: int = 2048
@@ -172,7 +175,7 @@ class Records(NamedTuple):
     lr: Any
     update_norm: Any  # |update|: how far the optimizer moved the weights this step
     param_norm: Any  # |params| before the step (update_norm / param_norm: CS231n's update-to-weight ratio)
-    evals: Any = None  # with ``eval_every``: (val_loss, val_acc, fit_loss) after every step, NaN when not due
+    evals: Any = None  # with ``eval_every``: EVALUATIONS values after every step, NaN when not due
 
 
 @dataclasses.dataclass
@@ -266,11 +269,24 @@ def member_budget(spec: TrainSpec, hp: Hparams):
     return jnp.where(hp.steps > 0, jnp.minimum(hp.steps, spec.steps), spec.steps)
 
 
-def eval_due(spec: TrainSpec, t, chunk_end):
-    """Whether the evaluation after step ``t`` (0-based) happens inside the chunk (``spec.eval_every``): due every
-    ``eval_every`` steps, except at the chunk's end, where the chunk's own evaluation runs anyway."""
+def eval_due(spec: TrainSpec, t, chunk_end, every: int | None = None):
+    """Whether the evaluation after step ``t`` (0-based) happens inside the chunk (``spec.eval_every``, or
+    ``every``): due every that many steps, except at the chunk's end, where the chunk's own evaluation runs
+    anyway."""
+    every = spec.eval_every if every is None else every
     done = t + 1
-    return (spec.eval_every > 0) & (done % max(spec.eval_every, 1) == 0) & (done < chunk_end) & (done < spec.steps)
+    return (every > 0) & (done % max(every, 1) == 0) & (done < chunk_end) & (done < spec.steps)
+
+
+def batch_eval_due(spec: TrainSpec, t, chunk_end):
+    """Whether only the fixed batch is evaluated after step ``t`` (``spec.batch_eval_every``, when no full
+    evaluation is due then)."""
+    cadence = spec.batch_eval_every if spec.fixed_batch else 0
+    return eval_due(spec, t, chunk_end, cadence) & ~eval_due(spec, t, chunk_end)
+
+
+def any_eval_due(spec: TrainSpec, t, chunk_end):
+    return eval_due(spec, t, chunk_end) | batch_eval_due(spec, t, chunk_end)
 
 
 def train_chunk(problem: Problem, spec: TrainSpec, state: State, hp: Hparams, arrays: Arrays, t0,
@@ -331,11 +347,17 @@ def train_chunk(problem: Problem, spec: TrainSpec, state: State, hp: Hparams, ar
         )
         recorded = jnp.where(state.alive & in_range, loss, jnp.nan)
         evals = None
-        if evaluate is not None and spec.eval_every > 0:
+        if evaluate is not None and (spec.eval_every > 0 or (spec.batch_eval_every > 0 and spec.fixed_batch)):
             nan = jnp.full((), jnp.nan, jnp.float32)
-            evals = jax.lax.cond(eval_due(spec, t, t0 + spec.steps_per_call),
-                                 lambda: tuple(jnp.asarray(v, jnp.float32) for v in evaluate(new_state)),
-                                 lambda: (nan,) * EVALUATIONS)
+            end = t0 + spec.steps_per_call
+
+            def values(full):
+                return tuple(jnp.asarray(v, jnp.float32) for v in evaluate(new_state, full))
+
+            # Nested conds on the step (the same for every member): under vmap only the due steps pay.
+            evals = jax.lax.cond(eval_due(spec, t, end), lambda: values(True),
+                                 lambda: jax.lax.cond(batch_eval_due(spec, t, end), lambda: values(False),
+                                                      lambda: (nan,) * EVALUATIONS))
         live = state.alive & in_range
         return new_state, Records(recorded, jnp.where(in_range, grad_norm, jnp.nan), lr_t,
                                   jnp.where(live, update_norm, jnp.nan), jnp.where(live, param_norm, jnp.nan), evals)
@@ -352,23 +374,13 @@ def train_chunk(problem: Problem, spec: TrainSpec, state: State, hp: Hparams, ar
 EVALUATIONS = 5
 
 
-def evaluate_member(problem: Problem, state: State, hp: Hparams, arrays: Arrays, x_fit):
+def evaluate_member(problem: Problem, state: State, hp: Hparams, arrays: Arrays, x_fit, full: bool = True):
     """Validation loss (and accuracy), the loss on a fixed training subset and, with a fixed batch, its loss and
-    accuracy, in evaluation mode."""
+    accuracy, in evaluation mode. ``full=False``: the fixed batch only (the others NaN)."""
     def model(x):
         return problem.model(state.params, state.rest, scale_inputs(x, hp.input_scale))
 
-    out_val = model(arrays.x_val)
-    val_loss = mean_loss(problem.loss_fn, out_val, arrays.y_val)
-    if problem.classification:
-        val_acc = tasks.accuracy(out_val, arrays.y_val)
-    else:
-        val_acc = jnp.array(jnp.nan)
-    # The training-subset loss uses the labels the member trained on (permuted for the shuffled-label control).
     perm = _label_permutation(hp, arrays.x_train.shape[0])
-    fit_labels = arrays.y_train[perm[: x_fit.shape[0]]]
-    out_fit = model(x_fit)
-    fit_loss = mean_loss(problem.loss_fn, out_fit, fit_labels)
     batch_loss = batch_acc = jnp.array(jnp.nan)
     if arrays.fixed_index is not None:  # the fixed batch as its members train on it (their labels)
         index = arrays.fixed_index
@@ -377,6 +389,19 @@ def evaluate_member(problem: Problem, state: State, hp: Hparams, arrays: Arrays,
         batch_loss = mean_loss(problem.loss_fn, out_batch, batch_labels)
         if problem.classification:
             batch_acc = tasks.accuracy(out_batch, batch_labels)
+    if not full:
+        nan = jnp.array(jnp.nan)
+        return nan, nan, nan, batch_loss, batch_acc
+    out_val = model(arrays.x_val)
+    val_loss = mean_loss(problem.loss_fn, out_val, arrays.y_val)
+    if problem.classification:
+        val_acc = tasks.accuracy(out_val, arrays.y_val)
+    else:
+        val_acc = jnp.array(jnp.nan)
+    # The training-subset loss uses the labels the member trained on (permuted for the shuffled-label control).
+    fit_labels = arrays.y_train[perm[: x_fit.shape[0]]]
+    out_fit = model(x_fit)
+    fit_loss = mean_loss(problem.loss_fn, out_fit, fit_labels)
     return val_loss, val_acc, fit_loss, batch_loss, batch_acc
 
 
@@ -386,16 +411,24 @@ def evaluate_member(problem: Problem, state: State, hp: Hparams, arrays: Arrays,
 
 def eval_schedule(spec: TrainSpec) -> list[int]:
     """The steps after which :func:`train_members` evaluates, in order (``SweepResult.eval_steps``): every
-    ``eval_every`` steps inside each chunk, and at each chunk's end."""
+    ``eval_every`` (and ``batch_eval_every``) steps inside each chunk, and at each chunk's end."""
     calls, per_call = _chunk_plan(spec)
     spec = dataclasses.replace(spec, steps_per_call=per_call)
     out: list[int] = []
     for c in range(calls):
         end = (c + 1) * per_call
-        if spec.eval_every > 0:
-            out += [t + 1 for t in range(c * per_call, end) if bool(eval_due(spec, t, end))]
+        if spec.eval_every > 0 or spec.batch_eval_every > 0:
+            out += [t + 1 for t in range(c * per_call, end) if bool(any_eval_due(spec, t, end))]
         out.append(min(end, spec.steps))
     return out
+
+
+def batch_only_evals(spec: TrainSpec) -> set[int]:
+    """The steps of :func:`eval_schedule` at which only the fixed batch is evaluated (``batch_eval_every``)."""
+    calls, per_call = _chunk_plan(spec)
+    spec = dataclasses.replace(spec, steps_per_call=per_call)
+    return {t + 1 for c in range(calls) for t in range(c * per_call, (c + 1) * per_call)
+            if bool(batch_eval_due(spec, t, (c + 1) * per_call))}
 
 
 def _chunk_plan(spec: TrainSpec) -> tuple[int, int]:
@@ -458,8 +491,8 @@ def train_members(
         """One chunk of steps, then the evaluation, for every member: one program, not two."""
 
         def member(s, h):
-            def evaluate(state):
-                return evaluate_member(problem, state, h, data, x_fit)
+            def evaluate(state, full=True):
+                return evaluate_member(problem, state, h, data, x_fit, full)
 
             s, rec = train_chunk(problem, spec, s, h, data, t0, evaluate)
             return s, rec, evaluate(s)
@@ -476,7 +509,7 @@ def train_members(
     host_loop = needs_host_step_loop(problem)
     if host_loop:
         # Chunking and evaluation cadence happen on the host here: they must not change the programs' keys.
-        step_spec = dataclasses.replace(spec, steps_per_call=1, eval_every=0)
+        step_spec = dataclasses.replace(spec, steps_per_call=1, eval_every=0, batch_eval_every=0)
 
         def host_key(kind):
             return (problem, step_spec, kind)
@@ -487,8 +520,11 @@ def train_members(
         def one_step(state, hp, data, t):
             return jax.vmap(lambda s, h: train_chunk(problem, step_spec, s, h, data, t))(state, hp)
 
-        def evaluate(state, hp, data, x_fit):
-            return jax.vmap(lambda s, h: evaluate_member(problem, s, h, data, x_fit))(state, hp)
+        def evaluate(state, hp, data, x_fit, full=True):
+            return jax.vmap(lambda s, h: evaluate_member(problem, s, h, data, x_fit, full))(state, hp)
+
+        def evaluate_batch(state, hp, data, x_fit):
+            return evaluate(state, hp, data, x_fit, False)
 
         def host_chunk(state, hp, c):
             """The same chunk as ``advance``, with the step loop on the host. XLA's default optimization level:
@@ -505,6 +541,9 @@ def train_members(
                 if bool(eval_due(spec, t, (c + 1) * per_call)):
                     inside.append((t + 1, programs.run(f"{name}/eval", evaluate, state, hp, data, x_fit,
                                                        static_key=host_key("eval"))))
+                elif bool(batch_eval_due(spec, t, (c + 1) * per_call)):
+                    inside.append((t + 1, programs.run(f"{name}/eval_batch", evaluate_batch, state, hp, data,
+                                                       x_fit, static_key=host_key("eval_batch"))))
             rec = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1), *recs)
             ev = programs.run(f"{name}/eval", evaluate, state, hp, data, x_fit, static_key=host_key("eval"))
             return state, rec, ev, inside
@@ -533,7 +572,7 @@ def train_members(
             rec = jax.tree.map(lambda a: a[:real], devices.to_host(rec))
             if rec.evals is not None:
                 steps_here = np.arange(c * per_call, (c + 1) * per_call)
-                due = np.asarray(eval_due(spec, steps_here, (c + 1) * per_call))
+                due = np.asarray(any_eval_due(spec, steps_here, (c + 1) * per_call))
                 inside = [(int(t) + 1, tuple(np.asarray(v)[:, j] for v in rec.evals))
                           for j, t in enumerate(steps_here) if due[j]]
                 rec = rec._replace(evals=None)

@@ -470,18 +470,20 @@ class Refinement:
         return int(np.bincount(self.grid_index).max()) if len(self.grid_index) else 0
 
 
-def refinement_hparams(plan: Plan, reading: GridReading, seed: int, weight_decay: float, rows: int | None = None
+def refinement_hparams(plan: Plan, reading: GridReading, seed: int, weight_decay: float, width: int | None = None
                        ) -> tuple[Hparams, np.ndarray] | None:
     """Members for the second round, or None when there is nothing to refine: the grid points within
     ``refine_span`` of the grid's best, cycled with fresh seeds (``seed + GRID_SEEDS`` on: the grid used the first
-    ``GRID_SEEDS``) to exactly ``rows`` members, the width of the program that trained the first round (by default
-    the first round's own 35 members: 7 LRs x 5 seeds), so that program is reused."""
+    ``GRID_SEEDS``) to as many members as the first round had (35 by default: 7 LRs x 5 seeds), rounded up to whole
+    calls of ``width`` members, the call width of the program that trained the first round, which is reused."""
     s = plan.settings
     if not s.refine or not reading.learns_at_all:
         return None
     b = reading.best_index
     index = np.arange(max(0, b - s.refine_span), min(len(plan.grid_lrs), b + s.refine_span + 1))
-    rows = rows or len(plan.hparams(seed, weight_decay))
+    rows = len(plan.hparams(seed, weight_decay))
+    if width:
+        rows = -(-rows // width) * width
     k = np.arange(rows)
     where = index[k % len(index)]
     seeds = seed + GRID_SEEDS + k // len(index)
@@ -952,7 +954,8 @@ def train_request(ctx, settings: Settings, seed: int | None = None, horizon: Hor
     plan = make_plan(settings, ctx.optim.lr, horizon)
     seed = ctx.seed if seed is None else seed
     hparams = plan.hparams(seed, ctx.optim.weight_decay)
-    return plan, Request(NAME, ctx.spec(plan.steps, eval_every=plan.eval_every), hparams)
+    follow_up = len(hparams) if settings.refine else 0  # the second round: as many members (refinement_hparams)
+    return plan, Request(NAME, ctx.spec(plan.steps, eval_every=plan.eval_every), hparams, follow_up=follow_up)
 
 
 def requests(ctx, settings: Settings) -> list[Request]:

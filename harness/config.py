@@ -92,6 +92,7 @@ class RunConfig:
     # suggests and judges the learning rate for this length (it reads them through its own settings).
     train_steps: int | None = None
     train_epochs: float | None = None
+    budget: float | None = None  # seconds of training for the training diagnostics (harness.budget); None: as set
 
 
 def import_target(path: str, key: str) -> Callable:
@@ -335,6 +336,7 @@ def from_hydra(cfg: DictConfig, choices: dict[str, str] | None = None) -> RunCon
         framework=framework,
         train_steps=train_steps,
         train_epochs=train_epochs,
+        budget=None if raw.get("budget") is None else _number(raw["budget"], "budget", positive=True),
     )
 
 

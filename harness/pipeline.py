@@ -185,6 +185,7 @@ def run_diagnostics(rc: RunConfig, ctx: Context, on_outcome: Callable[[Outcome],
         if on_outcome is not None:
             on_outcome(outcome)
     later = [n for n in names if n not in early]
+    rc = fit_budget(rc, ctx, later, outcomes)
     prefetch(rc, ctx, later, outcomes)
     workers = max(1, int(getattr(ctx.engine, "concurrent_diagnostics", 1)))
     # Sequential where the order of programs must be the same everywhere: a collapsed sweep's batching trainer
@@ -253,6 +254,29 @@ def prefetch(rc: RunConfig, ctx: Context, names: list[str], previous: list[Outco
             traceback.print_exc()
 
 
+def fit_budget(rc: RunConfig, ctx: Context, names: list[str], previous: list[Outcome]) -> RunConfig:
+    """With ``budget=`` seconds, the training diagnostics' settings cut to fit it (:mod:`harness.budget`); the plan
+    goes to ``ctx.shared["_budget"]`` for the report. Unchanged without a budget, when no training diagnostic
+    runs, or when the data or model stage blocked training. A probe that fails (the model does not train at all)
+    leaves the configured suite: its diagnostics report the problem."""
+    blocked = _blocked_stages([f for o in previous for f in o.findings])
+    training = [n for n in names if stage(n) not in blocked]
+    if rc.budget is None or not training:
+        return rc
+    from harness import budget
+
+    try:
+        plan = budget.plan(ctx, rc.settings, training, rc.budget)
+    except HarnessError:
+        raise
+    except Exception:  # noqa: BLE001
+        if rc.debug:
+            traceback.print_exc()
+        return rc
+    ctx.shared["_budget"] = plan
+    return dataclasses.replace(rc, settings=plan.settings)
+
+
 def _run_one(rc: RunConfig, ctx: Context, name: str, previous: list[Outcome]) -> Outcome:
     blocked = _blocked_stages([f for o in previous for f in o.findings])
     if stage(name) in blocked:
@@ -289,6 +313,7 @@ class RunResult:
     seconds: float
     context: Context | None = None
     not_ruled_out: list[str] = dataclasses.field(default_factory=list)  # harness.causes.not_ruled_out
+    budget: dict[str, Any] | None = None  # what ``budget=`` measured and cut (harness.budget.Plan.to_dict)
 
     @property
     def has_error(self) -> bool:
@@ -310,8 +335,12 @@ class RunResult:
         optim = getattr(context, "optim", None)
         optimizer = f"{optim.name}, lr {optim.lr:g}" if optim is not None else "the configured optimizer"
         findings = reconcile_outcomes(outcomes, optimizer)
+        plan = context.shared.get("_budget") if context is not None else None
+        if plan is not None:
+            settings = plan.settings
         limits = not_ruled_out(outcomes, settings) if settings is not None else []
-        return cls(outcomes, findings, cls.status_of(outcomes), seconds, context, limits)
+        return cls(outcomes, findings, cls.status_of(outcomes), seconds, context, limits,
+                   plan.to_dict() if plan is not None else None)
 
     @staticmethod
     def status_of(outcomes: list[Outcome]) -> str:

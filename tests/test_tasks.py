@@ -280,7 +280,7 @@ def test_tagger_is_healthy_and_the_lr_range_survives_a_loss_of_zero(tagger):
     metrics = pipeline.flat_metrics(r.outcomes)
     assert metrics["data/label_range/padding/train"] > 0 and metrics["data/label_range/out_of_range"] == 0
     assert metrics["model/expected_initial_loss"] == pytest.approx(math.log(3))
-    assert metrics["overfit_batch/passed"] is True and metrics["overfit_batch/loss_floor_kind"] == "free_outputs"
+    assert metrics["overfit_batch/passed"] is True and metrics["overfit_batch/loss_floor_kind"] == "built_in"
     [outcome] = [o for o in r.outcomes if o.name == "lr_range"]
     assert 0.0 in outcome.series["lr_range/grid_val_loss"]  # memorized to float32's last bit
     assert metrics["lr_range/suggested_lr"] is not None and np.isfinite(metrics["lr_range/configured_progress"])

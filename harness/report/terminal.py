@@ -156,6 +156,12 @@ def footer(report: dict, output_dir: str | None) -> Group:
         parts.append(Text(f"did not run: {', '.join(not_run)} (reasons above)", style="dim"))
     for line in report.get("not_ruled_out") or []:
         parts.append(Text("not ruled out: ", style="dim bold").append(line, style="dim"))
+    budget = report.get("budget")
+    if budget:
+        text = Text("budget: ", style="bold").append(budget["summary"])
+        for change, cost in zip(budget["changes"], budget["costs"]):
+            text.append(f"\n  {change}: ", style="yellow").append(cost, style="dim")
+        parts.append(text)
     first = report.get("first_to_fix")
     if first:
         fix = Text("first to fix: ", style="bold").append(first["id"], style=SEVERITY_STYLE.get(first["severity"]))

@@ -109,6 +109,7 @@ def build_report(result: RunResult, *, config: dict, command: list[str], environ
         "first_to_fix": by_finding[id(first)] if first is not None else None,
         "findings": findings,
         "not_ruled_out": result.not_ruled_out,  # what the training budgets could not rule out
+        "budget": result.budget,  # budget=: the measured step time, what was cut and what that costs
         # Diagnostics that crashed on something unforeseen (a bug, not a finding): the exception's type, its own
         # message and the traceback (also in harness.log).
         "internal_errors": [e.to_dict() for e in crashes.values()],
@@ -323,6 +324,12 @@ def render_markdown(report: dict, *, image_src=None) -> str:
 
     if report.get("not_ruled_out"):
         lines += ["## Not ruled out", ""] + [f"- {line}" for line in report["not_ruled_out"]] + [""]
+
+    if report.get("budget"):
+        b = report["budget"]
+        lines += ["## Budget", "", b["summary"], ""]
+        lines += [f"- {change}: {cost}" for change, cost in zip(b["changes"], b["costs"])]
+        lines += [""] if b["changes"] else []
 
     lines += ["## Diagnostics", ""] + _diagnostics_md(report)
 

@@ -1,19 +1,21 @@
 """Time budgets: the training diagnostics sized to fit ``budget=`` seconds of training on the user's model.
 
 The training diagnostics cost member-steps (one member's optimizer step on one minibatch): about 45,000 for the
-default suite (the member table's ~90 rows x 500 steps, the LR test's second round, the capacity ladder's smaller
-rungs). On the reference MLP a member-step takes 0.3-0.4 ms on two CPU cores; on a 20-layer MLP 3 ms and on the
-built-in CNN ~40 ms, so the same suite takes seconds, minutes or most of an hour. With a budget, harness measures
-the user's model (a probe: a few members for a few steps, timed after its compile), estimates what the configured
-suite would take, and, when that is over the budget, applies the cuts of :data:`CUTS` in order, each costing the
-least confidence per second saved among what is left, until the estimate fits. The report says what was measured,
-what was cut and what each cut costs in confidence; ``budget=null`` (the default) keeps the configured suite.
+default suite (the member table's ~54 rows and the LR test's second round of 35 members for 500 steps, the capacity
+ladder's smaller rungs). On the reference MLP a member-step takes 0.3-0.5 ms on two CPU cores, on a 20-layer MLP
+about 4 ms and on the built-in CNN about 40 ms, so the same suite takes seconds, minutes or most of an hour. With a
+budget, harness measures the user's model (a probe: a few members for a few steps, its run timed apart from its
+compile), estimates what the configured suite would take from the diagnostics' own requests, and, when that is
+over the budget, applies the cuts of :data:`CUTS` in order until the estimate fits. The report says what was
+measured, what was cut and what each cut costs in confidence; ``budget=null`` (the default) keeps the configured
+suite.
 
 The order follows what each part of the suite is for: the LR test's second round only sharpens a suggestion the
-first round already makes (refine_reading); a coarser grid still brackets the best LR; the determinism rerun is a
-check of the platform, not of the model; shorter horizons change what the training diagnostics can see (a slow
-learner looks stuck), so they come last. Successive halving's idea (Jamieson & Talwalkar, AISTATS 2016) decides
-the same way: the budget goes to the measurements that still decide something.
+first round already makes (``lr_range.refine_reading``); a coarser grid still brackets the best LR; the
+determinism rerun checks the platform, not the model; shorter runs come last, and no cut changes the question a
+diagnostic answers (the horizon the LR test judges, the overfit test's calibrated steps; the capacity ladder is
+dropped rather than shortened). Successive halving's idea (Jamieson & Talwalkar, AISTATS 2016) decides the same
+way: the budget goes to the measurements that still decide something.
 """
 
 from __future__ import annotations
@@ -65,10 +67,13 @@ def _grid(size: int) -> Callable[[dict], dict]:
     return apply
 
 
-# Each diagnostic's step count: (diagnostic, setting). The LR test trains its grid for its horizon's steps, the
-# suite's budget unless the user gave train.steps (then grid_steps, extrapolated).
-STEP_SETTINGS = (("overfit_batch", "steps"), ("seeds", "steps"), ("controls", "steps"), ("capacity", "steps"),
-                 ("lr_range", "grid_steps"), ("lr_range", "default_horizon"))
+# The steps a budget cuts: the seed runs and controls (the noise floor and the controls are read after a shorter
+# run) and the LR grid's training (the LR test extrapolates its validation curves to the horizon it judges, which
+# stays train.steps or diagnostics.lr_range.default_horizon). Cut together, they keep sharing one program. Never cut:
+# the overfit test's steps (its target is calibrated for them, and alone at its own batch of 32 it is cheap) and
+# the capacity ladder's (a larger model is ahead early in any run, so a short ladder would call a healthy model too
+# small); the ladder is dropped instead.
+STEP_SETTINGS = (("seeds", "steps"), ("controls", "steps"), ("lr_range", "grid_steps"))
 
 
 def _steps(factor: float) -> Callable[[dict], dict]:
@@ -79,10 +84,14 @@ def _steps(factor: float) -> Callable[[dict], dict]:
                 value = getattr(out[name], field)
                 out[name] = dataclasses.replace(out[name], **{field: max(min(value, MIN_STEPS),
                                                                           int(round(value * factor)))})
-        if "overfit_batch" in out:  # its in-run evaluations must fit in its steps
-            s = out["overfit_batch"]
-            out["overfit_batch"] = dataclasses.replace(s, eval_every=min(s.eval_every, s.steps))
         return out
+
+    return apply
+
+
+def _without(name: str) -> Callable[[dict], dict]:
+    def apply(settings: dict) -> dict:
+        return {k: v for k, v in settings.items() if k != name}
 
     return apply
 
@@ -95,12 +104,16 @@ CUTS: tuple[Cut, ...] = (
         "grid points 2.1x apart instead of 1.45x: the suggestion is that much coarser", _grid(16)),
     Cut("no determinism rerun (diagnostics.seeds.check_determinism=false)",
         "a nondeterministic platform or data pipeline goes unnoticed", _set("seeds", check_determinism=False)),
-    Cut("half the training steps (diagnostics.*.steps, lr_range.grid_steps)",
-        "a shorter horizon: a slow learner (a small LR, a deep model) can look stuck, and the LR the suite "
-        "judges best is for a shorter run", _steps(0.5)),
+    Cut("half the steps for the seed runs, the controls and the LR grid (diagnostics.seeds.steps, "
+        "diagnostics.controls.steps, diagnostics.lr_range.grid_steps)",
+        "the noise floor and the controls come from a shorter run, and the LR test judges the same horizon from "
+        "validation curves extrapolated past what it trained", _steps(0.5)),
     Cut("an LR grid of 8 learning rates (diagnostics.lr_range.grid_size=8)",
         "grid points 5x apart: the suggestion brackets the best LR within a factor of about 2", _grid(8)),
-    Cut("half the training steps again", "a shorter horizon still (see above)", _steps(0.5)),
+    Cut("no capacity ladder",
+        "whether the model is too small is not asked: a fair ladder trains every rung for the full horizon",
+        _without("capacity")),
+    Cut("half those steps again", "as above, from a shorter run still", _steps(0.5)),
 )
 
 
@@ -116,6 +129,7 @@ class Plan:
     costs: list[str]  # what each costs in confidence
     settings: dict[str, Any]  # the diagnostics' settings the run uses
     probe_seconds: float  # what measuring took (its compile included)
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # diagnostic -> why the budget dropped it
 
     @property
     def fits(self) -> bool:
@@ -136,25 +150,33 @@ class Plan:
         return {"budget_seconds": self.budget, "member_step_ms": self.member_step_seconds * 1e3,
                 "configured_seconds": self.configured_seconds, "planned_seconds": self.planned_seconds,
                 "fits": self.fits, "changes": self.changes, "costs": self.costs,
-                "probe_seconds": self.probe_seconds, "summary": self.summary()}
+                "probe_seconds": self.probe_seconds, "skipped": self.skipped, "summary": self.summary()}
 
 
-def member_steps(ctx, settings: dict[str, Any], names: list[str]) -> float:
-    """The member-steps the training diagnostics ``names`` will train with ``settings``: their announced requests
-    (each row at the run's batch size, as the member table trains them) and follow-ups, and the capacity ladder's
-    smaller rungs (:data:`CAPACITY_MEMBERS`). An estimate: follow-ups beyond the announced ones (a ladder's larger
-    rungs when the configured model underfits, a reloaded data set's rerun) are not counted."""
+def member_steps(ctx, settings: dict[str, Any]) -> float:
+    """The member-steps the training diagnostics in ``settings`` will train: their announced requests (each row at
+    the run's batch size, as the member table trains them; the overfit test at its own batch when its steps differ
+    from the seed runs', since it then trains alone) and follow-ups, and the capacity ladder: its configured rung
+    when it cannot be the seed runs, and its smaller rungs (:data:`CAPACITY_MEMBERS`). An estimate: follow-ups
+    beyond the announced ones (a ladder's larger rungs when the configured model underfits, a reloaded data set's
+    rerun) are not counted."""
     total = 0.0
-    for name in names:
+    seeds = settings.get("seeds")
+    for name, s in settings.items():
         announce = getattr(diagnostic_module(name), "requests", None)
         if announce is not None:
             try:
-                requests = announce(ctx, settings[name])
+                requests = announce(ctx, s)
             except Exception:  # noqa: BLE001 -- the diagnostic will report its own problem
                 requests = []
-            total += sum((len(r.hparams) + r.follow_up) * r.spec.steps for r in requests)
+            for r in requests:
+                weight = 1.0
+                if r.spec.fixed_batch and (seeds is None or seeds.steps != r.spec.steps):
+                    weight = r.spec.batch_size / max(ctx.batch_size, 1)
+                total += weight * (len(r.hparams) + r.follow_up) * r.spec.steps
         elif name == "capacity":
-            total += CAPACITY_MEMBERS * settings[name].steps
+            configured = 0 if seeds is not None and seeds.steps == s.steps else s.seeds_per_rung
+            total += (CAPACITY_MEMBERS + configured) * s.steps
     return total
 
 
@@ -193,9 +215,9 @@ def plan(ctx, settings: dict[str, Any], names: list[str], budget: float,
     probe = 0.0
     if step_seconds is None:
         step_seconds, probe = measure(ctx)
-    configured = member_steps(ctx, settings, names) * step_seconds
     chosen = {name: settings[name] for name in names}  # only what runs is cut
-    changes, costs = [], []
+    configured = member_steps(ctx, chosen) * step_seconds
+    changes, costs, skipped = [], [], {}
     estimate = configured
     for cut in CUTS:
         if estimate <= budget:
@@ -203,8 +225,10 @@ def plan(ctx, settings: dict[str, Any], names: list[str], budget: float,
         smaller = cut.apply(chosen)
         if smaller == chosen:
             continue  # nothing to cut here (that diagnostic does not run, or is already that small)
+        for name in set(chosen) - set(smaller):
+            skipped[name] = f"not run: the budget ({budget:g} s of training) dropped it; {cut.cost}"
         chosen = smaller
         changes.append(cut.change)
         costs.append(cut.cost)
-        estimate = member_steps(ctx, chosen, names) * step_seconds
-    return Plan(budget, step_seconds, configured, estimate, changes, costs, {**settings, **chosen}, probe)
+        estimate = member_steps(ctx, chosen) * step_seconds
+    return Plan(budget, step_seconds, configured, estimate, changes, costs, {**settings, **chosen}, probe, skipped)

@@ -186,7 +186,8 @@ def run_diagnostics(rc: RunConfig, ctx: Context, on_outcome: Callable[[Outcome],
             on_outcome(outcome)
     later = [n for n in names if n not in early]
     rc = fit_budget(rc, ctx, later, outcomes)
-    prefetch(rc, ctx, later, outcomes)
+    plan = ctx.shared.get("_budget")
+    prefetch(rc, ctx, [n for n in later if plan is None or n not in plan.skipped], outcomes)
     workers = max(1, int(getattr(ctx.engine, "concurrent_diagnostics", 1)))
     # Sequential where the order of programs must be the same everywhere: a collapsed sweep's batching trainer
     # expects one request at a time from each point, and in a multi-process run every process must launch the
@@ -281,6 +282,9 @@ def _run_one(rc: RunConfig, ctx: Context, name: str, previous: list[Outcome]) ->
     blocked = _blocked_stages([f for o in previous for f in o.findings])
     if stage(name) in blocked:
         return Outcome(name, skipped=blocked[stage(name)])
+    plan = ctx.shared.get("_budget")
+    if plan is not None and name in plan.skipped:
+        return Outcome(name, skipped=plan.skipped[name])
     start = time.perf_counter()
     try:
         outcome = diagnostic_module(name).run(ctx, rc.settings[name])

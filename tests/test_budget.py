@@ -35,22 +35,26 @@ def test_a_cheap_model_keeps_the_configured_suite(rc):
 
 def test_cuts_come_in_order_until_the_estimate_fits(rc):
     ctx = fresh()
-    full = budget.member_steps(ctx, rc.settings, TRAINING)
+    full = budget.member_steps(ctx, {n: rc.settings[n] for n in TRAINING})
     plan = budget.plan(ctx, rc.settings, TRAINING, budget=0.6 * full * 1e-3, step_seconds=1e-3)
     assert plan.fits and plan.planned_seconds <= plan.budget < plan.configured_seconds
     assert plan.changes == [c.change for c in budget.CUTS[:len(plan.changes)]]
     assert plan.settings["lr_range"].refine is False and plan.settings["lr_range"].grid_size == 16
     assert plan.settings["seeds"].steps == rc.settings["seeds"].steps  # steps are cut last
-    assert len(plan.costs) == len(plan.changes) and all(plan.costs)
+    assert len(plan.costs) == len(plan.changes) and all(plan.costs) and plan.skipped == {}
 
 
-def test_the_smallest_suite_is_valid_and_says_it_does_not_fit(rc):
+def test_the_smallest_suite_keeps_the_horizons_that_are_judged(rc):
+    """Steps are cut where the question stays the same: the seed runs, the controls, and the LR grid's training
+    (the LR test extrapolates to the horizon it judges, which stays 500). The overfit test keeps its calibrated
+    steps; the capacity ladder, which needs the full horizon for every rung, is dropped, with the reason."""
     plan = budget.plan(fresh(), rc.settings, TRAINING, budget=1.0, step_seconds=1.0)
     assert not plan.fits and len(plan.changes) == len(budget.CUTS)
     s = plan.settings
-    assert [s[n].steps for n in ("overfit_batch", "seeds", "controls", "capacity")] == [125] * 4
-    assert s["lr_range"].grid_size == 8 and s["lr_range"].grid_steps == 125
-    assert s["overfit_batch"].eval_every <= s["overfit_batch"].steps
+    assert s["seeds"].steps == s["controls"].steps == s["lr_range"].grid_steps == 125
+    assert s["lr_range"].default_horizon == 500 and s["lr_range"].grid_size == 8
+    assert s["overfit_batch"].steps == 500
+    assert set(plan.skipped) == {"capacity"} and "full horizon" in plan.skipped["capacity"]
     for name, settings in s.items():
         settings.validate(f"diagnostics.{name}")
     assert "over the budget" in plan.summary()
@@ -58,7 +62,9 @@ def test_the_smallest_suite_is_valid_and_says_it_does_not_fit(rc):
 
 def test_cuts_skip_what_does_not_run(rc):
     plan = budget.plan(fresh(), rc.settings, ["seeds"], budget=1.0, step_seconds=1.0)
-    assert not any("LR" in c for c in plan.changes)  # no LR test in this run: nothing of it to cut
+    # No LR test in this run: nothing of it is cut (only the seeds' rerun and steps are).
+    assert plan.settings["lr_range"] == rc.settings["lr_range"]
+    assert not any("learning rates" in c or "second round" in c for c in plan.changes) and len(plan.changes) == 3
 
 
 def test_the_probe_measures_the_configured_model():
@@ -70,15 +76,18 @@ def test_a_run_with_a_budget_reports_what_it_cut():
     from harness.pipeline import run
     from harness.report import writer
 
-    rc = compose(["logger=none", "budget=0.3", "diagnostics.run=[seeds,lr_range]", "diagnostics.seeds.steps=200",
-                  "diagnostics.lr_range.grid_steps=200", "diagnostics.lr_range.default_horizon=200"])
+    rc = compose(["logger=none", "budget=0.01", "diagnostics.run=[seeds,lr_range,capacity]",
+                  "diagnostics.seeds.steps=200", "diagnostics.lr_range.grid_steps=200",
+                  "diagnostics.lr_range.default_horizon=200"])
     result = run(rc)
     b = result.budget
-    assert b["budget_seconds"] == 0.3 and b["member_step_ms"] > 0 and b["changes"]
+    assert b["budget_seconds"] == 0.01 and b["member_step_ms"] > 0 and not b["fits"]
+    assert b["changes"] == [c.change for c in budget.CUTS[:-1]]  # the last: already at the 100-step floor
     lr = next(o for o in result.outcomes if o.name == "lr_range").metrics
-    assert "lr_range/refine/runs" not in lr or lr.get("lr_range/refine/runs") in (None, 0)
-    assert result.context.shared["_budget"].settings["lr_range"].refine is False
+    assert lr["lr_range/horizon_steps"] == 200 and lr["lr_range/grid_steps"] == 100  # extrapolated to 200
+    capacity = next(o for o in result.outcomes if o.name == "capacity")
+    assert capacity.skipped.startswith("not run: the budget") and capacity.findings == []
     report = writer.build_report(result, config={}, command=["harness"], environment={})
-    assert report["budget"] == b
+    assert report["budget"] == b and report["diagnostics"]["capacity"]["skipped"] == capacity.skipped
     markdown = writer.render_markdown(report)
     assert "## Budget" in markdown and b["changes"][0] in markdown

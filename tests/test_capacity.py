@@ -160,6 +160,17 @@ def test_the_reference_model_fits_so_no_larger_rung_is_trained(reference):
     assert compiles == 2  # the seed runs (shared with seeds and controls in a full run), 8...64 masked at 64
 
 
+def test_seed_runs_of_other_steps_are_not_the_configured_rung():
+    """A budget may shorten the seed runs; the ladder then trains its own configured rung for its own steps."""
+    from harness.checks.training import seeds
+
+    ctx = fresh()
+    seeds.run(ctx, seeds.Settings(steps=60, check_determinism=False))
+    outcome = capacity.run(ctx, capacity.Settings(steps=80, widths=(64,)))
+    assert not any("seed runs" in d for d in outcome.metrics.get("capacity/decisions", []))
+    assert len([m for m in outcome.members if m["width"] == 128]) == 1  # seeds_per_rung, not the 4 seed runs
+
+
 def test_without_a_known_floor_the_larger_rungs_are_trained():
     """A user's own cross-entropy has no floor the ladder knows until overfit one batch shares one: the larger
     rung is trained; with the shared floor (0) it is decided."""

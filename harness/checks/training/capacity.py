@@ -264,12 +264,14 @@ def loss_lower_bound(ctx: Context) -> float | None:
 
 def configured_result(ctx: Context, settings: Settings, configured: Rung) -> tuple[RungResult, bool]:
     """The configured rung: the seed runs (:func:`seeds.real_runs`: the configured job trained from seeds ``seed,
-    seed+1, ...`` for the same steps), which the seeds diagnostic has trained already in a full run; all of them,
-    a better estimate than ``seeds_per_rung`` for free. Trained here only when there are fewer seed runs than
-    ``seeds_per_rung``. Returns the result and whether it came from the seed runs."""
-    runs = seeds.real_runs(ctx, settings.steps)
-    if len(runs.hparams) >= settings.seeds_per_rung:
-        return _rung_result(configured, runs, slice(None)), True
+    seed+1, ...``), which the seeds diagnostic has trained already in a full run; all of them, a better estimate
+    than ``seeds_per_rung`` for free. Trained here when the seed runs had other steps (a budget shortened them) or
+    are fewer than ``seeds_per_rung``. Returns the result and whether it came from the seed runs."""
+    spread = ctx.shared.get("seed_spread")
+    if spread is None or spread["spec"].steps == settings.steps:
+        runs = seeds.real_runs(ctx, settings.steps)
+        if len(runs.hparams) >= settings.seeds_per_rung:
+            return _rung_result(configured, runs, slice(None)), True
     member_seeds = ctx.seed + np.arange(settings.seeds_per_rung)
     hp = Hparams.make(lr=ctx.optim.lr, weight_decay=ctx.optim.weight_decay, init_seed=member_seeds,
                       data_seed=member_seeds)

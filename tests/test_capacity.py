@@ -157,7 +157,9 @@ def test_the_reference_model_fits_so_no_larger_rung_is_trained(reference):
     assert m["capacity/not_trained"] == ["width=256"] and "capacity/train_loss/width=256" not in m
     assert m["capacity/train_loss/width=128"] < 0.05 * m["capacity/untrained_loss"]
     assert any("larger rungs not trained" in d for d in m["capacity/decisions"])
-    assert compiles == 2  # the seed runs (shared with seeds and controls in a full run), 8...64 masked at 64
+    # 8...64 masked at 64, and the seed runs (shared with seeds and controls in a full run; another test in this
+    # process may have compiled that program already).
+    assert m["capacity/programs"] == 1 and 1 <= compiles <= 2
 
 
 def test_seed_runs_of_other_steps_are_not_the_configured_rung():

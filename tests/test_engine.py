@@ -80,6 +80,34 @@ def test_batch_evaluations_inside_a_chunk_read_only_the_fixed_batch(problem, dig
     np.testing.assert_array_equal(both.batch_loss, out.batch_loss)
 
 
+def test_calls_group_members_by_budget_only_when_it_saves_steps():
+    from harness.engine.train import call_groups
+
+    same = call_groups(np.full(5, 40), 2)
+    assert [g.tolist() for g in same] == [[0, 1], [2, 3], [4]]
+    mixed = call_groups(np.array([40, 20, 40, 20, 20, 40]), 3)  # in order: 2 calls of 40; by budget: 40 + 20
+    assert [sorted(g.tolist()) for g in mixed] == [[0, 2, 5], [1, 3, 4]]
+    assert [g.tolist() for g in call_groups(np.array([40, 20]), 2)] == [[0, 1]]  # one call either way
+
+
+def test_members_past_their_budget_cost_nothing_and_keep_their_rows(problem, digits):
+    """Members with a 20-step budget in a 40-step program, interleaved with 40-step ones: they are trained in
+    calls of their own that skip their last 20 steps, their rows come back where they were asked for, and they
+    match a 20-step program's members."""
+    _, arrays = digits
+    seeds = np.arange(4)
+    hp = Hparams.make(lr=3e-3, init_seed=seeds, data_seed=seeds, steps=[-1, 20, -1, 20])
+    spec = dataclasses.replace(SPEC, steps=40, steps_per_call=40, max_members_per_call=2)
+    mixed = train_members(problem, spec, hp, arrays, name="budgets")
+    short = train_members(problem, dataclasses.replace(spec, steps=20, steps_per_call=20),
+                          hp.take(np.array([1, 3])), arrays, name="budgets_short")
+    np.testing.assert_allclose(mixed.loss[[1, 3], :20], short.loss, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(mixed.final_val_loss[[1, 3]], short.final_val_loss, rtol=1e-6, atol=1e-7)
+    assert np.isnan(mixed.loss[[1, 3], 20:]).all() and np.isfinite(mixed.loss[[0, 2]]).all()
+    assert mixed.loss[0, -1] < mixed.loss[1, 19]  # the long members kept training
+    np.testing.assert_allclose(mixed.lr[1], 3e-3)  # the schedule is recorded for every step
+
+
 def test_result_shapes_and_eval_points(sweep):
     assert sweep.loss.shape == (4, 40)
     assert sweep.val_loss.shape == (4, 2)

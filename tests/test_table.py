@@ -41,9 +41,9 @@ def test_plan_groups_requests_that_can_share_a_program(ctx):
     reqs = [request("a", 3), request("b", 4, eval_every=25), request("c", 2, steps=200), request("d", 5),
             table.Request("e", spec(), Hparams.make(n=2), arrays=base._replace(x_train=base.x_train.copy()))]
     groups = table.plan(reqs, base, 128, free_regularization=True)
-    assert groups == [[0, 1, 3]]  # other steps (c) and other arrays (e) train alone
+    assert groups == [[0, 1, 2, 3]]  # other arrays (e) train alone; other steps (c) join with budgets
     merged = table.merged([reqs[i] for i in groups[0]], base)
-    assert len(merged.hparams) == 12 and merged.spec.eval_every == 25
+    assert len(merged.hparams) == 14 and merged.spec.eval_every == 25 and merged.spec.steps == 200
     assert table.plan(reqs[:2], base, 128, free_regularization=True) == [[0, 1]]
     # Regularization off (overfit) joins only a model that has none to switch off.
     off = request("f", 2, regularization=False)
@@ -67,12 +67,29 @@ def test_the_fixed_batch_joins_at_the_runs_batch_size(ctx):
 
 def test_call_width_fits_the_table_and_its_follow_ups():
     """On CPU (linear cost in members), the widest call that pads the table and the LR test's second round by at
-    most 5%: 54 rows and 35 to follow in calls of 18 (90 rows trained, not 54 + 54 in calls of 54)."""
-    assert table.call_width(54, [35], 64) == 18
-    assert table.call_width(54, [], 64) == 54  # nothing follows: one call
-    assert table.call_width(100, [], 64) == 64
-    w = table.call_width(40, [13], 64)
+    most 5% of their member-steps: 54 rows and 35 to follow in calls of 18 (90 rows trained, not 54 + 54 in calls
+    of 54); members of different step counts are padded within their own calls."""
+    assert table.call_width([(54, 500)], [(35, 500)], 64) == 18
+    assert table.call_width([(54, 500)], [], 64) == 54  # nothing follows: one call
+    assert table.call_width([(100, 500)], [], 64) == 64
+    w = table.call_width([(40, 500)], [(13, 500)], 64)
     assert sum(-(-n // w) * w for n in (40, 13)) <= 1.05 * 53
+    w = table.call_width([(19, 500), (35, 250)], [(35, 250)], 64)
+    assert sum(-(-n // w) * w * t for n, t in ((19, 500), (35, 250), (35, 250))) <= 1.05 * (19 * 500 + 70 * 250)
+
+
+def test_requests_of_different_steps_share_a_program_with_budgets(ctx):
+    """A 60-step request beside a 100-step one: one program of 100 steps, the short request's members with a
+    60-step budget, its share read at its own steps (its last evaluation after its members stopped)."""
+    base = ctx.arrays
+    long, short = request("long", 3), request("short", 2, steps=60)
+    assert table.plan([long, short], base, 128, free_regularization=True) == [[0, 1]]
+    both = table.merged([long, short], base)
+    assert both.spec.steps == 100 and list(both.hparams.steps) == [-1, -1, -1, 60, 60]
+    assert table.schedule_map(short.spec, eval_schedule(both.spec)) == [0]  # its step 60: read at 100
+    # Chunks that would end elsewhere cannot be read off the merged program: kept apart.
+    odd = request("odd", 2, steps=150, steps_per_call=100)  # alone: two chunks of 75
+    assert table.plan([request("l", 2, steps=200, steps_per_call=100), odd], base, 128, True) == []
 
 
 def test_split_takes_each_requests_own_evaluations():

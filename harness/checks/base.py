@@ -141,13 +141,18 @@ class Context:
         """A follow-up request trained by the program that trained ``first`` (its spec, arrays and call width, which
         a merged member table sets): ``hparams`` padded to whole calls, so the compiled program is reused. The
         result has ``hparams``' rows and the program's evaluation schedule."""
-        spec, width = first.program_spec, first.program_width
+        from harness.engine import table
+
+        spec, width, steps = first.program_spec, first.program_width, first.loss.shape[1]
         if spec is None or width is None:
-            return self.train(name, self.spec(first.loss.shape[1]), hparams)
+            return self.train(name, self.spec(steps), hparams)
         n = len(hparams)
+        # As long as ``first`` trained: in a longer merged program, its steps are the follow-up's budget too.
+        budgeted = table.with_budget(hparams, steps, spec.steps)
         padded = Hparams(*(np.concatenate([np.asarray(v), np.repeat(np.asarray(v)[-1:], -(-n // width) * width - n)])
-                           for v in hparams))
-        return self.train(name, spec, padded, first.program_arrays).take(slice(0, n), hparams)
+                           for v in budgeted))
+        result = self.train(name, spec, padded, first.program_arrays)
+        return table.split(result, slice(0, n), table.Request(name, dataclasses.replace(spec, steps=steps), hparams))
 
     def _memo_key(self, problem: Problem, spec: TrainSpec, arrays: Arrays, hparams: Hparams):
         fingerprints = self.shared.setdefault("_arrays_keys", {})  # id -> (array, digest): hash each array once

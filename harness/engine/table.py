@@ -78,13 +78,15 @@ def _group_key(request: Request, base: Arrays, batch_size: int, free_regularizat
     if fixed_only(request) and batch_size % spec.fixed_batch == 0:
         batch = batch_size  # the fixed batch repeated to fill the others' batches: the same loss and gradient
     regularization = True if free_regularization else spec.regularization
-    return (spec.steps, batch, regularization, spec.steps_per_call, spec.max_members_per_call,
-            spec.max_eval_examples, spec.opt_level)
+    return (batch, regularization, spec.steps_per_call, spec.max_members_per_call, spec.max_eval_examples,
+            spec.opt_level)
 
 
 def plan(requests: list[Request], base: Arrays, batch_size: int, free_regularization: bool) -> list[list[int]]:
     """Groups of request indices that share a program (groups of one are left to train on their own). At most one
-    fixed batch per group: a second one starts a group of its own. ``batch_size``: the run's."""
+    fixed batch per group: a second one starts a group of its own. Requests of different step counts share one
+    when each can read its own evaluations off the merged program's (:func:`schedule_map`): the shorter ones'
+    members get their steps as budgets. ``batch_size``: the run's."""
     groups: dict[tuple, list[list[int]]] = {}
     for i, r in enumerate(requests):
         key = _group_key(r, base, batch_size, free_regularization)
@@ -94,12 +96,31 @@ def plan(requests: list[Request], base: Arrays, batch_size: int, free_regulariza
         fixed = _fixed(r)
         for members in bins:
             other = next((_fixed(requests[j]) for j in members if _fixed(requests[j]) is not None), None)
-            if fixed is None or other is None or np.array_equal(fixed, other):
+            if fixed is not None and other is not None and not np.array_equal(fixed, other):
+                continue
+            spec = merged_spec([requests[j] for j in members] + [r])
+            if all(schedule_map(requests[j].spec, eval_schedule(spec)) is not None for j in [*members, i]):
                 members.append(i)
                 break
         else:
             bins.append([i])
     return [members for bins in groups.values() for members in bins if len(members) > 1]
+
+
+def schedule_map(own: TrainSpec, merged_steps: list[int]) -> list[int] | None:
+    """Where each evaluation of a request (``own``, trained alone) is in a merged program's schedule: the same step,
+    or for the request's last step the first evaluation at or after it (its members stop there, so every later
+    evaluation sees the same parameters). None when one is missing (its chunks would end elsewhere)."""
+    out = []
+    for step in eval_schedule(own):
+        if step in merged_steps:
+            out.append(merged_steps.index(step))
+            continue
+        later = [i for i, m in enumerate(merged_steps) if m >= step]
+        if step != own.steps or not later:
+            return None
+        out.append(later[0])
+    return out
 
 
 def _fixed(request: Request):
@@ -110,54 +131,81 @@ def _fixed(request: Request):
 PADDING_ALLOWED = 0.05
 
 
-def call_width(rows: int, follow_ups: list[int], max_width: int) -> int:
-    """How many members one call of the table's program trains. On accelerators, as many as allowed: members run
-    in parallel there. On CPU a step costs the same per member whatever the call width (measured on the reference
-    job: 54 members in calls of 54, 27, 18 or 9 run within 5% of each other, the cores are busy from 9 on), so the
-    width that matters is the one that wastes least on padding: the widest whose calls hold the table's rows and
-    each follow-up (every follow-up is padded to whole calls, to reuse the program) within ``PADDING_ALLOWED``
-    of their count. 54 table rows and the LR test's 35-member second round: calls of 18, 90 rows trained
-    instead of 108 in calls of 54."""
-    widest = devices.padded_size(min(rows, max_width))
-    if jax.default_backend() != "cpu" or not follow_ups:
+def call_width(parts: list[tuple[int, int]], follow_ups: list[tuple[int, int]], max_width: int) -> int:
+    """How many members one call of the table's program trains; ``parts`` and ``follow_ups``: (members, steps).
+    On accelerators, as many as allowed: members run in parallel there. On CPU a step costs the same per member
+    whatever the call width (measured on the reference job: 54 members in calls of 54, 27, 18 or 9 run within 5%
+    of each other, the cores are busy from 9 on), so the width that matters is the one that wastes least on
+    padding: the widest whose calls hold the table's members of each step count (calls are grouped by budget,
+    :func:`harness.engine.train.call_groups`) and each follow-up (padded to whole calls, to reuse the program)
+    within ``PADDING_ALLOWED`` of their member-steps. 54 table rows and the LR test's 35-member second round, all
+    500 steps: calls of 18, 90 rows trained instead of 108 in calls of 54."""
+    by_steps: dict[int, int] = {}
+    for n, steps in parts:
+        by_steps[steps] = by_steps.get(steps, 0) + n
+    widest = devices.padded_size(min(sum(by_steps.values()), max_width))
+    if jax.default_backend() != "cpu" or (not follow_ups and len(by_steps) < 2):
         return widest
-    needed = rows + sum(follow_ups)
+    classes = [*by_steps.items(), *((steps, n) for n, steps in follow_ups)]
+    needed = sum(n * steps for steps, n in classes)
     for width in range(widest, 0, -1):
         if devices.padded_size(width) != width:
             continue
-        padded = sum(-(-n // width) * width for n in (rows, *follow_ups))
+        padded = sum(-(-n // width) * width * steps for steps, n in classes)
         if padded <= (1 + PADDING_ALLOWED) * needed:
             return width
     return widest
 
 
-def merged(requests: list[Request], base: Arrays) -> Request:
-    """One request for a group: the members of every request in order, evaluated at the greatest common divisor of
-    their cadences, with parameters returned if any asks for them, in calls of :func:`call_width` members."""
+def merged_spec(requests: list[Request]) -> TrainSpec:
+    """The merged program's spec: the longest request's steps, evaluated at the greatest common divisor of the
+    requests' cadences, with parameters returned if any asks for them, in calls of :func:`call_width` members."""
     specs = [r.spec for r in requests]
     cadences = [s.eval_every for s in specs if s.eval_every > 0]
     batch_cadences = [s.batch_eval_every for s in specs if s.batch_eval_every > 0 and s.fixed_batch]
     fixed = next((r for r in requests if _fixed(r) is not None), None)
     template = next((r.spec for r in requests if not fixed_only(r)), specs[0])
-    spec = dataclasses.replace(
-        template, eval_every=math.gcd(*cadences) if cadences else 0,
+    return dataclasses.replace(
+        template, steps=max(s.steps for s in specs), eval_every=math.gcd(*cadences) if cadences else 0,
         batch_eval_every=math.gcd(*batch_cadences) if batch_cadences else 0,
-        max_members_per_call=call_width(sum(len(r.hparams) for r in requests),
-                                        [r.follow_up for r in requests if r.follow_up], template.max_members_per_call),
+        max_members_per_call=call_width([(len(r.hparams), r.spec.steps) for r in requests],
+                                        [(r.follow_up, r.spec.steps) for r in requests if r.follow_up],
+                                        template.max_members_per_call),
         return_params=any(s.return_params for s in specs),
         fixed_batch=fixed.spec.fixed_batch if fixed is not None else 0,
         regularization=any(s.regularization for s in specs))
-    hparams = Hparams(*(np.concatenate([np.asarray(getattr(r.hparams, f)) for r in requests])
-                        for f in Hparams._fields))
+
+
+def with_budget(hparams: Hparams, steps: int, spec_steps: int) -> Hparams:
+    """``hparams`` trained for ``steps`` inside a program of ``spec_steps``: their own budgets, at most ``steps``."""
+    if steps >= spec_steps:
+        return hparams
+    own = np.asarray(hparams.steps)
+    # (Hparams' __len__ counts members, so NamedTuple._replace cannot be used.)
+    return Hparams(**{**hparams._asdict(), "steps": np.where(own > 0, np.minimum(own, steps), steps).astype(own.dtype)})
+
+
+def merged(requests: list[Request], base: Arrays) -> Request:
+    """One request for a group: the members of every request in order (:func:`merged_spec`); members of a request
+    shorter than the longest get its steps as their budgets."""
+    spec = merged_spec(requests)
+    parts = [with_budget(r.hparams, r.spec.steps, spec.steps) for r in requests]
+    hparams = Hparams(*(np.concatenate([np.asarray(getattr(h, f)) for h in parts]) for f in Hparams._fields))
+    fixed = next((r for r in requests if _fixed(r) is not None), None)
     arrays = base if fixed is None else fixed.arrays
     return Request("+".join(r.name for r in requests), spec, hparams, arrays)
 
 
 def split(result: SweepResult, rows: slice, request: Request) -> SweepResult:
     """``request``'s share of a merged result: its rows, its steps, and the evaluations of its own schedule."""
-    steps = list(np.asarray(result.eval_steps))
     own = eval_schedule(request.spec)
-    share = result.take(rows, request.hparams, [steps.index(s) for s in own])
+    columns = schedule_map(request.spec, [int(s) for s in np.asarray(result.eval_steps)])
+    share = result.take(rows, request.hparams, columns)
+    n = request.spec.steps
+    share = dataclasses.replace(
+        share, eval_steps=np.asarray(own), loss=share.loss[:, :n], grad_norm=share.grad_norm[:, :n],
+        lr=share.lr[:, :n], update_norm=None if share.update_norm is None else share.update_norm[:, :n],
+        param_norm=None if share.param_norm is None else share.param_norm[:, :n])
     # Where the request alone evaluates only its fixed batch, the merged program may have evaluated everything (a
     # full evaluation another request asked for): the share keeps what its own program computes there.
     batch_only = [i for i, s in enumerate(own) if s in batch_only_evals(request.spec)]

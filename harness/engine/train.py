@@ -290,7 +290,7 @@ def any_eval_due(spec: TrainSpec, t, chunk_end):
 
 
 def train_chunk(problem: Problem, spec: TrainSpec, state: State, hp: Hparams, arrays: Arrays, t0,
-                evaluate: Callable[[State], Any] | None = None):
+                evaluate: Callable[[State], Any] | None = None, active=None):
     """``spec.steps_per_call`` optimizer steps for one member, from global step ``t0``; steps past ``spec.steps``
     are masked (no update), which lets every chunk reuse one compiled program. With ``spec.eval_every`` and
     ``evaluate(state)``, the evaluations due inside the chunk run there too (``lax.cond`` on the step, which is
@@ -366,7 +366,25 @@ def train_chunk(problem: Problem, spec: TrainSpec, state: State, hp: Hparams, ar
         new_state, rec = step(state, jnp.asarray(t0))
         return new_state, jax.tree.map(lambda a: a[None], rec)
     steps = t0 + jnp.arange(spec.steps_per_call)
-    return jax.lax.scan(step, state, steps)
+    if active is None:
+        return jax.lax.scan(step, state, steps)
+
+    # ``active[i]``: whether any member of this call still trains at step t0 + i (the same for every member, so
+    # under vmap the cond stays a branch): a call whose members are all past their budgets skips the step's
+    # compute. What a skipped step records is what a member past its budget records anyway, except the
+    # evaluations inside the chunk, which a request never reads past its own steps.
+    records = jax.eval_shape(step, state, steps[0])[1]
+
+    def skipped(state, t):
+        nan = jax.tree.map(lambda r: jnp.full(r.shape, jnp.nan, r.dtype), records)
+        lr_t = hp.lr * jnp.exp(hp.lr_growth * t.astype(jnp.float32) / denom)
+        return state, nan._replace(lr=lr_t.astype(records.lr.dtype))
+
+    def maybe(state, xs):
+        t, on = xs
+        return jax.lax.cond(on, step, skipped, state, t)
+
+    return jax.lax.scan(maybe, state, (steps, active))
 
 
 # What every evaluation returns: validation loss and accuracy, the loss on a fixed training subset, and the loss and
@@ -431,6 +449,27 @@ def batch_only_evals(spec: TrainSpec) -> set[int]:
             if bool(batch_eval_due(spec, t, (c + 1) * per_call))}
 
 
+def call_groups(budgets: np.ndarray, width: int) -> list[np.ndarray]:
+    """Which members train together, as index arrays of at most ``width`` (each call is padded to ``width``). A
+    call runs until its longest budget (:func:`member_budget`), so members are grouped by budget when that costs
+    fewer member-steps than calls in the caller's order: the LR grid's short runs beside the seeds' long ones then
+    fill calls that stop early. Equal budgets (the usual case) keep the caller's order."""
+    budgets = np.asarray(budgets)
+    n = len(budgets)
+    in_order = [np.arange(i, min(i + width, n)) for i in range(0, n, width)]
+    if n == 0 or np.all(budgets == budgets[0]):
+        return in_order
+    by_budget = []
+    for b in np.unique(budgets)[::-1]:
+        members = np.flatnonzero(budgets == b)
+        by_budget += [members[i:i + width] for i in range(0, len(members), width)]
+
+    def cost(groups):
+        return sum(width * int(budgets[g].max()) for g in groups)
+
+    return by_budget if cost(by_budget) < cost(in_order) else in_order
+
+
 def _chunk_plan(spec: TrainSpec) -> tuple[int, int]:
     """(number of calls, steps per call): calls of equal length so one compiled program serves them all."""
     calls = max(1, math.ceil(spec.steps / max(1, spec.steps_per_call)))
@@ -483,25 +522,28 @@ def train_members(
 
     n = len(hparams)
     width = devices.padded_size(min(n, spec.max_members_per_call))
-    groups = [hparams.take(slice(i, i + width)) for i in range(0, n, width)]
+    budgets = np.asarray(jax.device_get(member_budget(spec, hparams)))
+    order = call_groups(budgets, width)
+    groups = [hparams.take(index) for index in order]
     total_work = len(groups) * calls
     done = 0
 
-    def advance(state, hp, data, x_fit, t0):
-        """One chunk of steps, then the evaluation, for every member: one program, not two."""
+    def advance(state, hp, data, x_fit, t0, active):
+        """One chunk of steps, then the evaluation, for every member: one program, not two. ``active``: whether
+        any member of the call trains at each step of the chunk (calls past every member's budget skip it)."""
 
         def member(s, h):
             def evaluate(state, full=True):
                 return evaluate_member(problem, state, h, data, x_fit, full)
 
-            s, rec = train_chunk(problem, spec, s, h, data, t0, evaluate)
+            s, rec = train_chunk(problem, spec, s, h, data, t0, evaluate, active)
             return s, rec, evaluate(s)
 
         return jax.vmap(member)(state, hp)
 
-    def first_call(hp, data, x_fit):
+    def first_call(hp, data, x_fit, active):
         """Initialization fused with the first chunk: a diagnostic that fits in one chunk is one compile."""
-        return advance(jax.vmap(lambda h: init_member(problem, h, x_fit[:1]))(hp), hp, data, x_fit, 0)
+        return advance(jax.vmap(lambda h: init_member(problem, h, x_fit[:1]))(hp), hp, data, x_fit, 0, active)
 
     def key(kind):
         return (problem, spec, kind)  # Problems with equal fingerprints share programs
@@ -549,21 +591,24 @@ def train_members(
             return state, rec, ev, inside
 
     outputs = []
-    for group in groups:
+    for index, group in zip(order, groups):
         real = len(group)
+        last = int(budgets[index].max())  # the call trains until its longest-running member's budget
         hp = devices.shard_members(devices.pad_members(group, width))
         records, evals, eval_steps = [], [], []
         state = None
         for c in range(calls):
             inside = []  # (step, evaluation) due inside this chunk (spec.eval_every)
+            active = np.arange(c * per_call, (c + 1) * per_call) < last
             if host_loop:
                 state, rec, ev, inside = host_chunk(state, hp, c)
             elif state is None:
-                state, rec, ev = programs.run(f"{name}/train", first_call, hp, data, x_fit, static_key=key("first"),
-                                              opt_level=spec.opt_level, options=cpu_options())
+                state, rec, ev = programs.run(f"{name}/train", first_call, hp, data, x_fit, active,
+                                              static_key=key("first"), opt_level=spec.opt_level,
+                                              options=cpu_options())
             else:
                 state, rec, ev = programs.run(f"{name}/train", advance, state, hp, data, x_fit,
-                                              np.int32(c * per_call), static_key=key("next"),
+                                              np.int32(c * per_call), active, static_key=key("next"),
                                               opt_level=spec.opt_level, options=cpu_options())
             # Re-place the state on the member sharding so every continuation call sees the same input layout
             # and one executable serves them all (another layout would be another program).
@@ -588,19 +633,22 @@ def train_members(
         params = jax.tree.map(lambda a: a[:real], devices.to_host(state.params)) if spec.return_params else None
         outputs.append((records, evals, devices.to_host(state.first_nonfinite)[:real], params))
 
+    # Rows back in the caller's order (calls group members by budget).
+    back = np.argsort(np.concatenate(order), kind="stable")
+
     def stack_records(field):
         per_group = [np.concatenate([getattr(r, field) for r in recs], axis=1) for recs, *_ in outputs]
-        return np.concatenate(per_group, axis=0)[:, : spec.steps]
+        return np.concatenate(per_group, axis=0)[back, : spec.steps]
 
     def stack_evals(i):
-        return np.concatenate([np.stack([e[i] for e in evs], axis=1) for _, evs, *_ in outputs], axis=0)
+        return np.concatenate([np.stack([e[i] for e in evs], axis=1) for _, evs, *_ in outputs], axis=0)[back]
 
     val_acc = stack_evals(1) if problem.classification else None
     batch_loss = stack_evals(3) if spec.fixed_batch else None
     batch_acc = stack_evals(4) if spec.fixed_batch and problem.classification else None
     params = None
     if spec.return_params:
-        params = jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *[p for *_, p in outputs])
+        params = jax.tree.map(lambda *xs: np.concatenate(xs, axis=0)[back], *[p for *_, p in outputs])
     return SweepResult(
         hparams=hparams,
         loss=stack_records("loss"),
@@ -610,7 +658,7 @@ def train_members(
         val_loss=stack_evals(0),
         val_accuracy=val_acc,
         train_eval_loss=stack_evals(2),
-        first_nonfinite=np.concatenate([o[2] for o in outputs]),
+        first_nonfinite=np.concatenate([o[2] for o in outputs])[back],
         params=params,
         update_norm=stack_records("update_norm"),
         param_norm=stack_records("param_norm"),

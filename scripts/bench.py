@@ -341,6 +341,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="machine,default,models,grid,floor,sweep,families")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--model-warm-runs", type=int, default=2, help="warm rounds of the models section")
     args = parser.parse_args()
     only = set(args.only.split(","))
     workdir = tempfile.mkdtemp(prefix="harness-bench-")
@@ -370,7 +371,7 @@ def main():
         for name, seconds in d["diagnostic_seconds"].items():
             print(f"  diagnostic {name:16s} {seconds:6.2f} s")
     if "models" in only:
-        m = results["models"] = bench_models(workdir)
+        m = results["models"] = bench_models(workdir, args.model_warm_runs)
         ref = m["reference"]
         print(f"models: the default suite as a fresh process (sequential PyTorch on the reference job: "
               f"{PYTORCH_PROCESS_SECONDS:.0f} s; targets: each within 3x of the reference MLP, compile share < 1/2)")

@@ -228,3 +228,11 @@ def test_convolutional_models_step_on_the_host_on_cpu():
     np.testing.assert_allclose(with_cadence.val_loss[:, -1], result.val_loss[:, -1], rtol=1e-5, atol=1e-6)
     assert {"cnn_host/init", "cnn_host/train", "cnn_host/eval"} <= set(programs.STATS.by_program)
     assert programs.STATS.by_program["cnn_host/train"]["compiles"] == 1  # one step program serves every step
+    # Members past their budgets: the host loop stops stepping (records NaN but the LR schedule) and reuses the
+    # evaluation of the frozen parameters.
+    budgeted = train_members(problem, dataclasses.replace(spec, steps_per_call=6, eval_every=2),
+                             Hparams.make(lr=[3e-2, 3e-2], init_seed=[0, 1], steps=2), arrays, name="cnn_host")
+    assert np.isfinite(budgeted.loss[:, :2]).all() and np.isnan(budgeted.loss[:, 2:]).all()
+    np.testing.assert_allclose(budgeted.lr, 3e-2)
+    np.testing.assert_array_equal(budgeted.val_loss[:, 0], budgeted.val_loss[:, -1])  # frozen after step 2
+    np.testing.assert_allclose(budgeted.val_loss[:, 0], with_cadence.val_loss[:, 0], rtol=1e-5, atol=1e-6)

@@ -87,6 +87,11 @@ def test_requests_of_different_steps_share_a_program_with_budgets(ctx):
     both = table.merged([long, short], base)
     assert both.spec.steps == 100 and list(both.hparams.steps) == [-1, -1, -1, 60, 60]
     assert table.schedule_map(short.spec, eval_schedule(both.spec)) == [0]  # its step 60: read at 100
+    # The overfit test's batch repeated to 128 joins only requests of its own steps.
+    fixed = table.Request("overfit", spec(batch_size=32, fixed_batch=32, regularization=False),
+                          Hparams.make(n=2, fixed_batch=1), arrays=base._replace(fixed_index=np.arange(32)))
+    assert table.plan([long, fixed], base, 128, True) == [[0, 1]]
+    assert table.plan([short, fixed], base, 128, True) == []
     # Chunks that would end elsewhere cannot be read off the merged program: kept apart.
     odd = request("odd", 2, steps=150, steps_per_call=100)  # alone: two chunks of 75
     assert table.plan([request("l", 2, steps=200, steps_per_call=100), odd], base, 128, True) == []

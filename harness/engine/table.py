@@ -86,7 +86,8 @@ def plan(requests: list[Request], base: Arrays, batch_size: int, free_regulariza
     """Groups of request indices that share a program (groups of one are left to train on their own). At most one
     fixed batch per group: a second one starts a group of its own. Requests of different step counts share one
     when each can read its own evaluations off the merged program's (:func:`schedule_map`): the shorter ones'
-    members get their steps as budgets. ``batch_size``: the run's."""
+    members get their steps as budgets; a request that trains only on its fixed batch (repeated to the run's
+    batch size) joins only requests of its own step count. ``batch_size``: the run's."""
     groups: dict[tuple, list[list[int]]] = {}
     for i, r in enumerate(requests):
         key = _group_key(r, base, batch_size, free_regularization)
@@ -98,7 +99,12 @@ def plan(requests: list[Request], base: Arrays, batch_size: int, free_regulariza
             other = next((_fixed(requests[j]) for j in members if _fixed(requests[j]) is not None), None)
             if fixed is not None and other is not None and not np.array_equal(fixed, other):
                 continue
-            spec = merged_spec([requests[j] for j in members] + [r])
+            candidate = [requests[j] for j in members] + [r]
+            if any(fixed_only(q) for q in candidate) and len({q.spec.steps for q in candidate}) > 1:
+                # Its rows would train in calls of their own anyway (by budget), at the others' batch size:
+                # the overfit test's 32 examples repeated to 128 cost 4x its compute to save one compile.
+                continue
+            spec = merged_spec(candidate)
             if all(schedule_map(requests[j].spec, eval_schedule(spec)) is not None for j in [*members, i]):
                 members.append(i)
                 break

@@ -568,27 +568,49 @@ def train_members(
         def evaluate_batch(state, hp, data, x_fit):
             return evaluate(state, hp, data, x_fit, False)
 
-        def host_chunk(state, hp, c):
+        def host_chunk(state, hp, c, last, frozen):
             """The same chunk as ``advance``, with the step loop on the host. XLA's default optimization level:
-            level 0 leaves CPU convolutions several times slower still."""
+            level 0 leaves CPU convolutions several times slower still. Steps from ``last`` on (every member of
+            the call is past its budget) are not run: they record what a member past its budget records, and the
+            parameters no longer change, so each kind of evaluation is computed once more (``frozen``) and reused."""
             if state is None:
                 state = programs.run(f"{name}/init", init_states, hp, x_fit[:1], static_key=host_key("init"))
                 state = devices.shard_members(state)
             recs, inside = [], []
+
+            def run_eval(kind, fn):
+                if kind in frozen:
+                    return frozen[kind]
+                out = programs.run(f"{name}/{kind}", fn, state, hp, data, x_fit, static_key=host_key(kind))
+                if t + 1 >= last:
+                    frozen[kind] = out
+                return out
+
             for t in range(c * per_call, (c + 1) * per_call):
-                state, rec = programs.run(f"{name}/train", one_step, state, hp, data, np.int32(t),
-                                          static_key=host_key("step"))
-                state = devices.shard_members(state)
-                recs.append(rec._replace(evals=None))
+                if t < last:
+                    state, rec = programs.run(f"{name}/train", one_step, state, hp, data, np.int32(t),
+                                              static_key=host_key("step"))
+                    state = devices.shard_members(state)
+                    frozen.setdefault("template", rec._replace(evals=None))
+                    recs.append(rec._replace(evals=None))
+                else:
+                    recs.append(past_budget(frozen["template"], hp, t))
                 if bool(eval_due(spec, t, (c + 1) * per_call)):
-                    inside.append((t + 1, programs.run(f"{name}/eval", evaluate, state, hp, data, x_fit,
-                                                       static_key=host_key("eval"))))
+                    inside.append((t + 1, run_eval("eval", evaluate)))
                 elif bool(batch_eval_due(spec, t, (c + 1) * per_call)):
-                    inside.append((t + 1, programs.run(f"{name}/eval_batch", evaluate_batch, state, hp, data,
-                                                       x_fit, static_key=host_key("eval_batch"))))
+                    inside.append((t + 1, run_eval("eval_batch", evaluate_batch)))
             rec = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1), *recs)
-            ev = programs.run(f"{name}/eval", evaluate, state, hp, data, x_fit, static_key=host_key("eval"))
+            t = (c + 1) * per_call - 1
+            ev = run_eval("eval", evaluate)
             return state, rec, ev, inside
+
+        def past_budget(template: Records, hp, t: int) -> Records:
+            """A step's records for members all past their budgets: NaN but the learning rate's schedule."""
+            h = jax.tree.map(np.asarray, hp)
+            denom = np.maximum(np.asarray(member_budget(spec, hp)) - 1, 1).astype(np.float32)
+            lr = (h.lr * np.exp(h.lr_growth * np.float32(t) / denom)).astype(np.float32)[:, None]
+            nan = jax.tree.map(lambda a: np.full(np.shape(a), np.nan, np.asarray(a).dtype), template)
+            return nan._replace(lr=lr.astype(np.asarray(template.lr).dtype))
 
     outputs = []
     for index, group in zip(order, groups):
@@ -597,11 +619,12 @@ def train_members(
         hp = devices.shard_members(devices.pad_members(group, width))
         records, evals, eval_steps = [], [], []
         state = None
+        frozen: dict = {}  # host step loop: what the call's members give once all are past their budgets
         for c in range(calls):
             inside = []  # (step, evaluation) due inside this chunk (spec.eval_every)
             active = np.arange(c * per_call, (c + 1) * per_call) < last
             if host_loop:
-                state, rec, ev, inside = host_chunk(state, hp, c)
+                state, rec, ev, inside = host_chunk(state, hp, c, last, frozen)
             elif state is None:
                 state, rec, ev = programs.run(f"{name}/train", first_call, hp, data, x_fit, active,
                                               static_key=key("first"), opt_level=spec.opt_level,

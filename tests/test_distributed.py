@@ -120,18 +120,17 @@ def test_cpu_devices_auto_is_one_per_core_unless_something_else_spreads_the_work
     assert dist.cpu_device_count("auto", {}, "hydra._internal.core_plugins.basic_launcher.BasicLauncher", None) == 2
     monkeypatch.setattr(dist.os, "sched_getaffinity", lambda pid: set(range(96)))
     assert dist.cpu_device_count("auto", {}, None, None) == dist.MAX_AUTO_CPU_DEVICES
-    # Diagnostics side by side, jobs side by side on one host, or one process per core of a multi-process run
-    # already spread the work over the cores: JAX's one device.
-    assert dist.cpu_device_count("auto", {}, None, None, side_by_side=True) is None
+    # Jobs side by side on one host, or one process per core of a multi-process run, already spread the work
+    # over the cores: JAX's one device.
     assert dist.cpu_device_count("auto", {}, "x.JoblibLauncher", None) is None
     assert dist.cpu_device_count("auto", {}, None, dist.Cluster("env", 2, 0, "127.0.0.1:1234")) is None
-    assert dist.cpu_device_count(3, {}, "x.JoblibLauncher", None, side_by_side=True) == 3  # an explicit count
+    assert dist.cpu_device_count(3, {}, "x.JoblibLauncher", None) == 3  # an explicit count
     # The user's XLA flag always wins.
     flags = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
     assert dist.cpu_device_count(4, flags, None, None) is None
 
 
-def test_a_collapsed_group_or_sequential_diagnostics_get_a_device_per_core(monkeypatch):
+def test_a_run_gets_a_device_per_core(monkeypatch):
     monkeypatch.setattr(dist, "_backend_started", lambda: False)
     applied = []
     monkeypatch.setattr(dist.os, "sched_getaffinity", lambda pid: set(range(2)))
@@ -139,8 +138,7 @@ def test_a_collapsed_group_or_sequential_diagnostics_get_a_device_per_core(monke
 
     monkeypatch.setattr(jax.config, "update", lambda name, value: applied.append((name, value)))
     environ = dist.os.environ
-    assert dist.setup_process({}, None, environ).cpu_devices is None  # a single run: diagnostics side by side
-    assert dist.setup_process({}, None, environ, collapsed_group=True).cpu_devices == 2
+    assert dist.setup_process({}, None, environ).cpu_devices == 2  # a single run, or a collapsed sweep group
     assert dist.setup_process({"concurrent_diagnostics": 1}, None, environ).cpu_devices == 2
     assert applied == [("jax_num_cpu_devices", 2)] * 2
 

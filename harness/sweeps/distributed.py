@@ -22,16 +22,14 @@ environments"). The CLI calls :func:`setup_process` first thing in every job, fr
 
 ``engine.cpu_devices``: ``auto`` | a positive integer
     How many JAX devices the CPU backend shows (``jax_num_cpu_devices``). XLA runs one program's small matmuls
-    on about one core; there are two ways to use the others. A single run already uses them by running its
-    training diagnostics side by side (``engine.concurrent_diagnostics``), and there one device measured faster
-    (2 cores, reference job: cold 18.8 vs 22.3 s, warm 10.9 vs 11.7 s: partitioned programs compile slower). A
-    collapsed sweep group runs a few large merged programs one after another, and there one device per core, with
-    the member axis sharded across cores as across GPUs, measured faster (16-point sweep: 79 vs 109 s). So
-    ``auto`` gives one device per core (the cores this process may use, at most 8) to collapsed sweep groups and
-    to runs with ``engine.concurrent_diagnostics=1``, and JAX's single CPU device otherwise; also one device when
-    a multi-process run or a launcher that runs jobs side by side already spreads work over the cores. An
-    integer is obeyed; ``--xla_force_host_platform_device_count`` in ``XLA_FLAGS`` always wins. No effect on
-    GPU or TPU backends.
+    on about one core; with one device per core the member axis is sharded across cores as across GPUs. Since the
+    training diagnostics became one member table (harness.engine.table), a single run is a few large programs
+    too, and one device per core measured faster there as well (2 cores, reference job, side by side in one
+    session: warm 12.6 vs 17.4 s, cold 21.0 vs 24.2 s; earlier, with a program per diagnostic run side by side,
+    one device was faster). So ``auto`` gives one device per core (the cores this process may use, at most 8),
+    except where something else already spreads work over the cores: a launcher that runs jobs side by side on
+    one host, or a multi-process run. An integer is obeyed; ``--xla_force_host_platform_device_count`` in
+    ``XLA_FLAGS`` always wins. No effect on GPU or TPU backends.
 
 The member mesh then spans every process's devices (:mod:`harness.engine.devices`), every process runs the same
 diagnostics on its share of the members and gathers all results, and only process 0 writes the report and logs.
@@ -104,15 +102,14 @@ def cpu_devices_setting(value: Any) -> str | int:
 
 
 def cpu_device_count(setting: str | int, environ: Mapping[str, str], launcher_target: str | None,
-                     cluster: "Cluster | None", side_by_side: bool = False) -> int | None:
-    """How many CPU devices to ask JAX for, or None to leave JAX's default (see ``engine.cpu_devices``).
-    ``side_by_side``: the job runs its diagnostics in several threads (which then share the cores)."""
+                     cluster: "Cluster | None") -> int | None:
+    """How many CPU devices to ask JAX for, or None to leave JAX's default (see ``engine.cpu_devices``)."""
     if "xla_force_host_platform_device_count" in environ.get("XLA_FLAGS", ""):
         return None  # the user chose, the way JAX documents
     if setting != "auto":
         return int(setting)
     shared = bool(launcher_target) and launcher_target.rsplit(".", 1)[-1] in SHARED_HOST_LAUNCHERS
-    if shared or cluster is not None or side_by_side:
+    if shared or cluster is not None:
         return None
     try:
         cores = len(os.sched_getaffinity(0))
@@ -247,22 +244,19 @@ class ProcessSetup:
 
 
 def setup_process(engine: Mapping[str, Any] | None, launcher_target: str | None = None,
-                  environ: dict[str, str] | None = None, *, collapsed_group: bool = False) -> ProcessSetup:
+                  environ: dict[str, str] | None = None) -> ProcessSetup:
     """Apply ``engine.gpu_memory``, ``engine.cpu_devices`` and ``engine.distributed`` to this process, before any
     JAX computation.
 
     ``engine`` is the ``engine`` config node (a mapping); ``launcher_target`` is ``hydra.launcher._target_``.
     Safe to call once per job in a process that runs several jobs (Hydra's basic launcher, joblib's workers).
-    ``collapsed_group``: the job runs a collapsed sweep group (its diagnostics run one at a time per point).
     """
     engine = engine or {}
     environ = os.environ if environ is None else environ
     memory = gpu_memory_setting(engine.get("gpu_memory", "auto"))
     cluster = plan(distributed_setting(engine.get("distributed", "auto")), environ)
-    concurrent = engine.get("concurrent_diagnostics", 2)
-    side_by_side = not collapsed_group and not (isinstance(concurrent, int) and concurrent <= 1)
     cpu_devices = cpu_device_count(cpu_devices_setting(engine.get("cpu_devices", "auto")), environ,
-                                   launcher_target, cluster, side_by_side)
+                                   launcher_target, cluster)
     applied = {}
     for name, value in gpu_memory_env(memory, launcher_target).items():
         if name not in environ:
@@ -298,5 +292,4 @@ def setup_from_hydra(cfg) -> ProcessSetup:
     if HydraConfig.initialized():
         launcher = HydraConfig.get().launcher.get("_target_")
     engine = cfg.get("engine") if hasattr(cfg, "get") else None
-    group = bool(cfg.get("harness_collapse_group")) if hasattr(cfg, "get") else False
-    return setup_process(dict(engine) if engine is not None else None, launcher, collapsed_group=group)
+    return setup_process(dict(engine) if engine is not None else None, launcher)

@@ -97,6 +97,23 @@ def test_requests_of_different_steps_share_a_program_with_budgets(ctx):
     assert table.plan([request("l", 2, steps=200, steps_per_call=100), odd], base, 128, True) == []
 
 
+def test_the_fixed_batch_is_repeated_only_for_a_per_example_loss(ctx):
+    """A loss that sums over its batch (a planted bug) would see the overfit batch's repeats: 4x its loss and
+    gradient in a batch of 128, a different run. Such a fixed batch keeps its own program."""
+    import dataclasses as dc
+
+    import jax.numpy as jnp
+
+    x, y = ctx.arrays.x_train[:2], ctx.arrays.y_train[:2]
+    assert table.per_example_loss(ctx.problem, x, y)
+    summed = dc.replace(ctx.problem, loss_fn=lambda out, labels: jnp.sum(ctx.problem.loss_fn(out, labels)))
+    assert not table.per_example_loss(summed, x, y)
+    base = ctx.arrays
+    fixed = table.Request("overfit", spec(batch_size=32, fixed_batch=32, regularization=False),
+                          Hparams.make(n=2, fixed_batch=1), arrays=base._replace(fixed_index=np.arange(32)))
+    assert table.plan([request("seeds", 4), fixed], base, 128, True, repeat_fixed=False) == []
+
+
 def test_split_takes_each_requests_own_evaluations():
     assert eval_schedule(spec(eval_every=25)) == [25, 50, 75, 100]
     assert eval_schedule(spec(steps=1000, steps_per_call=500)) == [500, 1000]

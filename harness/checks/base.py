@@ -177,7 +177,8 @@ class Context:
             return 0  # nothing to merge, or a collapsed multirun's trainer merges across sweep points instead
         mixed = len({r.spec.regularization for r in requests}) > 1  # else no need to trace the model twice
         free = mixed and not table.regularization_matters(self.problem, self.arrays.x_train[:2])
-        groups = table.plan(requests, self.arrays, self.batch_size, free)
+        repeat = table.per_example_loss(self.problem, self.arrays.x_train[:2], self.arrays.y_train[:2])
+        groups = table.plan(requests, self.arrays, self.batch_size, free, repeat)
         memo = self.shared.setdefault("_train_memo", {})
         for members in groups:
             parts = [requests[i] for i in members]

@@ -63,6 +63,23 @@ def regularization_matters(problem: Problem, x) -> bool:
         return True
 
 
+def per_example_loss(problem: Problem, x, y) -> bool:
+    """Whether the loss returns one value per example, which harness averages (shape only: no FLOPs). Then a fixed
+    batch repeated to fill a larger batch gives the same loss and gradient; a loss that sums over its batch itself
+    (or returns a scalar) would see the repeats, 4x the batch of 32 in a batch of 128."""
+    model = problem.model
+
+    def loss(x, y):
+        params, rest = model.init(jax.random.key(0), x)
+        return problem.loss_fn(model(params, rest, x), y)
+
+    try:
+        out = jax.eval_shape(loss, x, y)
+    except Exception:  # noqa: BLE001 -- cannot tell: keep the fixed batch at its own size
+        return False
+    return len(out.shape) >= 1 and out.shape[0] == len(x)
+
+
 def fixed_only(request: Request) -> bool:
     """Every member trains on the fixed batch, in batches of exactly it (overfit one batch run alone)."""
     spec = request.spec
@@ -70,27 +87,29 @@ def fixed_only(request: Request) -> bool:
         np.all(np.asarray(request.hparams.fixed_batch) > 0))
 
 
-def _group_key(request: Request, base: Arrays, batch_size: int, free_regularization: bool):
+def _group_key(request: Request, base: Arrays, batch_size: int, free_regularization: bool, repeat_fixed: bool):
     spec, arrays = request.spec, request.arrays if request.arrays is not None else base
     if any(a is not b for a, b in zip(arrays[:4], base[:4])):
         return None  # other arrays (reloaded data, a control's own): a program of its own
     batch = spec.batch_size
-    if fixed_only(request) and batch_size % spec.fixed_batch == 0:
+    if repeat_fixed and fixed_only(request) and batch_size % spec.fixed_batch == 0:
         batch = batch_size  # the fixed batch repeated to fill the others' batches: the same loss and gradient
     regularization = True if free_regularization else spec.regularization
     return (batch, regularization, spec.steps_per_call, spec.max_members_per_call, spec.max_eval_examples,
             spec.opt_level)
 
 
-def plan(requests: list[Request], base: Arrays, batch_size: int, free_regularization: bool) -> list[list[int]]:
+def plan(requests: list[Request], base: Arrays, batch_size: int, free_regularization: bool,
+         repeat_fixed: bool = True) -> list[list[int]]:
     """Groups of request indices that share a program (groups of one are left to train on their own). At most one
     fixed batch per group: a second one starts a group of its own. Requests of different step counts share one
     when each can read its own evaluations off the merged program's (:func:`schedule_map`): the shorter ones'
     members get their steps as budgets; a request that trains only on its fixed batch (repeated to the run's
-    batch size) joins only requests of its own step count. ``batch_size``: the run's."""
+    batch size) joins only requests of its own step count, and only when ``repeat_fixed`` (the loss is per
+    example: :func:`per_example_loss`). ``batch_size``: the run's."""
     groups: dict[tuple, list[list[int]]] = {}
     for i, r in enumerate(requests):
-        key = _group_key(r, base, batch_size, free_regularization)
+        key = _group_key(r, base, batch_size, free_regularization, repeat_fixed)
         if key is None:
             continue
         bins = groups.setdefault(key, [])

@@ -578,11 +578,11 @@ def train_members(
                 state = devices.shard_members(state)
             recs, inside = [], []
 
-            def run_eval(kind, fn):
+            def run_eval(kind, fn, done):  # ``done``: steps trained when it is due
                 if kind in frozen:
                     return frozen[kind]
                 out = programs.run(f"{name}/{kind}", fn, state, hp, data, x_fit, static_key=host_key(kind))
-                if t + 1 >= last:
+                if done >= last:
                     frozen[kind] = out
                 return out
 
@@ -594,23 +594,29 @@ def train_members(
                     frozen.setdefault("template", rec._replace(evals=None))
                     recs.append(rec._replace(evals=None))
                 else:
-                    recs.append(past_budget(frozen["template"], hp, t))
+                    recs.append(past_budget(frozen, t))
                 if bool(eval_due(spec, t, (c + 1) * per_call)):
-                    inside.append((t + 1, run_eval("eval", evaluate)))
+                    inside.append((t + 1, run_eval("eval", evaluate, t + 1)))
                 elif bool(batch_eval_due(spec, t, (c + 1) * per_call)):
-                    inside.append((t + 1, run_eval("eval_batch", evaluate_batch)))
+                    inside.append((t + 1, run_eval("eval_batch", evaluate_batch, t + 1)))
             rec = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1), *recs)
-            t = (c + 1) * per_call - 1
-            ev = run_eval("eval", evaluate)
+            ev = run_eval("eval", evaluate, (c + 1) * per_call)
             return state, rec, ev, inside
 
-        def past_budget(template: Records, hp, t: int) -> Records:
-            """A step's records for members all past their budgets: NaN but the learning rate's schedule."""
-            h = jax.tree.map(np.asarray, hp)
-            denom = np.maximum(np.asarray(member_budget(spec, hp)) - 1, 1).astype(np.float32)
-            lr = (h.lr * np.exp(h.lr_growth * np.float32(t) / denom)).astype(np.float32)[:, None]
-            nan = jax.tree.map(lambda a: np.full(np.shape(a), np.nan, np.asarray(a).dtype), template)
-            return nan._replace(lr=lr.astype(np.asarray(template.lr).dtype))
+        def past_budget(frozen: dict, t: int) -> Records:
+            """A step's records for members all past their budgets: NaN but the learning rate's schedule. What
+            does not change from step to step (NaN records, the members' LRs and ramps) is made once per call,
+            on the host: no device work for a skipped step."""
+            if "nan" not in frozen:
+                template = frozen["template"]
+                h = jax.tree.map(np.asarray, devices.to_host(frozen["hp"]))
+                steps = np.where(h.steps > 0, np.minimum(h.steps, spec.steps), spec.steps)  # member_budget
+                frozen["schedule"] = (h.lr, h.lr_growth, np.maximum(steps - 1, 1).astype(np.float32),
+                                      np.asarray(template.lr).dtype)
+                frozen["nan"] = jax.tree.map(lambda a: np.full(np.shape(a), np.nan, np.asarray(a).dtype), template)
+            lr0, growth, denom, dtype = frozen["schedule"]
+            lr = (lr0 * np.exp(growth * np.float32(t) / denom)).astype(dtype)[:, None]
+            return frozen["nan"]._replace(lr=lr)
 
     outputs = []
     for index, group in zip(order, groups):
@@ -619,7 +625,7 @@ def train_members(
         hp = devices.shard_members(devices.pad_members(group, width))
         records, evals, eval_steps = [], [], []
         state = None
-        frozen: dict = {}  # host step loop: what the call's members give once all are past their budgets
+        frozen: dict = {"hp": hp}  # host step loop: what the call's members give once all are past their budgets
         for c in range(calls):
             inside = []  # (step, evaluation) due inside this chunk (spec.eval_every)
             active = np.arange(c * per_call, (c + 1) * per_call) < last

@@ -181,3 +181,64 @@ def test_nnx_models_from_the_bridge_train_inside_control_flow():
 
     assert f(params, state).shape == (6, 3)
     assert isinstance(nnx.Rngs(0), nnx.Rngs)
+
+
+# Convolutions a layer-type check would miss: a module calling jax.lax directly, a library convolution renamed or
+# wrapped. They decide how the engine trains on CPU (harness.engine.train.needs_host_step_loop).
+
+
+def _lax_conv(x, kernel):  # x: (batch, 5) as a 1-D signal of one channel
+    y = jax.lax.conv_general_dilated(x[:, None, :], kernel, (1,), "SAME")
+    return y.reshape(x.shape[0], -1)
+
+
+class LinenRawConv(nn.Module):
+    num_outputs: int
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (2, 1, 3))
+        return nn.Dense(self.num_outputs)(_lax_conv(x, kernel))
+
+
+class EquinoxRawConv(eqx.Module):
+    kernel: jax.Array
+    head: eqx.nn.Linear
+
+    def __init__(self, key, num_outputs: int):
+        k1, k2 = jax.random.split(key)
+        self.kernel = jax.random.normal(k1, (2, 1, 3)) * 0.3
+        self.head = eqx.nn.Linear(10, num_outputs, key=k2)
+
+    def __call__(self, x):  # one example
+        return self.head(_lax_conv(x[None], self.kernel)[0])
+
+
+class NnxWrappedConv(nnx.Module):
+    def __init__(self, *, rngs: nnx.Rngs, num_outputs: int):
+        self.block = nnx.Sequential(nnx.Conv(1, 2, kernel_size=(3,), rngs=rngs))
+        self.head = nnx.Linear(10, num_outputs, rngs=rngs)
+
+    def __call__(self, x):
+        return self.head(self.block(x[:, :, None]).reshape(x.shape[0], -1))
+
+
+def haiku_renamed_conv(num_outputs: int):
+    def forward(x):
+        y = hk.Conv1D(2, 3, name="encoder")(x[:, :, None])
+        return hk.Linear(num_outputs)(y.reshape(x.shape[0], -1))
+
+    return hk.transform(forward)
+
+
+@pytest.mark.parametrize("factory, convolves", [
+    (LinenRawConv, True), (lambda key, num_outputs: EquinoxRawConv(key, num_outputs), True),
+    (lambda *, rngs, num_outputs: NnxWrappedConv(rngs=rngs, num_outputs=num_outputs), True),
+    (haiku_renamed_conv, True),
+    (MLP, False), (families.linen_mlp, False), (families.equinox_mlp, False), (families.haiku_mlp, False),
+])
+def test_convolutions_are_found_in_the_program_whatever_the_layer(factory, convolves):
+    model = ModelFactory(factory, {}, (5,), 3, X).adapt()
+    assert model.convolutions is convolves
+    out, _ = model.apply(*model.init(jax.random.key(0), X), X)
+    assert out.shape == (6, 3)

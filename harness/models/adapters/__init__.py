@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from harness.errors import HarnessError
-from harness.models.adapters.base import Model, Variables
+from harness.models.adapters.base import Model, Variables, convolves
 
 __all__ = ["FAMILIES", "FromKey", "Model", "ModelFactory", "Variables", "call_factory"]
 
@@ -129,6 +129,7 @@ class ModelFactory:
                                key="model.framework")
         adapter = _adapter(family)
         if family in ("nnx", "equinox"):  # built from a key, inside every trace: one init per sweep member
-            return family, adapter.adapt(build) if family == "nnx" else adapter.adapt(build, self.example_x)
-        obj = build(jax.random.key(0))  # a Linen module or Haiku transform holds no arrays: built once
-        return family, adapter.adapt(obj, self.example_x)
+            model = adapter.adapt(build) if family == "nnx" else adapter.adapt(build, self.example_x)
+        else:  # a Linen module or Haiku transform holds no arrays: built once
+            model = adapter.adapt(build(jax.random.key(0)), self.example_x)
+        return family, dataclasses.replace(model, convolutions=convolves(model, self.example_x))

@@ -35,7 +35,7 @@ class Model:
     init: Callable[[jax.Array, jax.Array], Variables]
     apply_fn: Callable[..., tuple[Any, Any]]  # (params, state, x, key, train, regularization)
     name_path: Callable[[tuple], str]  # a parameter's tree path in the family's own spelling
-    convolutions: bool = False  # holds convolution layers (harness.engine.train.needs_host_step_loop)
+    convolutions: bool = False  # its training step convolves (:func:`convolves`; engine.train.needs_host_step_loop)
     width_masked: bool = False  # built width-masked (harness.models.width_mask): capacity's masked ladder
 
     def apply(self, params, state, x, *, key=None, train: bool = False, regularization: bool = True):
@@ -51,6 +51,27 @@ class Model:
         """``{"layers/0/kernel": leaf}``: parameters (or gradients, or anything shaped like them) by path."""
         leaves = jax.tree_util.tree_flatten_with_path(params)[0]
         return {self.name_path(path): leaf for path, leaf in leaves}
+
+
+def convolves(model: Model, x) -> bool:
+    """Whether the model's training-mode forward pass runs a convolution: any ``conv_general_dilated`` in its
+    jaxpr, sub-programs included (tracing only, no FLOPs). Read off the program rather than the layer types, so a
+    library's own convolution layers, a user's module calling ``jax.lax.conv`` and a convolution wrapped in
+    another module are all found, in every family."""
+    from jax.extend.core import subjaxprs
+
+    def forward(key, x):
+        params, state = model.init(key, x)
+        return model.apply(params, state, x, key=key, train=True)[0]
+
+    def found(jaxpr) -> bool:
+        return any(eqn.primitive.name == "conv_general_dilated" for eqn in jaxpr.eqns) or any(
+            found(sub) for sub in subjaxprs(jaxpr))
+
+    try:
+        return found(jax.make_jaxpr(forward)(jax.random.key(0), x).jaxpr)
+    except Exception:  # noqa: BLE001 -- the model checks report a model that does not run
+        return False
 
 
 def slash_path(path) -> str:

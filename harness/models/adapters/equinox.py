@@ -125,5 +125,4 @@ def adapt(build: Callable[[jax.Array], object], example_x) -> Model:
         outputs, new_state = call(model, eqx_state, x, key, per_example)
         return outputs, (state[0], new_state if stateful else None)
 
-    convolutions = contains_leaf_type(abstract, (eqx.nn.Conv, eqx.nn.ConvTranspose))
-    return Model("equinox", init, apply_fn, attribute_path, convolutions=convolutions)
+    return Model("equinox", init, apply_fn, attribute_path)

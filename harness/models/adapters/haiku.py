@@ -79,9 +79,4 @@ def adapt(transformed, example_x) -> Model:
         with guard:
             return transformed.apply(params, state, key, x, **kwargs)
 
-    try:  # Haiku names convolution modules conv1_d, conv2_d, conv2_d_transpose, ...
-        abstract = jax.eval_shape(lambda k: init(k, example_x).params, jax.random.key(0))
-        convolutions = any(name.rsplit("/", 1)[-1].startswith("conv") for name in abstract)
-    except Exception:  # noqa: BLE001 -- the model checks report a model that does not run
-        convolutions = False
-    return Model("haiku", init, apply_fn, slash_path, convolutions=convolutions)
+    return Model("haiku", init, apply_fn, slash_path)

@@ -39,25 +39,6 @@ def _no_dropout(next_fun, args, kwargs, context):
     return next_fun(*args, **kwargs)
 
 
-def _has_convolutions(module: nn.Module, x) -> bool:
-    found = []
-
-    def spy(next_fun, args, kwargs, context):
-        if isinstance(context.module, (nn.Conv, nn.ConvTranspose, nn.ConvLocal)):
-            found.append(context.module)
-        return next_fun(*args, **kwargs)
-
-    def trace():
-        with nn.intercept_methods(spy):
-            module.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x)
-
-    try:
-        jax.eval_shape(trace)
-    except Exception:  # noqa: BLE001 -- the model checks report a model that does not run
-        return False
-    return bool(found)
-
-
 def adapt(module: nn.Module, example_x) -> Model:
     names = _mode_names(module)
 
@@ -83,4 +64,4 @@ def adapt(module: nn.Module, example_x) -> Model:
             return outputs, {**state, **updates}
         return call(variables, x, train, regularization, key, False), state
 
-    return Model("linen", init, apply_fn, slash_path, convolutions=_has_convolutions(module, example_x))
+    return Model("linen", init, apply_fn, slash_path)

@@ -31,7 +31,6 @@ def _fresh(tree):
 def adapt(build: Callable[[jax.Array], nnx.Module]) -> Model:
     """``build(key) -> nnx.Module``, traceable (called inside jit and vmap)."""
     abstract = nnx.eval_shape(lambda: build(jax.random.key(0)))
-    convolutions = any(isinstance(m, (nnx.Conv, nnx.ConvTranspose)) for _, m in nnx.iter_modules(abstract))
     masked = width_mask.is_masked(abstract)
     train_def = nnx.split(abstract, nnx.Param, ...)[0]
     abstract.set_attributes(deterministic=True, raise_if_not_found=False)
@@ -51,4 +50,4 @@ def adapt(build: Callable[[jax.Array], nnx.Module]) -> Model:
         outputs = model(x)
         return outputs, nnx.split(model, nnx.Param, ...)[2]
 
-    return Model("nnx", init, apply_fn, slash_path, convolutions=convolutions, width_masked=masked)
+    return Model("nnx", init, apply_fn, slash_path, width_masked=masked)

@@ -8,7 +8,6 @@ exit code 3, the traceback in ``harness.log``), and the others still run.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import functools
 import time
@@ -20,11 +19,10 @@ import numpy as np
 
 from harness import losses
 from harness.checks.base import Context, Outcome
-from harness.checks.registry import diagnostic_module, stage
+from harness.checks.registry import DIAGNOSTICS, diagnostic_module, stage
 from harness.config import FactoryConfig, RunConfig
 from harness.data.dataset import Dataset, from_mapping
-from harness.engine import devices
-from harness.engine.train import Arrays, Problem, train_members
+from harness.engine.train import Arrays, Problem
 from harness.errors import HarnessError
 from harness.models.adapters import Model, ModelFactory
 from harness.findings import Finding, Severity
@@ -166,69 +164,26 @@ def _blocked_stages(findings: list[Finding]) -> dict[str, str]:
 
 def run_diagnostics(rc: RunConfig, ctx: Context, on_outcome: Callable[[Outcome], None] | None = None
                     ) -> list[Outcome]:
-    """Run the configured diagnostics; outcomes (and ``on_outcome`` calls) come in the configured order.
+    """Run the configured diagnostics one after the other in the checklist's order (:data:`DIAGNOSTICS`, whatever
+    order the config lists them in: later ones read what earlier ones share); ``on_outcome`` is called as each
+    finishes.
 
-    The data and model stages run first, one after the other: their errors can block what follows
-    (:data:`BLOCKING`). The training diagnostics then run side by side in ``engine.concurrent_diagnostics``
-    threads: while one diagnostic's compiled program runs (XLA releases the GIL), the next one traces and compiles
-    its own, the way an accelerator is kept busy while the host prepares the next step. A diagnostic that needs
-    another's shared result (the seed-to-seed spread) waits for it (:class:`harness.checks.base.Shared`); two
-    requests for the same training or program are computed once. Results do not depend on the interleaving: each
-    compiled program is deterministic on its own.
+    The data and model stages run first: their errors can block what follows (:data:`BLOCKING`). Then the budget
+    is fitted (:func:`fit_budget`) and the training diagnostics' announced requests are trained as one member table
+    (:func:`prefetch`), so each training diagnostic finds its training done and only reads and judges it.
     """
     outcomes: list[Outcome] = []
-    names = list(rc.diagnostics)
-    early = [n for n in names if stage(n) in ("data", "model")]
-    for name in early:
+    names = sorted(rc.diagnostics, key=list(DIAGNOSTICS).index)
+    later = [n for n in names if stage(n) not in ("data", "model")]
+    for name in names:
+        if later and name == later[0]:
+            rc = fit_budget(rc, ctx, later, outcomes)
+            plan = ctx.shared.get("_budget")
+            prefetch(rc, ctx, [n for n in later if plan is None or n not in plan.skipped], outcomes)
         outcome = _run_one(rc, ctx, name, outcomes)
         outcomes.append(outcome)
         if on_outcome is not None:
             on_outcome(outcome)
-    later = [n for n in names if n not in early]
-    rc = fit_budget(rc, ctx, later, outcomes)
-    plan = ctx.shared.get("_budget")
-    prefetch(rc, ctx, [n for n in later if plan is None or n not in plan.skipped], outcomes)
-    workers = max(1, int(getattr(ctx.engine, "concurrent_diagnostics", 1)))
-    # Sequential where the order of programs must be the same everywhere: a collapsed sweep's batching trainer
-    # expects one request at a time from each point, and in a multi-process run every process must launch the
-    # same sharded programs in the same order (their collectives would otherwise wait for each other forever).
-    if (workers == 1 or len(later) < 2 or ctx.train_fn is not train_members
-            or devices.process_count() > 1):
-        for name in later:
-            outcome = _run_one(rc, ctx, name, outcomes)
-            outcomes.append(outcome)
-            if on_outcome is not None:
-                on_outcome(outcome)
-        return outcomes
-    shared = ctx.shared
-    for name in later:
-        for key in getattr(diagnostic_module(name), "SHARES", ()):
-            if hasattr(shared, "promise"):
-                shared.promise(key)
-    before = list(outcomes)
-
-    def task(name):
-        try:
-            return _run_one(rc, ctx, name, before)
-        finally:
-            for key in getattr(diagnostic_module(name), "SHARES", ()):
-                if hasattr(shared, "resolve"):
-                    shared.resolve(key)
-
-    # Submitted in the checklist's order, so a diagnostic that waits for another's shared result never waits for
-    # one that has not started (the executor starts tasks first-in first-out).
-    with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="harness-diagnostic") as pool:
-        futures = [pool.submit(task, name) for name in later]
-        try:
-            for future in futures:
-                outcome = future.result()
-                outcomes.append(outcome)
-                if on_outcome is not None:
-                    on_outcome(outcome)
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
     return outcomes
 
 

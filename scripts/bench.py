@@ -90,8 +90,8 @@ def bench_machine() -> dict:
 
 def bench_default(workdir: str) -> dict:
     """The default run cold and warm, plus ablations side by side: cold without the traced-program cache, and warm
-    (medians of three) with every program traced again (engine.program_cache=false), with diagnostics one at a
-    time (engine.concurrent_diagnostics=1) and with one CPU device per core (engine.cpu_devices=<cores>)."""
+    (medians of three) with every program traced again (engine.program_cache=false) and with one CPU device per
+    core (engine.cpu_devices=<cores>)."""
     cache = os.path.join(workdir, "jax-cache")
     shutil.rmtree(cache, ignore_errors=True)
     cold = run_process(harness_command(), workdir, cache)
@@ -104,12 +104,9 @@ def bench_default(workdir: str) -> dict:
     ablations = {}
     cores = min(len(os.sched_getaffinity(0)), 8)
     for label, override in (("every program traced again (engine.program_cache=false)", "engine.program_cache=false"),
-                            ("diagnostics one at a time", "engine.concurrent_diagnostics=1"),
                             (f"{cores} CPU devices (one per core)", f"engine.cpu_devices={cores}")):
         run_process(harness_command(override), workdir, cache)  # fills the cache for its own programs
         ablations[label] = sorted(run_process(harness_command(override), workdir, cache) for _ in range(3))[1]
-        if override == "engine.concurrent_diagnostics=1":
-            sequential_programs = latest_report(workdir)["programs"]
     return {
         "cold_seconds": cold,
         "cold_without_program_cache_seconds": cold_without_programs,
@@ -119,7 +116,6 @@ def bench_default(workdir: str) -> dict:
         "status": cold_report["status"],
         "cold_programs": cold_report["programs"],
         "warm_programs": warm_report["programs"],
-        "warm_sequential_programs": sequential_programs,
         "cold_in_process_seconds": cold_report["seconds"],
         "diagnostic_seconds": {k: v["seconds"] for k, v in cold_report["diagnostics"].items()},
     }

@@ -139,7 +139,7 @@ def test_a_run_gets_a_device_per_core(monkeypatch):
     monkeypatch.setattr(jax.config, "update", lambda name, value: applied.append((name, value)))
     environ = dist.os.environ
     assert dist.setup_process({}, None, environ).cpu_devices == 2  # a single run, or a collapsed sweep group
-    assert dist.setup_process({"concurrent_diagnostics": 1}, None, environ).cpu_devices == 2
+    assert dist.setup_process({"steps_per_call": 100}, None, environ).cpu_devices == 2
     assert applied == [("jax_num_cpu_devices", 2)] * 2
 
 

@@ -540,3 +540,32 @@ def test_an_output_structure_that_does_not_survive_pickling_is_not_stored():
     broken = jax.tree.structure(_Node(1))
     assert exported._round_trips(plain)
     assert not exported._round_trips(broken)
+
+
+def test_a_program_two_threads_want_compiles_once():
+    """A collapsed sweep's points run in threads (harness.sweeps.collapse): the program they all want compiles once."""
+    import threading
+
+    def program(x):
+        return x * 2 + 1
+
+    before = programs.STATS.compiles
+    x = np.arange(7, dtype=np.float32)
+    outs = [None, None]
+
+    def ask(i):
+        outs[i] = programs.run("test/twice", program, x, static_key=("test_program_cache", "twice"))
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert programs.STATS.compiles - before == 1
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_compile_wall_time_counts_overlapping_compiles_once():
+    stats = programs.ProgramStats(compile_intervals=[(0.0, 2.0), (1.0, 3.0), (5.0, 6.0), (5.5, 5.7)])
+    assert stats.compile_wall_seconds == pytest.approx(4.0)  # [0, 3] and [5, 6]
+    assert programs.ProgramStats().compile_wall_seconds == 0.0

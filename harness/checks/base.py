@@ -9,9 +9,7 @@ happen in compiled programs (:mod:`harness.engine`); the outcome is plain host d
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
-import threading
 import time
 from typing import Any, Callable
 
@@ -32,40 +30,10 @@ class EngineSettings:
     max_members_per_call: int = 64
     opt_level: int | None = 2
     max_eval_examples: int = 2048
-    concurrent_diagnostics: int = 2  # training diagnostics side by side (harness.pipeline.run_diagnostics)
 
     def validate(self, key: str):
-        for name in ("steps_per_call", "max_members_per_call", "max_eval_examples", "concurrent_diagnostics"):
+        for name in ("steps_per_call", "max_members_per_call", "max_eval_examples"):
             require_at_least(self, key, name, 1)
-
-
-class Shared(dict):
-    """Results diagnostics share, by name, safe to read while diagnostics run side by side
-    (:func:`harness.pipeline.run_diagnostics`): a key another diagnostic has *promised* (the seeds diagnostic's
-    ``seed_spread``) makes ``get`` wait until it is published, or until that diagnostic has finished without it."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._promised: dict[str, threading.Event] = {}
-        self.lock = threading.RLock()  # for read-modify-write of shared entries (memo, fingerprints)
-
-    def promise(self, key: str):
-        self._promised.setdefault(key, threading.Event())
-
-    def __setitem__(self, key, value):
-        super().__setitem__(key, value)
-        self.resolve(key)
-
-    def resolve(self, key: str):
-        """The promising diagnostic finished (published ``key`` or not): stop waiting for it."""
-        if key in self._promised:
-            self._promised[key].set()
-
-    def get(self, key, default=None):
-        event = self._promised.get(key)
-        if event is not None:
-            event.wait()
-        return super().get(key, default)
 
 
 @dataclasses.dataclass
@@ -82,7 +50,7 @@ class Context:
     engine: EngineSettings = dataclasses.field(default_factory=EngineSettings)
     reload_data: Callable[[], Dataset] | None = None  # calls the data factory again (determinism checks)
     progress: Callable[[str, int, int], None] | None = None  # (task, done, total)
-    shared: dict[str, Any] = dataclasses.field(default_factory=Shared)  # results diagnostics share, by name
+    shared: dict[str, Any] = dataclasses.field(default_factory=dict)  # results diagnostics share, by name
     # What actually trains: the engine, or a collapsed multirun's batching trainer (harness.sweeps.collapse).
     train_fn: Callable[..., SweepResult] = train_members
 
@@ -111,30 +79,18 @@ class Context:
         """
         problem = problem or self.problem
         arrays = arrays if arrays is not None else self.arrays
-        with self._lock():
-            key = self._memo_key(problem, spec, arrays, hparams)
-            memo = self.shared.setdefault("_train_memo", {})  # key -> Future: a request in flight is waited for
-            if rerun and (key, "rerun") in memo:  # trained by the member table beside the first run (prefetch)
-                return memo.pop((key, "rerun")).result()
-            pending = memo.get(key)
-            owner = pending is None or rerun
-            if owner:
-                pending = concurrent.futures.Future()
-                memo.setdefault(key, pending)
-        if not owner:
-            return pending.result()
+        key = self._memo_key(problem, spec, arrays, hparams)
+        memo = self.shared.setdefault("_train_memo", {})
+        if rerun and (key, "rerun") in memo:  # trained by the member table beside the first run (prefetch)
+            return memo.pop((key, "rerun"))
+        if key in memo and not rerun:
+            return memo[key]
         progress = None
         if self.progress is not None:
             progress = lambda done, total: self.progress(name, done, total)  # noqa: E731
-        try:
-            result = self.train_fn(problem, spec, hparams, arrays, name=name, progress=progress)
-        except BaseException as err:
-            pending.set_exception(err)
-            with self._lock():
-                if memo.get(key) is pending:
-                    del memo[key]  # a failed request is not remembered: the next asker tries again
-            raise
-        pending.set_result(result)
+        # A failed request is not remembered: the next asker tries again.
+        result = self.train_fn(problem, spec, hparams, arrays, name=name, progress=progress)
+        memo.setdefault(key, result)
         return result
 
     def train_like(self, first: SweepResult, name: str, hparams: Hparams) -> SweepResult:
@@ -198,28 +154,18 @@ class Context:
                 start = rows.stop
                 owner = r.name.split("/")[0]
                 credit[owner] = credit.get(owner, 0.0) + seconds * len(r.hparams) / len(both.hparams)
-                done = concurrent.futures.Future()
-                done.set_result(table.split(result, rows, r))
-                with self._lock():
-                    key = self._memo_key(self.problem, r.spec, r.arrays if r.arrays is not None else self.arrays,
-                                         r.hparams)
-                    memo.setdefault((key, "rerun") if r.rerun else key, done)
+                key = self._memo_key(self.problem, r.spec, r.arrays if r.arrays is not None else self.arrays,
+                                     r.hparams)
+                memo.setdefault((key, "rerun") if r.rerun else key, table.split(result, rows, r))
         return len(groups)
-
-    def _lock(self):
-        lock = getattr(self.shared, "lock", None)
-        if lock is None:  # a plain dict (tests build contexts by hand): one lock per dict, created once
-            lock = self.shared.setdefault("_lock", threading.RLock())
-        return lock
 
     def reloaded_arrays(self) -> Arrays:
         """The training arrays from a second call of the data factory (once per run)."""
-        with self._lock():
-            if "_reloaded_arrays" not in self.shared:
-                if self.reload_data is None:
-                    raise RuntimeError("this context cannot reload its data")
-                self.shared["_reloaded_arrays"] = Arrays(*self.reload_data().training_arrays())
-            return self.shared["_reloaded_arrays"]
+        if "_reloaded_arrays" not in self.shared:
+            if self.reload_data is None:
+                raise RuntimeError("this context cannot reload its data")
+            self.shared["_reloaded_arrays"] = Arrays(*self.reload_data().training_arrays())
+        return self.shared["_reloaded_arrays"]
 
 
 @dataclasses.dataclass

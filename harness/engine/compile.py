@@ -22,8 +22,8 @@ from harness.engine import exported
 
 @dataclasses.dataclass
 class ProgramStats:
-    """Compile and run seconds, summed over programs (and over threads: diagnostics run side by side, so the sums
-    can exceed the wall time; ``compile_wall_seconds`` is the time during which anything was compiling)."""
+    """Compile and run seconds, summed over programs (and over threads: a collapsed sweep's points run side by side,
+    so the sums can exceed the wall time; ``compile_wall_seconds`` is the time during which anything was compiling)."""
 
     compiles: int = 0
     traces_reused: int = 0  # compiles whose traced program came from harness.engine.exported's cache
@@ -49,7 +49,7 @@ class ProgramStats:
 
 STATS = ProgramStats()
 _CACHE: dict[Any, Any] = {}
-# Diagnostics (and a collapsed sweep's points) run in threads. A program that several threads want compiles once:
+# A collapsed sweep's points run in threads (harness.sweeps.collapse). A program that several threads want compiles once:
 # the first compiles it, the others wait for its future; different programs compile side by side.
 _LOCK = threading.RLock()
 _IN_FLIGHT: dict[Any, concurrent.futures.Future] = {}

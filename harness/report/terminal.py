@@ -70,7 +70,6 @@ class ProgressView:
             self._counts[f.severity.value] = self._counts.get(f.severity.value, 0) + 1
         if self._progress is None:
             return
-        # Only this diagnostic's bars: others may still be training beside it (engine.concurrent_diagnostics).
         for task in [t for t in self._tasks if t == outcome.name or t.startswith(outcome.name + "/")]:
             self._progress.update(self._tasks.pop(task), visible=False)
         if self._overall is not None:

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
-from harness.checks.base import Context, Shared, _array_key
+from harness.checks.base import Context, _array_key
 from harness.config import RunConfig, from_hydra
 from harness.engine.train import Hparams, SweepResult, train_members
 from harness.errors import HarnessError
@@ -164,7 +164,7 @@ def _check_same_static(rcs: list[RunConfig]):
 
 def point_context(base: Context, rc: RunConfig, trainer: BatchingTrainer, point: int) -> Context:
     """The base context with this point's traced values, training through the batching trainer."""
-    return dataclasses.replace(base, optim=rc.optim, seed=rc.seed, shared=Shared(), progress=None,
+    return dataclasses.replace(base, optim=rc.optim, seed=rc.seed, shared={}, progress=None,
                                train_fn=trainer.train_for(point))
 
 

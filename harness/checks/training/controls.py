@@ -186,11 +186,6 @@ def no_signal_finding(comparisons: list[Comparison], loss_std: float, settings: 
 # The diagnostic.
 
 
-# The constant-input control's validation loss: what training reaches without information from the inputs (the
-# label frequencies). The LR range test counts an LR as learning only below it.
-SHARES = ("constant_input_val_loss",)
-
-
 def requests(ctx: Context, settings: Settings) -> list[Request]:
     """What :func:`run` is about to train (the pipeline merges it with the other diagnostics'): the controls; the
     real-data runs are the seeds diagnostic's request."""

@@ -1180,10 +1180,6 @@ def findings_for(g: Reading) -> list:
     return findings
 
 
-# The loss floor (None when it did not settle): the capacity ladder's bound on how far a larger model can go.
-SHARES = ("loss_floor",)
-
-
 def run(ctx, settings: Settings) -> Outcome:
     plan, arrays, r = run_program(ctx, settings)
     classification = ctx.problem.classification

@@ -258,10 +258,6 @@ def init_difference(model: Model, x, seed: int) -> dict[str, Any] | None:
 # The diagnostic.
 
 
-# What this diagnostic publishes in ctx.shared for later ones (diagnostics running side by side wait for it).
-SHARES = ("seed_spread",)
-
-
 def run(ctx: Context, settings: Settings) -> Outcome:
     out = Outcome("seeds")
     first = train_seeds(ctx, settings.steps, settings.num_seeds)

@@ -35,8 +35,8 @@ from harness.engine.train import Hparams, train_members
 PROBE_STEPS = 30  # steps of the probe: its evaluation at the end costs under a fifth of them on the reference job
 PROBE_MEMBERS_CPU = 8  # a CPU step costs the same per member from about 8 members on (harness.engine.table)
 MIN_STEPS = 100  # no cut takes a training diagnostic below this many steps
-# The capacity ladder's smaller rungs: about four members, masked at half the configured width or less (a quarter
-# of the configured model's FLOPs each): one member-step per step, in the estimate.
+# The capacity ladder's smaller rungs when not in the member table: about four members, masked at half the
+# configured width or less (a quarter of the configured model's FLOPs each): one member-step per step.
 CAPACITY_MEMBERS = 1.0
 
 
@@ -157,26 +157,25 @@ def member_steps(ctx, settings: dict[str, Any]) -> float:
     """The member-steps the training diagnostics in ``settings`` will train: their announced requests (each row at
     the run's batch size, as the member table trains them; the overfit test at its own batch when its steps differ
     from the seed runs', since it then trains alone) and follow-ups, and the capacity ladder: its configured rung
-    when it cannot be the seed runs, and its smaller rungs (:data:`CAPACITY_MEMBERS`). An estimate: follow-ups
+    when it cannot be the seed runs, and its smaller rungs (announced, or :data:`CAPACITY_MEMBERS`). An estimate: follow-ups
     beyond the announced ones (a ladder's larger rungs when the configured model underfits, a reloaded data set's
     rerun) are not counted."""
     total = 0.0
     seeds = settings.get("seeds")
     for name, s in settings.items():
         announce = getattr(diagnostic_module(name), "requests", None)
-        if announce is not None:
-            try:
-                requests = announce(ctx, s)
-            except Exception:  # noqa: BLE001 -- the diagnostic will report its own problem
-                requests = []
-            for r in requests:
-                weight = 1.0
-                if r.spec.fixed_batch and (seeds is None or seeds.steps != r.spec.steps):
-                    weight = r.spec.batch_size / max(ctx.batch_size, 1)
-                total += weight * (len(r.hparams) + r.follow_up) * r.spec.steps
-        elif name == "capacity":
+        try:
+            requests = [] if announce is None else announce(ctx, s)
+        except Exception:  # noqa: BLE001 -- the diagnostic will report its own problem
+            requests = []
+        for r in requests:
+            weight = 1.0
+            if r.spec.fixed_batch and (seeds is None or seeds.steps != r.spec.steps):
+                weight = r.spec.batch_size / max(ctx.batch_size, 1)
+            total += weight * (len(r.hparams) + r.follow_up) * r.spec.steps
+        if name == "capacity":
             configured = 0 if seeds is not None and seeds.steps == s.steps else s.seeds_per_rung
-            total += (CAPACITY_MEMBERS + configured) * s.steps
+            total += ((0 if requests else CAPACITY_MEMBERS) + configured) * s.steps
     return total
 
 

@@ -98,6 +98,33 @@ def test_masked_init_is_distributed_like_the_narrow_model(init):
     assert first.std() == pytest.approx(narrow_first.std(), rel=0.15)  # input layer: its fan-in is unchanged
 
 
+def test_the_masked_model_at_the_configured_width_is_the_configured_model():
+    """Width 0 (a member's default) is every unit live with init factors of exactly 1: the member table may train
+    the run's requests with the masked model (Problem.covers), bitwise as with the model as built."""
+    from harness.engine.train import Hparams
+
+    ctx = fresh()
+    table = capacity.masked_problem(ctx, "width", 128, ())
+    assert table.covers == ctx.problem and capacity.masked_problem(ctx, "width", 64, ()).covers is None
+    hp = Hparams.make(lr=1e-3, init_seed=[0, 1], data_seed=[0, 1])
+    built = ctx.train("built", ctx.spec(30), hp)
+    masked = ctx.train("masked", ctx.spec(30), hp, problem=table)
+    np.testing.assert_array_equal(built.loss, masked.loss)
+    np.testing.assert_array_equal(built.val_loss, masked.val_loss)
+    narrow = ctx.train("narrow", ctx.spec(30), Hparams.make(lr=1e-3, width=8), problem=table)
+    assert narrow.final_train_loss[0] > 2 * built.final_train_loss[0]  # 8 live units learn far less in 30 steps
+
+
+def test_the_smaller_rungs_join_the_member_table_unless_the_model_trains_step_by_step():
+    ctx = fresh()
+    [request] = capacity.requests(ctx, capacity.Settings())
+    assert request.problem.covers == ctx.problem
+    assert list(request.hparams.width) == [8, 16, 32, 64] and request.spec.steps == 500
+    assert capacity.requests(ctx, capacity.Settings(masking=False)) == []
+    cnn = build_context(compose(["logger=none", "data=digits_image", "model=cnn"]))
+    assert cnn.problem.model.convolutions and capacity.requests(cnn, capacity.Settings()) == []
+
+
 def test_unknown_initializer_cannot_be_masked():
     with pytest.raises(width_mask.MaskingUnsupported):
         width_mask.fan_mode("orthogonal")

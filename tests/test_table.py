@@ -173,19 +173,24 @@ def test_each_share_is_what_the_merged_program_gives_its_rows_alone(ctx):
 def test_a_default_run_trains_one_program_for_the_training_diagnostics():
     rc = compose(["logger=none", "diagnostics.seeds.steps=100", "diagnostics.overfit_batch.steps=100",
                   "diagnostics.controls.steps=100", "diagnostics.lr_range.grid_steps=100",
-                  "diagnostics.run=[model,overfit_batch,seeds,controls,lr_range]"])
+                  "diagnostics.capacity.steps=100",
+                  "diagnostics.run=[model,overfit_batch,seeds,controls,lr_range,capacity]"])
     before = {k: dict(v) for k, v in programs.STATS.by_program.items()}
     result = run(rc)
+    runs = {k: v["runs"] - before.get(k, {}).get("runs", 0) for k, v in programs.STATS.by_program.items()}
     assert result.status == "healthy", [f.message for f in result.findings]
     ran = {k for k, v in programs.STATS.by_program.items()
            if k.endswith("/train") and v["run_seconds"] > before.get(k, {}).get("run_seconds", 0.0)}
     # Each diagnostic's time includes its rows' share of the table's training.
     seconds = {o.name: o.seconds for o in result.outcomes}
     shares = result.context.shared["_prefetched_seconds"]
-    assert set(shares) == {"overfit_batch", "seeds", "controls", "lr_range"}
+    assert set(shares) == {"overfit_batch", "seeds", "controls", "lr_range", "capacity"}
     assert all(seconds[name] >= share > 0 for name, share in shares.items())
-    # The table, and the LR test's second round by the table's program (the rerun is rows of the table).
-    assert ran == {"table/train", "lr_range/refine/train"}, ran
+    # The table, the LR test's second round by the table's program (the rerun and the capacity ladder's smaller
+    # rungs are rows of the table) and, at 100 steps, the ladder's larger rung: one call of one member.
+    assert ran == {"table/train", "lr_range/refine/train", "capacity/train"}, ran
+    capacity = result.outcomes[-1].metrics
+    assert capacity["capacity/trained"] == 6 and runs["capacity/train"] == 1
     assert programs.STATS.by_program["lr_range/refine/train"]["compiles"] == before.get(
         "lr_range/refine/train", {}).get("compiles", 0)
 

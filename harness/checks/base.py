@@ -107,7 +107,7 @@ class Context:
         budgeted = table.with_budget(hparams, steps, spec.steps)
         padded = Hparams(*(np.concatenate([np.asarray(v), np.repeat(np.asarray(v)[-1:], -(-n // width) * width - n)])
                            for v in budgeted))
-        result = self.train(name, spec, padded, first.program_arrays)
+        result = self.train(name, spec, padded, first.program_arrays, first.program_problem)
         return table.split(result, slice(0, n), table.Request(name, dataclasses.replace(spec, steps=steps), hparams))
 
     def _memo_key(self, problem: Problem, spec: TrainSpec, arrays: Arrays, hparams: Hparams):
@@ -134,7 +134,7 @@ class Context:
         mixed = len({r.spec.regularization for r in requests}) > 1  # else no need to trace the model twice
         free = mixed and not table.regularization_matters(self.problem, self.arrays.x_train[:2])
         repeat = table.per_example_loss(self.problem, self.arrays.x_train[:2], self.arrays.y_train[:2])
-        groups = table.plan(requests, self.arrays, self.batch_size, free, repeat)
+        groups = table.plan(requests, self.arrays, self.batch_size, free, repeat, self.problem)
         memo = self.shared.setdefault("_train_memo", {})
         for members in groups:
             parts = [requests[i] for i in members]
@@ -143,8 +143,8 @@ class Context:
             if self.progress is not None:
                 progress = lambda done, total: self.progress(both.name, done, total)  # noqa: E731
             began = time.perf_counter()
-            result = self.train_fn(self.problem, both.spec, both.hparams, both.arrays, name="table",
-                                   progress=progress)
+            result = self.train_fn(both.problem or self.problem, both.spec, both.hparams, both.arrays,
+                                   name="table", progress=progress)
             seconds = time.perf_counter() - began
             # Each diagnostic is credited its rows' share of the table's time (the report's time per diagnostic).
             credit = self.shared.setdefault("_prefetched_seconds", {})
@@ -154,8 +154,8 @@ class Context:
                 start = rows.stop
                 owner = r.name.split("/")[0]
                 credit[owner] = credit.get(owner, 0.0) + seconds * len(r.hparams) / len(both.hparams)
-                key = self._memo_key(self.problem, r.spec, r.arrays if r.arrays is not None else self.arrays,
-                                     r.hparams)
+                key = self._memo_key(r.problem or self.problem, r.spec,
+                                     r.arrays if r.arrays is not None else self.arrays, r.hparams)
                 memo.setdefault((key, "rerun") if r.rerun else key, table.split(result, rows, r))
         return len(groups)
 

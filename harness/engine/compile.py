@@ -33,7 +33,8 @@ class ProgramStats:
     compile_intervals: list[tuple[float, float]] = dataclasses.field(default_factory=list)
 
     def add(self, name: str, field: str, value: float):
-        entry = self.by_program.setdefault(name, {"compiles": 0, "compile_seconds": 0.0, "run_seconds": 0.0})
+        entry = self.by_program.setdefault(name, {"compiles": 0, "compile_seconds": 0.0, "runs": 0,
+                                                  "run_seconds": 0.0})
         entry[field] += value
 
     @property
@@ -163,6 +164,7 @@ def run(name: str, fn: Callable, *args, static_key: Any = None, opt_level: int |
     with _LOCK:
         STATS.run_seconds += elapsed
         STATS.add(name, "run_seconds", elapsed)
+        STATS.add(name, "runs", 1)
     return out
 
 

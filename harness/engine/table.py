@@ -36,6 +36,9 @@ class Request:
     spec: TrainSpec
     hparams: Hparams
     arrays: Arrays | None = None
+    # None for the run's problem; else one that covers it (Problem.covers: the capacity ladder's masked model at
+    # the configured size), with which the whole group then trains.
+    problem: Problem | None = None
     rerun: bool = False  # a second run of an identical request (a determinism check): its own rows
     # Members the diagnostic will train later by the same program (the LR test's second round, through
     # Context.train_like), so the table's call width can be chosen to fit both without padding.
@@ -87,10 +90,13 @@ def fixed_only(request: Request) -> bool:
         np.all(np.asarray(request.hparams.fixed_batch) > 0))
 
 
-def _group_key(request: Request, base: Arrays, batch_size: int, free_regularization: bool, repeat_fixed: bool):
+def _group_key(request: Request, base: Arrays, batch_size: int, free_regularization: bool, repeat_fixed: bool,
+               problem: Problem):
     spec, arrays = request.spec, request.arrays if request.arrays is not None else base
     if any(a is not b for a, b in zip(arrays[:4], base[:4])):
         return None  # other arrays (reloaded data, a control's own): a program of its own
+    if request.problem is not None and request.problem.covers != problem:  # equal fingerprints: equal programs
+        return None  # another model: a program of its own
     batch = spec.batch_size
     if repeat_fixed and fixed_only(request) and batch_size % spec.fixed_batch == 0:
         batch = batch_size  # the fixed batch repeated to fill the others' batches: the same loss and gradient
@@ -100,16 +106,17 @@ def _group_key(request: Request, base: Arrays, batch_size: int, free_regularizat
 
 
 def plan(requests: list[Request], base: Arrays, batch_size: int, free_regularization: bool,
-         repeat_fixed: bool = True) -> list[list[int]]:
+         repeat_fixed: bool = True, problem: Problem | None = None) -> list[list[int]]:
     """Groups of request indices that share a program (groups of one are left to train on their own). At most one
     fixed batch per group: a second one starts a group of its own. Requests of different step counts share one
     when each can read its own evaluations off the merged program's (:func:`schedule_map`): the shorter ones'
     members get their steps as budgets; a request that trains only on its fixed batch (repeated to the run's
     batch size) joins only requests of its own step count, and only when ``repeat_fixed`` (the loss is per
-    example: :func:`per_example_loss`). ``batch_size``: the run's."""
+    example: :func:`per_example_loss`). ``batch_size``: the run's; ``problem``: the run's, which a request's own
+    problem must cover (at most one such problem per group)."""
     groups: dict[tuple, list[list[int]]] = {}
     for i, r in enumerate(requests):
-        key = _group_key(r, base, batch_size, free_regularization, repeat_fixed)
+        key = _group_key(r, base, batch_size, free_regularization, repeat_fixed, problem)
         if key is None:
             continue
         bins = groups.setdefault(key, [])
@@ -117,6 +124,9 @@ def plan(requests: list[Request], base: Arrays, batch_size: int, free_regulariza
         for members in bins:
             other = next((_fixed(requests[j]) for j in members if _fixed(requests[j]) is not None), None)
             if fixed is not None and other is not None and not np.array_equal(fixed, other):
+                continue
+            own = next((requests[j].problem for j in members if requests[j].problem is not None), None)
+            if r.problem is not None and own is not None and r.problem != own:
                 continue
             candidate = [requests[j] for j in members] + [r]
             if any(fixed_only(q) for q in candidate) and len({q.spec.steps for q in candidate}) > 1:
@@ -218,7 +228,8 @@ def merged(requests: list[Request], base: Arrays) -> Request:
     hparams = Hparams(*(np.concatenate([np.asarray(getattr(h, f)) for h in parts]) for f in Hparams._fields))
     fixed = next((r for r in requests if _fixed(r) is not None), None)
     arrays = base if fixed is None else fixed.arrays
-    return Request("+".join(r.name for r in requests), spec, hparams, arrays)
+    problem = next((r.problem for r in requests if r.problem is not None), None)
+    return Request("+".join(r.name for r in requests), spec, hparams, arrays, problem=problem)
 
 
 def split(result: SweepResult, rows: slice, request: Request) -> SweepResult:

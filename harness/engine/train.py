@@ -52,6 +52,9 @@ class Problem:
     optim: OptimSpec
     task: Task
     fingerprint: Any = None
+    # The problem this one computes exactly for members with Hparams.width 0 (a width-masked model at the
+    # configured size, harness.checks.training.capacity): the member table may train that one's requests with it.
+    covers: "Problem | None" = None
 
     @property
     def classification(self) -> bool:
@@ -123,12 +126,15 @@ class Hparams(NamedTuple):
     label_seed: Any  # -1 = real labels, otherwise the seed of a random permutation of the training labels
     steps: Any  # the member's own step budget (-1: the spec's); past it the member stops updating
     fixed_batch: Any  # 1: every batch is the fixed batch (TrainSpec.fixed_batch, overfit one batch); 0: sampled
+    # Live hidden units of a width-masked model (harness.models.width_mask; the capacity ladder's rungs as members
+    # of one program); 0: the model as built. Other models ignore it.
+    width: Any
 
     @classmethod
     def make(cls, n: int | None = None, **columns) -> "Hparams":
         """Member rows from columns; scalars broadcast. Defaults: constant LR, no decay, real data, seed 0."""
         defaults = dict(lr=1e-3, lr_growth=0.0, weight_decay=0.0, init_seed=0, data_seed=0, input_scale=1.0,
-                        label_seed=-1, steps=-1, fixed_batch=0)
+                        label_seed=-1, steps=-1, fixed_batch=0, width=0)
         unknown = set(columns) - set(defaults)
         if unknown:
             raise TypeError(f"unknown hparams {sorted(unknown)}")
@@ -137,7 +143,7 @@ class Hparams(NamedTuple):
             n = max((np.size(v) for v in values.values()), default=1)
         dtypes = dict(lr=np.float32, lr_growth=np.float32, weight_decay=np.float32, init_seed=np.uint32,
                       data_seed=np.uint32, input_scale=np.float32, label_seed=np.int32, steps=np.int32,
-                      fixed_batch=np.int32)
+                      fixed_batch=np.int32, width=np.int32)
         return cls(**{k: np.broadcast_to(np.asarray(v, dtypes[k]), (n,)).copy() for k, v in values.items()})
 
     def __len__(self):
@@ -201,6 +207,7 @@ class SweepResult:
     program_width: int | None = None
     program_spec: TrainSpec | None = None
     program_arrays: Arrays | None = None
+    program_problem: Problem | None = None
 
     def take(self, rows, hparams: Hparams, evals=None) -> "SweepResult":
         """The members ``rows`` (a slice or index array) as their own result, labelled ``hparams``; ``evals``
@@ -244,8 +251,13 @@ def mean_loss(loss_fn, outputs, targets):
 
 def init_member(problem: Problem, hp: Hparams, x_example) -> State:
     """A member's initial state: its own model init (from ``init_seed``; ``x_example`` a batch of inputs, which
-    Linen and Haiku size their layers from) and optimizer state."""
-    params, rest = problem.model.init(jax.random.key(hp.init_seed), x_example)
+    Linen and Haiku size their layers from; a width-masked model reads its live width from ``hp.width``) and
+    optimizer state."""
+    key = jax.random.key(hp.init_seed)
+    if problem.model.width_masked:
+        params, rest = problem.model.init(key, x_example, member=hp)
+    else:
+        params, rest = problem.model.init(key, x_example)
     tx = make_optimizer(problem.optim, hp.lr, hp.weight_decay)
     return State(params, rest, tx.init(params), jnp.array(True), jnp.array(-1, jnp.int32))
 
@@ -696,4 +708,5 @@ def train_members(
         program_width=width,
         program_spec=original_spec,
         program_arrays=arrays,
+        program_problem=problem,
     )

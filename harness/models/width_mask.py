@@ -84,6 +84,8 @@ def mask_stack(hidden, head, active_width, init: str, head_init: str = "lecun_no
     """
     if len(hidden) == 0:
         raise MaskingUnsupported("no hidden layers: the width changes nothing")
+    # 0 (a member's default width) means every unit live: the model exactly as built (every factor 1).
+    active_width = jnp.where(jnp.asarray(active_width) > 0, active_width, hidden[0].kernel[...].shape[-1])
     mode = fan_mode(init)
     for i, layer in enumerate(hidden):
         shape = layer.kernel[...].shape  # (..., in, out): a Linear is (in, out), a Conv (kh, kw, in, out)

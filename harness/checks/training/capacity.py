@@ -20,19 +20,21 @@ the training loss, so when the configured model is already within that margin of
 reach (0 for the built-in losses; the loss floor overfit one batch found for any other), no larger rung is
 trained: it could not win. Smaller rungs only say which size would suffice; models without masking train them
 from the smallest up and stop at the first that fits (seed 003: start small, increase capacity). On the healthy
-reference job the ladder then trains 8...64 in one masked program instead of 8...256 in two.
+reference job the ladder then trains 8...64 as rows of the member table instead of 8...256 in two programs.
 
 **Few programs for the whole ladder.** Every width is a different program shape, so a ladder costs a compile per
 rung unless the rungs share one. The built-in models support *width masking* (:mod:`harness.models.width_mask`):
-built at the ladder's largest width with a traced number of live units and an initialization rescaled to the live
-fans, a masked rung trains like the real small model, and all rungs become members of one vmapped program. A
-member's width travels in its init seed (``seed * 4096 + width``; the model reads it back from its PRNG key), so
-the engine needs no new per-member field. Masking wastes FLOPs on the masked units (every rung costs its
-program's widest), which the saved compiles repay when small models run faster than they compile, as here; for
-conv models whose run time dominates, set ``masking: false``. Since a dense layer's FLOPs grow with the width
-squared, the smaller rungs share one program at the widest of them (at most half the configured width), and
-larger rungs are split into ``mask_bands`` (default 2) width bands by halving from the top (:func:`width_bands`).
-Models without masking support train one program per rung (each rung's seeds are members of its program).
+built at the ladder's largest width with a traced number of live units (each member's ``Hparams.width``) and an
+initialization rescaled to the live fans, a masked rung trains like the real small model, and all rungs become
+members of one vmapped program. Masking wastes FLOPs on the masked units (every rung costs its program's widest),
+which the saved compiles repay when small models run faster than they compile, as here; for conv models whose run
+time dominates, set ``masking: false``. The smaller rungs join the member table (:func:`table_rungs`): masked at
+the configured size, whose width-0 members are the configured model itself, so the table trains the seed runs,
+controls, LR grid and the smaller rungs as one program and the ladder usually compiles nothing. Through the host
+step loop (convolutions on CPU), where a member-step costs more than a compile, they train at the widest of them
+instead. Since a dense layer's FLOPs grow with the width squared, larger rungs are split into ``mask_bands``
+(default 2) width bands by halving from the top (:func:`width_bands`). Models without masking support train one
+program per rung (each rung's seeds are members of its program).
 """
 
 from __future__ import annotations
@@ -53,11 +55,10 @@ from harness.checks.training.seeds import headline_first
 from harness.engine.train import Hparams, Problem, SweepResult
 from harness.errors import HarnessError
 from harness.findings import warning
-from harness.models.adapters import FromKey
+from harness.engine.table import Request
+from harness.engine.train import needs_host_step_loop, train_members
+from harness.models.adapters import FromMember
 
-# A member's width is encoded in its init seed as seed * WIDTH_CODE + width, so masked widths must be below it.
-WIDTH_CODE = 4096
-SEED_RANGE = 2**20  # seeds wrap here so the code stays a uint32
 AUTO_RUNGS = 6
 AUTO_MIN_TOP = 64
 
@@ -166,44 +167,82 @@ def rung_problem(ctx: Context, overrides: tuple[tuple[str, int], ...]) -> Proble
         fingerprint=None if base.fingerprint is None else (base.fingerprint, "rung", overrides)))
 
 
-def width_from_key(key) -> jax.Array:
-    """The live width a masked ladder member was given, read back from its PRNG key (see :func:`encode`)."""
-    return jax.random.key_data(key)[..., -1] % WIDTH_CODE
-
-
-ACTIVE_WIDTH = FromKey(width_from_key)  # the masked model's live width, read from each member's key
-
-
-def encode(seed, width):
-    return (np.asarray(seed) % SEED_RANGE) * WIDTH_CODE + np.asarray(width)
-
-
-def _key_encodes_seed() -> bool:
-    """The masked ladder reads the seed back from the key data; true for JAX's default threefry keys."""
-    code = int(encode(5, 37))
-    return int(jax.random.key_data(jax.random.key(np.uint32(code)))[..., -1]) == code
+MEMBER_WIDTH = FromMember("width")  # the masked model's live width: each member's Hparams.width
 
 
 def masked_problem(ctx: Context, width_key: str, full_width: int, fixed: tuple[tuple[str, int], ...]
                    ) -> Problem | None:
-    """One Problem for every width up to ``full_width`` (a width-masked model), or None when the model does not
-    support masking (see harness.models.width_mask) or widths cannot be encoded."""
-    if full_width >= WIDTH_CODE or not _key_encodes_seed():
-        return None
+    """One Problem for every width up to ``full_width`` (a width-masked model; each member's width is its
+    ``Hparams.width``), or None when the model does not support masking (see harness.models.width_mask)."""
     base = ctx.problem
 
     def make():
         try:
-            model = ctx.models.adapt(**dict(fixed), **{width_key: full_width}, active_width=ACTIVE_WIDTH)
+            model = ctx.models.adapt(**dict(fixed), **{width_key: full_width}, active_width=MEMBER_WIDTH)
         except Exception:  # noqa: BLE001 -- the factory takes no active_width (or width_mask.MaskingUnsupported)
             return None
         if not model.width_masked:
             return None
+        # At the configured size its width-0 members are the configured model itself (every unit live, every
+        # init factor 1), so the member table may train the run's requests with it.
+        configured = all(ctx.model_config.get(k) == v for k, v in (*fixed, (width_key, full_width)))
+        covers = base if configured else None
         return Problem(model, base.loss_fn, base.optim, base.task,
                        fingerprint=None if base.fingerprint is None else (base.fingerprint, "masked", width_key,
-                                                                           full_width, fixed))
+                                                                           full_width, fixed), covers=covers)
 
     return _derived(base, ("masked", width_key, full_width, fixed), make)
+
+
+def rung_hparams(ctx: Context, settings: Settings, rungs: int, widths=None) -> Hparams:
+    """The members of ``rungs`` rungs, ``seeds_per_rung`` each (seeds ``seed, seed+1, ...``), at ``widths`` (one per
+    rung) of a width-masked model, or as built."""
+    member_seeds = np.tile(ctx.seed + np.arange(settings.seeds_per_rung), rungs)
+    width = 0 if widths is None else np.repeat(np.asarray(widths), settings.seeds_per_rung)
+    return Hparams.make(lr=ctx.optim.lr, weight_decay=ctx.optim.weight_decay, init_seed=member_seeds,
+                        data_seed=member_seeds, width=width)
+
+
+def table_rungs(ctx: Context, settings: Settings, rungs: list[Rung], configured: Rung
+                ) -> tuple[Problem, list[Rung]] | None:
+    """The smaller rungs the member table trains (announced by :func:`requests`), and the problem it trains them
+    with: the width-masked model at the configured size, whose width-0 members are the configured model itself,
+    so the table's other rows train with it too and the ladder needs no program of its own. A small rung then
+    costs a configured member's FLOPs instead of a quarter of them, which a compile saved repays when the model
+    trains in one scan (the reference job: about 0.5 s more training for 1.4 s of compile). Through the host
+    step loop (convolutions on CPU) a member-step costs far more than that compile, and the smaller rungs train at
+    the widest of them instead. None when masking does not apply, or there is no member table (a collapsed
+    multirun's trainer merges requests across sweep points instead)."""
+    if not settings.masking or needs_host_step_loop(ctx.problem) or ctx.train_fn is not train_members:
+        return None
+
+    def others(rung: Rung):
+        return tuple((k, v) for k, v in rung.overrides if k != settings.width_key)
+
+    fixed = others(configured)
+    smaller = sorted((r for r in rungs if r.params < configured.params and others(r) == fixed),
+                     key=lambda r: r.params)
+    if not smaller:
+        return None
+    problem = masked_problem(ctx, settings.width_key, configured.get(settings.width_key), fixed)
+    if problem is None or problem.covers is None:
+        return None
+    return problem, smaller
+
+
+def requests(ctx: Context, settings: Settings) -> list[Request]:
+    """The smaller rungs, for the member table (:func:`table_rungs`); nothing when they train on their own."""
+    configured, _ = configured_size(ctx, settings)
+    if configured is None:
+        return []
+    rungs, _ = build_rungs(ctx, settings, configured)
+    configured_rung = next((r for r in rungs if dict(r.overrides) == configured), None)
+    table = None if configured_rung is None else table_rungs(ctx, settings, rungs, configured_rung)
+    if table is None:
+        return []
+    problem, smaller = table
+    hp = rung_hparams(ctx, settings, len(smaller), [r.get(settings.width_key) for r in smaller])
+    return [Request("capacity", ctx.spec(settings.steps), hp, problem=problem)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -327,10 +366,7 @@ def train_ladder(ctx: Context, settings: Settings, rungs: list[Rung], configured
 
     def train(name: str, problem: Problem, members: list[Rung], widths=None):
         nonlocal programs
-        member_seeds = np.tile(seeds_, len(members))
-        init = member_seeds if widths is None else encode(member_seeds, np.repeat(widths, len(seeds_)))
-        hp = Hparams.make(lr=ctx.optim.lr, weight_decay=ctx.optim.weight_decay, init_seed=init,
-                          data_seed=member_seeds)
+        hp = rung_hparams(ctx, settings, len(members), widths)
         result = ctx.train(name, spec, hp, problem=problem)
         programs += 1
         for i, rung in enumerate(members):
@@ -345,8 +381,13 @@ def train_ladder(ctx: Context, settings: Settings, rungs: list[Rung], configured
         widths = [r.get(settings.width_key) for r in smaller + larger]
         masked = masked_problem(ctx, settings.width_key, max(widths), fixed) if settings.masking else None
         if masked is not None:
-            # The smaller rungs in one program at the widest of them (each costs at most a quarter of the
-            # configured model there); the larger ones in width bands.
+            # The smaller rungs in one program: the member table's (the masked model at the configured size)
+            # when they were announced to it (:func:`requests`), else at the widest of them (each costs at most
+            # a quarter of the configured model there); the larger ones in width bands.
+            table = table_rungs(ctx, settings, rungs, configured)
+            if smaller and table is not None and table[1] == smaller:
+                train("capacity", table[0], smaller, [r.get(settings.width_key) for r in smaller])
+                smaller = []
             bands = [smaller] if smaller else []
             if larger:
                 bands += [[r for r in larger if r.get(settings.width_key) in band]

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from harness.errors import HarnessError
 from harness.models.adapters.base import Model, Variables, convolves
 
-__all__ = ["FAMILIES", "FromKey", "Model", "ModelFactory", "Variables", "call_factory"]
+__all__ = ["FAMILIES", "FromMember", "Model", "ModelFactory", "Variables", "call_factory"]
 
 # family -> (the module whose presence in sys.modules makes the family possible, the adapter module)
 FAMILIES: dict[str, tuple[str, str]] = {
@@ -74,14 +74,16 @@ def detect_family(obj) -> str | None:
 
 
 @dataclasses.dataclass(frozen=True)
-class FromKey:
-    """A factory argument computed from the member's PRNG key inside the trace (the capacity ladder's traced
-    ``active_width``, harness.models.width_mask)."""
+class FromMember:
+    """A factory argument read inside the trace from the member being initialized: its hyperparameter ``field``
+    (:class:`harness.engine.train.Hparams`; the capacity ladder's ``active_width=FromMember("width")``,
+    harness.models.width_mask). ``default`` where no member is given (tracing the model's shapes)."""
 
-    fn: Callable[[jax.Array], Any]
+    field: str
+    default: Any = 0
 
-    def __call__(self, key):
-        return self.fn(key)
+    def resolve(self, member):
+        return self.default if member is None else getattr(member, self.field)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -97,8 +99,9 @@ class ModelFactory:
     framework: str = "auto"
     target: str = "model._target_"
 
-    def build(self, key, **overrides):
-        kwargs = {k: v(key) if isinstance(v, FromKey) else v for k, v in {**self.kwargs, **overrides}.items()}
+    def build(self, key, member=None, **overrides):
+        kwargs = {k: v.resolve(member) if isinstance(v, FromMember) else v
+                  for k, v in {**self.kwargs, **overrides}.items()}
         return call_factory(self.factory, key, input_shape=self.input_shape, num_outputs=self.num_outputs,
                             kwargs=kwargs)
 

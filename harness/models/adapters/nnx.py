@@ -38,9 +38,11 @@ def adapt(build: Callable[[jax.Array], nnx.Module]) -> Model:
     abstract.eval()
     eval_def = nnx.split(abstract, nnx.Param, ...)[0]
 
-    def init(key, x):
+    def init(key, x, member=None):
         del x  # an NNX module is built with its shapes
-        _, params, rest = nnx.split(build(key), nnx.Param, ...)
+        # ``member``: the member's Hparams, which a width-masked model reads its live width from (FromMember).
+        model = build(key) if member is None else build(key, member=member)
+        _, params, rest = nnx.split(model, nnx.Param, ...)
         return Variables(params, rest)
 
     def apply_fn(params, state, x, key, train, regularization):

@@ -30,7 +30,8 @@ import numpy as np
 from harness.checks.registry import diagnostic_module
 from harness.engine import compile as programs
 from harness.engine import devices
-from harness.engine.train import Hparams, train_members
+from harness.engine.core import Hparams
+from harness.engine.driver import train_members
 
 PROBE_STEPS = 30  # steps of the probe: its evaluation at the end costs under a fifth of them on the reference job
 PROBE_MEMBERS_CPU = 8  # a CPU step costs the same per member from about 8 members on (harness.engine.table)

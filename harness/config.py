@@ -13,7 +13,7 @@ import types
 import typing
 from typing import Any, Callable
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from harness.checks.base import EngineSettings
 from harness.checks.registry import DIAGNOSTICS, diagnostic_module

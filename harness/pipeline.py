@@ -14,7 +14,6 @@ import time
 import traceback
 from typing import Any, Callable
 
-import jax
 import numpy as np
 
 from harness import losses
@@ -22,7 +21,7 @@ from harness.checks.base import Context, Outcome
 from harness.checks.registry import DIAGNOSTICS, diagnostic_module, stage
 from harness.config import FactoryConfig, RunConfig
 from harness.data.dataset import Dataset, from_mapping
-from harness.engine.train import Arrays, Problem
+from harness.engine.core import Arrays, Problem
 from harness.errors import HarnessError
 from harness.models.adapters import Model, ModelFactory
 from harness.findings import Finding, Severity

@@ -14,7 +14,7 @@ Sections (each prints ratios measured side by side in this one run, since shared
   grid      the LR grid (32 LRs x 200 steps, reference job) vmapped in one program vs the same jitted training
             called once per LR; achieved FLOP/s of the vmapped program (XLA's cost analysis / run time)
   floor     the LR grid written by hand in plain JAX (no harness engine) and the import time of jax, flax and
-            optax: with the default run's sequential training time, a floor for a warm run on this machine
+            optax: with the default run's training time, a floor for a warm run on this machine
   sweep     a 16-point sweep (4 learning rates x 4 seeds) of the reference job three ways: collapsed into vmapped
             programs, the same sweep with collapse=false, and one process per point (a shell loop, as job arrays
             and sweep agents do)
@@ -128,7 +128,8 @@ def bench_grid() -> dict:
     from harness import losses
     from harness.data import builtin, dataset
     from harness.engine import compile as programs
-    from harness.engine.train import Arrays, Hparams, Problem, TrainSpec, train_members
+    from harness.engine.core import Arrays, Hparams, Problem, TrainSpec
+    from harness.engine.driver import train_members
     from harness.models.adapters import ModelFactory
     from harness.models.mlp import MLP
     from harness.optim import OptimSpec
@@ -301,8 +302,7 @@ FAMILIES = {
 def bench_families(workdir: str, warm_runs: int = 3) -> dict:
     """The default run per family as fresh processes: cold (each family its own empty cache), then warm rounds
     that go through the families in turn, so a noisy hour weighs on all of them alike. Compile and run seconds
-    come from each process's report.json (run seconds: the programs' execution, summed over the diagnostics'
-    threads: the family's own compute)."""
+    come from each process's report.json (run seconds: the programs' execution: the family's own compute)."""
     tests = os.path.join(REPO, "tests")
     extra_env = {"PYTHONPATH": os.pathsep.join(p for p in (tests, REPO, os.environ.get("PYTHONPATH")) if p)}
     out = {family: {"warm_runs": [], "warm_reports": []} for family in FAMILIES}
@@ -359,8 +359,7 @@ def main():
               f"{d['cold_without_program_cache_seconds']:.1f} s")
         for label, seconds in d["warm_ablations"].items():
             print(f"  warm with {label}: {seconds:.1f} s ({seconds / d['warm_seconds']:.2f}x the default's time)")
-        print(f"  cold, per program (training diagnostics run side by side, so these sum over threads; "
-              f"in-process wall time {d['cold_in_process_seconds']:.1f} s):")
+        print(f"  cold, per program (in-process wall time {d['cold_in_process_seconds']:.1f} s):")
         for name, p in sorted(cp["by_program"].items()):
             print(f"  {name:28s} compiles {int(p['compiles'])}  compile {p['compile_seconds']:6.2f} s  "
                   f"run {p['run_seconds']:6.2f} s")
@@ -395,10 +394,10 @@ def main():
               f"{f['plain_jax_grid_seconds']:.2f} s = {f['plain_jax_gflops']:.1f} GFLOP/s; importing jax, flax.nnx "
               f"and optax takes {f['import_seconds']:.2f} s in a fresh process")
         if "default" in results and "grid" in results:
-            sequential = results["default"]["warm_sequential_programs"]["run_seconds"]
+            sequential = results["default"]["warm_programs"]["run_seconds"]
             ratio = results["grid"]["achieved_gflops"] / f["plain_jax_gflops"]
             floor = sequential * ratio + f["import_seconds"]
-            print(f"  the default run's training, one diagnostic at a time, runs {sequential:.1f} s (warm); at "
+            print(f"  the default run's training runs {sequential:.1f} s (warm); at "
                   f"plain-JAX throughput ({ratio:.2f}x the engine's time) that is {sequential * ratio:.1f} s, so a "
                   f"warm run cannot take less than about {floor:.1f} s here "
                   f"(target {0.35 * PYTORCH_PROCESS_SECONDS:.1f} s)")
@@ -413,7 +412,7 @@ def main():
         fam = results["families"] = bench_families(workdir)
         base = fam["nnx"]
         print("families: the default run on the reference job written in each library, as a fresh process "
-              "(compile: wall seconds compiling; run: programs' execution summed over threads)")
+              "(compile: wall seconds compiling; run: programs' execution)")
         print(f"  {'family':8s} {'status':9s} {'cold s':>7s} {'compile':>8s} {'run':>6s} {'compiles':>8s}   "
               f"{'warm s':>7s} {'compile':>8s} {'run':>6s} {'reused':>7s}   {'warm/nnx':>8s} {'run/nnx':>7s}")
         for family, r in fam.items():

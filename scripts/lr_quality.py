@@ -83,7 +83,7 @@ def rule_suggestions(result, plan, lr_range, refinement=None) -> dict[str, float
 
 def evaluate_job(name, overrides, args):
     from harness.checks.training import lr_range
-    from harness.engine.train import Hparams
+    from harness.engine.core import Hparams
 
     ctx = context_for(overrides)
     # The LR range test as a user runs it, told the horizon it is judged at (train.steps=--steps); its grid trains
@@ -219,7 +219,7 @@ def main(argv=None):
           f"running mean of 3 neighbours (mean of {args.train_seeds} seeds; mean over {args.ramp_seeds} ramp seeds, "
           f"worst in brackets; the LR range test trained {min(args.steps, args.grid_steps)} steps)\n")
     print_table(rows, columns)
-    print(f"\nthe same / the lowest single fine-LR mean (biased low by the winner's curse)\n")
+    print("\nthe same / the lowest single fine-LR mean (biased low by the winner's curse)\n")
     print_table(rows, columns, key="raw_scores")
 
 

@@ -101,7 +101,7 @@ def test_masked_init_is_distributed_like_the_narrow_model(init):
 def test_the_masked_model_at_the_configured_width_is_the_configured_model():
     """Width 0 (a member's default) is every unit live with init factors of exactly 1: the member table may train
     the run's requests with the masked model (Problem.covers), bitwise as with the model as built."""
-    from harness.engine.train import Hparams
+    from harness.engine.core import Hparams
 
     ctx = fresh()
     table = capacity.masked_problem(ctx, "width", 128, ())

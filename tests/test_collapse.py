@@ -16,7 +16,7 @@ from helpers import cli_env, compose
 from harness.checks import registry
 from harness.checks.base import Outcome
 from harness.engine import compile as programs
-from harness.engine.train import Hparams
+from harness.engine.core import Hparams
 from harness.sweeps import collapse
 from hydra_plugins.harness_sweeper.harness_sweeper import group_points, point_complete
 from harness.sweeps.resolvers import sweep_id

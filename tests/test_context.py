@@ -9,7 +9,7 @@ import types
 import pytest
 
 from harness.checks.base import Outcome
-from harness.engine.train import Hparams
+from harness.engine.core import Hparams
 from helpers import compose, replace_group
 from reference_job import fresh
 

@@ -15,7 +15,7 @@ from reference_job import fresh
 from harness.checks.training import controls, seeds
 from harness.data import builtin, dataset
 from harness.engine import compile as programs
-from harness.engine.train import Arrays
+from harness.engine.core import Arrays
 from harness.errors import HarnessError
 from harness.pipeline import build_context
 

@@ -20,7 +20,7 @@ from harness.checks.base import Context
 from harness.checks.data import stats
 from harness.data import builtin
 from harness.data.dataset import from_mapping
-from harness.engine.train import Arrays
+from harness.engine.core import Arrays
 from harness.errors import HarnessError
 from harness.findings import Severity
 

@@ -272,11 +272,11 @@ def _sweep(members=slice(None)):
     """Train the test sweep (or a slice of its members); returns the results and this process's layout."""
     import jax
     import optax
-    from flax import nnx
 
     from harness import losses
     from harness.engine import devices
-    from harness.engine.train import Arrays, Hparams, Problem, TrainSpec, train_members
+    from harness.engine.core import Arrays, Hparams, Problem, TrainSpec
+    from harness.engine.driver import train_members
     from harness.models.mlp import MLP
     from harness.optim import OptimSpec
     from helpers import tiny_classification

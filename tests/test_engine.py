@@ -7,12 +7,12 @@ import jax
 import numpy as np
 import optax
 import pytest
-from flax import nnx
 
 from harness import losses
 from harness.data import builtin, dataset
 from harness.engine import compile as programs
-from harness.engine.train import Arrays, Hparams, Problem, TrainSpec, train_members
+from harness.engine.core import Arrays, Hparams, Problem, TrainSpec
+from harness.engine.driver import train_members
 from harness.models.adapters import ModelFactory
 from harness.models.mlp import MLP
 from harness.tasks import Task
@@ -40,6 +40,27 @@ def sweep(problem, digits):
     _, arrays = digits
     hp = Hparams.make(lr=[1e-3, 1e-2, 30.0, 1e-3], init_seed=[0, 1, 2, 3], data_seed=[0, 1, 2, 3])
     return train_members(problem, SPEC, hp, arrays)
+
+
+def test_the_pure_core_is_the_driver_without_its_bookkeeping(problem, digits, sweep):
+    """make_train's program, jitted by hand (no padding, sharding, chunk bookkeeping), trains what the driver's
+    calls do: the core is a pure function of (hparams, arrays). Up to float rounding: the driver compiles at
+    another XLA optimization level (harness.engine.compile), which may fuse differently."""
+    from harness.engine.core import make_train
+    from harness.engine.driver import prepare_arrays
+
+    _, arrays = digits
+    data, x_fit = prepare_arrays(arrays, SPEC)
+    train = jax.jit(make_train(problem, SPEC))  # 40 steps in calls of 20, as the driver cuts them
+    state, records, evaluation = train(sweep.hparams, data, x_fit, np.ones(20, bool))
+    close = dict(rtol=1e-4, atol=1e-5)
+    stable = [0, 1, 3]  # LR 30 (member 2) is chaotic: rounding grows without bound there
+    np.testing.assert_allclose(np.asarray(records.loss)[stable], sweep.loss[stable, :20], **close)
+    np.testing.assert_allclose(np.asarray(evaluation[0])[stable], sweep.val_loss[stable, 0], **close)
+    state, records, evaluation = train(sweep.hparams, data, x_fit, np.ones(20, bool), state, 20)  # continued
+    np.testing.assert_allclose(np.asarray(records.loss)[stable], sweep.loss[stable, 20:], **close)
+    np.testing.assert_allclose(np.asarray(evaluation[0])[stable], sweep.val_loss[stable, 1], **close)
+    np.testing.assert_array_equal(np.asarray(state.first_nonfinite), sweep.first_nonfinite)
 
 
 def test_evaluations_inside_a_chunk_match_evaluations_between_chunks(problem, digits, sweep):
@@ -81,7 +102,7 @@ def test_batch_evaluations_inside_a_chunk_read_only_the_fixed_batch(problem, dig
 
 
 def test_calls_group_members_by_budget_only_when_it_saves_steps():
-    from harness.engine.train import call_groups
+    from harness.engine.driver import call_groups
 
     same = call_groups(np.full(5, 40), 2)
     assert [g.tolist() for g in same] == [[0, 1], [2, 3], [4]]
@@ -210,7 +231,7 @@ def test_dropout_models_train_and_regularization_switch_turns_it_off(digits):
 def test_convolutional_models_step_on_the_host_on_cpu():
     """On the CPU backend a model with convolutions trains through a per-step program (no lax.scan, where XLA's
     CPU convolutions are ~50x slower) and gives the same kind of result: finite, decreasing loss."""
-    from harness.engine.train import needs_host_step_loop
+    from harness.engine.driver import needs_host_step_loop
     from harness.models.cnn import CNN
 
     ds = dataset.from_mapping(builtin.digits(form="image"))

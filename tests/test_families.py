@@ -5,7 +5,7 @@ setup is free of errors; one planted bug around each is named; BatchNorm, dropou
 family; the traced-program cache works for a non-NNX family across processes.
 
 Budgets: the non-slow runs use ``diagnostics.run=[data,model,overfit_batch]`` (or less) and share runs through
-``diagnose``'s cache. Convolutional models train through a host step loop on CPU (harness.engine.train), which is
+``diagnose``'s cache. Convolutional models train through a host step loop on CPU (harness.engine.driver), which is
 slow: the Equinox CNN and the ResNet get their model stage here and training only in the slow tests. The full
 default suite per family is ``@pytest.mark.slow``.
 """

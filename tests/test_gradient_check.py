@@ -4,7 +4,6 @@ float64 and in float32 alike, while correct rules stay silent (the float32 model
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

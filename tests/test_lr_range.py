@@ -25,7 +25,7 @@ from harness.checks.training import curves
 from harness.checks.training import lr_range as lr
 from harness.config import settings_from
 from harness.engine import compile as programs
-from harness.engine.train import Problem
+from harness.engine.core import Problem
 from harness.errors import HarnessError
 from harness.pipeline import build_context
 

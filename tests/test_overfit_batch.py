@@ -22,7 +22,7 @@ from helpers import compose, headline
 from harness.models import adapters
 from harness.checks.training import overfit_batch as ob
 from harness.config import settings_from
-from harness.engine.train import Arrays, Problem
+from harness.engine.core import Arrays, Problem
 from harness.errors import HarnessError
 from harness.pipeline import build_context
 
@@ -92,7 +92,8 @@ def test_failure_shapes():
 
 def fake_result(configured_loss, final_acc, steps=500):
     """A SweepResult for plan (lr 1e-3, probes 0.1x and 10x): configured, probes, zero input, untrained."""
-    from harness.engine.train import Hparams, SweepResult
+    from harness.engine.core import Hparams
+    from harness.engine.driver import SweepResult
 
     flat = np.full(steps, 2.3)
     loss = np.stack([configured_loss, flat, flat, flat, flat])

@@ -20,13 +20,12 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 from helpers import compose, headline, replace_group
 
 from harness.checks.training import overfit_batch as ob
-from harness.engine.train import Arrays, Problem
+from harness.engine.core import Arrays, Problem
 from harness.models import adapters
 from harness.pipeline import build_context
 
@@ -150,7 +149,8 @@ def curve(values, target=0.01):
 def fake_result(configured_loss, final_acc):
     """A SweepResult for plan (lr 1e-3, probes 0.1x and 10x): configured, probes, zero input, untrained; the other
     members stay at the untrained loss."""
-    from harness.engine.train import Hparams, SweepResult
+    from harness.engine.core import Hparams
+    from harness.engine.driver import SweepResult
 
     flat = np.full(len(configured_loss), configured_loss[0])
     loss = np.stack([configured_loss, flat, flat, flat * 1.5, flat])

@@ -33,7 +33,8 @@ from harness import pipeline
 from harness.engine import compile as programs
 from harness.engine import exported
 from harness.engine.code_identity import code_identity, file_digest
-from harness.engine.train import Arrays, Hparams, Problem, TrainSpec, train_members
+from harness.engine.core import Arrays, Hparams, Problem, TrainSpec
+from harness.engine.driver import train_members
 from harness.errors import HarnessError
 from harness.models.adapters import nnx as nnx_adapter
 from harness.models.mlp import MLP

@@ -36,7 +36,7 @@ class Settings:
 
 def run(ctx, settings):
     from harness.checks.base import Outcome
-    from harness.engine.train import Hparams
+    from harness.engine.core import Hparams
 
     hp = Hparams.make(lr=[1e-3, 1e-2, 1e-1], init_seed=[0, 1, 2], data_seed=[0, 1, 2])
     result = ctx.train(PROBE, ctx.spec(settings.steps), hp)

@@ -10,14 +10,13 @@ import numpy as np
 from harness.models import adapters
 import pytest
 import yaml
-from flax import nnx
 from helpers import compose
 from reference_job import fresh
 
 from harness.checks.training import seeds
 from harness.data import builtin, dataset
 from harness.engine import compile as programs
-from harness.engine.train import Arrays
+from harness.engine.core import Arrays
 from harness.errors import HarnessError
 from harness.models.mlp import MLP
 
@@ -135,7 +134,8 @@ def test_randomness_outside_the_key_is_caught_by_building_twice():
 
 
 def hand_result(val, first_loss=2.3, first_nonfinite=None):
-    from harness.engine.train import Hparams, SweepResult
+    from harness.engine.core import Hparams
+    from harness.engine.driver import SweepResult
 
     val = np.asarray(val, np.float32)[:, None]
     n = len(val)

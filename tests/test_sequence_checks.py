@@ -21,7 +21,7 @@ from harness.checks.model import sequence
 from harness.checks.model.settings import Settings
 from harness.config import settings_from
 from harness.engine import compile as programs
-from harness.engine.train import Problem
+from harness.engine.core import Problem
 from harness.errors import HarnessError
 from harness.findings import FINDING_IDS, Severity, first_to_fix
 from harness.losses import cross_entropy

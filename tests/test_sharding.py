@@ -15,11 +15,11 @@ import sys
 import numpy as np
 import optax
 import pytest
-from flax import nnx
 from helpers import cli_env, tiny_classification
 
 from harness import losses
-from harness.engine.train import Arrays, Hparams, Problem, TrainSpec, train_members
+from harness.engine.core import Arrays, Hparams, Problem, TrainSpec
+from harness.engine.driver import train_members
 from harness.models.mlp import MLP
 from harness.optim import OptimSpec
 

@@ -17,7 +17,8 @@ from helpers import compose
 from harness.checks.training import controls, lr_range, overfit_batch, seeds
 from harness.engine import compile as programs
 from harness.engine import table
-from harness.engine.train import Hparams, SweepResult, TrainSpec, eval_schedule
+from harness.engine.core import Hparams, TrainSpec
+from harness.engine.driver import SweepResult, eval_schedule
 from harness.pipeline import build_context, run
 
 SMALL_LR = lr_range.Settings(grid_size=12, grid_steps=100)

@@ -16,7 +16,8 @@ from typing import Any, Callable
 import numpy as np
 
 from harness.data.dataset import Dataset
-from harness.engine.train import Arrays, Hparams, Problem, SweepResult, TrainSpec, train_members
+from harness.engine.core import Arrays, Hparams, Problem, TrainSpec
+from harness.engine.driver import SweepResult, train_members
 from harness.errors import HarnessError
 from harness.findings import Finding, InternalError
 from harness.optim import OptimSpec

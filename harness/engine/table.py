@@ -1,6 +1,6 @@
 """The member table: training requests of several diagnostics merged into one compiled program.
 
-Every training diagnostic is a set of member rows of one pure training program (:mod:`harness.engine.train`): the
+Every training diagnostic is a set of member rows of one pure training program (:mod:`harness.engine.core`): the
 seed runs, the constant-input and shuffled-label controls, the LR ramp and grid, the overfit-one-batch members
 (``Hparams.fixed_batch``) differ only in traced values. Trained one diagnostic at a time, each is its own program
 shape (its own member count, evaluation cadence, returned parameters) and its own compile, which on these CPUs
@@ -23,8 +23,8 @@ import jax
 import numpy as np
 
 from harness.engine import devices
-from harness.engine.train import (Arrays, Hparams, Problem, SweepResult, TrainSpec, batch_only_evals,
-                                  eval_schedule)
+from harness.engine.core import Arrays, Hparams, Problem, TrainSpec
+from harness.engine.driver import SweepResult, batch_only_evals, eval_schedule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,7 +172,7 @@ def call_width(parts: list[tuple[int, int]], follow_ups: list[tuple[int, int]], 
     whatever the call width (measured on the reference job: 54 members in calls of 54, 27, 18 or 9 run within 5%
     of each other, the cores are busy from 9 on), so the width that matters is the one that wastes least on
     padding: the widest whose calls hold the table's members of each step count (calls are grouped by budget,
-    :func:`harness.engine.train.call_groups`) and each follow-up (padded to whole calls, to reuse the program)
+    :func:`harness.engine.driver.call_groups`) and each follow-up (padded to whole calls, to reuse the program)
     within ``PADDING_ALLOWED`` of their member-steps. 54 table rows and the LR test's 35-member second round, all
     500 steps: calls of 18, 90 rows trained instead of 108 in calls of 54."""
     by_steps: dict[int, int] = {}

@@ -25,7 +25,8 @@ from omegaconf import OmegaConf
 
 from harness.checks.base import Context, _array_key
 from harness.config import RunConfig, from_hydra
-from harness.engine.train import Hparams, SweepResult, train_members
+from harness.engine.core import Hparams
+from harness.engine.driver import SweepResult, train_members
 from harness.errors import HarnessError
 from harness.pipeline import RunResult, build_context, run_diagnostics
 

@@ -14,7 +14,7 @@ import numpy as np
 from harness.checks.data import stats
 from harness.checks.data.common import Part
 from harness.data.dataset import ARRAY_KEYS, Dataset
-from harness.engine.train import Arrays
+from harness.engine.core import Arrays
 from harness.findings import error
 
 

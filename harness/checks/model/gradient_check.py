@@ -37,7 +37,7 @@ from harness.checks.model.noise import floating, perturb, unit_noise
 from harness.checks.model.programs import compile_options
 from harness.checks.model.settings import NAME, Settings
 from harness.engine import compile as programs
-from harness.engine.train import Problem
+from harness.engine.core import Problem
 from harness.findings import Finding, error
 
 # A model computing in float32 whatever its inputs: a step that balances rounding (1e-7 |f| / h) against curvature

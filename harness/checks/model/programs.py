@@ -28,7 +28,7 @@ from harness import losses
 from harness.checks.model import batch_dependence, capture, units
 from harness.checks.model.noise import sign_step
 from harness.engine import compile as programs
-from harness.engine.train import Problem
+from harness.engine.core import Problem
 
 
 # XLA's backend optimization level for the model stage's programs: each is compiled once per model and run once
@@ -202,7 +202,7 @@ def init_statistics(problem: Problem, x, y, *, seed: int, init_seeds: int, rows,
                     steps: int = 2) -> tuple[InitStats, Any]:
     """The statistics (host arrays) and the first init's ``(params, rest)`` (device arrays, for the gradient
     check). ``steps``: sign-gradient steps after the init along which zero gradients are confirmed."""
-    # The inits the training diagnostics train: init seed ``seed + i`` (harness.engine.train.init_member).
+    # The inits the training diagnostics train: init seed ``seed + i`` (harness.engine.core.init_member).
     keys = jax.vmap(jax.random.key)(np.arange(seed, seed + init_seeds, dtype=np.uint32))
     program = make_init_program(problem, with_capture, steps)
     thresholds = {k: np.float32(v) for k, v in thresholds.items()}

@@ -276,8 +276,8 @@ def exploding_finding(layers: list[dict[str, Any]], input_rms: float | None, set
                f"layer{'s' if steps > 1 else ''} ({rate}{inits}). The growth starts at {layers[first]['layer']} and "
                f"passes {settings.exploding_activation_ratio:g}x at {onset}.")
     if peak >= settings.exploding_activation_error_ratio:
-        message += (f" Orders of magnitude: the outputs, the loss and the gradients are scaled by it too, so the "
-                    f"first steps of training are spent (or diverge) undoing the init.")
+        message += (" Orders of magnitude: the outputs, the loss and the gradients are scaled by it too, so the "
+                    "first steps of training are spent (or diverge) undoing the init.")
     suggestion = ("Initialize every layer with a variance-preserving, fan-in scaled init: He for ReLU-like "
                   "activations, Glorot/LeCun for tanh and linear layers (He et al. 2015; Glorot & Bengio 2010), "
                   "not a fixed standard deviation; or add normalization layers (BatchNorm, LayerNorm); in "

@@ -52,11 +52,12 @@ from harness import losses
 from harness.checks.base import Context, Outcome, Plot, require_at_least
 from harness.checks.training import seeds
 from harness.checks.training.seeds import headline_first
-from harness.engine.train import Hparams, Problem, SweepResult
+from harness.engine.core import Hparams, Problem
+from harness.engine.driver import SweepResult
 from harness.errors import HarnessError
 from harness.findings import warning
 from harness.engine.table import Request
-from harness.engine.train import needs_host_step_loop, train_members
+from harness.engine.driver import needs_host_step_loop, train_members
 from harness.models.adapters import FromMember
 
 AUTO_RUNGS = 6

@@ -41,7 +41,8 @@ from harness.checks.base import Context, Outcome, Plot, require_at_least
 from harness.checks.training import seeds
 from harness.engine import devices
 from harness.engine.table import Request
-from harness.engine.train import Hparams, SweepResult, eval_size
+from harness.engine.core import Hparams
+from harness.engine.driver import SweepResult, eval_size
 from harness.errors import HarnessError
 from harness.findings import Finding, error
 

@@ -97,7 +97,8 @@ import numpy as np
 from harness.checks.base import Outcome, Plot
 from harness.checks.training import curves
 from harness.engine.table import Request
-from harness.engine.train import Hparams, SweepResult
+from harness.engine.core import Hparams
+from harness.engine.driver import SweepResult
 from harness.errors import HarnessError
 from harness.findings import Finding, error, info, warning
 

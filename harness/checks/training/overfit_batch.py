@@ -64,7 +64,8 @@ from harness.checks.base import Outcome, Plot
 from harness.checks.training import curves
 from harness.engine import compile as programs
 from harness.engine.table import Request
-from harness.engine.train import Arrays, Hparams, SweepResult, TrainSpec, mean_loss
+from harness.engine.core import Arrays, Hparams, TrainSpec, mean_loss
+from harness.engine.driver import SweepResult
 from harness.errors import HarnessError
 from harness.findings import error, info, warning
 

@@ -39,7 +39,8 @@ import numpy as np
 from harness.checks.base import Context, Outcome, Plot, require_at_least
 from harness.models.adapters import Model
 from harness.engine.table import Request
-from harness.engine.train import Arrays, Hparams, SweepResult, TrainSpec
+from harness.engine.core import Arrays, Hparams, TrainSpec
+from harness.engine.driver import SweepResult
 from harness.findings import Finding, error
 
 # Seeds and controls requests are padded to a multiple of this many members, so both are one program width

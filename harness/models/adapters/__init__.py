@@ -76,7 +76,7 @@ def detect_family(obj) -> str | None:
 @dataclasses.dataclass(frozen=True)
 class FromMember:
     """A factory argument read inside the trace from the member being initialized: its hyperparameter ``field``
-    (:class:`harness.engine.train.Hparams`; the capacity ladder's ``active_width=FromMember("width")``,
+    (:class:`harness.engine.core.Hparams`; the capacity ladder's ``active_width=FromMember("width")``,
     harness.models.width_mask). ``default`` where no member is given (tracing the model's shapes)."""
 
     field: str

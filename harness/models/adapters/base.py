@@ -35,7 +35,7 @@ class Model:
     init: Callable[[jax.Array, jax.Array], Variables]
     apply_fn: Callable[..., tuple[Any, Any]]  # (params, state, x, key, train, regularization)
     name_path: Callable[[tuple], str]  # a parameter's tree path in the family's own spelling
-    convolutions: bool = False  # its training step convolves (:func:`convolves`; engine.train.needs_host_step_loop)
+    convolutions: bool = False  # its training step convolves (:func:`convolves`; engine.driver.needs_host_step_loop)
     width_masked: bool = False  # built width-masked (harness.models.width_mask): capacity's masked ladder
 
     def apply(self, params, state, x, *, key=None, train: bool = False, regularization: bool = True):

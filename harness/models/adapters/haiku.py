@@ -15,7 +15,6 @@ import inspect
 import threading
 
 import haiku as hk
-import jax
 
 from harness.models.adapters.base import Model, Variables, call_mode_kwargs, slash_path
 

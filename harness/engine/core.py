@@ -1,0 +1,386 @@
+"""The pure training program: what one call of the engine computes, for every member of a sweep at once.
+
+A *member* is one training run, described by traced hyperparameters (:class:`Hparams`): learning rate, a
+log-LR growth for the LR range test's ramp, weight decay, init and batch-order seeds, an input scale (0 gives the
+constant-input baseline), a label-permutation seed (the shuffled-label control), its own step budget, whether it
+trains on the fixed batch, and a width-masked model's live width. Everything that changes the program's shapes or
+code (model, loss, optimizer kind, batch size, step count) is static (:class:`Problem`, :class:`TrainSpec`). So
+every training diagnostic is a choice of member rows, and diagnostics with the same static settings share one
+compiled program: :func:`make_train` gives it, ``jit(vmap(train))`` over members in PureJaxRL's style
+(luchris429/purejaxrl), one ``lax.scan`` over steps with the evaluations due inside. Padding, sharding, chunking,
+compiling and gathering are the driver's (:mod:`harness.engine.driver`).
+
+Failure is data: a member whose loss or gradient goes non-finite stops updating (its parameters stay at the last
+finite values) and records the step, so a diverging learning rate never poisons the other members.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from harness import tasks
+from harness.models.adapters import Model
+from harness.optim import OptimSpec, make_optimizer, set_learning_rate
+from harness.tasks import Task
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Static description of the problem and of a run; the members' traced rows.
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Problem:
+    """The static training problem: the model (any family, behind :class:`harness.models.adapters.Model`), the
+    per-example loss, the optimizer and the task.
+
+    ``model.init`` is traced inside jit and vmap, so each member gets its own init. Compiled programs are cached
+    per Problem: two Problems with the same ``fingerprint`` (everything that shapes the program: model factory and
+    its config, data shapes, loss, optimizer kind) share programs, so a second run in the same process, or a second
+    group of a sweep, compiles nothing. Without a fingerprint, identity counts.
+    """
+
+    model: Model
+    loss_fn: Callable[[jax.Array, jax.Array], jax.Array]
+    optim: OptimSpec
+    task: Task
+    fingerprint: Any = None
+    # The problem this one computes exactly for members with Hparams.width 0 (a width-masked model at the
+    # configured size, harness.checks.training.capacity): the member table may train that one's requests with it.
+    covers: "Problem | None" = None
+
+    @property
+    def classification(self) -> bool:
+        return self.task.classification
+
+    def __eq__(self, other):
+        if not isinstance(other, Problem):
+            return NotImplemented
+        if self.fingerprint is None or other.fingerprint is None:
+            return self is other
+        return self.fingerprint == other.fingerprint
+
+    def __hash__(self):
+        return hash(self.fingerprint) if self.fingerprint is not None else id(self)
+
+    def stable_key(self):
+        """What identifies this problem's programs in another process (harness.engine.exported): the
+        fingerprint; without one the problem has only an identity, and its programs are not stored."""
+        if self.fingerprint is None:
+            from harness.engine.exported import Unkeyable
+
+            raise Unkeyable("a Problem without a fingerprint")
+        return self.fingerprint
+
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSpec:
+    steps: int
+    batch_size: int
+    fixed_batch: int = 0  # size of the fixed batch (Arrays.fixed_index) that members with Hparams.fixed_batch train on
+    regularization: bool = True
+    steps_per_call: int = 500  # chunk length: progress and validation are evaluated between chunks
+    eval_every: int = 0  # also evaluate after every this many steps, inside the chunk (0: at chunk ends only)
+    # Evaluate only the fixed batch (its loss and accuracy; the other values NaN) after every this many steps, inside
+    # the chunk: overfit one batch's curve, without the validation and fit-subset passes every member would pay for.
+    batch_eval_every: int = 0
+    max_members_per_call: int = 64
+    return_params: bool = False
+    max_eval_examples: int = 2048
+    opt_level: int | None = 2  # XLA backend optimization level; see harness.engine.compile and cpu_options
+
+
+class Hparams(NamedTuple):
+    """Traced per-member hyperparameters; every field is an array with a leading member axis."""
+
+    lr: Any
+    lr_growth: Any  # lr_t = lr * exp(lr_growth * t / (steps - 1)): 0 for a constant LR, log(max/min) for a ramp
+    weight_decay: Any
+    init_seed: Any
+    data_seed: Any
+    input_scale: Any  # 1 = real inputs, 0 = constant (all-zero) inputs
+    label_seed: Any  # -1 = real labels, otherwise the seed of a random permutation of the training labels
+    steps: Any  # the member's own step budget (-1: the spec's); past it the member stops updating
+    fixed_batch: Any  # 1: every batch is the fixed batch (TrainSpec.fixed_batch, overfit one batch); 0: sampled
+    # Live hidden units of a width-masked model (harness.models.width_mask; the capacity ladder's rungs as members
+    # of one program); 0: the model as built. Other models ignore it.
+    width: Any
+
+    @classmethod
+    def make(cls, n: int | None = None, **columns) -> "Hparams":
+        """Member rows from columns; scalars broadcast. Defaults: constant LR, no decay, real data, seed 0."""
+        defaults = dict(lr=1e-3, lr_growth=0.0, weight_decay=0.0, init_seed=0, data_seed=0, input_scale=1.0,
+                        label_seed=-1, steps=-1, fixed_batch=0, width=0)
+        unknown = set(columns) - set(defaults)
+        if unknown:
+            raise TypeError(f"unknown hparams {sorted(unknown)}")
+        values = {**defaults, **columns}
+        if n is None:
+            n = max((np.size(v) for v in values.values()), default=1)
+        dtypes = dict(lr=np.float32, lr_growth=np.float32, weight_decay=np.float32, init_seed=np.uint32,
+                      data_seed=np.uint32, input_scale=np.float32, label_seed=np.int32, steps=np.int32,
+                      fixed_batch=np.int32, width=np.int32)
+        return cls(**{k: np.broadcast_to(np.asarray(v, dtypes[k]), (n,)).copy() for k, v in values.items()})
+
+    def __len__(self):
+        return int(np.shape(self.lr)[0])
+
+    def take(self, index) -> "Hparams":
+        return Hparams(*(np.asarray(v)[index] for v in self))
+
+    def rows(self) -> list[dict[str, float]]:
+        return [{k: np.asarray(getattr(self, k))[i].item() for k in self._fields} for i in range(len(self))]
+
+
+class Arrays(NamedTuple):
+    """Training and validation arrays as passed to compiled programs (arguments, never closed-over constants).
+    ``fixed_index``: the training examples of the fixed batch (TrainSpec.fixed_batch), when there is one."""
+
+    x_train: Any
+    y_train: Any
+    x_val: Any
+    y_val: Any
+    fixed_index: Any = None
+
+
+class State(NamedTuple):
+    params: Any
+    rest: Any  # non-trainable model state: batch statistics, dropout RNG counters
+    opt_state: Any
+    alive: Any  # False once the member went non-finite
+    first_nonfinite: Any  # step at which it did, -1 if never
+
+
+class Records(NamedTuple):
+    loss: Any
+    grad_norm: Any
+    lr: Any
+    update_norm: Any  # |update|: how far the optimizer moved the weights this step
+    param_norm: Any  # |params| before the step (update_norm / param_norm: CS231n's update-to-weight ratio)
+    evals: Any = None  # with ``eval_every``: EVALUATIONS values after every step, NaN when not due
+
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Pure functions (traced under jit and vmap).
+
+
+def mean_loss(loss_fn, outputs, targets):
+    per_example = loss_fn(outputs, targets)
+    return jnp.mean(per_example)
+
+
+def init_member(problem: Problem, hp: Hparams, x_example) -> State:
+    """A member's initial state: its own model init (from ``init_seed``; ``x_example`` a batch of inputs, which
+    Linen and Haiku size their layers from; a width-masked model reads its live width from ``hp.width``) and
+    optimizer state."""
+    key = jax.random.key(hp.init_seed)
+    if problem.model.width_masked:
+        params, rest = problem.model.init(key, x_example, member=hp)
+    else:
+        params, rest = problem.model.init(key, x_example)
+    tx = make_optimizer(problem.optim, hp.lr, hp.weight_decay)
+    return State(params, rest, tx.init(params), jnp.array(True), jnp.array(-1, jnp.int32))
+
+
+def scale_inputs(x, scale):
+    """The member's inputs: ``x * scale`` (0 gives the constant-input baseline); integer inputs (token ids)
+    become the constant token 0 instead of being scaled."""
+    if jnp.issubdtype(x.dtype, jnp.integer):
+        return jnp.where(scale == 0, jnp.zeros_like(x), x)
+    return x * scale.astype(x.dtype)
+
+
+def _label_permutation(hp: Hparams, n: int):
+    key = jax.random.key(jnp.maximum(hp.label_seed, 0).astype(jnp.uint32))
+    perm = jax.random.permutation(jax.random.fold_in(key, 0x5EED), n)
+    return jnp.where(hp.label_seed >= 0, perm, jnp.arange(n))
+
+
+def member_budget(spec: TrainSpec, hp: Hparams):
+    """The member's step budget: its own (``Hparams.steps``), at most the spec's; the spec's when unset."""
+    return jnp.where(hp.steps > 0, jnp.minimum(hp.steps, spec.steps), spec.steps)
+
+
+def eval_due(spec: TrainSpec, t, chunk_end, every: int | None = None):
+    """Whether the evaluation after step ``t`` (0-based) happens inside the chunk (``spec.eval_every``, or
+    ``every``): due every that many steps, except at the chunk's end, where the chunk's own evaluation runs
+    anyway."""
+    every = spec.eval_every if every is None else every
+    done = t + 1
+    return (every > 0) & (done % max(every, 1) == 0) & (done < chunk_end) & (done < spec.steps)
+
+
+def batch_eval_due(spec: TrainSpec, t, chunk_end):
+    """Whether only the fixed batch is evaluated after step ``t`` (``spec.batch_eval_every``, when no full
+    evaluation is due then)."""
+    cadence = spec.batch_eval_every if spec.fixed_batch else 0
+    return eval_due(spec, t, chunk_end, cadence) & ~eval_due(spec, t, chunk_end)
+
+
+def any_eval_due(spec: TrainSpec, t, chunk_end):
+    return eval_due(spec, t, chunk_end) | batch_eval_due(spec, t, chunk_end)
+
+
+def train_chunk(problem: Problem, spec: TrainSpec, state: State, hp: Hparams, arrays: Arrays, t0,
+                evaluate: Callable[[State], Any] | None = None, active=None):
+    """``spec.steps_per_call`` optimizer steps for one member, from global step ``t0``; steps past ``spec.steps``
+    are masked (no update), which lets every chunk reuse one compiled program. With ``spec.eval_every`` and
+    ``evaluate(state)``, the evaluations due inside the chunk run there too (``lax.cond`` on the step, which is
+    the same for every member, so under vmap only the due steps pay for it): a diagnostic that wants a curve of
+    evaluations is one chunk, hence one compiled program, instead of a chunk per evaluation."""
+    n_train = arrays.x_train.shape[0]
+    perm = _label_permutation(hp, n_train)
+    tx = make_optimizer(problem.optim, hp.lr, hp.weight_decay)
+    data_key = jax.random.key(hp.data_seed)
+    dropout_key = jax.random.fold_in(jax.random.key(hp.init_seed), 0xD809)  # its own stream, per member
+    budget = member_budget(spec, hp)
+    denom = jnp.maximum(budget - 1, 1).astype(jnp.float32)  # a ramp spans the member's own budget
+
+    def loss_and_rest(params, rest, x, y, key):
+        outputs, new_rest = problem.model.apply(params, rest, x, key=key, train=True,
+                                                regularization=spec.regularization)
+        return mean_loss(problem.loss_fn, outputs, y), new_rest
+
+    def step(state: State, t):
+        # i.i.d. minibatches: O(batch) per step whatever the dataset size, identical across reruns.
+        idx = jax.random.randint(jax.random.fold_in(data_key, t), (spec.batch_size,), 0, n_train)
+        if spec.fixed_batch:
+            # The fixed batch, repeated to fill the batch (batch_size is a multiple of it): the same mean loss,
+            # gradient and batch statistics as the batch alone, so its members share the program of the others.
+            fixed = arrays.fixed_index[jnp.arange(spec.batch_size) % spec.fixed_batch]
+            idx = jnp.where(hp.fixed_batch > 0, fixed, idx)
+        x = scale_inputs(arrays.x_train[idx], hp.input_scale)
+        y = arrays.y_train[perm[idx]]
+        lr_t = hp.lr * jnp.exp(hp.lr_growth * t.astype(jnp.float32) / denom)
+        (loss, new_rest), grads = jax.value_and_grad(loss_and_rest, has_aux=True)(
+            state.params, state.rest, x, y, jax.random.fold_in(dropout_key, t))
+        grad_norm = optax.tree.norm(grads)
+        opt_state = set_learning_rate(state.opt_state, lr_t)
+        updates, opt_state = tx.update(grads, opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        # How far the optimizer moves the weights: against lr x |g| and |params| it says whether the chain shrinks
+        # the steps (a clip threshold, a scale) whatever the learning rate.
+        update_norm, param_norm = optax.tree.norm(updates), optax.tree.norm(state.params)
+
+        in_range = (t < spec.steps) & (t < budget)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        now_bad = state.alive & ~finite & in_range
+        keep = state.alive & finite & in_range
+
+        def choose(new, old):
+            return jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, old)
+
+        new_state = State(
+            params=choose(params, state.params),
+            rest=choose(new_rest, state.rest),
+            opt_state=choose(opt_state, state.opt_state),
+            alive=state.alive & (finite | ~in_range),
+            first_nonfinite=jnp.where(now_bad, t.astype(jnp.int32), state.first_nonfinite),
+        )
+        recorded = jnp.where(state.alive & in_range, loss, jnp.nan)
+        evals = None
+        if evaluate is not None and (spec.eval_every > 0 or (spec.batch_eval_every > 0 and spec.fixed_batch)):
+            nan = jnp.full((), jnp.nan, jnp.float32)
+            end = t0 + spec.steps_per_call
+
+            def values(full):
+                return tuple(jnp.asarray(v, jnp.float32) for v in evaluate(new_state, full))
+
+            # Nested conds on the step (the same for every member): under vmap only the due steps pay.
+            evals = jax.lax.cond(eval_due(spec, t, end), lambda: values(True),
+                                 lambda: jax.lax.cond(batch_eval_due(spec, t, end), lambda: values(False),
+                                                      lambda: (nan,) * EVALUATIONS))
+        live = state.alive & in_range
+        return new_state, Records(recorded, jnp.where(in_range, grad_norm, jnp.nan), lr_t,
+                                  jnp.where(live, update_norm, jnp.nan), jnp.where(live, param_norm, jnp.nan), evals)
+
+    if spec.steps_per_call == 1:  # the host step loop: no while loop in the program (needs_host_step_loop)
+        new_state, rec = step(state, jnp.asarray(t0))
+        return new_state, jax.tree.map(lambda a: a[None], rec)
+    steps = t0 + jnp.arange(spec.steps_per_call)
+    if active is None:
+        return jax.lax.scan(step, state, steps)
+
+    # ``active[i]``: whether any member of this call still trains at step t0 + i (the same for every member, so
+    # under vmap the cond stays a branch): a call whose members are all past their budgets skips the step's
+    # compute. What a skipped step records is what a member past its budget records anyway, except the
+    # evaluations inside the chunk, which a request never reads past its own steps.
+    records = jax.eval_shape(step, state, steps[0])[1]
+
+    def skipped(state, t):
+        nan = jax.tree.map(lambda r: jnp.full(r.shape, jnp.nan, r.dtype), records)
+        lr_t = hp.lr * jnp.exp(hp.lr_growth * t.astype(jnp.float32) / denom)
+        return state, nan._replace(lr=lr_t.astype(records.lr.dtype))
+
+    def maybe(state, xs):
+        t, on = xs
+        return jax.lax.cond(on, step, skipped, state, t)
+
+    return jax.lax.scan(maybe, state, (steps, active))
+
+
+# What every evaluation returns: validation loss and accuracy, the loss on a fixed training subset, and the loss and
+# accuracy on the fixed batch (TrainSpec.fixed_batch; NaN without one).
+EVALUATIONS = 5
+
+
+def evaluate_member(problem: Problem, state: State, hp: Hparams, arrays: Arrays, x_fit, full: bool = True):
+    """Validation loss (and accuracy), the loss on a fixed training subset and, with a fixed batch, its loss and
+    accuracy, in evaluation mode. ``full=False``: the fixed batch only (the others NaN)."""
+    def model(x):
+        return problem.model(state.params, state.rest, scale_inputs(x, hp.input_scale))
+
+    perm = _label_permutation(hp, arrays.x_train.shape[0])
+    batch_loss = batch_acc = jnp.array(jnp.nan)
+    if arrays.fixed_index is not None:  # the fixed batch as its members train on it (their labels)
+        index = arrays.fixed_index
+        out_batch = model(arrays.x_train[index])
+        batch_labels = arrays.y_train[perm[index]]
+        batch_loss = mean_loss(problem.loss_fn, out_batch, batch_labels)
+        if problem.classification:
+            batch_acc = tasks.accuracy(out_batch, batch_labels)
+    if not full:
+        nan = jnp.array(jnp.nan)
+        return nan, nan, nan, batch_loss, batch_acc
+    out_val = model(arrays.x_val)
+    val_loss = mean_loss(problem.loss_fn, out_val, arrays.y_val)
+    if problem.classification:
+        val_acc = tasks.accuracy(out_val, arrays.y_val)
+    else:
+        val_acc = jnp.array(jnp.nan)
+    # The training-subset loss uses the labels the member trained on (permuted for the shuffled-label control).
+    fit_labels = arrays.y_train[perm[: x_fit.shape[0]]]
+    out_fit = model(x_fit)
+    fit_loss = mean_loss(problem.loss_fn, out_fit, fit_labels)
+    return val_loss, val_acc, fit_loss, batch_loss, batch_acc
+
+
+def make_train(problem: Problem, spec: TrainSpec) -> Callable:
+    """The pure program of one call: ``train(hparams, arrays, x_fit, active, state=None, t0=0) -> (state, records,
+    evaluation)`` for every member of ``hparams`` (vmapped): the members initialized (``state`` None) or continued
+    from ``state`` at global step ``t0``, ``spec.steps_per_call`` steps (:func:`train_chunk`, with the evaluations
+    due inside), then the evaluation at the chunk's end (:func:`evaluate_member` on ``arrays`` and the training
+    subset ``x_fit``). ``active``: whether any member trains at each step of the chunk. Initialization and the
+    first chunk are one program, so a diagnostic that fits in one chunk is one compile."""
+
+    def train(hparams: Hparams, arrays: Arrays, x_fit, active, state: State | None = None, t0=0):
+        def member(s, h):
+            if s is None:
+                s = init_member(problem, h, x_fit[:1])
+
+            def evaluate(st, full=True):
+                return evaluate_member(problem, st, h, arrays, x_fit, full)
+
+            s, rec = train_chunk(problem, spec, s, h, arrays, t0, evaluate, active)
+            return s, rec, evaluate(s)
+
+        return jax.vmap(member)(state, hparams)
+
+    return train

@@ -43,8 +43,8 @@ import time
 from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+# First, even when PYTHONPATH holds it already: sys.path[0] is scripts/, where this file would shadow the package.
+sys.path.insert(0, REPO)
 
 from zoo.setups import BUG, HEALTHY, Setup, select  # noqa: E402
 

@@ -54,6 +54,11 @@ FINDING_IDS: tuple[str, ...] = (
     "train.no_signal",
     "train.capacity",
     "train.learning_rate",
+    # The training monitor (harness.monitor): a run's own steps.
+    "train.nonfinite",
+    "train.grad_spike",
+    "train.loss_spike",
+    "train.update_ratio",
     "train.overfitting",
 )
 _ORDER = {fid: i for i, fid in enumerate(FINDING_IDS)}

@@ -1,0 +1,96 @@
+"""Watch your own training loop: statistics recorded inside your compiled step, judged on the host.
+
+    import harness.monitor as hm
+
+    tx = hm.monitor(optax.adam(1e-3))            # your optimizer, unchanged updates, statistics in its state
+    opt_state = tx.init(params)
+    watch = hm.Monitor(params)                   # names the parameter leaves
+    for step in range(steps):                    # or chunks of a lax.scan: read at least every `history` steps
+        params, opt_state, loss = train_step(params, opt_state, batch)   # tx.update(grads, s, params, value=loss)
+        watch.read(opt_state)
+    for finding in watch.findings():             # train.nonfinite, train.grad_spike, train.loss_spike, ...
+        print(finding.id, finding.message)
+
+In the graph (:mod:`.stats`): per parameter leaf, gradient, parameter and update norms and non-finite gradient
+counts, the global gradient norm and the loss, in ring buffers of the optimizer state; nothing leaves the device
+until :meth:`Monitor.read`. On the host (:mod:`.detectors`): each finding names the step and the layer.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from harness.findings import Finding
+from harness.models.adapters.base import slash_path
+from harness.monitor.detectors import Series, detect
+from harness.monitor.stats import DEFAULT_HISTORY, MonitorState, find_state, monitor
+
+__all__ = ["DEFAULT_HISTORY", "Monitor", "MonitorState", "Series", "monitor"]
+
+_FIELDS = ("loss", "loss_recorded", "grad_norm", "layer_grad_norm", "layer_param_norm", "layer_update_norm",
+           "layer_nonfinite")
+
+
+class Monitor:
+    """Host side of :func:`monitor`: :meth:`read` copies the steps recorded since the last read out of an
+    optimizer state; :meth:`series` and :meth:`findings` judge them. A state with a leading member axis (a vmapped
+    sweep) is read as one run per member."""
+
+    def __init__(self, params=None, paths: list[str] | None = None):
+        if paths is None and params is not None:
+            paths = [slash_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+        self.paths = paths
+        self._read = 0  # steps read so far
+        self._steps: list[int] = []
+        self._rows: dict[str, list[np.ndarray]] = {f: [] for f in _FIELDS}
+        self.lost: list[tuple[int, int]] = []  # [first, last) steps overwritten before they were read
+
+    def read(self, opt_state) -> int:
+        """Copy the steps recorded since the last read (one device-to-host transfer); returns how many."""
+        state = find_state(opt_state)
+        if state is None:
+            raise ValueError("no harness.monitor state in this optimizer state: build the optimizer with "
+                             "harness.monitor.monitor(tx)")
+        host = jax.device_get(state)
+        count = int(np.max(np.asarray(host.count)))
+        history = np.shape(host.loss)[-1]
+        if count <= self._read:
+            return 0
+        start = max(self._read, count - history)
+        if start > self._read:
+            self.lost.append((self._read, start))
+        if self.paths is None:
+            self.paths = [f"leaf{i}" for i in range(np.shape(host.layer_grad_norm)[-1])]
+        index = np.arange(start, count) % history
+        for f in _FIELDS:
+            values = np.asarray(getattr(host, f))
+            axis = values.ndim - (2 if f.startswith("layer_") else 1)  # the history axis (after any member axis)
+            self._rows[f].append(np.moveaxis(np.take(values, index, axis=axis), axis, 0))
+        self._steps.extend(range(start, count))
+        self._read = count
+        return count - start
+
+    def series(self) -> list[Series]:
+        """The steps read so far: one :class:`Series` per member (one for an unbatched run)."""
+        if not self._steps:
+            return []
+        rows = {f: np.concatenate(v, axis=0) for f, v in self._rows.items()}
+        steps = np.asarray(self._steps)
+        members = rows["loss"].shape[1:]  # () or (members,)
+        if not members:
+            return [Series(steps, **rows, paths=self.paths)]
+        return [Series(steps, **{f: v[:, m] for f, v in rows.items()}, paths=self.paths)
+                for m in range(members[0])]
+
+    def findings(self) -> list[Finding]:
+        """The detectors' findings (:mod:`.detectors`) for every member; steps that were overwritten before a read
+        are named in each finding's evidence."""
+        runs = self.series()
+        out = []
+        for m, s in enumerate(runs):
+            for f in detect(s, f"member {m}: " if len(runs) > 1 else ""):
+                if self.lost:
+                    f.evidence["steps_not_read"] = [list(span) for span in self.lost]
+                out.append(f)
+        return out

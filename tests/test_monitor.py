@@ -1,0 +1,203 @@
+"""The training monitor in a user's own loop (harness.monitor): the wrapped optimizer's updates are unchanged, the
+statistics survive jit, lax.scan chunks and vmap, and each detector fires on its planted failure, naming the step
+and the layer, and stays silent on a healthy run with a warm-up and a decaying learning rate."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import harness.monitor as hm
+from harness.data import builtin, dataset
+
+BATCH = 64
+
+
+@pytest.fixture(scope="module")
+def digits():
+    ds = dataset.from_mapping(builtin.digits())
+    x, y, *_ = ds.training_arrays()
+    return np.asarray(x, np.float32), np.asarray(y, np.int32)
+
+
+def init_mlp(key, sizes=(64, 64, 64, 10)):
+    keys = jax.random.split(key, len(sizes) - 1)
+    return {f"dense{i}": {"kernel": jax.random.normal(k, (a, b)) * np.sqrt(2 / a), "bias": jnp.zeros(b)}
+            for i, (k, a, b) in enumerate(zip(keys, sizes[:-1], sizes[1:]))}
+
+
+def forward(params, x, cut=None):
+    h = x
+    for i in range(len(params)):
+        layer = params[f"dense{i}"]
+        if cut == i:  # planted: this layer's parameters are cut off from the loss
+            layer = jax.lax.stop_gradient(layer)
+        h = h @ layer["kernel"] + layer["bias"]
+        if i < len(params) - 1:
+            h = jax.nn.relu(h)
+    return h
+
+
+def stable_ce(logits, y):
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1))
+
+
+def naive_ce(logits, y):  # planted: log of a probability that can underflow to exactly 0
+    return -jnp.mean(jnp.log(jnp.take_along_axis(jax.nn.softmax(logits), y[:, None], axis=1)))
+
+
+def batches(x, y, steps, seed=0, outlier_step=None, outlier_scale=1.0, corrupt_labels=False):
+    """Random batches; ``outlier_step``'s inputs scaled by ``outlier_scale`` (and its labels shifted by one class
+    with ``corrupt_labels``: a corrupted shard)."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(x), (steps, BATCH))
+    xs, ys = x[idx], y[idx]
+    if outlier_step is not None:
+        xs[outlier_step] *= outlier_scale
+        if corrupt_labels:
+            ys[outlier_step] = (ys[outlier_step] + 1) % 10
+    return jnp.asarray(xs), jnp.asarray(ys)
+
+
+def make_chunk(tx, loss=stable_ce, cut=None):
+    """The user's own training loop: a jitted lax.scan over a chunk of batches."""
+
+    @jax.jit
+    def chunk(params, opt_state, xs, ys):
+        def body(carry, batch):
+            params, opt_state = carry
+            value, grads = jax.value_and_grad(lambda p: loss(forward(p, batch[0], cut), batch[1]))(params)
+            updates, opt_state = tx.update(grads, opt_state, params, value=value)
+            return (optax.apply_updates(params, updates), opt_state), value
+
+        return jax.lax.scan(body, (params, opt_state), (xs, ys))
+
+    return chunk
+
+
+def run(tx, x, y, steps=400, chunk=100, loss=stable_ce, cut=None, **batch_kwargs):
+    """Train in chunks of ``chunk`` steps, reading the monitor between chunks (the way a scan-based loop would)."""
+    params = init_mlp(jax.random.key(0))
+    opt_state = tx.init(params)
+    watch = hm.Monitor(params)
+    xs, ys = batches(x, y, steps, **batch_kwargs)
+    step_chunk = make_chunk(tx, loss, cut)
+    for start in range(0, steps, chunk):
+        (params, opt_state), _ = step_chunk(params, opt_state, xs[start:start + chunk], ys[start:start + chunk])
+        watch.read(opt_state)
+    return watch
+
+
+def ids(watch):
+    return [f.id for f in watch.findings()]
+
+
+def test_updates_are_the_inner_optimizers_and_the_statistics_are_right(digits):
+    x, y = digits
+    params = init_mlp(jax.random.key(0))
+    xs, ys = batches(x, y, 30)
+    plain, watched = optax.adam(1e-3), hm.monitor(optax.adam(1e-3))
+    (p1, _), _ = make_chunk(plain)(params, plain.init(params), xs, ys)
+    (p2, state), losses = make_chunk(watched)(params, watched.init(params), xs, ys)
+    jax.tree.map(np.testing.assert_array_equal, p1, p2)  # bitwise: the monitor only reads
+    watch = hm.Monitor(params)
+    assert watch.read(state) == 30 and watch.read(state) == 0
+    [s] = watch.series()
+    assert watch.paths == ["dense0/bias", "dense0/kernel", "dense1/bias", "dense1/kernel", "dense2/bias",
+                           "dense2/kernel"]
+    np.testing.assert_allclose(s.loss, losses, rtol=1e-6)
+    grads = jax.grad(lambda p: stable_ce(forward(p, xs[0]), ys[0]))(params)
+    np.testing.assert_allclose(s.layer_grad_norm[0], [np.linalg.norm(g) for g in jax.tree.leaves(grads)], rtol=1e-5)
+    np.testing.assert_allclose(s.grad_norm[0], np.sqrt(np.sum(s.layer_grad_norm[0] ** 2)), rtol=1e-6)
+    np.testing.assert_allclose(s.layer_param_norm[0], [np.linalg.norm(p) for p in jax.tree.leaves(params)],
+                               rtol=1e-6)
+    assert np.all(s.layer_update_norm > 0) and np.all(s.layer_nonfinite == 0)
+
+
+def test_a_healthy_run_with_warmup_and_decay_is_silent(digits):
+    x, y = digits
+    schedule = optax.warmup_cosine_decay_schedule(0.0, 3e-3, warmup_steps=50, decay_steps=600)
+    assert ids(run(hm.monitor(optax.adamw(schedule)), x, y, steps=600)) == []
+    assert ids(run(hm.monitor(optax.sgd(0.05, momentum=0.9)), x, y, steps=400)) == []
+
+
+def test_log0_in_a_hand_written_loss_late_in_training_is_nonfinite_at_its_step(digits):
+    """A corrupted batch at step 300 (inputs x1e4, labels wrong) drives the logits so far that the naive loss's
+    softmax gives the labelled class exactly 0: log(0)."""
+    x, y = digits
+    corrupted = dict(outlier_step=300, outlier_scale=1e4, corrupt_labels=True)
+    watch = run(hm.monitor(optax.adam(1e-3)), x, y, loss=naive_ce, **corrupted)
+    [first] = watch.findings()
+    assert first.id == "train.nonfinite" and first.severity.value == "error"
+    assert first.evidence["step"] == 300 and first.evidence["stage"] == "forward pass or loss"
+    assert first.evidence["last_finite_step"] == 299 and "step 300" in first.message
+    # The stable loss on the same batches stays finite: the spike is all that is left to see.
+    stable = run(hm.monitor(optax.adam(1e-3)), x, y, **corrupted)
+    assert "train.nonfinite" not in ids(stable) and "train.loss_spike" in ids(stable)
+
+
+def test_a_gradient_spike_names_its_step_and_layer(digits):
+    x, y = digits
+    watch = run(hm.monitor(optax.adam(1e-3)), x, y, outlier_step=250, outlier_scale=30.0)
+    spike = next(f for f in watch.findings() if f.id == "train.grad_spike")
+    assert spike.severity.value == "warning" and spike.evidence["step"] == 250
+    assert spike.evidence["layer"] in watch.paths and spike.evidence["grad_norm"] > 5 * spike.evidence["median_before"]
+
+
+def test_frozen_layers_are_named_with_why(digits):
+    x, y = digits
+    labels = {f"dense{i}": {"kernel": "freeze" if i == 1 else "train", "bias": "train"} for i in range(3)}
+    masked = hm.monitor(optax.multi_transform({"train": optax.adam(1e-3), "freeze": optax.set_to_zero()}, labels))
+    [finding] = run(masked, x, y, steps=200).findings()
+    assert finding.id == "train.update_ratio" and finding.evidence["not_applied"] == ["dense1/kernel"]
+    [cut] = run(hm.monitor(optax.adam(1e-3)), x, y, steps=200, cut=2).findings()  # stop_gradient on dense2
+    assert cut.evidence["no_gradient"] == ["dense2/bias", "dense2/kernel"] and "receive no gradient" in cut.message
+
+
+def test_a_layer_learning_far_too_fast_is_named():
+    """Judged on recorded statistics: on the digits MLP even plain SGD at 10 on one layer stays near 1e-2 (the
+    loss falls, and the gradient with it), so sustained ratios above 0.1 are rare and worth naming."""
+    n, steps = 3, np.arange(60)
+    param = np.ones((60, n))
+    update = np.tile([1e-3, 0.5, 2e-3], (60, 1))
+    series = hm.Series(steps, np.linspace(2, 1, 60), np.ones(60, bool), np.ones(60), np.ones((60, n)), param,
+                       update, np.zeros((60, n), int), ["a", "b", "c"])
+    [finding] = hm.detectors.detect(series)
+    assert finding.id == "train.update_ratio" and finding.evidence["layers"] == ["b"]
+    assert finding.evidence["ratio"] == pytest.approx(0.5)
+    series.layer_update_norm = np.full((60, n), 1e-3)
+    assert hm.detectors.detect(series) == []
+
+
+def test_vmapped_members_are_read_as_runs_of_their_own(digits):
+    x, y = digits
+    tx = hm.monitor(optax.adam(1e-3))
+    xs, ys = batches(x, y, 300)
+    scale = jnp.ones((2, 300, 1, 1)).at[1, 200].set(1e4)  # member 1 meets the outlier batch at step 200
+    params = jax.vmap(init_mlp)(jax.random.split(jax.random.key(0), 2))
+    states = jax.vmap(tx.init)(params)
+    chunk = make_chunk(tx, naive_ce)
+    (params, states), _ = jax.vmap(chunk, in_axes=(0, 0, 0, None))(params, states, xs * scale, ys)
+    watch = hm.Monitor(jax.tree.map(lambda a: a[0], params))
+    watch.read(states)
+    assert len(watch.series()) == 2
+    [finding] = watch.findings()
+    assert finding.id == "train.nonfinite" and finding.message.startswith("member 1: ")
+    assert finding.evidence["step"] == 200
+
+
+def test_steps_overwritten_before_a_read_are_reported(digits):
+    x, y = digits
+    tx = hm.monitor(optax.adam(1e-3), history=16)
+    params = init_mlp(jax.random.key(0))
+    xs, ys = batches(x, y, 40, outlier_step=39, outlier_scale=1e4)
+    (params, state), _ = make_chunk(tx, naive_ce)(params, tx.init(params), xs, ys)
+    watch = hm.Monitor(params)
+    assert watch.read(state) == 16 and watch.lost == [(0, 24)]
+    [finding] = watch.findings()
+    assert finding.evidence["step"] == 39 and finding.evidence["steps_not_read"] == [[0, 24]]
+    with pytest.raises(ValueError, match="harness.monitor.monitor"):
+        hm.Monitor().read(optax.adam(1e-3).init(params))

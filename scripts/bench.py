@@ -15,6 +15,7 @@ Sections (each prints ratios measured side by side in this one run, since shared
             called once per LR; achieved FLOP/s of the vmapped program (XLA's cost analysis / run time)
   floor     the LR grid written by hand in plain JAX (no harness engine) and the import time of jax, flax and
             optax: with the default run's training time, a floor for a warm run on this machine
+  monitor   the training monitor's overhead (harness.monitor) on a user's own jitted scan loop, plain vs monitored
   sweep     a 16-point sweep (4 learning rates x 4 seeds) of the reference job three ways: collapsed into vmapped
             programs, the same sweep with collapse=false, and one process per point (a shell loop, as job arrays
             and sweep agents do)
@@ -208,6 +209,61 @@ def bench_floor() -> dict:
     return {"plain_jax_grid_seconds": run, "plain_jax_gflops": flops / run / 1e9, "import_seconds": imports}
 
 
+def bench_monitor() -> dict:
+    """The training monitor's overhead on a user's own loop (harness.monitor): the reference MLP (64-128-128-10)
+    trained with Adam as one jitted lax.scan of 500 steps, batch 128, with and without ``hm.monitor`` around the
+    optimizer (the loss passed as ``value=``), best of five runs each, interleaved; also a depth-8 MLP, where the
+    per-leaf statistics are more leaves per FLOP. The reads between chunks are one transfer per chunk and are not
+    timed."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    import harness.monitor as hm
+
+    batch, steps = 128, 500
+    x_all = jax.random.normal(jax.random.key(0), (1348, 64))
+    y_all = jax.random.randint(jax.random.key(1), (1348,), 0, 10)
+    out = {}
+    for label, sizes in (("reference", (64, 128, 128, 10)), ("depth8", (64,) + (128,) * 8 + (10,))):
+        def loss_fn(params, x, y):
+            h = x
+            for i, (w, b) in enumerate(params):
+                h = h @ w + b
+                h = jax.nn.relu(h) if i < len(params) - 1 else h
+            return optax.softmax_cross_entropy_with_integer_labels(h, y).mean()
+
+        keys = jax.random.split(jax.random.key(2), len(sizes) - 1)
+        params = [(jax.random.normal(k, (a, b)) / np.sqrt(a), jnp.zeros(b))
+                  for k, a, b in zip(keys, sizes[:-1], sizes[1:])]
+
+        def program(tx):
+            def train(params):
+                def step(carry, t):
+                    params, opt_state = carry
+                    idx = jax.random.randint(jax.random.fold_in(jax.random.key(3), t), (batch,), 0, 1348)
+                    loss, grads = jax.value_and_grad(loss_fn)(params, x_all[idx], y_all[idx])
+                    updates, opt_state = tx.update(grads, opt_state, params, value=loss)
+                    return (optax.apply_updates(params, updates), opt_state), loss
+
+                return jax.lax.scan(step, (params, tx.init(params)), jnp.arange(steps))
+
+            compiled = jax.jit(train).lower(params).compile()
+            jax.block_until_ready(compiled(params))
+            return compiled
+
+        plain = program(optax.with_extra_args_support(optax.adam(1e-3)))
+        watched = program(hm.monitor(optax.adam(1e-3)))
+        times = {"plain": [], "monitored": []}
+        for _ in range(5):
+            times["plain"].append(_timed(lambda: jax.block_until_ready(plain(params))))
+            times["monitored"].append(_timed(lambda: jax.block_until_ready(watched(params))))
+        out[label] = {k: min(v) for k, v in times.items()}
+        out[label]["overhead"] = out[label]["monitored"] / out[label]["plain"] - 1
+    return out
+
+
 def _timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -335,7 +391,7 @@ def bench_families(workdir: str, warm_runs: int = 3) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="machine,default,models,grid,floor,sweep,families")
+    parser.add_argument("--only", default="machine,default,models,grid,floor,monitor,sweep,families")
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--model-warm-runs", type=int, default=2, help="warm rounds of the models section")
     args = parser.parse_args()
@@ -401,6 +457,11 @@ def main():
                   f"plain-JAX throughput ({ratio:.2f}x the engine's time) that is {sequential * ratio:.1f} s, so a "
                   f"warm run cannot take less than about {floor:.1f} s here "
                   f"(target {0.35 * PYTORCH_PROCESS_SECONDS:.1f} s)")
+    if "monitor" in only:
+        mon = results["monitor"] = bench_monitor()
+        for label, r in mon.items():
+            print(f"monitor ({label} MLP, 500 Adam steps in one jitted scan): {r['plain'] * 1e3:.0f} ms plain, "
+                  f"{r['monitored'] * 1e3:.0f} ms with harness.monitor: {r['overhead']:+.1%} (target under 10%)")
     if "sweep" in only:
         s = results["sweep"] = bench_sweep(workdir)
         print(f"16-point sweep (4 LRs x 4 seeds): collapsed {s['collapsed_seconds']:.1f} s, collapse=false "

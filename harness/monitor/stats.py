@@ -9,8 +9,8 @@ at least every ``history`` steps.
 
 What is recorded per step, the quantities the seeds' checklists monitor (seeds 000-002; CS231n, "Babysitting the
 learning process": the update-to-weight ratio per layer): the loss (when the step passes ``value=loss``, optax's
-extra-argument convention), the global gradient norm, and per leaf the gradient, parameter and update norms and the
-count of non-finite gradient entries.
+extra-argument convention), the global gradient norm, and per leaf the gradient, parameter and update norms and whether
+its gradient holds a non-finite entry.
 """
 
 from __future__ import annotations
@@ -33,12 +33,17 @@ class MonitorState(NamedTuple):
     layer_grad_norm: jax.Array  # (history, leaves)
     layer_param_norm: jax.Array  # (history, leaves) before the step
     layer_update_norm: jax.Array  # (history, leaves)
-    layer_nonfinite: jax.Array  # (history, leaves) non-finite gradient entries
+    layer_nonfinite: jax.Array  # (history, leaves) 1 where the leaf's gradient holds a non-finite entry
 
 
 def _norm(x) -> jax.Array:
     x = jnp.asarray(x, jnp.float32)
     return jnp.sqrt(jnp.sum(x * x))
+
+
+def _leaf_norms(tree) -> jax.Array:
+    leaves = jax.tree.leaves(tree)
+    return jnp.stack([_norm(x) for x in leaves]) if leaves else jnp.zeros((0,), jnp.float32)
 
 
 def monitor(inner: optax.GradientTransformation, history: int = DEFAULT_HISTORY
@@ -63,15 +68,11 @@ def monitor(inner: optax.GradientTransformation, history: int = DEFAULT_HISTORY
     def update_fn(updates, state: MonitorState, params=None, **extra_args):
         grads = updates
         new_updates, inner_state = inner.update(updates, state.inner, params, **extra_args)
-        grad_leaves, update_leaves = jax.tree.leaves(grads), jax.tree.leaves(new_updates)
-        layer_grad = jnp.stack([_norm(g) for g in grad_leaves]) if grad_leaves else jnp.zeros((0,))
-        layer_update = jnp.stack([_norm(u) for u in update_leaves]) if update_leaves else jnp.zeros((0,))
-        if params is None:
-            layer_param = jnp.full(layer_grad.shape, jnp.nan, jnp.float32)
-        else:
-            layer_param = jnp.stack([_norm(p) for p in jax.tree.leaves(params)]) if grad_leaves else jnp.zeros((0,))
-        nonfinite = (jnp.stack([jnp.sum(~jnp.isfinite(g)).astype(jnp.int32) for g in grad_leaves])
-                     if grad_leaves else jnp.zeros((0,), jnp.int32))
+        layer_grad, layer_update = _leaf_norms(grads), _leaf_norms(new_updates)
+        layer_param = jnp.full(layer_grad.shape, jnp.nan) if params is None else _leaf_norms(params)
+        # A leaf holds a non-finite gradient entry exactly when its norm is non-finite (or the sum of squares
+        # overflowed, past 1e19 per entry): no extra pass over the gradient.
+        nonfinite = (~jnp.isfinite(layer_grad)).astype(jnp.int32)
         value = extra_args.get("value")
         loss = jnp.nan if value is None else jnp.asarray(value, jnp.float32).reshape(())
         i = state.count % history

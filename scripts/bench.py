@@ -304,7 +304,7 @@ MODELS = {
 COLD_ONLY = {"cnn"}  # the CNN's full suite takes tens of minutes on 2 cores: measured once
 
 
-def bench_models(workdir: str, warm_runs: int = 2) -> dict:
+def bench_models(workdir: str, warm_runs: int = 2, names: list[str] | None = None) -> dict:
     """The default run on each of MODELS as a fresh process: cold (its own empty cache), then ``warm_runs`` warm
     rounds through the models in turn (the fastest is reported: these machines are noisy and a warm run cannot be
     slower than the machine allows; COLD_ONLY models are measured cold only). Compile share: seconds spent
@@ -316,14 +316,15 @@ def bench_models(workdir: str, warm_runs: int = 2) -> dict:
         seconds = run_process(harness_command("logger=none", *MODELS[name]), workdir, cache)
         return seconds, latest_report(workdir)
 
-    for name in MODELS:
+    names = list(MODELS) if names is None else names
+    for name in names:
         shutil.rmtree(os.path.join(workdir, f"jax-cache-model-{name}"), ignore_errors=True)
         seconds, report = one(name)
         out[name] = dict(cold_seconds=seconds, status=report["status"], cold_programs=report["programs"],
                          cold_in_process_seconds=report["seconds"], warm_runs=[], warm_in_process=[],
                          warm_compile=[])
     for _ in range(warm_runs):
-        for name in MODELS:
+        for name in names:
             if name in COLD_ONLY:
                 continue
             seconds, report = one(name)
@@ -394,6 +395,8 @@ def main():
     parser.add_argument("--only", default="machine,default,models,grid,floor,monitor,sweep,families")
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--model-warm-runs", type=int, default=2, help="warm rounds of the models section")
+    parser.add_argument("--models", default=None,
+                        help=f"comma-separated models of the models section (default all: {','.join(MODELS)})")
     args = parser.parse_args()
     only = set(args.only.split(","))
     workdir = tempfile.mkdtemp(prefix="harness-bench-")
@@ -422,7 +425,10 @@ def main():
         for name, seconds in d["diagnostic_seconds"].items():
             print(f"  diagnostic {name:16s} {seconds:6.2f} s")
     if "models" in only:
-        m = results["models"] = bench_models(workdir, args.model_warm_runs)
+        chosen = None if args.models is None else ["reference", *(n for n in args.models.split(",") if n != "reference")]
+        if chosen is not None and set(chosen) - set(MODELS):
+            parser.error(f"--models: unknown {sorted(set(chosen) - set(MODELS))}; known: {', '.join(MODELS)}")
+        m = results["models"] = bench_models(workdir, args.model_warm_runs, chosen)
         ref = m["reference"]
         print(f"models: the default suite as a fresh process (sequential PyTorch on the reference job: "
               f"{PYTORCH_PROCESS_SECONDS:.0f} s; targets: each within 3x of the reference MLP, compile share < 1/2)")

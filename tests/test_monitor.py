@@ -201,3 +201,34 @@ def test_steps_overwritten_before_a_read_are_reported(digits):
     assert finding.evidence["step"] == 39 and finding.evidence["steps_not_read"] == [[0, 24]]
     with pytest.raises(ValueError, match="harness.monitor.monitor"):
         hm.Monitor().read(optax.adam(1e-3).init(params))
+
+
+def val_loss_fn(params, x, y):
+    return float(stable_ce(forward(params, x), y))
+
+
+def test_overfitting_names_the_step_where_validation_turned(digits):
+    """64 training examples, a 256-wide MLP, 1500 steps: it memorizes them and the validation loss turns up; on the
+    whole training set the same run is silent."""
+    x, y = digits
+    x_val, y_val = jnp.asarray(x[1000:]), jnp.asarray(y[1000:])
+
+    def watched(n_train, steps=1500):
+        tx = hm.monitor(optax.adam(1e-3))
+        params = init_mlp(jax.random.key(0), (64, 256, 256, 10))
+        opt_state = tx.init(params)
+        watch = hm.Monitor(params)
+        xs, ys = batches(x[:n_train], y[:n_train], steps)
+        chunk = make_chunk(tx)
+        for start in range(0, steps, 100):
+            (params, opt_state), _ = chunk(params, opt_state, xs[start:start + 100], ys[start:start + 100])
+            watch.read(opt_state)
+            watch.validation(val_loss_fn(params, x_val, y_val))
+        return watch
+
+    small = watched(64)
+    [finding] = [f for f in small.findings() if f.id == "train.overfitting"]
+    assert finding.severity.value == "warning" and finding.evidence["step"] < 1400
+    assert finding.evidence["final_val_loss"] > 1.1 * finding.evidence["best_val_loss"]
+    assert finding.evidence["final_train_loss"] < finding.evidence["train_loss_at_turn"]
+    assert "overfitting" not in " ".join(ids(watched(1000, steps=600)))

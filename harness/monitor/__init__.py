@@ -8,11 +8,12 @@
     for step in range(steps):                    # or chunks of a lax.scan: read at least every `history` steps
         params, opt_state, loss = train_step(params, opt_state, batch)   # tx.update(grads, s, params, value=loss)
         watch.read(opt_state)
+        watch.validation(val_loss)               # optional: for the overfitting detector
     for finding in watch.findings():             # train.nonfinite, train.grad_spike, train.loss_spike, ...
         print(finding.id, finding.message)
 
-In the graph (:mod:`.stats`): per parameter leaf, gradient, parameter and update norms and non-finite gradient
-counts, the global gradient norm and the loss, in ring buffers of the optimizer state; nothing leaves the device
+In the graph (:mod:`.stats`): per parameter leaf, gradient, parameter and update norms and whether its gradient
+holds a non-finite entry, the global gradient norm and the loss, in ring buffers of the optimizer state; nothing leaves the device
 until :meth:`Monitor.read`. On the host (:mod:`.detectors`): each finding names the step and the layer.
 """
 
@@ -45,6 +46,7 @@ class Monitor:
         self._steps: list[int] = []
         self._rows: dict[str, list[np.ndarray]] = {f: [] for f in _FIELDS}
         self.lost: list[tuple[int, int]] = []  # [first, last) steps overwritten before they were read
+        self._val: list[tuple[int, np.ndarray]] = []
 
     def read(self, opt_state) -> int:
         """Copy the steps recorded since the last read (one device-to-host transfer); returns how many."""
@@ -71,16 +73,24 @@ class Monitor:
         self._read = count
         return count - start
 
+    def validation(self, loss, step: int | None = None) -> None:
+        """Record a validation loss (one per member for a vmapped run) measured after ``step`` (default: the last
+        step read): the overfitting detector compares it with the training loss."""
+        self._val.append((self._read - 1 if step is None else int(step), np.asarray(loss, np.float64)))
+
     def series(self) -> list[Series]:
         """The steps read so far: one :class:`Series` per member (one for an unbatched run)."""
         if not self._steps:
             return []
         rows = {f: np.concatenate(v, axis=0) for f, v in self._rows.items()}
         steps = np.asarray(self._steps)
+        val_steps = np.asarray([step for step, _ in self._val]) if self._val else None
+        val = np.stack([loss for _, loss in self._val]) if self._val else None
         members = rows["loss"].shape[1:]  # () or (members,)
         if not members:
-            return [Series(steps, **rows, paths=self.paths)]
-        return [Series(steps, **{f: v[:, m] for f, v in rows.items()}, paths=self.paths)
+            return [Series(steps, **rows, paths=self.paths, val_steps=val_steps, val_loss=val)]
+        return [Series(steps, **{f: v[:, m] for f, v in rows.items()}, paths=self.paths, val_steps=val_steps,
+                       val_loss=None if val is None else (val if val.ndim == 1 else val[:, m]))
                 for m in range(members[0])]
 
     def findings(self) -> list[Finding]:

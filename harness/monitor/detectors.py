@@ -42,6 +42,8 @@ class Series:
     layer_update_norm: np.ndarray  # (n, leaves)
     layer_nonfinite: np.ndarray  # (n, leaves)
     paths: list[str]
+    val_steps: np.ndarray | None = None  # (v,) steps at which a validation loss was recorded (Monitor.validation)
+    val_loss: np.ndarray | None = None  # (v,)
 
 
 def _named(paths: list[str], index) -> list[str]:
@@ -192,7 +194,54 @@ def update_ratio(s: Series, where: str = "") -> Finding | None:
     return None
 
 
-DETECTORS = (nonfinite, grad_spike, loss_spike, update_ratio)
+# Overfitting: the validation loss, smoothed over OVERFIT_SMOOTH evaluations, ends more than OVERFIT_RISE above its
+# minimum, and the evaluation before the last is above it by half that (a rise, not one noisy evaluation), while
+# the training loss kept falling.
+OVERFIT_SMOOTH = 3
+OVERFIT_RISE = 0.1
+MIN_EVALUATIONS = 5
+
+
+def _smooth(x: np.ndarray, k: int) -> np.ndarray:
+    """Running median of ``k`` (ends: what is there)."""
+    return np.asarray([np.median(x[max(0, i - k // 2):i + k // 2 + 1]) for i in range(len(x))])
+
+
+def overfitting(s: Series, where: str = "") -> Finding | None:
+    """Validation loss rising while the training loss falls, and the step where it turned (seeds 000/001: "val
+    loss going up while train loss goes down: overfitting")."""
+    if s.val_loss is None or len(s.val_loss) < MIN_EVALUATIONS or not s.loss_recorded.any():
+        return None
+    val = _smooth(np.asarray(s.val_loss, float), OVERFIT_SMOOTH)
+    best = int(np.nanargmin(val))
+    if best >= len(val) - 2:
+        return None
+    floor = val[best]
+    if not (val[-1] > floor * (1 + OVERFIT_RISE) and val[-2] > floor * (1 + OVERFIT_RISE / 2)):
+        return None
+    recorded = s.loss_recorded & np.isfinite(s.loss)
+    steps, loss = s.steps[recorded], s.loss[recorded]
+    turn = int(s.val_steps[best])
+
+    def train_near(step):  # the median training loss over the WINDOW steps up to ``step``
+        near = loss[(steps <= step) & (steps > step - WINDOW)]
+        return float(np.median(near)) if near.size else float("nan")
+
+    at_turn, at_end = train_near(turn), train_near(int(steps[-1]))
+    if not at_end < at_turn:
+        return None  # both rising: not overfitting (the loss spike and divergence detectors speak to that)
+    return warning(
+        "train.overfitting",
+        f"{where}the model overfits from step {turn}: validation loss {floor:.4g} there, {val[-1]:.4g} at step "
+        f"{int(s.val_steps[-1])} ({val[-1] / floor - 1:+.0%}), while the training loss kept falling "
+        f"({at_turn:.4g} to {at_end:.4g})",
+        "Stop at the turn (early stopping, or keep the checkpoint of that step); more data or augmentation, "
+        "regularization (weight decay, dropout) or a smaller model move the turn later.",
+        step=turn, best_val_loss=float(floor), final_val_loss=float(val[-1]),
+        final_step=int(s.val_steps[-1]), train_loss_at_turn=at_turn, final_train_loss=at_end)
+
+
+DETECTORS = (nonfinite, grad_spike, loss_spike, update_ratio, overfitting)
 
 
 def detect(s: Series, where: str = "") -> list[Finding]:
@@ -201,7 +250,10 @@ def detect(s: Series, where: str = "") -> list[Finding]:
     first = nonfinite(s, where)
     if first is not None:
         cut = int(np.searchsorted(s.steps, first.evidence["step"]))
-        s = Series(*(getattr(s, f.name)[:cut] if f.name != "paths" else s.paths
-                     for f in dataclasses.fields(Series)))
+        keep = None if s.val_steps is None else np.asarray(s.val_steps) < first.evidence["step"]
+        s = dataclasses.replace(
+            s, **{f.name: getattr(s, f.name)[:cut] for f in dataclasses.fields(Series)
+                  if f.name not in ("paths", "val_steps", "val_loss")},
+            val_steps=None if keep is None else s.val_steps[keep], val_loss=None if keep is None else s.val_loss[keep])
     found = [first] + [d(s, where) for d in DETECTORS[1:]] if len(s.steps) else [first]
     return [f for f in found if f is not None]

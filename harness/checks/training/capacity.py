@@ -53,11 +53,10 @@ from harness.checks.base import Context, Outcome, Plot, require_at_least
 from harness.checks.training import seeds
 from harness.checks.training.seeds import headline_first
 from harness.engine.core import Hparams, Problem
-from harness.engine.driver import SweepResult
+from harness.engine.driver import SweepResult, needs_host_step_loop, train_members
+from harness.engine.table import Request
 from harness.errors import HarnessError
 from harness.findings import warning
-from harness.engine.table import Request
-from harness.engine.driver import needs_host_step_loop, train_members
 from harness.models.adapters import FromMember
 
 AUTO_RUNGS = 6
@@ -210,7 +209,7 @@ def table_rungs(ctx: Context, settings: Settings, rungs: list[Rung], configured:
     with: the width-masked model at the configured size, whose width-0 members are the configured model itself,
     so the table's other rows train with it too and the ladder needs no program of its own. A small rung then
     costs a configured member's FLOPs instead of a quarter of them, which a compile saved repays when the model
-    trains in one scan (the reference job: about 0.5 s more training for 1.4 s of compile). Through the host
+    trains in one scan (README "Performance" has the reference job's figures). Through the host
     step loop (convolutions on CPU) a member-step costs far more than that compile, and the smaller rungs train at
     the widest of them instead. None when masking does not apply, or there is no member table (a collapsed
     multirun's trainer merges requests across sweep points instead)."""

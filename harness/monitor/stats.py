@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from harness.models.adapters.base import nodes_of_type
+
 DEFAULT_HISTORY = 256
 
 
@@ -89,13 +91,5 @@ def monitor(inner: optax.GradientTransformation, history: int = DEFAULT_HISTORY
 def find_state(opt_state) -> MonitorState | None:
     """The :class:`MonitorState` in an optimizer state (the monitor may be wrapped in a chain, or
     ``inject_hyperparams``); None when there is none."""
-    found = []
-
-    def visit(node):
-        if isinstance(node, MonitorState):
-            found.append(node)
-            return True
-        return False
-
-    jax.tree_util.tree_flatten(opt_state, is_leaf=visit)
+    found = nodes_of_type(opt_state, (MonitorState,))
     return found[0] if found else None

@@ -91,8 +91,8 @@ def attribute_path(path) -> str:
     return jax.tree_util.keystr(tuple(path)).lstrip(".")
 
 
-def contains_leaf_type(tree, types: tuple[type, ...]) -> bool:
-    """True when any node of ``tree`` (modules included) is an instance of ``types``."""
+def nodes_of_type(tree, types: tuple[type, ...]) -> list:
+    """The nodes of ``tree`` (modules and states included) that are instances of ``types``, outermost first."""
     found = []
 
     def visit(node):
@@ -102,7 +102,12 @@ def contains_leaf_type(tree, types: tuple[type, ...]) -> bool:
         return False
 
     jax.tree_util.tree_flatten(tree, is_leaf=visit)
-    return bool(found)
+    return found
+
+
+def contains_leaf_type(tree, types: tuple[type, ...]) -> bool:
+    """True when any node of ``tree`` (modules included) is an instance of ``types``."""
+    return bool(nodes_of_type(tree, types))
 
 
 def call_mode_kwargs(signature_names: set[str], train: bool, regularization: bool) -> dict[str, bool]:

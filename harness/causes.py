@@ -219,4 +219,5 @@ def not_ruled_out(outcomes, settings: dict) -> list[str]:
         return []  # the suite trained as long as the user does
     return [f"{said}; a longer run may still diverge (a loss that reaches log(0) or overflows after thousands of "
             f"steps), and a plateau or overfitting later in training is not judged. Train {yours} with "
-            f"`harness diagnostics.run=[seeds] diagnostics.seeds.steps={horizon or '<steps>'}` (now {length})."]
+            f"`harness diagnostics.run=[seeds] diagnostics.seeds.steps={horizon or '<steps>'}` (now {length}), or "
+            f"watch your own run with `harness.monitor` (README)."]

@@ -40,7 +40,6 @@ def needs_host_step_loop(problem: Problem) -> bool:
     return jax.default_backend() == "cpu" and problem.model.convolutions
 
 
-
 @dataclasses.dataclass
 class SweepResult:
     """Host-side results, one row per member (numpy arrays)."""

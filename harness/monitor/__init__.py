@@ -54,7 +54,8 @@ class Monitor:
         if state is None:
             raise ValueError("no harness.monitor state in this optimizer state: build the optimizer with "
                              "harness.monitor.monitor(tx)")
-        host = jax.device_get(state)
+        # Only the statistics: the wrapped optimizer's own state (Adam's moments: twice the parameters) stays put.
+        host = jax.device_get(state._replace(inner=None))
         count = int(np.max(np.asarray(host.count)))
         history = np.shape(host.loss)[-1]
         if count <= self._read:

@@ -60,6 +60,8 @@ FINDING_IDS: tuple[str, ...] = (
     "train.loss_spike",
     "train.update_ratio",
     "train.overfitting",
+    "train.oscillation",
+    "train.plateau",
 )
 _ORDER = {fid: i for i, fid in enumerate(FINDING_IDS)}
 

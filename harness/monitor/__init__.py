@@ -9,8 +9,11 @@
         params, opt_state, loss = train_step(params, opt_state, batch)   # tx.update(grads, s, params, value=loss)
         watch.read(opt_state)
         watch.validation(val_loss)               # optional: for the overfitting detector
-    for finding in watch.findings():             # train.nonfinite, train.grad_spike, train.loss_spike, ...
+    for finding in watch.findings():             # train.nonfinite, train.divergence, train.plateau, ...
         print(finding.id, finding.message)
+
+``Monitor(params, learning_rate=schedule)`` (a float or an optax schedule) lets the divergence, oscillation and
+plateau findings name the learning rate and suggest one (``evidence["suggested_lr"]``).
 
 In the graph (:mod:`.stats`): per parameter leaf, gradient, parameter and update norms and whether its gradient
 holds a non-finite entry, the global gradient norm and the loss, in ring buffers of the optimizer state; nothing leaves the device
@@ -33,12 +36,31 @@ _FIELDS = ("loss", "loss_recorded", "grad_norm", "layer_grad_norm", "layer_param
            "layer_nonfinite")
 
 
+def _lr_per_step(learning_rate, steps: np.ndarray) -> np.ndarray | None:
+    """The learning rate at each step: a constant, or a schedule evaluated on the host (one vectorized call, as
+    optax's schedules allow; step by step for a schedule written for scalars)."""
+    if learning_rate is None:
+        return None
+    if not callable(learning_rate):
+        return np.full(steps.shape, float(learning_rate))
+    try:
+        values = np.asarray(learning_rate(steps), np.float64)
+        if values.shape == steps.shape:
+            return values
+    except Exception:  # a schedule written for one step at a time (an ``if step < warmup:``)
+        pass
+    return np.asarray([float(learning_rate(int(step))) for step in steps], np.float64)
+
+
 class Monitor:
     """Host side of :func:`monitor`: :meth:`read` copies the steps recorded since the last read out of an
     optimizer state; :meth:`series` and :meth:`findings` judge them. A state with a leading member axis (a vmapped
     sweep) is read as one run per member."""
 
-    def __init__(self, params=None, paths: list[str] | None = None):
+    def __init__(self, params=None, paths: list[str] | None = None, learning_rate=None):
+        """``learning_rate``: the optimizer's, when the detectors should name it and suggest a value: a float, an
+        optax schedule (a callable of the step, evaluated on the host), or one of those per vmapped member."""
+        self.learning_rate = learning_rate
         if paths is None and params is not None:
             paths = [slash_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
         self.paths = paths
@@ -89,9 +111,12 @@ class Monitor:
         val = np.stack([loss for _, loss in self._val]) if self._val else None
         members = rows["loss"].shape[1:]  # () or (members,)
         if not members:
-            return [Series(steps, **rows, paths=self.paths, val_steps=val_steps, val_loss=val)]
+            return [Series(steps, **rows, paths=self.paths, val_steps=val_steps, val_loss=val,
+                           lr=_lr_per_step(self.learning_rate, steps))]
+        per_member = isinstance(self.learning_rate, (list, tuple)) or np.ndim(self.learning_rate) == 1
         return [Series(steps, **{f: v[:, m] for f, v in rows.items()}, paths=self.paths, val_steps=val_steps,
-                       val_loss=None if val is None else (val if val.ndim == 1 else val[:, m]))
+                       val_loss=None if val is None else (val if val.ndim == 1 else val[:, m]),
+                       lr=_lr_per_step(self.learning_rate[m] if per_member else self.learning_rate, steps))
                 for m in range(members[0])]
 
     def findings(self) -> list[Finding]:

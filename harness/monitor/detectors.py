@@ -8,6 +8,7 @@ robust location and scale that a few outliers do not move (Hampel's filter, the 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import numpy as np
 
@@ -44,6 +45,7 @@ class Series:
     paths: list[str]
     val_steps: np.ndarray | None = None  # (v,) steps at which a validation loss was recorded (Monitor.validation)
     val_loss: np.ndarray | None = None  # (v,)
+    lr: np.ndarray | None = None  # (n,) the learning rate of each row's step, when known (Monitor(learning_rate=))
 
 
 def _named(paths: list[str], index) -> list[str]:
@@ -241,7 +243,258 @@ def overfitting(s: Series, where: str = "") -> Finding | None:
         final_step=int(s.val_steps[-1]), train_loss_at_turn=at_turn, final_train_loss=at_end)
 
 
-DETECTORS = (nonfinite, grad_spike, loss_spike, update_ratio, overfitting)
+# Trends of the training loss (divergence, oscillation, plateau) are judged on the recorded finite losses, through a
+# running median over SMOOTH steps (centred): minibatch noise and single outlier batches (loss_spike's job) do not
+# move a median. A trend needs MIN_TREND recorded losses (four smoothing windows); the stretch an oscillation or a
+# plateau is judged over is the last third of the run, at least TREND_STEPS steps. The numbers quoted below were
+# measured on tests/test_monitor_trends.py's runs with seeds 0-4 (the tests run two): 600 steps of the digits MLP or
+# of a linear regression; healthy: Adam 1e-3, AdamW with a linear warm-up and cosine decay, SGD with momentum 0.05.
+SMOOTH = 25
+MIN_TREND = 100
+TREND_STEPS = 150
+# Divergence: the loss ends (the median of the last WINDOW steps: at least half of them that high, so it stays up)
+# at least DIVERGE_FACTOR times its lowest point (the minimum of the running median, before the last window) AND has
+# given back at least DIVERGE_LOST of what it had gained from its start to there: it blew back up, towards or past
+# where it started. An LR too high does this once it passes where training turns unstable (during or after a
+# warm-up, say): the loss climbs back, a ReLU network's to the label prior's entropy, a linear model's to overflow.
+# Both gates: late in a healthy run a loss near 0 can double from one window to the next (a tiny fraction of its
+# gain), and a run that never learned can give back "all" of a gain that was noise (by a few percent of its level).
+# Healthy runs: at most 1.6x and 0.6% given back; warm-ups of SGD with momentum to 0.5-2 and of Adam to 0.2:
+# 3.2-9.5x and 37-122%.
+DIVERGE_FACTOR = 2.0
+DIVERGE_LOST = 0.25
+# The LR suggested after a divergence: a tenth of the LR in effect at the loss's lowest point. fastai's lr_find
+# "minimum" suggestion (fastai/callback/schedule.py, SuggestionMethod.Minimum: the LR at the minimum loss / 10),
+# after Smith's LR range test (Smith 2017, section 3.3): a rate below where the loss starts to blow up.
+DIVERGE_LR_FRACTION = 0.1
+# Oscillation: an LR at the edge of stability (Cohen et al. 2021, "Gradient Descent on Neural Networks Typically
+# Occurs at the Edge of Stability"): the parameters bounce across a valley whose sharpness is about 2/lr, and the
+# loss rises and falls with them over runs of steps. With minibatches drawn independently, the loss's deviations from
+# its running median are independent from one step to the next (lag-1 autocorrelation about 0, however large they
+# are); swings that last several steps make it positive. Healthy runs: at most 0.11; plain SGD at 1.0 on the MLP and
+# at 0.7-0.8 on a linear regression (it overflows at 0.9): 0.54-0.86. Plain SGD somewhat below its limit shows it too
+# (0.39-0.57) while it still descends, so the loss must also have stopped falling: over the stretch, its running median
+# reaches no new low more than OSC_GAIN below the lowest before it (healthy runs: 18-73% lower, those SGD runs
+# 78-80% lower; the planted ones at most 9% lower: the lowest point of a swinging loss is its quiet spells) -- and
+# not be climbing (the median of the stretch's second half under twice its first half's: that is a divergence).
+OSC_AUTOCORR = 0.4
+OSC_GAIN = 0.25
+# Halving the LR takes lr x sharpness from about 2 (the edge) to about 1, the fastest stable step on a quadratic.
+OSC_LR_FRACTION = 0.5
+# Plateau with a learning rate too low: over the last stretch the loss fell by less than PLATEAU_GAIN (the median of
+# its second half against its first half's) and is still above PLATEAU_CONVERGED of where it started (a run that
+# converged is not on a plateau to fix), while the parameters move by less than TINY_RATIO of their norm per step.
+# CS231n ("ratio of weights:updates"): about 1e-3 is usual, and a hundred times lower is an LR too low for the
+# weights' scale (healthy runs at a constant LR: 7e-4 or more, 1e-4 once SGD has converged over 2000 steps; Adam at
+# 1e-6: 3.2-3.5e-6). The ratio is the update norm over the parameter norm of the leaves that did not start at zero: a
+# leaf grown from zero (a bias) moves about 1/steps of its norm whatever the LR, and a model whose every leaf started
+# at zero is not judged. The LR must not have been decayed: its value (or, unknown, the update ratio's) at the end is
+# at least PLATEAU_DECAYED of its peak; a schedule that decays the LR to about 0 ends with tiny updates on purpose
+# (cosine decay: 0.005 of its peak). A loss that stalls high with updates of the usual size is not called: without a
+# reference for "high" (a fine-tuning run starts near its floor; a dataset's floor is unknown) it would not say what
+# to fix.
+PLATEAU_GAIN = 0.1
+PLATEAU_CONVERGED = 0.1
+TINY_RATIO = 1e-5
+PLATEAU_DECAYED = 0.1
+# And the gradient of those leaves is still at least PLATEAU_GRAD of its median over the first WINDOW steps:
+# parameters that barely moved have about the gradient they started with (Adam at 1e-6: 0.96-0.99 of it), while a
+# network that an LR too high killed (dead ReLUs, the loss stuck at the label prior's entropy) has tiny updates
+# because its gradient vanished (0 to 1e-9 of it).
+PLATEAU_GRAD = 0.1
+# The LR suggested for a plateau scales the LR at the end by USUAL_RATIO / the measured ratio: for SGD and Adam alike
+# the update, so the ratio, is proportional to the LR.
+USUAL_RATIO = 1e-3
+
+
+def _losses(s: Series) -> tuple[np.ndarray, np.ndarray]:
+    """The rows and values of the recorded, finite losses."""
+    keep = s.loss_recorded & np.isfinite(s.loss)
+    return np.flatnonzero(keep), np.asarray(s.loss[keep], np.float64)
+
+
+def _running_median(x: np.ndarray, k: int = SMOOTH) -> np.ndarray:
+    """Centred running median of ``k`` (ends: what is there)."""
+    half = k // 2
+    padded = np.pad(np.asarray(x, np.float64), half, constant_values=np.nan)
+    return np.nanmedian(np.lib.stride_tricks.sliding_window_view(padded, 2 * half + 1), axis=1)
+
+
+def _halves(x: np.ndarray) -> tuple[float, float]:
+    half = x.size // 2
+    return float(np.median(x[:half])), float(np.median(x[half:]))
+
+
+def _lr(s: Series, row: int) -> float | None:
+    return None if s.lr is None else float(s.lr[row])
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.2g}"
+
+
+def trend_stats(s: Series) -> dict | None:
+    """The quantities the divergence and oscillation rules judge (see the module constants), and which fired; None
+    with fewer than MIN_TREND recorded losses."""
+    rows, loss = _losses(s)
+    if loss.size < MIN_TREND:
+        return None
+    smooth = _running_median(loss)
+    # Divergence.
+    turn = int(np.argmin(smooth))
+    start, low, end = float(smooth[0]), float(smooth[turn]), float(np.median(loss[-WINDOW:]))
+    gained, rise = start - low, end - low
+    lost = rise / gained if gained > 0 else float("inf") if rise > 0 else 0.0
+    factor = end / low if low > 0 else float("inf") if gained > 0 and rise > 0 else 1.0
+    # Oscillation, over the last stretch.
+    first = max(0, loss.size - max(TREND_STEPS, loss.size // 3))
+    residual = (loss - smooth)[first:]
+    residual = residual - residual.mean()
+    energy = float(np.sum(residual * residual))
+    autocorr = float(np.sum(residual[:-1] * residual[1:]) / energy) if energy > 0 else 0.0
+    # How far below its lowest before the stretch the loss went within it (a run too short to have a before: as if
+    # it kept falling).
+    before = float(np.min(smooth[:first])) if first else float("nan")
+    within = float(np.min(smooth[first:]))
+    new_low = (before - within) / abs(before) if before != 0 and first else float("inf")
+    first_half, second_half = _halves(loss[first:])
+    climbing = second_half > first_half + abs(first_half)
+    oscillating = autocorr > OSC_AUTOCORR and new_low < OSC_GAIN and not climbing
+    level = float(np.median(loss[first:]))
+    # A swinging loss whose last window sits high is a divergence only if the whole stretch sits that high.
+    diverged = (turn < loss.size - WINDOW and factor >= DIVERGE_FACTOR and lost >= DIVERGE_LOST
+                and (not oscillating or level >= DIVERGE_FACTOR * low))
+    return dict(diverged=bool(diverged), oscillating=bool(oscillating and not diverged), turn_row=int(rows[turn]),
+                first_row=int(rows[first]), last_row=int(rows[-1]), start=start, low=low, end=end, lost=float(lost),
+                factor=float(factor), autocorr=autocorr, new_low=new_low, level=level,
+                deviation=float(1.4826 * np.median(np.abs(residual - np.median(residual)))))
+
+
+def divergence(s: Series, where: str = "") -> Finding | None:
+    """The loss blew back up after its lowest point and stays up: the step where it turned, the LR there, and a
+    tenth of it to use (see :data:`DIVERGE_LOST`)."""
+    t = trend_stats(s)
+    if t is None or not t["diverged"]:
+        return None
+    step, last = int(s.steps[t["turn_row"]]), int(s.steps[t["last_row"]])
+    lr = _lr(s, t["turn_row"])
+    suggested = lr * DIVERGE_LR_FRACTION if lr else None
+    back = (f"above where it started ({t['start']:.4g})" if t["end"] >= t["start"] else
+            f"{t['lost']:.0%} of the way back to where it started ({t['start']:.4g})")
+    at_lr = "" if lr is None else f" (learning rate {_fmt(lr)} there)"
+    fix = (f"Lower the learning rate to about {_fmt(suggested)}, a tenth of the {_fmt(lr)} in effect where the loss "
+           f"turned (fastai's lr_find rule: a tenth of the LR at the loss's minimum)" if suggested else
+           "Lower the learning rate (pass learning_rate= to harness.monitor.Monitor for a value to use)")
+    return error(
+        "train.divergence",
+        f"{where}training diverged: the loss (running median of {SMOOTH} steps) was lowest at step {step}, "
+        f"{t['low']:.4g}{at_lr}, and is {t['end']:.4g} at step {last}: {t['factor']:.3g}x that, {back}",
+        f"{fix}. With a warm-up, its peak is too high: cap it below the LR at the turn. Gradient clipping "
+        "(optax.clip_by_global_norm) bounds single steps but does not make a too-high rate stable.",
+        step=step, loss_at_turn=t["low"], final_step=last, final_loss=t["end"], start_loss=t["start"],
+        lost_fraction=t["lost"], lr_at_turn=lr, final_lr=_lr(s, t["last_row"]), suggested_lr=suggested)
+
+
+def oscillation(s: Series, where: str = "") -> Finding | None:
+    """The loss swings over runs of steps without falling or diverging: an LR at the edge of stability (see
+    :data:`OSC_AUTOCORR`)."""
+    t = trend_stats(s)
+    if t is None or not t["oscillating"]:
+        return None
+    first, last = int(s.steps[t["first_row"]]), int(s.steps[t["last_row"]])
+    lr = _lr(s, t["last_row"])
+    suggested = lr * OSC_LR_FRACTION if lr else None
+    fix = (f"Lower the learning rate to about {_fmt(suggested)}, half the {_fmt(lr)} in effect" if suggested
+           else "Lower the learning rate, to about half (pass learning_rate= to harness.monitor.Monitor for a value)")
+    return warning(
+        "train.oscillation",
+        f"{where}the loss oscillates from step {first} to step {last} without falling: it swings over runs of "
+        f"steps around {t['level']:.4g} (lag-1 autocorrelation of its deviations from its running median "
+        f"{t['autocorr']:.2f}; independent minibatches give about 0), "
+        + (f"its lowest there {t['new_low']:.0%} below its lowest before" if t["new_low"] > 0 else
+           "never below its lowest before"),
+        f"{fix}: the parameters bounce across the loss's valley instead of descending it (an LR at the edge of "
+        "stability). A schedule that decays the LR gets there later in the run.",
+        step=first, final_step=last, autocorrelation=t["autocorr"], loss=t["level"], deviation=t["deviation"],
+        new_low=t["new_low"], lr=lr, suggested_lr=suggested)
+
+
+def _update_ratio(s: Series) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row, the update norm over the parameter norm of the leaves that did not start at zero, and their gradient
+    norm; and those leaves."""
+    live = np.flatnonzero(np.nan_to_num(s.layer_param_norm[0]) > 0)
+
+    def norm(x):
+        return np.sqrt(np.sum(np.square(x[:, live], dtype=np.float64), axis=1))
+
+    update, param = norm(s.layer_update_norm), norm(s.layer_param_norm)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(param > 0, update / param, np.nan), norm(s.layer_grad_norm), live
+
+
+def plateau_stats(s: Series) -> dict | None:
+    """The quantities the plateau rule judges (see :data:`TINY_RATIO`); None with too few recorded losses or no leaf
+    that started away from zero."""
+    rows, loss = _losses(s)
+    if loss.size < MIN_TREND:
+        return None
+    ratio, grad, live = _update_ratio(s)
+    if live.size == 0:
+        return None
+    first = max(0, loss.size - max(TREND_STEPS, loss.size // 3))
+    stretch = rows[first:]
+    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices: a leaf whose norm is 0 throughout
+        median_ratio = float(np.nanmedian(ratio[stretch]))
+        grad_kept = float(np.nanmedian(grad[stretch]) / np.nanmedian(grad[:WINDOW]))
+        layers = np.nanmedian(s.layer_update_norm[stretch] / s.layer_param_norm[stretch], axis=0)
+    if s.lr is not None:
+        peak, now = float(np.max(s.lr)), float(np.median(s.lr[stretch[-WINDOW:]]))
+    else:
+        finite = ratio[np.isfinite(ratio)]
+        peak = float(np.max(_running_median(finite))) if finite.size else float("nan")
+        now = float(np.median(finite[-WINDOW:])) if finite.size else float("nan")
+    kept = now / peak if peak > 0 else float("nan")
+    first_half, second_half = _halves(loss[first:])
+    gain = (first_half - second_half) / abs(first_half) if first_half != 0 else 0.0
+    level, start = float(np.median(loss[-WINDOW:])), float(_running_median(loss)[0])
+    fired = bool(gain < PLATEAU_GAIN and median_ratio < TINY_RATIO and grad_kept >= PLATEAU_GRAD
+                 and kept >= PLATEAU_DECAYED and level > PLATEAU_CONVERGED * start)
+    return dict(fired=fired, gain=gain, ratio=median_ratio, grad_kept=grad_kept, lr_kept=kept, level=level,
+                start=start, first_row=int(rows[first]), last_row=int(rows[-1]),
+                layers=[int(i) for i in live[np.argsort(layers[live])] if layers[i] < TINY_RATIO])
+
+
+def plateau(s: Series, where: str = "") -> Finding | None:
+    """The loss stopped improving while the parameters barely move and the LR was not decayed: an LR too low (see
+    :data:`TINY_RATIO`)."""
+    p = plateau_stats(s)
+    if p is None or not p["fired"]:
+        return None
+    first, last = int(s.steps[p["first_row"]]), int(s.steps[p["last_row"]])
+    lr = _lr(s, p["last_row"])
+    factor = USUAL_RATIO / p["ratio"] if p["ratio"] > 0 else None
+    suggested = None if lr is None or factor is None else lr * factor
+    if suggested is not None:
+        fix = f"Raise the learning rate to about {_fmt(suggested)}, {factor:.0f}x the {_fmt(lr)} in effect"
+    elif factor is not None:
+        fix = (f"Raise the learning rate, about {factor:.0f}x (pass learning_rate= to harness.monitor.Monitor for a "
+               "value)")
+    else:
+        fix = "Raise the learning rate"
+    return warning(
+        "train.plateau",
+        f"{where}the loss is on a plateau from step {first} to step {last}: {p['level']:.4g}, "
+        f"{p['level'] / p['start']:.0%} of where it started ({-p['gain']:+.1%} over the stretch), while each step "
+        f"moves the parameters by {p['ratio']:.1g} of their norm (about 1e-3 is usual): the learning rate is too low",
+        f"{fix}, to bring the update-to-parameter ratio to about {USUAL_RATIO:g} (CS231n). If it is low on purpose "
+        "(fine-tuning), the plateau is its cost.",
+        step=first, final_step=last, loss=p["level"], start_loss=p["start"], gain=p["gain"],
+        update_ratio=p["ratio"], layers=_named(s.paths, p["layers"]), lr=lr, lr_factor=factor,
+        suggested_lr=suggested)
+
+
+DETECTORS = (nonfinite, grad_spike, loss_spike, update_ratio, overfitting, divergence, oscillation, plateau)
 
 
 def detect(s: Series, where: str = "") -> list[Finding]:
@@ -253,7 +506,7 @@ def detect(s: Series, where: str = "") -> list[Finding]:
         keep = None if s.val_steps is None else np.asarray(s.val_steps) < first.evidence["step"]
         s = dataclasses.replace(
             s, **{f.name: getattr(s, f.name)[:cut] for f in dataclasses.fields(Series)
-                  if f.name not in ("paths", "val_steps", "val_loss")},
+                  if f.name not in ("paths", "val_steps", "val_loss") and getattr(s, f.name) is not None},
             val_steps=None if keep is None else s.val_steps[keep], val_loss=None if keep is None else s.val_loss[keep])
     found = [first] + [d(s, where) for d in DETECTORS[1:]] if len(s.steps) else [first]
     return [f for f in found if f is not None]

@@ -211,7 +211,7 @@ class Report:
         first = self.headline
         parts = [f"status={self.status!r}", fmt.counts_text(fmt.counts(self.record.get("findings") or []))]
         if first is not None:
-            parts.append(f"first to fix: {first.id}")
+            parts.append(f"root cause: {first.id}")
         if self.output_dir:
             parts.append(f"output_dir={self.output_dir!r}")
         return f"Report({', '.join(parts)})"

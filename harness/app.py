@@ -86,11 +86,13 @@ def enable_caches(rc: RunConfig):
 def write_outputs(rc: RunConfig, result: RunResult, output_dir: str, *, command: list[str], console=None,
                   run_name: str | None = None, group: str | None = None,
                   plot_files: dict[str, dict[str, str]] | None = None, show_report: bool = True,
-                  programs_since: tuple | None = None) -> dict:
+                  programs_since: tuple | None = None, wandb_run=None) -> dict:
     """Everything a finished run leaves behind: plots, report.json, report.md, the terminal view, then W&B.
     Returns the report. ``plot_files``: plots already drawn (:class:`plots.BackgroundPlots`); None draws them.
     A collapsed sweep calls this once per point (:mod:`harness.sweeps.collapse`). ``programs_since``: count the
-    compiled programs from this :func:`writer.program_mark` on (default: the whole process's)."""
+    compiled programs from this :func:`writer.program_mark` on (default: the whole process's). ``wandb_run``: a
+    :class:`harness.report.wandb_logger.LiveRun` already open (``harness train``) gets the report instead of a
+    new run."""
     console = console or terminal.make_console()
     log_to_wandb = wandb_enabled(rc)
     os.makedirs(output_dir, exist_ok=True)
@@ -108,8 +110,11 @@ def write_outputs(rc: RunConfig, result: RunResult, output_dir: str, *, command:
         from harness.report import wandb_logger
 
         try:
-            logged = wandb_logger.log_run(rc, result, report, output_dir, plot_files, run_name=run_name,
-                                          group=group)
+            if wandb_run is not None:
+                logged = wandb_run.finish(result, report, output_dir, plot_files)
+            else:
+                logged = wandb_logger.log_run(rc, result, report, output_dir, plot_files, run_name=run_name,
+                                              group=group)
             console.print(logged.describe(), style="dim", soft_wrap=True)
         except Exception as err:  # the local report is already on disk; say what failed and go on
             _warn(f"W&B logging failed ({type(err).__name__}: {err}); the local report in {output_dir} is complete")

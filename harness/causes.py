@@ -221,3 +221,196 @@ def not_ruled_out(outcomes, settings: dict) -> list[str]:
             f"steps), and a plateau or overfitting later in training is not judged. Train {yours} with "
             f"`harness diagnostics.run=[seeds] diagnostics.seeds.steps={horizon or '<steps>'}` (now {length}), or "
             f"watch your own run with `harness.monitor` (README)."]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One root cause: the first thing to fix, placed in the seeds' decision tree.
+#
+# The tree (seed 002's flowchart; Karpathy's recipe and the CS231n checklist say the same): is anything NaN or inf?
+# then the data, the learning rate, the precision or a log(0). Can it overfit one batch? If not: the model, the loss
+# or the labels. Is the problem on validation only? Overfitting or a data mismatch. Otherwise: optimisation (the
+# learning rate, its schedule, the optimizer). Each branch has a short list of alternatives; the report says which
+# one the evidence names, which ones other evidence rules out (a check that ran clean), and which stay open, and
+# orders the fixes accordingly: the cause's own fix first, then one for each alternative still open.
+
+NONFINITE = frozenset({"data.nonfinite", "train.nonfinite"})
+CANNOT_FIT = TRAINING_FAILURES - {"train.learning_rate"} | {"train.update_ratio"}
+VALIDATION_ONLY = frozenset({"train.overfitting", "data.leakage"})
+
+BRANCHES = {
+    "nonfinite": "Something went NaN or inf: the data, the learning rate, the precision or a log(0)?",
+    "fit": "It cannot fit (one batch, or the training set): the data, the model, the loss or the labels?",
+    "validation": "Training fits, validation does not: overfitting or a mismatch between the splits?",
+    "optimisation": "It trains, but badly: the learning rate, its schedule or the optimizer?",
+}
+# Alternative -> (what it is, its fix when it stays open).
+ALTERNATIVES = {
+    "data": ("the data", "Check the data (`harness diagnostics.run=[data]`): NaN or inf values, feature and target "
+                         "scale, labels."),
+    "learning_rate": ("the learning rate", "Lower the learning rate or clip gradients (optim.clip_norm=1.0); "
+                                           "`harness diagnostics.run=[lr_range]` suggests a value."),
+    "precision": ("the numerical precision", "Compute in float32 (keep float32 parameters; a loss scale for "
+                                             "float16)."),
+    "numerics": ("a log(0), a division by zero or an overflow", "Guard log, division and sqrt in the loss and the "
+                                                                 "model (log_softmax, not log(softmax))."),
+    "model": ("the model", "Check the model at init (`harness diagnostics.run=[model]`): its output range, "
+                           "gradients, initialization."),
+    "loss": ("the loss or the labels", "Check the loss's sign and reduction and that labels line up with inputs "
+                                       "(`harness diagnostics.run=[overfit_batch,controls]`)."),
+    "overfitting": ("overfitting", "Regularize (weight decay, dropout, augmentation), get more data, or stop "
+                                   "early at the best validation step."),
+    "mismatch": ("a mismatch between the splits", "Check that training and validation data come from the same "
+                                                  "distribution and preprocessing (`harness diagnostics.run=[data]`)."),
+    "schedule": ("the schedule or the optimizer", "Try a warm-up, a decaying schedule or another optimizer."),
+}
+BRANCH_ALTERNATIVES = {
+    "nonfinite": ("data", "numerics", "learning_rate", "precision"),
+    "fit": ("data", "model", "loss", "learning_rate"),
+    "validation": ("overfitting", "mismatch"),
+    "optimisation": ("learning_rate", "schedule"),
+}
+# Finding id -> the alternative it names.
+NAMES = {
+    "data.nonfinite": "data", "data.label_range": "loss", "train.loss_increasing": "loss",
+    "train.learning_rate": "learning_rate", "train.divergence": "learning_rate", "train.oscillation": "learning_rate",
+    "train.plateau": "learning_rate", "train.overfitting": "overfitting", "data.leakage": "mismatch",
+    "train.precision": "precision",
+}
+# The replay's stage of a non-finite step -> the alternative it names (harness.monitor.replay).
+ORIGINS = {"inputs": "data", "targets": "data", "loss": "numerics", "backward": "numerics", "forward": "numerics",
+           "outputs": "numerics", "update": "numerics", "parameters": "learning_rate"}
+LR_SYMPTOMS = frozenset({"train.divergence", "train.oscillation", "train.grad_spike", "train.loss_spike",
+                         "train.learning_rate"})
+
+
+@dataclasses.dataclass(frozen=True)
+class RootCause:
+    """The most likely cause, where it sits in the decision tree, what supports it, what rules out the other
+    branches' alternatives, and the fixes in the order to try them (report.json's ``root_cause``)."""
+
+    finding: Finding
+    branch: str
+    supported_by: tuple[str, ...]
+    ruled_out: tuple[str, ...]
+    open: tuple[str, ...]
+    fixes: tuple[str, ...]
+
+    def to_dict(self) -> dict:
+        step = self.finding.evidence.get("step")
+        return {"id": self.finding.id, "severity": self.finding.severity.value, "message": self.finding.message,
+                "step": step if isinstance(step, int) else None, "branch": self.branch,
+                "question": BRANCHES[self.branch], "supported_by": list(self.supported_by),
+                "ruled_out": list(self.ruled_out), "not_ruled_out": list(self.open), "fixes": list(self.fixes)}
+
+
+def _branch(root: Finding) -> str:
+    if root.id in NONFINITE or (root.id == "train.divergence" and root.evidence.get("first_nonfinite_step", -1)
+                                not in (-1, None)):
+        return "nonfinite"
+    if root.id in VALIDATION_ONLY:
+        return "validation"
+    if root.id in CANNOT_FIT or root.id.startswith(("data.", "model.")):
+        return "fit"
+    return "optimisation"
+
+
+def _named(root: Finding) -> str | None:
+    origin = root.evidence.get("origin")
+    if origin in ORIGINS:
+        return ORIGINS[origin]
+    if root.id in NAMES:
+        return NAMES[root.id]
+    if root.id.startswith("data."):
+        return "data"
+    if root.id.startswith("model."):
+        return "model"
+    return None
+
+
+def _ran(outcomes, stage_name: str) -> list[str]:
+    from harness.checks.registry import DIAGNOSTICS
+
+    return [o.name for o in outcomes if DIAGNOSTICS.get(o.name, ("", ""))[1] == stage_name and not o.skipped
+            and o.internal_error is None]
+
+
+def root_cause(findings: list[Finding], outcomes, *, precision: str = "float32") -> RootCause | None:
+    """The first thing to fix (:func:`harness.findings.first_to_fix` over reconciled findings) as a
+    :class:`RootCause`; None when nothing is to fix. ``precision``: the dtype the run computed in."""
+    from harness.findings import first_to_fix
+
+    root = first_to_fix(findings)
+    if root is None:
+        return None
+    branch = _branch(root)
+    named = _named(root)
+    present = {f.id for f in findings if f.severity is not Severity.INFO}
+    supported = []
+    if root.explains:
+        supported.append(f"it explains {', '.join(root.explains)}")
+    if root.evidence.get("origin_detail"):
+        supported.append(f"replaying step {root.evidence.get('step')} from the last finite state: "
+                         f"{root.evidence['origin']} ({root.evidence['origin_detail']})")
+    ruled, still_open = [], []
+    for alt in BRANCH_ALTERNATIVES[branch]:
+        if alt == named:
+            continue
+        what = ALTERNATIVES[alt][0]
+        reason = _rules_out(alt, root, present, outcomes, precision)
+        if reason:
+            ruled.append(f"{what}: {reason}")
+        else:
+            still_open.append(alt)
+    fixes = [root.suggestion] if root.suggestion else []
+    fixes += [ALTERNATIVES[alt][1] for alt in still_open if ALTERNATIVES[alt][1] not in fixes]
+    opened = []
+    for alt in still_open:
+        why = ""
+        if alt == "learning_rate" and present & LR_SYMPTOMS:
+            why = f" (the run also shows {', '.join(sorted(present & LR_SYMPTOMS))})"
+        opened.append(f"{ALTERNATIVES[alt][0]}{why}")
+    return RootCause(root, branch, tuple(supported), tuple(ruled), tuple(opened), tuple(fixes))
+
+
+def _rules_out(alt: str, root: Finding, present: set[str], outcomes, precision: str) -> str:
+    """Why the evidence rules ``alt`` out ('' when it does not)."""
+    data_ran, model_ran = _ran(outcomes, "data"), _ran(outcomes, "model")
+    if alt == "data":
+        if data_ran and not any(i.startswith("data.") for i in present):
+            return "the data checks ran and found nothing to fix"
+        if root.evidence.get("origin") in ORIGINS and ORIGINS[root.evidence["origin"]] != "data":
+            return "the failing step's batch holds only finite inputs and targets"
+        return ""
+    if alt == "precision":
+        return f"the run computes in {precision}" if precision == "float32" else ""
+    if alt == "numerics":
+        origin = root.evidence.get("origin")
+        return "the replayed step stays finite through the loss and the gradient" if origin in (
+            "inputs", "targets", "none") else ""
+    if alt == "learning_rate":
+        if present & LR_SYMPTOMS:
+            return ""
+        lr_ran = [o for o in outcomes if o.name == "lr_range" and not o.skipped and o.internal_error is None]
+        if lr_ran:
+            return "the LR range test found the configured learning rate usable"
+        growth = root.evidence.get("grad_norm_growth_before")
+        if isinstance(growth, (int, float)) and growth < 3:
+            return (f"the gradient norm did not grow before the failure ({growth:.2g}x its median), and no "
+                    f"divergence, oscillation or spike was seen")
+        return ""
+    if alt == "model":
+        return "the model checks ran and found nothing to fix" if model_ran and not any(
+            i.startswith("model.") for i in present) else ""
+    if alt == "loss":
+        if {"train.loss_increasing", "data.label_range"} & present:
+            return ""
+        ran = [o.name for o in outcomes if o.name in ("overfit_batch", "controls") and not o.skipped]
+        return f"{' and '.join(ran)} found the loss falling on real labels" if ran else ""
+    if alt == "overfitting":
+        watched = [o for o in outcomes if o.name == "train" and len(o.series.get("val_loss") or []) >= 5]
+        return "the validation loss never turned up while the training loss fell (harness train)" if watched and (
+            "train.overfitting" not in present) else ""
+    if alt == "mismatch":
+        return "the data checks found no leakage or mismatch between the splits" if data_ran and not (
+            present & {"data.leakage"}) else ""
+    return ""

@@ -1,8 +1,8 @@
 """The ``harness`` command: a thin Hydra entry point over :func:`harness.api.run_checklist`, which
 :func:`harness.diagnose` (Python, notebooks) also ends in.
 
-``harness [overrides]`` runs the checklist; ``harness -m ...`` runs a sweep (Hydra multirun);
-``harness compare DIR...``, ``harness reproduce RUN_DIR`` and ``harness sync`` work on finished runs.
+``harness [overrides]`` runs the checklist; ``harness -m ...`` runs a sweep (Hydra multirun); ``harness train
+[overrides]`` trains the configured run in full with the monitor (:mod:`harness.train`); ``harness compare DIR...``, ``harness reproduce RUN_DIR`` and ``harness sync`` work on finished runs.
 
 Exit codes (stable, for CI):
 
@@ -32,7 +32,7 @@ EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 3
 EXIT_INTERRUPTED = 130
 
-SUBCOMMANDS = ("compare", "reproduce", "sync")
+SUBCOMMANDS = ("compare", "reproduce", "sync")  # commands on finished runs (harness.sweeps.commands)
 
 
 def _quiet_logs():
@@ -158,6 +158,28 @@ def task(cfg) -> int:
     return exit_code(rc, report.result)
 
 
+def train_task(cfg) -> int:
+    """``harness train``: the configured run trained in full, with the monitor (:mod:`harness.train`)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from harness.sweeps.distributed import setup_from_hydra
+
+    setup_from_hydra(cfg)
+    from harness.config import from_hydra
+    from harness.train.run import train
+
+    _quiet_logs()
+    hc = HydraConfig.get()
+    name, group = _wandb_names(hc)
+    choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra") and v is not None}
+    rc = from_hydra(cfg, choices)
+    output_dir = cfg.get("output_dir") or hc.runtime.output_dir
+    result, _ = train(rc, output_dir, command=["harness", "train", *sys.argv[1:]], run_name=name, group=group)
+    if result.internal_errors:
+        report_internal_errors(result, output_dir)
+    return exit_code(rc, result)
+
+
 def _job_log_path() -> str | None:
     """``harness.log`` in the Hydra job's run directory (None outside a Hydra job)."""
     try:
@@ -178,7 +200,9 @@ def _short_hydra_message(err: BaseException) -> str:
     return message.strip()
 
 
-def _hydra_main(argv: list[str]) -> int:
+def _hydra_main(argv: list[str], job=None) -> int:
+    """Compose the config from ``argv`` and run ``job`` (default :func:`task`, the checklist) on it, once per
+    point of a sweep."""
     import hydra
 
     from harness.config import config_dir
@@ -190,7 +214,7 @@ def _hydra_main(argv: list[str]) -> int:
     @hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")
     def entry(cfg):
         try:
-            code = task(cfg)
+            code = (job or task)(cfg)
         except HarnessError as err:
             if debug or cfg.get("debug"):
                 raise
@@ -253,6 +277,10 @@ def main(argv: list[str] | None = None):
             if _debug_requested(argv):
                 raise
             _fail(str(err))
+    if argv and argv[0] == "train":
+        # A sweep of training runs runs each point as its own run: the collapsing sweeper merges checklists only.
+        sys.exit(_hydra_main([*argv[1:], "collapse=false"] if "-m" in argv or "--multirun" in argv else argv[1:],
+                             job=train_task))
     sys.exit(_hydra_main(argv))
 
 

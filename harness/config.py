@@ -68,6 +68,28 @@ class LoggerConfig:
     log_members: bool = False  # one W&B run per sweep member costs ~0.05 s each; see conf/logger/wandb.yaml
 
 
+SCHEDULES = ("constant", "cosine", "warmup_cosine", "warmup_constant")  # train.schedule's built-in kinds
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    """``train.*``: the user's own training run. Its length (``steps`` or ``epochs``) sets the horizon the LR
+    range test suggests a learning rate for; ``harness train`` runs it (:mod:`harness.train`)."""
+
+    steps: int | None = None
+    epochs: float | None = None
+    # The learning rate over the run, peaking at optim.lr: one of SCHEDULES, or an optax schedule factory
+    # ({_target_: ..., kwargs}) returning ``step -> learning rate``.
+    schedule: "str | FactoryConfig" = "constant"
+    warmup_steps: int = 0
+    log_every: int = 100  # steps per compiled chunk: the monitor reads, the progress bar and W&B log this often
+    eval_every: int | None = None  # steps between validation losses; None: about 20 per run
+    checkpoint_every: int | None = None  # steps between checkpoints; None: at every validation
+    keep_checkpoints: int = 2
+    checks: tuple[str, ...] = ("data",)  # diagnostics run before training, in the same report (fast ones: data)
+    resume: bool = True  # continue from the output directory's last checkpoint; False: start afresh, set it aside
+
+
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     data: FactoryConfig
@@ -88,10 +110,7 @@ class RunConfig:
     choices: dict[str, str]  # which config of each group was picked (data=digits, model=mlp, ...)
     raw: dict[str, Any]  # the full resolved config, for report.json and W&B
     framework: str = "auto"  # model.framework: the model's library, or detected from what the factory returns
-    # The user's own training run (``train.steps`` / ``train.epochs``), None when not given: the LR range test
-    # suggests and judges the learning rate for this length (it reads them through its own settings).
-    train_steps: int | None = None
-    train_epochs: float | None = None
+    train: "TrainSettings" = dataclasses.field(default_factory=lambda: TrainSettings())
     budget: float | None = None  # seconds of training for the training diagnostics (harness.budget); None: as set
 
 
@@ -264,19 +283,33 @@ def to_container(cfg: DictConfig) -> dict:
         raise HarnessError(msg, key=key) from None
 
 
-def _train_horizon(node: Any) -> tuple[int | None, float | None]:
-    """``train.steps`` / ``train.epochs``: the length of the user's own training run (at most one of them)."""
+def _train_settings(node: Any) -> TrainSettings:
+    """``train.*``: the length of the user's own training run (``steps`` or ``epochs``, at most one) and how
+    ``harness train`` runs it."""
     node = dict(node or {})
-    unknown = sorted(set(node) - {"steps", "epochs"})
-    if unknown:
-        raise HarnessError("unknown setting; valid settings are epochs, steps", key=f"train.{unknown[0]}")
-    steps, epochs = node.get("steps"), node.get("epochs")
-    steps = None if steps is None else _number(steps, "train.steps", positive=True, integer=True)
-    epochs = None if epochs is None else _number(epochs, "train.epochs", positive=True)
+    schedule = node.pop("schedule", "constant")
+    if isinstance(schedule, dict):
+        schedule = _factory(schedule, "train.schedule")
+    elif schedule not in SCHEDULES:
+        raise HarnessError(f"must be one of {', '.join(SCHEDULES)} or an optax schedule factory "
+                           f"({{_target_: optax.linear_schedule, ...}}), got {schedule!r}", key="train.schedule")
+    settings = settings_from(TrainSettings, node, "train")
+    steps, epochs = settings.steps, settings.epochs
+    for key in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+        value = getattr(settings, key)
+        if value is not None and value <= 0:
+            raise HarnessError(f"must be positive, got {value}", key=f"train.{key}")
+    if epochs is not None and epochs <= 0:
+        raise HarnessError(f"must be positive, got {epochs}", key="train.epochs")
+    for name in settings.checks:
+        if name not in DIAGNOSTICS:
+            raise HarnessError(f"unknown diagnostic {name!r}; valid: {', '.join(DIAGNOSTICS)}", key="train.checks")
+    if settings.warmup_steps < 0:
+        raise HarnessError(f"must be zero or more, got {settings.warmup_steps}", key="train.warmup_steps")
     if steps is not None and epochs is not None:
         raise HarnessError(f"give train.steps or train.epochs, not both (got steps={steps}, epochs={epochs})",
                            key="train.epochs")
-    return steps, epochs
+    return dataclasses.replace(settings, schedule=schedule)
 
 
 def from_hydra(cfg: DictConfig, choices: dict[str, str] | None = None) -> RunConfig:
@@ -294,7 +327,7 @@ def from_hydra(cfg: DictConfig, choices: dict[str, str] | None = None) -> RunCon
     for name in run:
         if name not in DIAGNOSTICS:
             raise HarnessError(f"unknown diagnostic {name!r}; valid: {', '.join(DIAGNOSTICS)}", key="diagnostics.run")
-    train_steps, train_epochs = _train_horizon(raw.get("train"))  # before the settings that interpolate them
+    train = _train_settings(raw.get("train"))  # before the settings that interpolate its length
     settings = {}
     for name in DIAGNOSTICS:
         module = diagnostic_module(name)
@@ -334,8 +367,7 @@ def from_hydra(cfg: DictConfig, choices: dict[str, str] | None = None) -> RunCon
         choices=dict(choices or {}),
         raw=raw,
         framework=framework,
-        train_steps=train_steps,
-        train_epochs=train_epochs,
+        train=train,
         budget=None if raw.get("budget") is None else _number(raw["budget"], "budget", positive=True),
     )
 

@@ -152,7 +152,7 @@ def _fingerprint(rc: RunConfig, dataset: Dataset):
     )
 
 
-def _blocked_stages(findings: list[Finding]) -> dict[str, str]:
+def blocked_stages(findings: list[Finding]) -> dict[str, str]:
     """Stages that cannot run, from the earliest blocking error, with the reason."""
     for f in findings:
         if f.severity is Severity.ERROR and f.id in BLOCKING:
@@ -190,7 +190,7 @@ def prefetch(rc: RunConfig, ctx: Context, names: list[str], previous: list[Outco
     """Train what the training diagnostics are about to ask for as few merged programs (the member table,
     :mod:`harness.engine.table`), before they run: each then finds its first request answered. Best effort: a
     request that fails here is left to its diagnostic, which trains it alone and reports what went wrong."""
-    blocked = _blocked_stages([f for o in previous for f in o.findings])
+    blocked = blocked_stages([f for o in previous for f in o.findings])
     requests = []
     for name in names:
         announce = getattr(diagnostic_module(name), "requests", None)
@@ -214,7 +214,7 @@ def fit_budget(rc: RunConfig, ctx: Context, names: list[str], previous: list[Out
     goes to ``ctx.shared["_budget"]`` for the report. Unchanged without a budget, when no training diagnostic
     runs, or when the data or model stage blocked training. A probe that fails (the model does not train at all)
     leaves the configured suite: its diagnostics report the problem."""
-    blocked = _blocked_stages([f for o in previous for f in o.findings])
+    blocked = blocked_stages([f for o in previous for f in o.findings])
     training = [n for n in names if stage(n) not in blocked]
     if rc.budget is None or not training:
         return rc
@@ -233,7 +233,7 @@ def fit_budget(rc: RunConfig, ctx: Context, names: list[str], previous: list[Out
 
 
 def _run_one(rc: RunConfig, ctx: Context, name: str, previous: list[Outcome]) -> Outcome:
-    blocked = _blocked_stages([f for o in previous for f in o.findings])
+    blocked = blocked_stages([f for o in previous for f in o.findings])
     if stage(name) in blocked:
         return Outcome(name, skipped=blocked[stage(name)])
     plan = ctx.shared.get("_budget")
@@ -272,6 +272,7 @@ class RunResult:
     context: Context | None = None
     not_ruled_out: list[str] = dataclasses.field(default_factory=list)  # harness.causes.not_ruled_out
     budget: dict[str, Any] | None = None  # what ``budget=`` measured and cut (harness.budget.Plan.to_dict)
+    root_cause: Any = None  # harness.causes.RootCause: the first thing to fix in the decision tree, or None
 
     @property
     def has_error(self) -> bool:
@@ -288,7 +289,7 @@ class RunResult:
         """The run's result once every diagnostic has run: findings reconciled into causes and the symptoms they
         explain (:func:`harness.causes.reconcile`, written back into the outcomes), the status, and what the
         training budgets (``settings``: the run's diagnostic settings) could not rule out."""
-        from harness.causes import not_ruled_out, reconcile_outcomes
+        from harness.causes import not_ruled_out, reconcile_outcomes, root_cause
 
         optim = getattr(context, "optim", None)
         optimizer = f"{optim.name}, lr {optim.lr:g}" if optim is not None else "the configured optimizer"
@@ -298,7 +299,7 @@ class RunResult:
             settings = plan.settings
         limits = not_ruled_out(outcomes, settings) if settings is not None else []
         return cls(outcomes, findings, cls.status_of(outcomes), seconds, context, limits,
-                   plan.to_dict() if plan is not None else None)
+                   plan.to_dict() if plan is not None else None, root_cause(findings, outcomes))
 
     @staticmethod
     def status_of(outcomes: list[Outcome]) -> str:

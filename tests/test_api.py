@@ -211,7 +211,7 @@ def test_the_notebook_example_runs(tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("status: healthy") == 1 and "status: unhealthy" in proc.stdout
-    assert "first to fix: model.output_range" in proc.stdout
+    assert "root cause: model.output_range" in proc.stdout
     reports = sorted(tmp_path.glob("outputs/*/*/report.json"), key=os.path.getmtime)
     assert [json.load(open(r))["status"] for r in reports] == ["healthy", "unhealthy"]
 

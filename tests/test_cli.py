@@ -92,7 +92,7 @@ def test_planted_nan_fails_ci_with_exit_code_1(tmp_path):
     assert proc.returncode == cli.EXIT_FINDINGS, proc.stderr
     assert "Traceback" not in proc.stderr
     assert report["status"] == "unhealthy" and report["first_to_fix"]["id"] == "data.nonfinite"
-    assert "first to fix: data.nonfinite" in proc.stdout
+    assert "root cause: data.nonfinite" in proc.stdout
 
 
 PROJECT_LOADER = """
@@ -202,7 +202,7 @@ def test_fail_on_error_sets_exit_code_1(tmp_path, monkeypatch, capsys):
     assert run_main([*args, "fail_on_error=true"], tmp_path / "a", monkeypatch) == cli.EXIT_FINDINGS
     assert run_main(args, tmp_path / "b", monkeypatch) == cli.EXIT_OK  # reported, but not a failure
     out = capsys.readouterr().out
-    assert "first to fix: data.nonfinite" in out
+    assert "root cause: data.nonfinite" in out
     assert json.load(open(tmp_path / "a" / "run" / "report.json"))["status"] == "unhealthy"
 
 

@@ -140,7 +140,7 @@ def test_all_rows_nonfinite_blocks_later_stages():
 
 
 def test_mismatched_train_val_shapes_are_a_blocking_error(digits):
-    from harness.pipeline import _blocked_stages
+    from harness.pipeline import blocked_stages
 
     d = copy(digits)
     d["x_val"] = d["x_val"][:, :60]
@@ -148,7 +148,7 @@ def test_mismatched_train_val_shapes_are_a_blocking_error(digits):
     [f] = found(outcome, "data.shape", "error")
     assert f.evidence == {"x_train_shape": [1348, 64], "x_val_shape": [449, 60]}
     assert headline(outcome.findings) == "data.shape"
-    assert set(_blocked_stages(outcome.findings)) == {"model", "training", "hyperparameters"}
+    assert set(blocked_stages(outcome.findings)) == {"model", "training", "hyperparameters"}
     assert "data/leakage/count" not in outcome.metrics  # rows of different widths are not compared
 
 

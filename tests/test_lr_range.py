@@ -293,7 +293,7 @@ def test_settings_validation_and_config_file_match():
 def test_the_horizon_comes_from_the_top_level_train_keys():
     assert compose(["train.steps=20000"]).settings["lr_range"].horizon == 20000
     rc = compose(["train.epochs=2.5"])
-    assert rc.settings["lr_range"].horizon_epochs == 2.5 and rc.train_epochs == 2.5 and rc.train_steps is None
+    assert rc.settings["lr_range"].horizon_epochs == 2.5 and rc.train.epochs == 2.5 and rc.train.steps is None
     assert compose(["diagnostics.seeds.steps=300"]).settings["lr_range"].default_horizon == 300  # the suite's budget
     with pytest.raises(HarnessError, match="train.steps"):
         compose(["train.steps=-3"])

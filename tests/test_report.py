@@ -228,7 +228,7 @@ def test_background_plots_match_draw_all_whatever_the_arrival_order(tmp_path):
 def test_markdown_reads_in_checklist_order(written):
     md = open(os.path.join(written.dir, "report.md")).read()
     assert md.startswith("# ❌ harness report: unhealthy")
-    assert "**First to fix** (error, `data.nonfinite`): 3 training examples contain NaN." in md
+    assert "**Root cause** (error, `data.nonfinite`): 3 training examples contain NaN." in md
     # stages in the checklist's order, each finding with its fix and evidence
     assert md.index("### Data") < md.index("### Model") < md.index("### Hyperparameters")
     assert "**Fix:** Drop or impute them." in md
@@ -248,7 +248,7 @@ def test_markdown_of_a_healthy_run(tmp_path):
     report = writer.build_report(result, config={}, command=["harness"], environment={})
     md = writer.render_markdown(report)
     assert md.startswith("# ✅ harness report: healthy")
-    assert "No findings: every check that ran passed." in md and "First to fix" not in md
+    assert "No findings: every check that ran passed." in md and "Root cause" not in md
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -268,7 +268,7 @@ def test_terminal_report(written):
     assert "evidence: rows=[12, 40, 99], fraction=0.0022" in text
     assert "crashed: RuntimeError: shapes do not match" in text
     assert "status: unhealthy  2 errors, 1 warning, 1 info" in text
-    assert text.strip().splitlines()[-3].startswith("first to fix: data.nonfinite: 3 training examples contain NaN.")
+    assert text.strip().splitlines()[-3].startswith("root cause: data.nonfinite: 3 training examples contain NaN.")
     assert text.strip().endswith("report: /runs/x/report.md")
 
 
@@ -393,7 +393,7 @@ def test_a_crashing_diagnostic_is_an_internal_error_and_the_rest_still_run(tiny_
     assert "crashed: ZeroDivisionError: something nobody foresaw" in text
     assert "status: internal_error" in text
     assert "internal error: diagnostic model crashed: ZeroDivisionError: something nobody foresaw" in text
-    assert "first to fix: data.nonfinite" in text
+    assert "root cause: data.nonfinite" in text
     assert not os.path.exists(tmp_path / "wandb")  # logger=none
 
 

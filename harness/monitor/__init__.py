@@ -119,6 +119,23 @@ class Monitor:
                        lr=_lr_per_step(self.learning_rate[m] if per_member else self.learning_rate, steps))
                 for m in range(members[0])]
 
+    def state(self) -> dict[str, np.ndarray]:
+        """Everything read so far as plain arrays (a checkpoint's host part: ``harness train`` saves it with orbax),
+        for :meth:`load` in a resumed run."""
+        rows = {f: (np.concatenate(v, axis=0) if v else np.zeros((0,), np.float32)) for f, v in self._rows.items()}
+        return dict(read=np.asarray(self._read), steps=np.asarray(self._steps, np.int64),
+                    lost=np.asarray(self.lost, np.int64).reshape(-1, 2),
+                    val_steps=np.asarray([s for s, _ in self._val], np.int64),
+                    val_loss=np.asarray([v for _, v in self._val], np.float64), **rows)
+
+    def load(self, state: dict[str, np.ndarray]) -> None:
+        """Continue from :meth:`state` (the run resumed from the checkpoint that saved it)."""
+        self._read = int(state["read"])
+        self._steps = [int(s) for s in state["steps"]]
+        self.lost = [(int(a), int(b)) for a, b in np.asarray(state["lost"]).reshape(-1, 2)]
+        self._val = [(int(s), np.asarray(v)) for s, v in zip(state["val_steps"], state["val_loss"])]
+        self._rows = {f: ([np.asarray(state[f])] if len(self._steps) else []) for f in _FIELDS}
+
     def findings(self) -> list[Finding]:
         """The detectors' findings (:mod:`.detectors`) for every member; steps that were overwritten before a read
         are named in each finding's evidence."""

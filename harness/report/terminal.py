@@ -162,13 +162,19 @@ def footer(report: dict, output_dir: str | None) -> Group:
             text.append(f"\n  {change}: ", style="yellow").append(cost, style="dim")
         parts.append(text)
     first = report.get("first_to_fix")
+    cause = report.get("root_cause") or {}
     if first:
-        fix = Text("first to fix: ", style="bold").append(first["id"], style=SEVERITY_STYLE.get(first["severity"]))
+        fix = Text("root cause: ", style="bold").append(first["id"], style=SEVERITY_STYLE.get(first["severity"]))
         fix.append(f": {first['message']}")
         if first.get("explains"):
             fix.append("\n  explains: ", style="magenta").append(", ".join(first["explains"]))
-        if first.get("suggestion"):
-            fix.append("\n  fix: ", style="green").append(first["suggestion"])
+        if cause.get("ruled_out"):
+            fix.append("\n  ruled out: ", style="dim bold").append("; ".join(cause["ruled_out"]), style="dim")
+        if cause.get("not_ruled_out"):
+            fix.append("\n  not ruled out: ", style="yellow").append("; ".join(cause["not_ruled_out"]))
+        fixes = cause.get("fixes") or ([first["suggestion"]] if first.get("suggestion") else [])
+        for i, line in enumerate(fixes, 1):
+            fix.append(f"\n  fix {i}: " if len(fixes) > 1 else "\n  fix: ", style="green").append(line)
         parts.append(fix)
     return Group(*parts)
 

@@ -338,6 +338,7 @@ def main_summary(report: dict, result) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "status": report["status"],
         "first_to_fix": (report.get("first_to_fix") or {}).get("id", ""),
+        "root_cause/branch": (report.get("root_cause") or {}).get("branch", ""),
         "num_errors": report["counts"].get("error", 0),
         "num_warnings": report["counts"].get("warning", 0),
         "num_infos": report["counts"].get("info", 0),
@@ -454,6 +455,60 @@ def log_run(rc, result, report: dict, output_dir: str, plot_files: dict[str, dic
         if cfg.log_members:
             _log_members(runs, diag_name, outcome, labels, series, name, notes)
     return logged
+
+
+class LiveRun:
+    """The W&B run of ``harness train``, open while it trains: each chunk's metrics as history (W&B's step is the
+    optimizer step), then at the end what a checklist run's main run gets (summary, findings table, plots, the
+    report files). A resumed run continues the W&B run of its checkpoint (same id). A logging failure while
+    training costs one warning and the rest of the live history, never the training."""
+
+    def __init__(self, rc, output_dir: str, *, run_name: str | None = None, group: str | None = None,
+                 run_id: str | None = None, job_type: str = "train"):
+        _WARMUP.wait()
+        import wandb
+
+        cfg = rc.logger
+        mode = resolve_mode(cfg.mode)
+        directory = wandb_dir(cfg.dir, output_dir)
+        self.logged = Logged(mode=mode, directory=directory)
+        self.run = None
+        self.id = run_id
+        self.failed = False
+        if mode == "disabled":
+            return
+        wandb.setup(_setup_settings(mode))
+        os.makedirs(directory, exist_ok=True)
+        group = cfg.group or group or (_JOB_GROUP[0] if _JOB_GROUP else default_group())
+        runs = _Runs(wandb, mode=mode, directory=directory, project=cfg.project, entity=cfg.entity, group=group,
+                     tags=tuple(cfg.tags), logged=self.logged)
+        self.wandb = wandb
+        resume = dict(id=run_id, resume="allow") if run_id else {}
+        self.run = runs.open(lean=False, job_type=job_type, name=run_name or "train", config=dict(rc.raw), **resume)
+        self.id = self.run.id
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if self.run is None or self.failed:
+            return
+        try:
+            self.run.log({k: v for k, v in metrics.items() if v is not None}, step=step)
+        except Exception as err:  # noqa: BLE001
+            self.failed = True
+            import sys
+
+            print(f"harness: warning: W&B logging failed ({type(err).__name__}: {err}); training goes on, the "
+                  f"report is written at the end", file=sys.stderr)
+
+    def finish(self, result, report: dict, output_dir: str, plot_files: dict[str, dict] | None = None) -> Logged:
+        """Log the report into the run and finish it; raises on failure after finishing the run."""
+        if self.run is None:
+            return self.logged
+        with _finishing(self.run) as run:
+            run.summary.update(main_summary(report, result))
+            run.log({"findings": findings_table(self.wandb, report), **_images(self.wandb, plot_files or {},
+                                                                                 output_dir)})
+            _attach_report(run, output_dir)
+        return self.logged
 
 
 def _log_members(runs: _Runs, diag_name: str, outcome, labels: list[str], series: dict[str, Curves], name: str,

@@ -107,6 +107,8 @@ def build_report(result: RunResult, *, config: dict, command: list[str], environ
         "status": result.status,
         "counts": fmt.counts(findings),
         "first_to_fix": by_finding[id(first)] if first is not None else None,
+        # The same finding in the seeds' decision tree: what supports it, what is ruled out, fixes in order.
+        "root_cause": result.root_cause.to_dict() if result.root_cause is not None else None,
         "findings": findings,
         "not_ruled_out": result.not_ruled_out,  # what the training budgets could not rule out
         "budget": result.budget,  # budget=: the measured step time, what was cut and what that costs
@@ -301,12 +303,23 @@ def render_markdown(report: dict, *, image_src=None) -> str:
     lines += _internal_errors_md(report)
 
     first = report.get("first_to_fix")
+    cause = report.get("root_cause")
     if first:
-        lines += [f"> **First to fix** ({first['severity']}, `{first['id']}`): {first['message']}"]
+        lines += [f"> **Root cause** ({first['severity']}, `{first['id']}`): {first['message']}"]
         if first.get("explains"):
             lines += [">", "> **It explains:** " + ", ".join(f"`{i}`" for i in first["explains"])]
-        if first.get("suggestion"):
-            lines += [">", f"> **Fix:** {first['suggestion']}"]
+        if cause:
+            lines += [">", f"> **Decision tree:** {cause['question']}"]
+            if cause.get("ruled_out"):
+                lines += [">", "> **Ruled out:** " + "; ".join(cause["ruled_out"]) + "."]
+            if cause.get("not_ruled_out"):
+                lines += [">", "> **Not ruled out:** " + "; ".join(cause["not_ruled_out"]) + "."]
+        fixes = (cause or {}).get("fixes") or ([first["suggestion"]] if first.get("suggestion") else [])
+        if len(fixes) == 1:
+            lines += [">", f"> **Fix:** {fixes[0]}"]
+        elif fixes:
+            lines += [">", "> **Fixes, in the order to try them:**"] + [f"> {i}. {fx}" for i, fx in
+                                                                       enumerate(fixes, 1)]
         lines += [""]
     not_run = [n for n, d in report["diagnostics"].items() if d.get("skipped") and not d.get("internal_error")]
     summary = f"{fmt.counts_text(counts).capitalize()}."

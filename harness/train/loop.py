@@ -1,0 +1,197 @@
+"""The compiled programs of ``harness train``: initialization, a chunk of optimizer steps with the monitor inside,
+and the validation pass.
+
+A chunk is one ``lax.scan`` over ``Schedule.log_every`` steps (PureJaxRL's pattern: the whole inner loop on the
+device, the host only between chunks), reading its batches from the training arrays on the device: each epoch is a
+permutation of the examples drawn from the seed and the epoch number, so a run resumed at any chunk boundary draws
+exactly the batches the uninterrupted run would have. The optimizer is the configured one
+(:func:`harness.optim.make_optimizer`, the learning rate written per step from ``train.schedule``) wrapped in
+:func:`harness.monitor.monitor`, so the per-layer statistics come out of the same step.
+
+A step whose loss, gradient or update is non-finite is not applied: the chunk keeps the last finite parameters and
+optimizer state, records the step in ``Carry.bad_step`` (and the monitor records its statistics), and skips the
+rest. So a diverging run stops cleanly, and the state it ends with is the one to replay the failing step from
+(:mod:`harness.monitor.replay`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from harness import tasks
+from harness.engine.core import Problem, mean_loss
+from harness.monitor import monitor
+from harness.optim import make_optimizer, set_learning_rate
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """The run's length and cadences, in optimizer steps (static: they shape the programs)."""
+
+    steps: int  # optimizer steps of the whole run
+    batch_size: int
+    steps_per_epoch: int  # full batches per pass over the training set (the last partial batch is dropped)
+    log_every: int  # steps per compiled chunk: the progress and W&B cadence
+    history: int  # the monitor's ring buffers (train.log_every, at least a chunk): the same whatever the length,
+    # so a run resumes into a longer one
+    eval_every: int  # a multiple of log_every
+    checkpoint_every: int  # a multiple of log_every
+
+
+class Carry(NamedTuple):
+    """What a chunk continues from: everything a checkpoint holds (the data order is a function of the step)."""
+
+    step: Any  # optimizer steps done (int32)
+    params: Any
+    rest: Any  # the model's non-trainable state (batch statistics)
+    opt_state: Any  # harness.monitor.MonitorState around the configured optimizer's state
+    bad_step: Any  # the first step whose loss, gradient or update was non-finite; -1 while none was
+
+
+class Records(NamedTuple):
+    loss: Any  # (log_every,) the minibatch loss of each step; NaN for a step not taken
+    lr: Any  # (log_every,) the learning rate it used
+
+
+def make_optimizer_for(problem: Problem, history: int) -> optax.GradientTransformationExtraArgs:
+    optim = problem.optim
+    return monitor(make_optimizer(optim, optim.lr, optim.weight_decay), history)
+
+
+def make_init(problem: Problem, schedule: Schedule, seed: int) -> Callable:
+    """``init(x_example) -> Carry`` at step 0."""
+    tx = make_optimizer_for(problem, schedule.history)
+
+    def init(x_example):
+        params, rest = problem.model.init(jax.random.key(seed), x_example)
+        return Carry(jnp.zeros((), jnp.int32), params, rest, tx.init(params), jnp.full((), -1, jnp.int32))
+
+    return init
+
+
+def make_chunk(problem: Problem, schedule: Schedule, lr_schedule: Callable[[Any], Any], seed: int,
+               length: int | None = None) -> Callable:
+    """``chunk(carry, x_train, y_train) -> (carry, records)``: ``length`` steps (default ``log_every``) from
+    ``carry.step``; steps past ``schedule.steps`` or after a non-finite one are skipped."""
+    length = schedule.log_every if length is None else length
+    tx = make_optimizer_for(problem, schedule.history)
+    dropout_key = jax.random.fold_in(jax.random.key(seed), 0xD809)
+    spe, bs = schedule.steps_per_epoch, schedule.batch_size
+
+    def order(n, epoch):
+        return epoch_order(seed, n, epoch)
+
+    def chunk(carry: Carry, x_train, y_train):
+        n = x_train.shape[0]
+
+        def loss_and_rest(params, rest, x, y, key):
+            outputs, new_rest = problem.model.apply(params, rest, x, key=key, train=True)
+            return mean_loss(problem.loss_fn, outputs, y), new_rest
+
+        def step(state, _):
+            carry, perm = state
+            t = carry.step
+            epoch, position = t // spe, t % spe
+            perm = jax.lax.cond(position == 0, lambda: order(n, epoch), lambda: perm)
+            index = jax.lax.dynamic_slice(perm, (position * bs,), (bs,))
+            x, y = x_train[index], y_train[index]
+            (loss, new_rest), grads = jax.value_and_grad(loss_and_rest, has_aux=True)(
+                carry.params, carry.rest, x, y, jax.random.fold_in(dropout_key, t))
+            lr = jnp.asarray(lr_schedule(t), jnp.float32)
+            opt_state = carry.opt_state._replace(inner=set_learning_rate(carry.opt_state.inner, lr))
+            updates, new_opt = tx.update(grads, opt_state, carry.params, value=loss)
+            params = optax.apply_updates(carry.params, updates)
+            finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads)) & jnp.isfinite(
+                optax.tree.norm(updates))
+
+            def pick(new, old):
+                return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+            # The failing step's statistics are recorded (the monitor's buffers), its update is not.
+            new_carry = Carry(
+                t + 1,
+                pick(params, carry.params),
+                pick(new_rest, carry.rest),
+                new_opt._replace(inner=pick(new_opt.inner, carry.opt_state.inner)),
+                jnp.where(finite, carry.bad_step, t),
+            )
+            return (new_carry, perm), Records(loss, lr)
+
+        def skipped(state, _):
+            nan = jnp.full((), jnp.nan, jnp.float32)
+            return state, Records(nan, nan)
+
+        def maybe(state, xs):
+            carry = state[0]
+            go = (carry.bad_step < 0) & (carry.step < schedule.steps)
+            return jax.lax.cond(go, step, skipped, state, xs)
+
+        perm = order(n, carry.step // spe)
+        (carry, _), records = jax.lax.scan(maybe, (carry, perm), None, length=length)
+        return carry, records
+
+    return chunk
+
+
+def make_evaluate(problem: Problem, batch: int) -> Callable:
+    """``evaluate(params, rest, x, y) -> (loss, accuracy)`` over a whole split in batches of ``batch`` (padded to a
+    multiple of it, the padding masked out), in inference mode; accuracy is NaN for regression."""
+
+    def evaluate(params, rest, x, y):
+        n = x.shape[0]
+        chunks = -(-n // batch)
+        pad = chunks * batch - n
+        xs = jnp.concatenate([x, jnp.zeros((pad, *x.shape[1:]), x.dtype)]).reshape(chunks, batch, *x.shape[1:])
+        ys = jnp.concatenate([y, jnp.zeros((pad, *y.shape[1:]), y.dtype)]).reshape(chunks, batch, *y.shape[1:])
+        mask = (jnp.arange(chunks * batch) < n).reshape(chunks, batch)
+
+        def one(args):
+            xb, yb, mb = args
+            out = problem.model(params, rest, xb)
+            per_example = jnp.reshape(problem.loss_fn(out, yb), (batch, -1)).mean(axis=1)
+            loss = jnp.sum(jnp.where(mb, per_example, 0.0))
+            if not problem.classification:
+                return loss, jnp.zeros(()), jnp.zeros(())
+            real = tasks.valid(yb) & jnp.reshape(mb, (batch,) + (1,) * (yb.ndim - 1))
+            hits = (jnp.argmax(out, -1) == yb) & real
+            return loss, jnp.sum(hits), jnp.sum(real)
+
+        loss, hits, real = jax.lax.map(one, (xs, ys, mask))
+        accuracy = jnp.sum(hits) / jnp.maximum(jnp.sum(real), 1) if problem.classification else jnp.nan
+        return jnp.sum(loss) / n, accuracy
+
+    return evaluate
+
+
+def epoch_order(seed: int, n: int, epoch):
+    """The order of the training examples in ``epoch``: a permutation drawn from the seed and the epoch alone."""
+    return jax.random.permutation(jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 0xDA7A), epoch), n)
+
+
+def batch_index(schedule: Schedule, seed: int, n: int, step: int):
+    """The training examples step ``step`` trains on (as the chunk draws them)."""
+    epoch, position = divmod(step, schedule.steps_per_epoch)
+    start = position * schedule.batch_size
+    return epoch_order(seed, n, epoch)[start:start + schedule.batch_size]
+
+
+def constant(lr: float) -> Callable[[Any], Any]:
+    def schedule(step):
+        del step
+        return lr
+
+    return schedule
+
+
+def epoch_steps(n_train: int, batch_size: int) -> int:
+    return max(n_train // batch_size, 1)
+
+
+def as_numpy(records: Records) -> Records:
+    return Records(*(np.asarray(r) for r in jax.device_get(records)))

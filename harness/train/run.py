@@ -1,0 +1,449 @@
+"""``harness train``, start to finish: build the configured problem, resume from the output directory's last
+checkpoint, train chunk by chunk (progress, validation, W&B, checkpoints), judge the run with the monitor's
+detectors, locate a non-finite step by replaying it, and write the same report files as a checklist run.
+
+Host work between chunks is a few small transfers: the chunk's losses and the monitor's statistics (never the
+optimizer's state), a validation pass every ``train.eval_every`` steps, and an asynchronous orbax save every
+``train.checkpoint_every`` steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from harness.checks.base import Outcome, Plot
+from harness.config import FactoryConfig, RunConfig, TrainSettings
+from harness.engine import compile as programs
+from harness.errors import HarnessError
+from harness.findings import Finding, error
+from harness.monitor import Monitor
+from harness.monitor.replay import Origin, locate
+from harness.train import loop
+from harness.train.checkpoint import Checkpoints
+
+NAME = "train"
+EVALUATIONS_PER_RUN = 20  # the default validation cadence: enough points for the overfitting detector's turn
+# Config keys that do not change what is trained: a run may resume under other values of these.
+NOT_THE_RUN = ("logger", "output_dir", "debug", "fail_on_error", "diagnostics", "budget", "collapse", "engine")
+TRAIN_KEYS_NOT_THE_RUN = ("steps", "epochs", "eval_every", "checkpoint_every", "keep_checkpoints", "resume")
+
+
+def total_steps(t: TrainSettings, n_train: int, batch_size: int) -> int:
+    if t.steps is not None:
+        return t.steps
+    if t.epochs is not None:
+        return max(int(round(t.epochs * loop.epoch_steps(n_train, batch_size))), 1)
+    raise HarnessError("harness train needs the run's length: train.steps=N or train.epochs=N", key="train.steps")
+
+
+def make_schedule(t: TrainSettings, total: int, batch_size: int, n_train: int) -> loop.Schedule:
+    every = t.eval_every or max(total // EVALUATIONS_PER_RUN, 1)
+    log_every = min(t.log_every, every, total)  # validations fall at chunk ends
+    eval_every = max(-(-every // log_every), 1) * log_every  # whole chunks
+    checkpoint_every = max(-(-(t.checkpoint_every or eval_every) // log_every), 1) * log_every
+    return loop.Schedule(steps=total, batch_size=batch_size, steps_per_epoch=loop.epoch_steps(n_train, batch_size),
+                         log_every=log_every, history=t.log_every, eval_every=eval_every,
+                         checkpoint_every=checkpoint_every)
+
+
+def learning_rate(t: TrainSettings, lr: float, total: int) -> Callable[[Any], Any]:
+    """The learning rate per step: a built-in kind peaking at ``optim.lr`` (optax's schedules), or the user's
+    optax schedule factory."""
+    import optax
+
+    warmup = min(t.warmup_steps, total)
+    if isinstance(t.schedule, FactoryConfig):
+        factory = t.schedule.resolve("train.schedule._target_")
+        try:
+            fn = factory(**t.schedule.kwargs)
+            jax.eval_shape(fn, jax.numpy.zeros((), jax.numpy.int32))
+        except Exception as err:
+            raise HarnessError(f"{t.schedule.target} does not give a schedule step -> learning rate: "
+                               f"{type(err).__name__}: {err}", key="train.schedule") from None
+        return fn
+    if t.schedule == "constant":
+        return loop.constant(lr) if warmup == 0 else optax.warmup_constant_schedule(0.0, lr, warmup)
+    if t.schedule == "warmup_constant":
+        return optax.warmup_constant_schedule(0.0, lr, max(warmup, 1))
+    if t.schedule == "cosine" and warmup == 0:
+        return optax.cosine_decay_schedule(lr, total)
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total, warmup + 1))
+
+
+def run_config(rc: RunConfig) -> dict[str, Any]:
+    """The part of the config that defines what is trained (all of it but logging, cadences and the run's length):
+    a checkpoint resumes only into the same run."""
+    raw = {k: v for k, v in rc.raw.items() if k not in NOT_THE_RUN and k != "train"}
+    raw["train"] = {k: v for k, v in (rc.raw.get("train") or {}).items() if k not in TRAIN_KEYS_NOT_THE_RUN}
+    return json.loads(json.dumps(raw, sort_keys=True, default=str))
+
+
+def run_identity(rc: RunConfig) -> str:
+    return hashlib.sha256(json.dumps(run_config(rc), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two configs."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in differences(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+@dataclasses.dataclass
+class History:
+    """What the host keeps of the run: the per-step loss and learning rate, and the validations."""
+
+    loss: list[np.ndarray] = dataclasses.field(default_factory=list)
+    lr: list[np.ndarray] = dataclasses.field(default_factory=list)
+    val_steps: list[int] = dataclasses.field(default_factory=list)
+    val_loss: list[float] = dataclasses.field(default_factory=list)
+    val_accuracy: list[float] = dataclasses.field(default_factory=list)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        def cat(parts):
+            return np.concatenate(parts).astype(np.float32) if parts else np.zeros((0,), np.float32)
+
+        return dict(loss=cat(self.loss), lr=cat(self.lr), val_steps=np.asarray(self.val_steps, np.int64),
+                    val_loss=np.asarray(self.val_loss, np.float64),
+                    val_accuracy=np.asarray(self.val_accuracy, np.float64))
+
+    @classmethod
+    def from_arrays(cls, a: dict[str, np.ndarray]) -> "History":
+        return cls([np.asarray(a["loss"])], [np.asarray(a["lr"])], [int(s) for s in a["val_steps"]],
+                   [float(v) for v in a["val_loss"]], [float(v) for v in a["val_accuracy"]])
+
+
+class Progress:
+    """A rich bar at a terminal; one line per validation elsewhere (CI logs)."""
+
+    def __init__(self, console, total: int, start: int):
+        from harness.report.terminal import show_progress
+
+        self.console, self.total = console, total
+        self.bar = None
+        if show_progress(console):
+            from rich.progress import BarColumn, Progress as Bar, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self.bar = Bar(TextColumn("train"), BarColumn(bar_width=30), TextColumn("{task.completed}/{task.total}"),
+                           TextColumn("{task.description}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                           console=console, transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task("", total=total, completed=start)
+
+    def update(self, step: int, loss: float | None, val: float | None, validated: bool):
+        text = (f"loss {loss:.4g}" if loss is not None else "loss non-finite") + (
+            f"  val {val:.4g}" if val is not None else "")
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, description=text)
+        elif validated:
+            self.console.print(f"train: step {step}/{self.total}  {text}", highlight=False)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.stop()
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """The static side of one training run: the problem, its arrays on the device, the schedule and the compiled
+    programs' cache key."""
+
+    rc: RunConfig
+    problem: Any
+    arrays: tuple  # x_train, y_train, x_val, y_val on the device
+    schedule: loop.Schedule
+    lr_at: Callable[[Any], Any]
+    identity: str
+    key: tuple
+
+    @classmethod
+    def of(cls, rc: RunConfig, ctx) -> "Job":
+        arrays = tuple(jax.device_put(a) for a in ctx.dataset.training_arrays())
+        n_train = int(arrays[0].shape[0])
+        batch_size = min(rc.batch_size, n_train)
+        total = total_steps(rc.train, n_train, batch_size)
+        schedule = make_schedule(rc.train, total, batch_size, n_train)
+        # Everything the programs close over: the problem's fingerprint leaves out the learning rate and weight
+        # decay (the checklist traces them), which the run's programs hold as constants.
+        key = (ctx.problem, schedule, rc.seed, rc.optim.lr, rc.optim.weight_decay, rc.train.warmup_steps,
+               json.dumps((rc.raw.get("train") or {}).get("schedule"), sort_keys=True, default=str))
+        return cls(rc, ctx.problem, arrays, schedule, learning_rate(rc.train, rc.optim.lr, total), run_identity(rc),
+                   key)
+
+    def run(self, name: str, fn: Callable, *args):
+        """Compile (once per shape, counted in the report's programs) and run one of the run's programs."""
+        from harness.engine.driver import cpu_options
+
+        return programs.run(f"train/{name}", fn, *args, static_key=(f"train/{name}", *self.key),
+                            opt_level=self.rc.engine.opt_level, options=cpu_options())
+
+
+def train(rc: RunConfig, output_dir: str, *, command: list[str], console=None, run_name: str | None = None,
+          group: str | None = None, show_report: bool = True):
+    """Train the configured run into ``output_dir`` and write its report; returns ``(RunResult, report)``. When
+    interrupted (Ctrl-C), it saves a checkpoint, writes the report of the steps done and raises KeyboardInterrupt."""
+    from harness.app import enable_caches, wandb_enabled, write_outputs
+    from harness.pipeline import RunResult, blocked_stages, build_context, run_diagnostics
+    from harness.report import terminal, writer
+
+    start = time.perf_counter()
+    enable_caches(rc)
+    since = writer.program_mark()
+    console = console or terminal.make_console()
+    ctx = build_context(rc)
+    checked = run_diagnostics(dataclasses.replace(rc, diagnostics=rc.train.checks), ctx) if rc.train.checks else []
+    blocked = blocked_stages([f for o in checked for f in o.findings])
+    if "training" in blocked:  # no shapes to train on, no forward pass: the report says why
+        result = RunResult.of([*checked, Outcome(NAME, skipped=blocked["training"])], time.perf_counter() - start,
+                              ctx)
+        return result, write_outputs(rc, result, output_dir, command=command, console=console, run_name=run_name,
+                                     group=group, show_report=show_report, programs_since=since)
+    job = Job.of(rc, ctx)
+    problem, schedule = job.problem, job.schedule
+    x_train, y_train, x_val, y_val = job.arrays
+    carry = job.run("init", loop.make_init(problem, schedule, rc.seed), x_train[:1])
+    watch = Monitor(carry.params, learning_rate=job.lr_at)
+    history = History()
+    if not rc.train.resume:
+        set_aside(output_dir)
+    checkpoints = Checkpoints(output_dir, keep=rc.train.keep_checkpoints)
+    live = None
+    try:
+        carry, wandb_id, resumed_from = resume(job, checkpoints, carry, watch, history)
+        live = _live_wandb(rc, output_dir, run_name, group, wandb_id) if wandb_enabled(rc) else None
+        host_steps = _host_steps(problem)
+        chunk_fn = loop.make_chunk(problem, schedule, job.lr_at, rc.seed, length=1 if host_steps else None)
+        evaluate = loop.make_evaluate(problem, min(1024, max(int(x_val.shape[0]), 1)))
+        calls = schedule.log_every if host_steps else 1
+        progress = Progress(console, schedule.steps, int(carry.step))
+        interrupted = False
+        saved_at = int(carry.step)
+
+        def save(step):
+            nonlocal saved_at
+            checkpoints.save(step, carry, {"monitor": watch.state(), "history": history.arrays()},
+                             {"identity": job.identity, "config": run_config(rc), "step": step,
+                              "wandb_id": live.id if live else wandb_id})
+            saved_at = step
+
+        try:
+            while int(carry.step) < schedule.steps and int(carry.bad_step) < 0:
+                records = []
+                for _ in range(calls):
+                    carry, rec = job.run("chunk", chunk_fn, carry, x_train, y_train)
+                    records.append(loop.as_numpy(rec))
+                step, stopped = int(carry.step), int(carry.bad_step) >= 0
+                loss = np.concatenate([r.loss for r in records])
+                lr = np.concatenate([r.lr for r in records])
+                taken = ~np.isnan(lr)  # a step not taken (past the run's end, after a non-finite one) records NaN
+                history.loss.append(loss[taken])
+                history.lr.append(lr[taken])
+                watch.read(carry.opt_state)
+                finite = history.loss[-1][np.isfinite(history.loss[-1])]
+                metrics = {"train/loss": float(finite.mean()) if finite.size else None,
+                           "train/lr": float(history.lr[-1][-1]) if history.lr[-1].size else None}
+                validated = step % schedule.eval_every == 0 or step >= schedule.steps or stopped
+                if validated:
+                    v_loss, v_acc = (float(v) for v in job.run("evaluate", evaluate, carry.params, carry.rest, x_val,
+                                                               y_val))
+                    history.val_steps.append(step)
+                    history.val_loss.append(v_loss)
+                    history.val_accuracy.append(v_acc)
+                    watch.validation(v_loss, step - 1)
+                    metrics["val/loss"] = v_loss
+                    if problem.classification:
+                        metrics["val/accuracy"] = v_acc
+                if live is not None:
+                    live.log(step, metrics)
+                progress.update(step, metrics["train/loss"], history.val_loss[-1] if history.val_loss else None,
+                                validated)
+                if step % schedule.checkpoint_every == 0 or step >= schedule.steps or stopped:
+                    save(step)
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            progress.close()
+        if int(carry.step) != saved_at:
+            save(int(carry.step))
+    finally:
+        checkpoints.close()
+
+    origin = None
+    if int(carry.bad_step) >= 0:
+        origin = replay(problem, carry, schedule, rc.seed, job.lr_at, x_train, y_train, int(carry.bad_step))
+    outcome = make_outcome(watch, history, carry, schedule, origin, resumed_from, interrupted,
+                           time.perf_counter() - start)
+    result = RunResult.of([*checked, outcome], time.perf_counter() - start, ctx)
+    report = write_outputs(rc, result, output_dir, command=command, console=console, run_name=run_name,
+                           group=group, show_report=show_report, programs_since=since, wandb_run=live)
+    if interrupted:
+        print(f"harness: interrupted at step {int(carry.step)}; its checkpoint is in {checkpoints.directory}: the same "
+              f"command with output_dir={output_dir} resumes it", file=sys.stderr)
+        raise KeyboardInterrupt
+    return result, report
+
+
+def set_aside(output_dir: str) -> None:
+    """``train.resume=false``: an earlier run's checkpoints are moved to ``checkpoints.<time>``, not deleted."""
+    import datetime
+    import os
+
+    directory = os.path.join(output_dir, "checkpoints")
+    if os.path.isdir(directory) and os.listdir(directory):
+        os.rename(directory, f"{directory}.{datetime.datetime.now():%Y%m%d-%H%M%S-%f}")
+
+
+def resume(job: Job, checkpoints: Checkpoints, carry, watch: Monitor, history: History):
+    """``carry`` continued from the output directory's last checkpoint (and ``watch`` and ``history`` loaded from
+    it), when it holds one and ``train.resume`` allows; returns ``(carry, W&B run id, step resumed from)``."""
+    latest = checkpoints.latest()
+    if latest is None:
+        return carry, None, None
+    meta = checkpoints.meta(latest)
+    if meta.get("identity") != job.identity:
+        changed = differences(meta.get("config") or {}, run_config(job.rc))
+        raise HarnessError(
+            f"{checkpoints.directory} holds a checkpoint of another run (it differs in "
+            f"{', '.join(changed[:5]) or 'the model, data, loss or optimizer'}); resume with the same config, or "
+            f"train into another output_dir", key="output_dir")
+    restored, host, meta = checkpoints.restore(latest, jax.eval_shape(lambda: carry))
+    watch.load(host["monitor"])
+    loaded = History.from_arrays(host["history"])
+    for f in dataclasses.fields(History):
+        setattr(history, f.name, getattr(loaded, f.name))
+    return restored, meta.get("wandb_id"), int(latest)
+
+
+def _host_steps(problem) -> bool:
+    from harness.engine.driver import needs_host_step_loop
+
+    return needs_host_step_loop(problem)
+
+
+def _live_wandb(rc, output_dir, run_name, group, run_id):
+    from harness.report import wandb_logger
+
+    try:
+        return wandb_logger.LiveRun(rc, output_dir, run_name=run_name, group=group, run_id=run_id, job_type=NAME)
+    except Exception as err:  # the run trains and reports without W&B
+        print(f"harness: warning: W&B logging failed ({type(err).__name__}: {err}); training goes on without it",
+              file=sys.stderr)
+        return None
+
+
+def replay(problem, carry, schedule, seed, lr_at, x_train, y_train, bad_step: int) -> Origin:
+    """Replay step ``bad_step`` from the state the chunk kept (the last finite one) on the batch it trained on."""
+    index = np.asarray(loop.batch_index(schedule, seed, int(x_train.shape[0]), bad_step))
+    x, y = np.asarray(x_train)[index], np.asarray(y_train)[index]
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 0xD809), bad_step)
+
+    def apply(params, x):
+        return problem.model.apply(params, carry.rest, x, key=key, train=True)[0]
+
+    tx = loop.make_optimizer_for(problem, schedule.history)
+
+    def update(grads):
+        from harness.optim import set_learning_rate
+
+        state = carry.opt_state._replace(inner=set_learning_rate(carry.opt_state.inner, lr_at(bad_step)))
+        return tx.update(grads, state, carry.params)[0]
+
+    return locate(apply, problem.loss_fn, carry.params, x, y, update=update, name_path=problem.model.name_path)
+
+
+def make_outcome(watch: Monitor, history: History, carry, schedule, origin: Origin | None, resumed_from,
+                 interrupted: bool, seconds: float) -> Outcome:
+    findings: list[Finding] = []
+    for f in watch.findings():
+        if f.id == "train.nonfinite" and origin is not None:
+            f = located(f, origin)
+        findings.append(f)
+    if int(carry.bad_step) >= 0 and not any(f.id == "train.nonfinite" for f in findings):
+        findings.append(located(error(
+            "train.nonfinite", f"training went non-finite at step {int(carry.bad_step)}", "", step=int(
+                carry.bad_step)), origin))
+    h = history.arrays()
+    steps_done = int(carry.step)
+    metrics = {"steps": steps_done, "steps_planned": schedule.steps, "epochs": steps_done / schedule.steps_per_epoch,
+               "final_train_loss": _last_mean(h["loss"]), "resumed_from_step": resumed_from,
+               "interrupted": interrupted,
+               "first_nonfinite_step": int(carry.bad_step) if int(carry.bad_step) >= 0 else None}
+    if h["val_loss"].size:
+        best = int(np.nanargmin(h["val_loss"])) if np.isfinite(h["val_loss"]).any() else -1
+        metrics.update(final_val_loss=float(h["val_loss"][-1]),
+                       best_val_loss=float(h["val_loss"][best]) if best >= 0 else None,
+                       best_val_step=int(h["val_steps"][best]) if best >= 0 else None)
+        if np.isfinite(h["val_accuracy"]).any():
+            metrics["final_val_accuracy"] = float(h["val_accuracy"][-1])
+    series = {"train_step": np.arange(h["loss"].size).tolist(), "train_loss": h["loss"].tolist(),
+              "train_lr": h["lr"].tolist(), "val_step": h["val_steps"].tolist(), "val_loss": h["val_loss"].tolist()}
+    plots = [Plot("curves", "training and validation loss", lambda path: draw_curves(path, h, findings))]
+    return Outcome(NAME, findings=findings, metrics=metrics, series=series, plots=plots, seconds=seconds,
+                   skipped="interrupted" if interrupted and steps_done == 0 else None)
+
+
+def located(f: Finding, origin: Origin | None) -> Finding:
+    """The monitor's non-finite finding with the replay's answer to where it started."""
+    if origin is None:
+        return f
+    fix = {
+        "inputs": "Fix the data: the batch holds NaN or inf inputs (see the data checks: `harness "
+                  "diagnostics.run=[data]`).",
+        "targets": "Fix the data: the batch holds NaN or inf targets.",
+        "parameters": "An update overflowed the weights: lower the learning rate or clip gradients (optim.clip_norm).",
+        "forward": "An activation overflowed: lower the learning rate (the weights grew), add normalization, or "
+                   "compute that layer in float32.",
+        "outputs": "The model's outputs overflowed: lower the learning rate, or clip gradients (optim.clip_norm).",
+        "loss": "Make the loss numerically safe: log_softmax / optax.softmax_cross_entropy instead of log(softmax), "
+                "clip probabilities away from 0 before a log, guard divisions.",
+        "backward": "A derivative is non-finite where the value is finite (sqrt or log at 0, a custom gradient, "
+                    "an overflow in the backward pass): guard that operation (jnp.where before, not after) or "
+                    "lower the learning rate.",
+        "update": "The optimizer's update overflowed: check its epsilon and any custom transformation.",
+        "none": f.suggestion,
+    }[origin.stage]
+    evidence = {**f.evidence, "origin": origin.stage, "origin_detail": origin.where, **{
+        f"origin_{k}": v for k, v in origin.detail.items()}}
+    message = f.message.split(";")[0] + f"; replayed from the last finite state, it started in {origin.describe()}"
+    return dataclasses.replace(f, message=message, suggestion=fix, evidence=evidence)
+
+
+def _last_mean(loss: np.ndarray, n: int = 50):
+    tail = loss[-n:]
+    tail = tail[np.isfinite(tail)]
+    return float(tail.mean()) if tail.size else None
+
+
+def draw_curves(path: str, h: dict[str, np.ndarray], findings: list[Finding]) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = np.arange(h["loss"].size)
+    ax.plot(steps, h["loss"], lw=0.6, alpha=0.5, label="training loss (per step)")
+    if h["loss"].size >= 20:
+        k = max(h["loss"].size // 100, 5)
+        smooth = np.convolve(np.nan_to_num(h["loss"], nan=np.nan), np.ones(k) / k, mode="valid")
+        ax.plot(steps[k - 1:], smooth, lw=1.5, label=f"training loss (mean of {k})")
+    if h["val_loss"].size:
+        ax.plot(np.asarray(h["val_steps"]) - 1, h["val_loss"], "o-", ms=3, label="validation loss")
+    for f in findings:
+        step = f.evidence.get("step")
+        if isinstance(step, int):
+            ax.axvline(step, color="red" if f.severity.value == "error" else "orange", ls="--", lw=1)
+            ax.text(step, ax.get_ylim()[1], f" {f.id}", rotation=90, va="top", fontsize=7)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    if np.nanmin(h["loss"], initial=np.inf) > 0:
+        ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -30,6 +30,10 @@ TRAINING_FAILURES = frozenset({"train.overfit_batch", "train.loss_increasing", "
 INIT_SCALE = frozenset({"model.initial_loss", "model.exploding_activations", "model.saturated_units",
                         "model.dead_units", "model.gradient_flow"})
 
+# What a monitored run shows on the way to a blow-up and after it (harness.monitor.detectors).
+MONITOR_SYMPTOMS = frozenset({"train.nonfinite", "train.grad_spike", "train.loss_spike", "train.oscillation",
+                              "train.plateau", "train.update_ratio"})
+
 # cause id -> the ids of findings it can cause. Acyclic (checked below); a finding explains only findings that the
 # mechanism in the comment can produce.
 EXPLAINS: dict[str, frozenset[str]] = {
@@ -66,8 +70,10 @@ EXPLAINS: dict[str, frozenset[str]] = {
     "model.initial_loss": TRAINING_FAILURES,
     # A loss whose sign is flipped is driven to -inf: training diverges and every control fails.
     "train.loss_increasing": TRAINING_FAILURES - {"train.loss_increasing"},
-    # The configured run diverging explains every other training failure at the configured learning rate.
-    "train.divergence": TRAINING_FAILURES - {"train.divergence", "train.loss_increasing"},
+    # The configured run diverging explains every other training failure at the configured learning rate; in a
+    # monitored run (harness train) also what a blow-up looks like on the way (spikes, swings), where it ends
+    # (non-finite values; a ReLU network killed by it: leaves that no longer get a gradient, a stalled loss).
+    "train.divergence": TRAINING_FAILURES - {"train.divergence", "train.loss_increasing"} | MONITOR_SYMPTOMS,
     # A configured LR far outside the usable range: nothing else trains well at it.
     "train.learning_rate": frozenset({"train.overfit_batch", "train.no_signal", "train.capacity"}),
 }
@@ -307,6 +313,8 @@ def _branch(root: Finding) -> str:
     if root.id in NONFINITE or (root.id == "train.divergence" and root.evidence.get("first_nonfinite_step", -1)
                                 not in (-1, None)):
         return "nonfinite"
+    if root.id in ("train.divergence", "train.learning_rate"):
+        return "optimisation"
     if root.id in VALIDATION_ONLY:
         return "validation"
     if root.id in CANNOT_FIT or root.id.startswith(("data.", "model.")):

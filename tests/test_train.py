@@ -156,6 +156,24 @@ def test_log0_in_a_hand_written_loss_stops_cleanly_late_and_is_located_in_the_lo
     assert "train.nonfinite" not in ids(healthy)
 
 
+def test_a_learning_rate_that_diverges_after_its_warmup_is_named_with_a_value_that_trains(tmp_path):
+    """SGD with momentum warmed up to 2.0 over 400 steps: the loss falls, then blows up once the rate passes what
+    the network tolerates. The turn is named, the learning rate there, and a tenth of it, which trains."""
+    warmup = ["optim=sgd", "train.schedule=warmup_constant", "train.warmup_steps=400", "train.steps=1000"]
+    _, report = train(tmp_path, *warmup, "optim.lr=2.0")
+    [f] = [f for f in report["findings"] if f["id"] == "train.divergence"]
+    assert f["severity"] == "error" and 0 < f["evidence"]["step"] < 400
+    suggested = f["evidence"]["suggested_lr"]
+    assert suggested < f["evidence"]["lr_at_turn"] < 2.0
+    cause = report["root_cause"]
+    assert cause["id"] == "train.divergence" and cause["branch"] == "optimisation"
+    # What the blow-up left behind (spikes on the way, dead ReLUs after it) is explained by it, not a cause.
+    assert all(g["explained_by"] == "train.divergence" for g in report["findings"]
+               if g["id"] in ("train.grad_spike", "train.loss_spike", "train.update_ratio"))
+    _, fixed = train(tmp_path / "fixed", *warmup, f"optim.lr={suggested:.4g}")
+    assert problems(fixed) == [], fixed["findings"]
+
+
 def test_nan_rows_in_the_data_are_a_data_finding_before_training(tmp_path):
     """``train.checks`` (default: the data checks) run first, in the same report: the NaN rows are named there,
     and training runs on the finite rows (as the checklist does) instead of going non-finite at their batch."""

@@ -65,6 +65,7 @@ class Monitor:
             paths = [slash_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
         self.paths = paths
         self._read = 0  # steps read so far
+        self._logged = 0  # steps logged to W&B so far (Monitor.log)
         self._steps: list[int] = []
         self._rows: dict[str, list[np.ndarray]] = {f: [] for f in _FIELDS}
         self.lost: list[tuple[int, int]] = []  # [first, last) steps overwritten before they were read
@@ -96,10 +97,11 @@ class Monitor:
         self._read = count
         return count - start
 
-    def validation(self, loss, step: int | None = None) -> None:
+    def validation(self, loss, step: int | None = None, accuracy=None) -> None:
         """Record a validation loss (one per member for a vmapped run) measured after ``step`` (default: the last
-        step read): the overfitting detector compares it with the training loss."""
-        self._val.append((self._read - 1 if step is None else int(step), np.asarray(loss, np.float64)))
+        step read): the overfitting detector compares it with the training loss. ``accuracy``: for the report."""
+        self._val.append((self._read - 1 if step is None else int(step), np.asarray(loss, np.float64),
+                          np.asarray(np.nan if accuracy is None else accuracy, np.float64)))
 
     def series(self) -> list[Series]:
         """The steps read so far: one :class:`Series` per member (one for an unbatched run)."""
@@ -107,8 +109,8 @@ class Monitor:
             return []
         rows = {f: np.concatenate(v, axis=0) for f, v in self._rows.items()}
         steps = np.asarray(self._steps)
-        val_steps = np.asarray([step for step, _ in self._val]) if self._val else None
-        val = np.stack([loss for _, loss in self._val]) if self._val else None
+        val_steps = np.asarray([v[0] for v in self._val]) if self._val else None
+        val = np.stack([v[1] for v in self._val]) if self._val else None
         members = rows["loss"].shape[1:]  # () or (members,)
         if not members:
             return [Series(steps, **rows, paths=self.paths, val_steps=val_steps, val_loss=val,
@@ -125,16 +127,45 @@ class Monitor:
         rows = {f: (np.concatenate(v, axis=0) if v else np.zeros((0,), np.float32)) for f, v in self._rows.items()}
         return dict(read=np.asarray(self._read), steps=np.asarray(self._steps, np.int64),
                     lost=np.asarray(self.lost, np.int64).reshape(-1, 2),
-                    val_steps=np.asarray([s for s, _ in self._val], np.int64),
-                    val_loss=np.asarray([v for _, v in self._val], np.float64), **rows)
+                    val_steps=np.asarray([v[0] for v in self._val], np.int64),
+                    val_loss=np.asarray([v[1] for v in self._val], np.float64),
+                    val_accuracy=np.asarray([v[2] for v in self._val], np.float64), **rows)
 
     def load(self, state: dict[str, np.ndarray]) -> None:
         """Continue from :meth:`state` (the run resumed from the checkpoint that saved it)."""
         self._read = int(state["read"])
         self._steps = [int(s) for s in state["steps"]]
         self.lost = [(int(a), int(b)) for a, b in np.asarray(state["lost"]).reshape(-1, 2)]
-        self._val = [(int(s), np.asarray(v)) for s, v in zip(state["val_steps"], state["val_loss"])]
+        self._val = [(int(s), np.asarray(v), np.asarray(a))
+                     for s, v, a in zip(state["val_steps"], state["val_loss"], state["val_accuracy"])]
         self._rows = {f: ([np.asarray(state[f])] if len(self._steps) else []) for f in _FIELDS}
+
+    def validations(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The recorded validations: steps, losses and accuracies (NaN where none was given)."""
+        if not self._val:
+            return np.zeros(0, np.int64), np.zeros(0), np.zeros(0)
+        return (np.asarray([v[0] for v in self._val]), np.stack([v[1] for v in self._val]),
+                np.stack([v[2] for v in self._val]))
+
+    def log(self, run, prefix: str = "monitor/") -> int:
+        """Log the steps read since the last call to a W&B run (``wandb.init()``'s), one history row per step at
+        its step: the loss, the gradient norm, and per parameter leaf the gradient norm and the update/parameter
+        ratio. Returns how many rows were logged."""
+        from harness.monitor.report import wandb_rows
+
+        rows = wandb_rows(self, self._logged, prefix)
+        for step, row in rows:
+            run.log(row, step=step)
+        self._logged = self._read
+        return len(rows)
+
+    def report(self, output_dir: str, *, name: str = "monitor", config: dict | None = None, wandb_run=None) -> dict:
+        """Write the findings as harness's report files into ``output_dir`` (report.json, report.md, the loss plot);
+        with ``wandb_run``, also log the report's summary, findings table and plot into that run. Returns the
+        report (report.json's content)."""
+        from harness.monitor.report import write_report
+
+        return write_report(self, output_dir, name=name, config=config, wandb_run=wandb_run)
 
     def findings(self) -> list[Finding]:
         """The detectors' findings (:mod:`.detectors`) for every member; steps that were overwritten before a read

@@ -19,7 +19,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from harness.checks.base import Outcome, Plot
+from harness.checks.base import Outcome
 from harness.config import FactoryConfig, RunConfig, TrainSettings
 from harness.engine import compile as programs
 from harness.errors import HarnessError
@@ -95,30 +95,6 @@ def differences(a: Any, b: Any, prefix: str = "") -> list[str]:
     if isinstance(a, dict) and isinstance(b, dict):
         return [d for k in sorted(set(a) | set(b)) for d in differences(a.get(k), b.get(k), f"{prefix}{k}.")]
     return [] if a == b else [prefix.rstrip(".")]
-
-
-@dataclasses.dataclass
-class History:
-    """What the host keeps of the run: the per-step loss and learning rate, and the validations."""
-
-    loss: list[np.ndarray] = dataclasses.field(default_factory=list)
-    lr: list[np.ndarray] = dataclasses.field(default_factory=list)
-    val_steps: list[int] = dataclasses.field(default_factory=list)
-    val_loss: list[float] = dataclasses.field(default_factory=list)
-    val_accuracy: list[float] = dataclasses.field(default_factory=list)
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        def cat(parts):
-            return np.concatenate(parts).astype(np.float32) if parts else np.zeros((0,), np.float32)
-
-        return dict(loss=cat(self.loss), lr=cat(self.lr), val_steps=np.asarray(self.val_steps, np.int64),
-                    val_loss=np.asarray(self.val_loss, np.float64),
-                    val_accuracy=np.asarray(self.val_accuracy, np.float64))
-
-    @classmethod
-    def from_arrays(cls, a: dict[str, np.ndarray]) -> "History":
-        return cls([np.asarray(a["loss"])], [np.asarray(a["lr"])], [int(s) for s in a["val_steps"]],
-                   [float(v) for v in a["val_loss"]], [float(v) for v in a["val_accuracy"]])
 
 
 class Progress:
@@ -211,13 +187,12 @@ def train(rc: RunConfig, output_dir: str, *, command: list[str], console=None, r
     x_train, y_train, x_val, y_val = job.arrays
     carry = job.run("init", loop.make_init(problem, schedule, rc.seed), x_train[:1])
     watch = Monitor(carry.params, learning_rate=job.lr_at)
-    history = History()
     if not rc.train.resume:
         set_aside(output_dir)
     checkpoints = Checkpoints(output_dir, keep=rc.train.keep_checkpoints)
     live = None
     try:
-        carry, wandb_id, resumed_from = resume(job, checkpoints, carry, watch, history)
+        carry, wandb_id, resumed_from = resume(job, checkpoints, carry, watch)
         live = _live_wandb(rc, output_dir, run_name, group, wandb_id) if wandb_enabled(rc) else None
         host_steps = _host_steps(problem)
         chunk_fn = loop.make_chunk(problem, schedule, job.lr_at, rc.seed, length=1 if host_steps else None)
@@ -229,42 +204,34 @@ def train(rc: RunConfig, output_dir: str, *, command: list[str], console=None, r
 
         def save(step):
             nonlocal saved_at
-            checkpoints.save(step, carry, {"monitor": watch.state(), "history": history.arrays()},
+            checkpoints.save(step, carry, {"monitor": watch.state()},
                              {"identity": job.identity, "config": run_config(rc), "step": step,
                               "wandb_id": live.id if live else wandb_id})
             saved_at = step
 
         try:
             while int(carry.step) < schedule.steps and int(carry.bad_step) < 0:
-                records = []
+                losses = []
                 for _ in range(calls):
                     carry, rec = job.run("chunk", chunk_fn, carry, x_train, y_train)
-                    records.append(loop.as_numpy(rec))
+                    losses.append(loop.as_numpy(rec).loss)
                 step, stopped = int(carry.step), int(carry.bad_step) >= 0
-                loss = np.concatenate([r.loss for r in records])
-                lr = np.concatenate([r.lr for r in records])
-                taken = ~np.isnan(lr)  # a step not taken (past the run's end, after a non-finite one) records NaN
-                history.loss.append(loss[taken])
-                history.lr.append(lr[taken])
                 watch.read(carry.opt_state)
-                finite = history.loss[-1][np.isfinite(history.loss[-1])]
+                loss = np.concatenate(losses)
+                finite = loss[np.isfinite(loss)]
                 metrics = {"train/loss": float(finite.mean()) if finite.size else None,
-                           "train/lr": float(history.lr[-1][-1]) if history.lr[-1].size else None}
+                           "train/lr": float(np.asarray(job.lr_at(step - 1)))}
                 validated = step % schedule.eval_every == 0 or step >= schedule.steps or stopped
                 if validated:
                     v_loss, v_acc = (float(v) for v in job.run("evaluate", evaluate, carry.params, carry.rest, x_val,
                                                                y_val))
-                    history.val_steps.append(step)
-                    history.val_loss.append(v_loss)
-                    history.val_accuracy.append(v_acc)
-                    watch.validation(v_loss, step - 1)
+                    watch.validation(v_loss, step - 1, accuracy=v_acc if problem.classification else None)
                     metrics["val/loss"] = v_loss
                     if problem.classification:
                         metrics["val/accuracy"] = v_acc
                 if live is not None:
                     live.log(step, metrics)
-                progress.update(step, metrics["train/loss"], history.val_loss[-1] if history.val_loss else None,
-                                validated)
+                progress.update(step, metrics["train/loss"], metrics.get("val/loss"), validated)
                 if step % schedule.checkpoint_every == 0 or step >= schedule.steps or stopped:
                     save(step)
         except KeyboardInterrupt:
@@ -279,8 +246,7 @@ def train(rc: RunConfig, output_dir: str, *, command: list[str], console=None, r
     origin = None
     if int(carry.bad_step) >= 0:
         origin = replay(problem, carry, schedule, rc.seed, job.lr_at, x_train, y_train, int(carry.bad_step))
-    outcome = make_outcome(watch, history, carry, schedule, origin, resumed_from, interrupted,
-                           time.perf_counter() - start)
+    outcome = make_outcome(watch, carry, schedule, origin, resumed_from, interrupted, time.perf_counter() - start)
     result = RunResult.of([*checked, outcome], time.perf_counter() - start, ctx)
     report = write_outputs(rc, result, output_dir, command=command, console=console, run_name=run_name,
                            group=group, show_report=show_report, programs_since=since, wandb_run=live)
@@ -301,9 +267,9 @@ def set_aside(output_dir: str) -> None:
         os.rename(directory, f"{directory}.{datetime.datetime.now():%Y%m%d-%H%M%S-%f}")
 
 
-def resume(job: Job, checkpoints: Checkpoints, carry, watch: Monitor, history: History):
-    """``carry`` continued from the output directory's last checkpoint (and ``watch`` and ``history`` loaded from
-    it), when it holds one and ``train.resume`` allows; returns ``(carry, W&B run id, step resumed from)``."""
+def resume(job: Job, checkpoints: Checkpoints, carry, watch: Monitor):
+    """``carry`` continued from the output directory's last checkpoint (and ``watch`` loaded from it), when it
+    holds one; returns ``(carry, W&B run id, step resumed from)``."""
     latest = checkpoints.latest()
     if latest is None:
         return carry, None, None
@@ -316,9 +282,6 @@ def resume(job: Job, checkpoints: Checkpoints, carry, watch: Monitor, history: H
             f"train into another output_dir", key="output_dir")
     restored, host, meta = checkpoints.restore(latest, jax.eval_shape(lambda: carry))
     watch.load(host["monitor"])
-    loaded = History.from_arrays(host["history"])
-    for f in dataclasses.fields(History):
-        setattr(history, f.name, getattr(loaded, f.name))
     return restored, meta.get("wandb_id"), int(latest)
 
 
@@ -359,35 +322,25 @@ def replay(problem, carry, schedule, seed, lr_at, x_train, y_train, bad_step: in
     return locate(apply, problem.loss_fn, carry.params, x, y, update=update, name_path=problem.model.name_path)
 
 
-def make_outcome(watch: Monitor, history: History, carry, schedule, origin: Origin | None, resumed_from,
-                 interrupted: bool, seconds: float) -> Outcome:
-    findings: list[Finding] = []
-    for f in watch.findings():
-        if f.id == "train.nonfinite" and origin is not None:
-            f = located(f, origin)
-        findings.append(f)
-    if int(carry.bad_step) >= 0 and not any(f.id == "train.nonfinite" for f in findings):
-        findings.append(located(error(
-            "train.nonfinite", f"training went non-finite at step {int(carry.bad_step)}", "", step=int(
-                carry.bad_step)), origin))
-    h = history.arrays()
-    steps_done = int(carry.step)
-    metrics = {"steps": steps_done, "steps_planned": schedule.steps, "epochs": steps_done / schedule.steps_per_epoch,
-               "final_train_loss": _last_mean(h["loss"]), "resumed_from_step": resumed_from,
-               "interrupted": interrupted,
-               "first_nonfinite_step": int(carry.bad_step) if int(carry.bad_step) >= 0 else None}
-    if h["val_loss"].size:
-        best = int(np.nanargmin(h["val_loss"])) if np.isfinite(h["val_loss"]).any() else -1
-        metrics.update(final_val_loss=float(h["val_loss"][-1]),
-                       best_val_loss=float(h["val_loss"][best]) if best >= 0 else None,
-                       best_val_step=int(h["val_steps"][best]) if best >= 0 else None)
-        if np.isfinite(h["val_accuracy"]).any():
-            metrics["final_val_accuracy"] = float(h["val_accuracy"][-1])
-    series = {"train_step": np.arange(h["loss"].size).tolist(), "train_loss": h["loss"].tolist(),
-              "train_lr": h["lr"].tolist(), "val_step": h["val_steps"].tolist(), "val_loss": h["val_loss"].tolist()}
-    plots = [Plot("curves", "training and validation loss", lambda path: draw_curves(path, h, findings))]
-    return Outcome(NAME, findings=findings, metrics=metrics, series=series, plots=plots, seconds=seconds,
-                   skipped="interrupted" if interrupted and steps_done == 0 else None)
+def make_outcome(watch: Monitor, carry, schedule, origin: Origin | None, resumed_from, interrupted: bool,
+                 seconds: float) -> Outcome:
+    """The run as the ``train`` diagnostic (:func:`harness.monitor.report.outcome`), the non-finite finding
+    located by the replay."""
+    from harness.monitor.report import outcome
+
+    findings = [located(f, origin) if f.id == "train.nonfinite" else f for f in watch.findings()]
+    bad = int(carry.bad_step)
+    if bad >= 0 and not any(f.id == "train.nonfinite" for f in findings):  # finite gradients, non-finite update
+        findings.insert(0, located(error("train.nonfinite", f"training went non-finite at step {bad}", "",
+                                         step=bad), origin))
+    steps = int(carry.step)
+    result = outcome(watch, NAME, seconds=seconds, findings=findings, metrics={
+        "steps": steps, "steps_planned": schedule.steps, "epochs": steps / schedule.steps_per_epoch,
+        "resumed_from_step": resumed_from, "interrupted": interrupted,
+        "first_nonfinite_step": bad if bad >= 0 else None})
+    if interrupted and steps == 0:
+        result.skipped = "interrupted"
+    return result
 
 
 def located(f: Finding, origin: Origin | None) -> Finding:
@@ -414,36 +367,3 @@ def located(f: Finding, origin: Origin | None) -> Finding:
         f"origin_{k}": v for k, v in origin.detail.items()}}
     message = f.message.split(";")[0] + f"; replayed from the last finite state, it started in {origin.describe()}"
     return dataclasses.replace(f, message=message, suggestion=fix, evidence=evidence)
-
-
-def _last_mean(loss: np.ndarray, n: int = 50):
-    tail = loss[-n:]
-    tail = tail[np.isfinite(tail)]
-    return float(tail.mean()) if tail.size else None
-
-
-def draw_curves(path: str, h: dict[str, np.ndarray], findings: list[Finding]) -> None:
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    steps = np.arange(h["loss"].size)
-    ax.plot(steps, h["loss"], lw=0.6, alpha=0.5, label="training loss (per step)")
-    if h["loss"].size >= 20:
-        k = max(h["loss"].size // 100, 5)
-        smooth = np.convolve(np.nan_to_num(h["loss"], nan=np.nan), np.ones(k) / k, mode="valid")
-        ax.plot(steps[k - 1:], smooth, lw=1.5, label=f"training loss (mean of {k})")
-    if h["val_loss"].size:
-        ax.plot(np.asarray(h["val_steps"]) - 1, h["val_loss"], "o-", ms=3, label="validation loss")
-    for f in findings:
-        step = f.evidence.get("step")
-        if isinstance(step, int):
-            ax.axvline(step, color="red" if f.severity.value == "error" else "orange", ls="--", lw=1)
-            ax.text(step, ax.get_ylim()[1], f" {f.id}", rotation=90, va="top", fontsize=7)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    if np.nanmin(h["loss"], initial=np.inf) > 0:
-        ax.set_yscale("log")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

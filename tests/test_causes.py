@@ -173,3 +173,48 @@ def test_zero_initialized_hidden_layers_are_the_cause_of_the_dead_units_they_mak
     vanishing = warning("model.gradient_flow", "vanishing")
     out = reconcile([vanishing, error("model.dead_units", "every unit dead")], TRAINED)
     assert first_to_fix(out).id == "model.dead_units"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One root cause in the seeds' decision tree (harness.causes.root_cause)
+
+
+def _cause(outcomes):
+    from harness.pipeline import RunResult
+
+    return RunResult.of(outcomes, 1.0).root_cause
+
+
+def test_the_root_cause_of_a_checklist_run_rules_out_what_ran_clean():
+    """Cannot fit one batch, the model checks clean: the data's scale is the cause, the model is ruled out, the
+    loss and labels (no overfit/controls evidence of their own here) stay open, and fixes come cause first."""
+    outcomes = [Outcome("data", findings=[warning("data.feature_scale", "inputs unscaled", "Standardize.")]),
+                Outcome("model"), Outcome("overfit_batch", findings=[error("train.overfit_batch", "x")])]
+    cause = _cause(outcomes).to_dict()
+    assert cause["id"] == "data.feature_scale" and cause["branch"] == "fit"
+    assert any(r.startswith("the model: the model checks ran") for r in cause["ruled_out"])
+    assert cause["fixes"][0] == "Standardize." and "it explains train.overfit_batch" in cause["supported_by"]
+    # The same failure without the model stage having run: the model stays open.
+    cause = _cause([outcomes[0], outcomes[2]]).to_dict()
+    assert "the model" in cause["not_ruled_out"]
+
+
+def test_a_nan_in_a_watched_run_names_the_replayed_stage_and_rules_out_the_rest():
+    nan = error("train.nonfinite", "non-finite at step 552", "Use log_softmax.", step=552, origin="loss",
+                origin_detail="1 of 64 examples", grad_norm_growth_before=1.2)
+    cause = _cause([Outcome("data"), Outcome("train", findings=[nan])]).to_dict()
+    assert cause["branch"] == "nonfinite" and cause["step"] == 552 and cause["not_ruled_out"] == []
+    assert {r.split(":")[0] for r in cause["ruled_out"]} == {"the data", "the learning rate",
+                                                            "the numerical precision"}
+    # A gradient norm that grew before the failure, and spikes on the way: the learning rate stays open.
+    grown = error("train.nonfinite", "x", "Use log_softmax.", step=552, origin="loss", grad_norm_growth_before=40.0)
+    cause = _cause([Outcome("data"), Outcome("train", findings=[grown, warning("train.grad_spike", "x", step=500)])])
+    assert any(o.startswith("the learning rate") for o in cause.open)
+    assert len(cause.fixes) == 2 and "learning rate" in cause.fixes[1]
+
+
+def test_overfitting_is_a_validation_problem_and_a_clean_run_has_no_root_cause():
+    cause = _cause([Outcome("data"), Outcome("train", findings=[warning("train.overfitting", "x", step=300)])])
+    assert cause.branch == "validation" and cause.to_dict()["step"] == 300
+    assert any(r.startswith("a mismatch between the splits") for r in cause.ruled_out)
+    assert _cause([Outcome("data"), Outcome("train", findings=[info("data.constant_features", "x")])]) is None

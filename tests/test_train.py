@@ -265,6 +265,11 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_bitwise(tmp_path, monkey
     assert m["resumed_from_step"] == 60 and m["steps"] == 120
     for key in ("train_loss", "val_loss", "val_step"):
         assert resumed["diagnostics"]["train"]["series"][key] == whole["diagnostics"]["train"]["series"][key], key
+    # harness reproduce trains the resumed run again from scratch and gets every number bitwise.
+    from harness.sweeps.reproduce import reproduce
+
+    again = reproduce(str(tmp_path / "cut"), out_dir=str(tmp_path / "again"), mode="bitwise")
+    assert again.matched, again.mismatches
 
 
 def test_a_killed_process_resumes_from_its_last_checkpoint(tmp_path):

@@ -31,6 +31,9 @@ from typing import Any
 from harness.errors import HarnessError
 from harness.sweeps.runs import REPORT, find_reports, load_report
 
+# Metrics that say how a run went rather than what it computed: a harness train run resumed from a checkpoint
+# computes bitwise what the uninterrupted run does.
+BOOKKEEPING = ("resumed_from_step", "interrupted")
 DEFAULT_RTOL = 1e-3
 DEFAULT_ATOL = 1e-6
 # Environment entries that can change the numbers; the others (cwd, interpreter path, W&B mode, cache directory)
@@ -126,7 +129,8 @@ def compared_leaves(report: dict[str, Any]) -> dict[str, Any]:
               "findings": sorted(f"{f.get('severity')}:{f.get('id')}" for f in report.get("findings", []))}
     leaves["findings"] = " ".join(leaves["findings"]) or "(none)"
     for key, value in (report.get("metrics") or {}).items():
-        leaves.update(flatten(value, f"metrics/{key}"))
+        if key.rsplit("/", 1)[-1] not in BOOKKEEPING:
+            leaves.update(flatten(value, f"metrics/{key}"))
     for name, diag in (report.get("diagnostics") or {}).items():
         for part in ("series", "members"):
             if diag.get(part):
@@ -246,7 +250,12 @@ def reproduce(run_dir: str, *, out_dir: str | None = None, mode: str = "auto", r
     out_dir = out_dir or default_out_dir()
     if os.path.exists(os.path.join(out_dir, REPORT)):
         raise HarnessError(f"--out {out_dir}: already holds a report; choose a fresh directory")
-    run_and_report(rc, out_dir, command=["harness", "reproduce", run_dir], console=console)
+    if (original.get("command") or [])[1:2] == ["train"]:  # a harness train run: train it again
+        from harness.train.run import train
+
+        train(rc, out_dir, command=["harness", "reproduce", run_dir], console=console)
+    else:
+        run_and_report(rc, out_dir, command=["harness", "reproduce", run_dir], console=console)
     rerun = load_report(os.path.join(out_dir, REPORT))
     compared, mismatches = compare_reports(original, rerun, exact=exact, rtol=rtol, atol=atol)
     outcome = Outcome(exact, compared, mismatches, differences, out_dir, rtol, atol)

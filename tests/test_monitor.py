@@ -1,6 +1,7 @@
 """The training monitor in a user's own loop (harness.monitor): the wrapped optimizer's updates are unchanged, the
 statistics survive jit, lax.scan chunks and vmap, and each detector fires on its planted failure, naming the step
-and the layer, and stays silent on a healthy run with a warm-up and a decaying learning rate."""
+and the layer, and stays silent on healthy runs: a warm-up and a decaying learning rate, and 2000 steps whose late
+batches stand out of a quiet window."""
 
 from __future__ import annotations
 
@@ -49,11 +50,11 @@ def naive_ce(logits, y):  # planted: log of a probability that can underflow to 
     return -jnp.mean(jnp.log(jnp.take_along_axis(jax.nn.softmax(logits), y[:, None], axis=1)))
 
 
-def batches(x, y, steps, seed=0, outlier_step=None, outlier_scale=1.0, corrupt_labels=False):
+def batches(x, y, steps, seed=0, outlier_step=None, outlier_scale=1.0, corrupt_labels=False, batch=BATCH):
     """Random batches; ``outlier_step``'s inputs scaled by ``outlier_scale`` (and its labels shifted by one class
     with ``corrupt_labels``: a corrupted shard)."""
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(x), (steps, BATCH))
+    idx = rng.integers(0, len(x), (steps, batch))
     xs, ys = x[idx], y[idx]
     if outlier_step is not None:
         xs[outlier_step] *= outlier_scale
@@ -145,6 +146,72 @@ def test_a_gradient_spike_names_its_step_and_layer(digits):
     spike = next(f for f in watch.findings() if f.id == "train.grad_spike")
     assert spike.severity.value == "warning" and spike.evidence["step"] == 250
     assert spike.evidence["layer"] in watch.paths and spike.evidence["grad_norm"] > 5 * spike.evidence["median_before"]
+
+
+# Healthy 2000-step runs on which the spike rule's local gates alone (50-step window, robust z > 5 on a log scale)
+# called spikes: late in training most batches are fit to a loss near 0 and a batch holding one example the model
+# still gets wrong stands 5-25x above the window's median loss (RMSProp at batch 128: also its gradient, 30x).
+LONG_HEALTHY = {
+    "rmsprop_batch128": (lambda: optax.rmsprop(1e-3), 128),  # loss at steps 1176 and 1685, gradient at 1685
+    "rmsprop_batch32": (lambda: optax.rmsprop(1e-3), 32),  # loss at 1642, 1684, 1698
+    "sgd_batch32": (lambda: optax.sgd(0.1), 32),  # loss at 1560, 1698
+    "sgd_momentum_batch128": (lambda: optax.sgd(0.05, momentum=0.9), 128),  # loss at 424
+}
+LONG_STEPS = 2000
+
+
+@pytest.mark.parametrize("name", list(LONG_HEALTHY))
+def test_long_healthy_runs_are_silent_though_single_batches_stand_out_of_their_window(digits, name):
+    """Those batches recur through a healthy run, each far below the highest loss and gradient the run recorded
+    before it: no spike, and no finding of any detector."""
+    x, y = digits
+    make, batch = LONG_HEALTHY[name]
+    watch = run(hm.monitor(make()), x, y, steps=LONG_STEPS, chunk=250, batch=batch)
+    assert watch.findings() == []
+    [s] = watch.series()
+    loss = hm.detectors.spike_stats(s.loss, hm.detectors.LOSS_SPIKE_FACTOR)
+    grad = hm.detectors.spike_stats(s.grad_norm, hm.detectors.GRAD_SPIKE_FACTOR)
+    assert loss["local"].size  # the window alone would have called a spike: the false alarm this run covers
+    assert loss["record"].max() < hm.detectors.SPIKE_RECORD / 10  # measured: at most 0.05 of the highest before
+    if name == "rmsprop_batch128":
+        assert grad["local"].size and grad["record"].max() < hm.detectors.SPIKE_RECORD / 10  # measured: 0.063
+
+
+@pytest.mark.parametrize("inputs", [30.0, 1.0])
+def test_a_late_outlier_batch_is_a_spike_at_its_step(digits, inputs):
+    """The first healthy run above with one corrupted batch at step 1500 (labels shifted by one class, inputs x30
+    or intact): both spikes at that step, the only ones, and nothing else. The labels alone give a loss 9.6x and a
+    gradient norm 6.9x the highest the run had recorded (inputs x30: 281x and 200x)."""
+    x, y = digits
+    make, batch = LONG_HEALTHY["rmsprop_batch128"]
+    watch = run(hm.monitor(make()), x, y, steps=LONG_STEPS, chunk=250, batch=batch, outlier_step=1500,
+                outlier_scale=inputs, corrupt_labels=True)
+    found = {f.id: f for f in watch.findings()}
+    assert set(found) == {"train.loss_spike", "train.grad_spike"}
+    for f in found.values():
+        assert f.evidence["step"] == 1500 and f.evidence["spikes"] == 1 and "step 1500" in f.message
+    loss, grad = found["train.loss_spike"].evidence, found["train.grad_spike"].evidence
+    assert loss["loss"] > 4 * loss["highest_before"] and grad["grad_norm"] > 3 * grad["highest_before"]
+    assert loss["highest_before_step"] < 1500 and "the highest before it" in found["train.loss_spike"].message
+
+
+def test_a_spike_is_judged_against_the_highest_value_before_it_and_repeats_count():
+    """On recorded statistics: a quiet loss near 0 after a start at 2; a step at 100x the window's median but below
+    the start is no spike; two steps at 3x the start are two spikes (the first left out of the second's
+    reference)."""
+    steps = 400
+    loss = np.concatenate([np.linspace(2.0, 0.01, 100), np.full(steps - 100, 0.01)])
+    loss *= np.exp(np.random.default_rng(0).normal(0, 0.1, steps))
+    loss[200] = 1.0  # 100x the median: the window alone calls it
+    n = 2
+    series = hm.Series(np.arange(steps), loss, np.ones(steps, bool), np.ones(steps), np.ones((steps, n)),
+                       np.ones((steps, n)), np.full((steps, n), 1e-3), np.zeros((steps, n), int), ["a", "b"])
+    stats = hm.detectors.spike_stats(loss, hm.detectors.LOSS_SPIKE_FACTOR)
+    assert 200 in stats["local"] and hm.detectors.detect(series) == []
+    loss[250] = loss[320] = 3 * loss[:100].max()
+    [spike] = hm.detectors.detect(series)
+    assert spike.id == "train.loss_spike" and spike.evidence["spike_steps"] == [250, 320]
+    assert spike.evidence["highest_before_step"] < 100
 
 
 def test_frozen_layers_are_named_with_why(digits):

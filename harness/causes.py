@@ -32,7 +32,7 @@ INIT_SCALE = frozenset({"model.initial_loss", "model.exploding_activations", "mo
 
 # What a monitored run shows on the way to a blow-up and after it (harness.monitor.detectors).
 MONITOR_SYMPTOMS = frozenset({"train.nonfinite", "train.grad_spike", "train.loss_spike", "train.oscillation",
-                              "train.plateau", "train.update_ratio"})
+                              "train.plateau", "train.update_ratio", "train.underfitting"})
 
 # cause id -> the ids of findings it can cause. Acyclic (checked below); a finding explains only findings that the
 # mechanism in the comment can produce.
@@ -74,6 +74,10 @@ EXPLAINS: dict[str, frozenset[str]] = {
     # monitored run (harness train) also what a blow-up looks like on the way (spikes, swings), where it ends
     # (non-finite values; a ReLU network killed by it: leaves that no longer get a gradient, a stalled loss).
     "train.divergence": TRAINING_FAILURES - {"train.divergence", "train.loss_increasing"} | MONITOR_SYMPTOMS,
+    # A monitored run whose learning rate is too low (plateau) or at the edge of stability (oscillation) ends
+    # with a high loss for that reason.
+    "train.plateau": frozenset({"train.underfitting"}),
+    "train.oscillation": frozenset({"train.underfitting"}),
     # A configured LR far outside the usable range: nothing else trains well at it.
     "train.learning_rate": frozenset({"train.overfit_batch", "train.no_signal", "train.capacity"}),
 }
@@ -240,7 +244,7 @@ def not_ruled_out(outcomes, settings: dict) -> list[str]:
 # orders the fixes accordingly: the cause's own fix first, then one for each alternative still open.
 
 NONFINITE = frozenset({"data.nonfinite", "train.nonfinite"})
-CANNOT_FIT = TRAINING_FAILURES - {"train.learning_rate"} | {"train.update_ratio"}
+CANNOT_FIT = TRAINING_FAILURES - {"train.learning_rate"} | {"train.update_ratio", "train.underfitting"}
 VALIDATION_ONLY = frozenset({"train.overfitting", "data.leakage"})
 
 BRANCHES = {

@@ -60,6 +60,7 @@ FINDING_IDS: tuple[str, ...] = (
     "train.loss_spike",
     "train.update_ratio",
     "train.overfitting",
+    "train.underfitting",
     "train.oscillation",
     "train.plateau",
 )

@@ -111,8 +111,8 @@ def test_a_healthy_run_trains_validates_checkpoints_and_reports(tmp_path):
     assert series["train_loss"][-1] < series["train_loss"][0] / 5
     assert os.path.exists(tmp_path / "report.md") and os.path.exists(tmp_path / "plots")
     assert last_checkpoint(tmp_path) == m["steps"]
-    # One program each: init, the chunk, validation (the data checks compile nothing).
-    assert report["programs"]["compiles"] == 3, report["programs"]
+    # One program each: init, the chunk, validation, the no-input baseline (the data checks compile nothing).
+    assert report["programs"]["compiles"] == 4, report["programs"]
 
 
 def test_a_schedule_with_warmup_and_decay_is_applied_and_healthy(tmp_path):
@@ -171,6 +171,20 @@ def test_a_learning_rate_that_diverges_after_its_warmup_is_named_with_a_value_th
     assert all(g["explained_by"] == "train.divergence" for g in report["findings"]
                if g["id"] in ("train.grad_spike", "train.loss_spike", "train.update_ratio"))
     _, fixed = train(tmp_path / "fixed", *warmup, f"optim.lr={suggested:.4g}")
+    assert problems(fixed) == [], fixed["findings"]
+
+
+def test_a_learning_rate_far_too_low_underfits_and_the_plateau_names_the_cause(tmp_path):
+    """Adam at 1e-6: after 300 steps the loss has barely left the loss of a model that ignores its inputs (the
+    label prior's, fitted by harness train). Underfitting, explained by the plateau, whose suggested rate trains."""
+    _, report = train(tmp_path, "train.steps=300", "optim.lr=1e-6")
+    found = {f["id"]: f for f in report["findings"]}
+    under = found["train.underfitting"]
+    assert 2.0 < under["evidence"]["baseline_loss"] < 2.4  # ln 10 = 2.30: ten balanced digit classes
+    assert under["evidence"]["gap_closed"] < 0.1 and under["explained_by"] == "train.plateau"
+    assert report["root_cause"]["id"] == "train.plateau"
+    _, fixed = train(tmp_path / "fixed", "train.steps=300",
+                     f"optim.lr={found['train.plateau']['evidence']['suggested_lr']:.3g}")
     assert problems(fixed) == [], fixed["findings"]
 
 

@@ -57,10 +57,15 @@ class Monitor:
     optimizer state; :meth:`series` and :meth:`findings` judge them. A state with a leading member axis (a vmapped
     sweep) is read as one run per member."""
 
-    def __init__(self, params=None, paths: list[str] | None = None, learning_rate=None):
+    def __init__(self, params=None, paths: list[str] | None = None, learning_rate=None,
+                 baseline_loss: float | None = None):
         """``learning_rate``: the optimizer's, when the detectors should name it and suggest a value: a float, an
-        optax schedule (a callable of the step, evaluated on the host), or one of those per vmapped member."""
+        optax schedule (a callable of the step, evaluated on the host), or one of those per vmapped member.
+        ``baseline_loss``: the loss of a model that ignores its inputs (predicting the label prior: the entropy of
+        the class frequencies for cross-entropy, the targets' variance for a squared error), for the underfitting
+        detector."""
         self.learning_rate = learning_rate
+        self.baseline_loss = baseline_loss
         if paths is None and params is not None:
             paths = [slash_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
         self.paths = paths
@@ -114,11 +119,12 @@ class Monitor:
         members = rows["loss"].shape[1:]  # () or (members,)
         if not members:
             return [Series(steps, **rows, paths=self.paths, val_steps=val_steps, val_loss=val,
-                           lr=_lr_per_step(self.learning_rate, steps))]
+                           lr=_lr_per_step(self.learning_rate, steps), baseline_loss=self.baseline_loss)]
         per_member = isinstance(self.learning_rate, (list, tuple)) or np.ndim(self.learning_rate) == 1
         return [Series(steps, **{f: v[:, m] for f, v in rows.items()}, paths=self.paths, val_steps=val_steps,
                        val_loss=None if val is None else (val if val.ndim == 1 else val[:, m]),
-                       lr=_lr_per_step(self.learning_rate[m] if per_member else self.learning_rate, steps))
+                       lr=_lr_per_step(self.learning_rate[m] if per_member else self.learning_rate, steps),
+                       baseline_loss=self.baseline_loss)
                 for m in range(members[0])]
 
     def state(self) -> dict[str, np.ndarray]:

@@ -67,6 +67,8 @@ class Series:
     val_steps: np.ndarray | None = None  # (v,) steps at which a validation loss was recorded (Monitor.validation)
     val_loss: np.ndarray | None = None  # (v,)
     lr: np.ndarray | None = None  # (n,) the learning rate of each row's step, when known (Monitor(learning_rate=))
+    # The loss of a model that ignores its inputs (the constant-input control; Monitor(baseline_loss=)), when known.
+    baseline_loss: float | None = None
 
 
 def _named(paths: list[str], index) -> list[str]:
@@ -548,7 +550,45 @@ def plateau(s: Series, where: str = "") -> Finding | None:
         suggested_lr=suggested)
 
 
-DETECTORS = (nonfinite, grad_spike, loss_spike, update_ratio, overfitting, divergence, oscillation, plateau)
+# Underfitting, relative to the loss a model that ignores its inputs reaches (the checklist's constant-input
+# control, seeds 000-002: "compare against a baseline that ignores the input"; harness train fits a constant output
+# to the training labels when the control did not run): after at least MIN_UNDERFIT_STEPS steps, the training loss
+# (median of the last WINDOW steps) and the last validation loss both still within UNDERFIT_FRACTION of it, so the
+# run learned (almost) nothing from its inputs. A relative gap below which "healthy but hard" is not plausible: a
+# task with any signal a model can use moves the training loss further than that (a model fits its own training
+# set), so a run that does not is stuck, too small or starved of signal. Without a baseline it is not judged.
+UNDERFIT_FRACTION = 0.1
+MIN_UNDERFIT_STEPS = 100
+
+
+def underfitting(s: Series, where: str = "") -> Finding | None:
+    """Training and validation loss both still near the no-input baseline at the end of the run."""
+    base = s.baseline_loss
+    steps, loss = _losses(s)
+    if base is None or not np.isfinite(base) or base <= 0 or steps.size < MIN_UNDERFIT_STEPS:
+        return None
+    train = float(np.median(loss[-WINDOW:]))
+    val = None
+    if s.val_loss is not None and len(s.val_loss):
+        val = float(np.asarray(s.val_loss, float)[-1])
+    if train < (1 - UNDERFIT_FRACTION) * base or (val is not None and val < (1 - UNDERFIT_FRACTION) * base):
+        return None
+    closed = 1 - train / base
+    val_text = f" and validation loss {val:.4g}" if val is not None else ""
+    return warning(
+        "train.underfitting",
+        f"{where}the model underfits: after {int(steps[-1]) + 1} steps its training loss {train:.4g}{val_text} "
+        f"are within {UNDERFIT_FRACTION:.0%} of {base:.4g}, the loss of a model that ignores its inputs (it closed "
+        f"{closed:.0%} of that gap): it learned almost nothing from the inputs",
+        "Look at the other findings first (a plateau or divergence names the learning rate). Otherwise: a "
+        "learning rate or a run too small for the task, a model too small (capacity), too much regularization, or "
+        "inputs that carry little signal about the targets (the checklist's controls tell which: `harness "
+        "diagnostics.run=[controls,capacity]`).",
+        step=int(steps[-1]), train_loss=train, val_loss=val, baseline_loss=float(base), gap_closed=closed)
+
+
+DETECTORS = (nonfinite, grad_spike, loss_spike, update_ratio, overfitting, divergence, oscillation, plateau,
+             underfitting)
 
 
 def detect(s: Series, where: str = "") -> list[Finding]:
@@ -560,7 +600,8 @@ def detect(s: Series, where: str = "") -> list[Finding]:
         keep = None if s.val_steps is None else np.asarray(s.val_steps) < first.evidence["step"]
         s = dataclasses.replace(
             s, **{f.name: getattr(s, f.name)[:cut] for f in dataclasses.fields(Series)
-                  if f.name not in ("paths", "val_steps", "val_loss") and getattr(s, f.name) is not None},
+                  if f.name not in ("paths", "val_steps", "val_loss", "baseline_loss")
+                  and getattr(s, f.name) is not None},
             val_steps=None if keep is None else s.val_steps[keep], val_loss=None if keep is None else s.val_loss[keep])
     found = [first] + [d(s, where) for d in DETECTORS[1:]] if len(s.steps) else [first]
     return [f for f in found if f is not None]

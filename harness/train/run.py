@@ -26,7 +26,7 @@ from harness.errors import HarnessError
 from harness.findings import Finding, error
 from harness.monitor import Monitor
 from harness.monitor.replay import Origin, locate
-from harness.train import loop
+from harness.train import baseline, loop
 from harness.train.checkpoint import Checkpoints
 
 NAME = "train"
@@ -186,7 +186,7 @@ def train(rc: RunConfig, output_dir: str, *, command: list[str], console=None, r
     problem, schedule = job.problem, job.schedule
     x_train, y_train, x_val, y_val = job.arrays
     carry = job.run("init", loop.make_init(problem, schedule, rc.seed), x_train[:1])
-    watch = Monitor(carry.params, learning_rate=job.lr_at)
+    watch = Monitor(carry.params, learning_rate=job.lr_at, baseline_loss=no_input_loss(job, checked, carry))
     if not rc.train.resume:
         set_aside(output_dir)
     checkpoints = Checkpoints(output_dir, keep=rc.train.keep_checkpoints)
@@ -255,6 +255,18 @@ def train(rc: RunConfig, output_dir: str, *, command: list[str], console=None, r
               f"command with output_dir={output_dir} resumes it", file=sys.stderr)
         raise KeyboardInterrupt
     return result, report
+
+
+def no_input_loss(job: Job, checked, carry) -> float | None:
+    """The loss of a model that ignores its inputs (:mod:`harness.train.baseline`): the constant-input control's
+    when it ran, else a constant output fitted to the training targets."""
+    from_controls = baseline.from_controls(checked)
+    if from_controls is not None:
+        return from_controls
+    x_train, y_train = job.arrays[0], job.arrays[1]
+    outputs = jax.eval_shape(job.problem.model, carry.params, carry.rest, x_train[:1])
+    value = float(job.run("baseline", baseline.make_fit(job.problem, outputs), y_train[:baseline.MAX_EXAMPLES]))
+    return value if np.isfinite(value) else None
 
 
 def set_aside(output_dir: str) -> None:

@@ -80,6 +80,9 @@ EXPLAINS: dict[str, frozenset[str]] = {
     "train.oscillation": frozenset({"train.underfitting"}),
     # A configured LR far outside the usable range: nothing else trains well at it.
     "train.learning_rate": frozenset({"train.overfit_batch", "train.no_signal", "train.capacity"}),
+    # Non-finite values only in bfloat16, training as configured in bfloat16: every training diagnostic's runs go
+    # non-finite with it (a higher bfloat16 plateau, "train.precision:plateau", explains nothing).
+    "train.precision": TRAINING_FAILURES,
 }
 
 
@@ -88,6 +91,8 @@ def kind(f: Finding) -> str:
     (``model.gradient_flow`` is a symptom of dead units, but a zero-initialized hidden layer is their cause)."""
     if f.id == "model.gradient_flow" and f.evidence.get("zero_initialized"):
         return "model.gradient_flow:zero_init"
+    if f.id == "train.precision" and not f.evidence.get("nonfinite_only_bfloat16"):
+        return "train.precision:plateau"
     return f.id
 
 
@@ -315,7 +320,7 @@ class RootCause:
 
 def _branch(root: Finding) -> str:
     if root.id in NONFINITE or (root.id == "train.divergence" and root.evidence.get("first_nonfinite_step", -1)
-                                not in (-1, None)):
+                                not in (-1, None)) or kind(root) == "train.precision":
         return "nonfinite"
     if root.id in ("train.divergence", "train.learning_rate"):
         return "optimisation"

@@ -16,9 +16,9 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf
 
 from harness.checks.base import EngineSettings
-from harness.checks.registry import DIAGNOSTICS, diagnostic_module
+from harness.checks.registry import DIAGNOSTICS, diagnostic_module, stage
 from harness.errors import HarnessError
-from harness.models.adapters import FAMILIES
+from harness.models.adapters import FAMILIES, PRECISIONS
 from harness.optim import OptimSpec
 
 FRAMEWORKS = ("auto", *FAMILIES)  # model.framework (harness.models.adapters)
@@ -112,6 +112,7 @@ class RunConfig:
     framework: str = "auto"  # model.framework: the model's library, or detected from what the factory returns
     train: "TrainSettings" = dataclasses.field(default_factory=lambda: TrainSettings())
     budget: float | None = None  # seconds of training for the training diagnostics (harness.budget); None: as set
+    precision: str = "float32"  # the model's compute dtype (PRECISIONS; harness.models.adapters.base.with_precision)
 
 
 def import_target(path: str, key: str) -> Callable:
@@ -344,6 +345,12 @@ def from_hydra(cfg: DictConfig, choices: dict[str, str] | None = None) -> RunCon
         raise HarnessError(f"unknown logger {logger.kind!r}; use logger=wandb or logger=none", key="logger.kind")
     if logger.mode not in (None, "online", "offline", "disabled"):
         raise HarnessError(f"must be online, offline or disabled, got {logger.mode!r}", key="logger.mode")
+    precision = raw.get("precision", "float32")
+    if precision not in PRECISIONS:
+        raise HarnessError(f"must be one of {', '.join(PRECISIONS)}, got {precision!r}", key="precision")
+    if precision != "float32" and "precision" not in run and any(
+            stage(name) in ("training", "hyperparameters") for name in run):
+        run = [*run, "precision"]  # the training diagnostics compute in bfloat16: say what that alone costs
     model_node = dict(raw["model"]) if isinstance(raw["model"], dict) else raw["model"]
     framework = model_node.pop("framework", "auto") if isinstance(model_node, dict) else "auto"
     if framework not in FRAMEWORKS:
@@ -369,6 +376,7 @@ def from_hydra(cfg: DictConfig, choices: dict[str, str] | None = None) -> RunCon
         framework=framework,
         train=train,
         budget=None if raw.get("budget") is None else _number(raw["budget"], "budget", positive=True),
+        precision=precision,
     )
 
 

@@ -51,6 +51,7 @@ FINDING_IDS: tuple[str, ...] = (
     "train.loss_increasing",
     "train.divergence",
     "train.nondeterministic",
+    "train.precision",
     "train.no_signal",
     "train.capacity",
     "train.learning_rate",

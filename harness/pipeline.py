@@ -59,11 +59,13 @@ def load_dataset(fc: FactoryConfig, name: str = "data") -> Dataset:
     return from_mapping(mapping, source=source, name=name)
 
 
-def make_model_factory(fc: FactoryConfig, dataset: Dataset, framework: str = "auto") -> ModelFactory:
-    """The user's model factory, called the documented way (:func:`harness.models.adapters.call_factory`)."""
+def make_model_factory(fc: FactoryConfig, dataset: Dataset, framework: str = "auto",
+                       precision: str = "float32") -> ModelFactory:
+    """The user's model factory, called the documented way (:func:`harness.models.adapters.call_factory`); every
+    model it adapts computes in ``precision`` (the config's ``precision``)."""
     x_example = dataset.training_arrays()[0][:2]
     return ModelFactory(fc.resolve("model._target_"), dict(fc.kwargs), dataset.input_shape, dataset.num_outputs,
-                        x_example, framework=framework, target=fc.target)
+                        x_example, framework=framework, target=fc.target, precision=precision)
 
 
 def adapt_model(models: ModelFactory, fc: FactoryConfig) -> Model:
@@ -105,7 +107,7 @@ def make_loss(fc: FactoryConfig, dataset: Dataset) -> tuple[Callable, str]:
 def build_context(rc: RunConfig, progress=None) -> Context:
     data_name = rc.choices.get("data") or rc.data.target.rsplit(".", 1)[-1]
     dataset = load_dataset(rc.data, data_name)
-    models = make_model_factory(rc.model, dataset, rc.framework)
+    models = make_model_factory(rc.model, dataset, rc.framework, rc.precision)
     model = adapt_model(models, rc.model)
     loss_fn, loss_name = make_loss(rc.loss, dataset)
     fingerprint = _fingerprint(rc, dataset)
@@ -128,7 +130,8 @@ def build_context(rc: RunConfig, progress=None) -> Context:
 
 def _fingerprint(rc: RunConfig, dataset: Dataset):
     """Everything that shapes a training program, as a hashable value (the learning rate and weight decay are
-    traced, so they are left out: points of a sweep over them share programs).
+    traced, so they are left out: points of a sweep over them share programs). The compute dtype
+    (``precision``) is in it: float32 and bfloat16 programs are never shared.
 
     The user's code is in it by content, not by name (:func:`harness.engine.code_identity.code_identity` of the
     model factory, the loss and the optimizer factory): an edited file is a new key, and a class or function with no
@@ -148,7 +151,7 @@ def _fingerprint(rc: RunConfig, dataset: Dataset):
         rc.model.target, rc.model.code_key("model._target_"), frozen(rc.model.kwargs),
         rc.framework, dataset.input_shape, dataset.num_outputs, dataset.task,
         rc.loss.target, rc.loss.code_key("loss._target_"), frozen(rc.loss.kwargs),
-        optim.name, code_identity(optim.factory), frozen(optim.kwargs), optim.clip_norm,
+        optim.name, code_identity(optim.factory), frozen(optim.kwargs), optim.clip_norm, rc.precision,
     )
 
 
@@ -263,6 +266,12 @@ def _run_one(rc: RunConfig, ctx: Context, name: str, previous: list[Outcome]) ->
     return outcome
 
 
+def _precision(context: Context | None) -> str:
+    """The dtype the run's model computed in (``precision``): float32 without a context."""
+    model = getattr(getattr(context, "problem", None), "model", None)
+    return getattr(model, "precision", "float32")
+
+
 @dataclasses.dataclass
 class RunResult:
     outcomes: list[Outcome]
@@ -299,7 +308,8 @@ class RunResult:
             settings = plan.settings
         limits = not_ruled_out(outcomes, settings) if settings is not None else []
         return cls(outcomes, findings, cls.status_of(outcomes), seconds, context, limits,
-                   plan.to_dict() if plan is not None else None, root_cause(findings, outcomes))
+                   plan.to_dict() if plan is not None else None,
+                   root_cause(findings, outcomes, precision=_precision(context)))
 
     @staticmethod
     def status_of(outcomes: list[Outcome]) -> str:

@@ -18,6 +18,7 @@ DIAGNOSTICS: dict[str, tuple[str, str]] = {
     "model": ("harness.checks.model", "model"),
     "overfit_batch": ("harness.checks.training.overfit_batch", "training"),
     "seeds": ("harness.checks.training.seeds", "training"),
+    "precision": ("harness.checks.training.precision", "training"),
     "controls": ("harness.checks.training.controls", "training"),
     "lr_range": ("harness.checks.training.lr_range", "hyperparameters"),
     "capacity": ("harness.checks.training.capacity", "hyperparameters"),

@@ -17,6 +17,8 @@ finite values) and records the step, so a diverging learning rate never poisons 
 from __future__ import annotations
 
 import dataclasses
+import threading
+import weakref
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -68,6 +70,26 @@ class Problem:
     def __hash__(self):
         return hash(self.fingerprint) if self.fingerprint is not None else id(self)
 
+    def at_precision(self, precision: str) -> "Problem":
+        """This problem with its model computing in ``precision`` (``float32`` or ``bfloat16``,
+        :func:`harness.models.adapters.with_precision`): itself when it already does, else a Problem of its own,
+        fingerprinted apart (float32 and bfloat16 never share a program) and made once per problem, so every
+        request for it is the same object (the training memo and the program caches key on it)."""
+        from harness.models.adapters import with_precision
+
+        if self.model.precision == precision:
+            return self
+        with _AT_PRECISION_LOCK:
+            cache = _AT_PRECISION.setdefault(self, {})
+            if precision not in cache:
+                made = Problem(with_precision(self.model, precision), self.loss_fn, self.optim, self.task,
+                               fingerprint=None if self.fingerprint is None else (self.fingerprint, "precision",
+                                                                                  precision))
+                cache[precision] = made
+                # And back: the made problem at this one's precision is this one (the same programs).
+                _AT_PRECISION.setdefault(made, {})[self.model.precision] = self
+            return cache[precision]
+
     def stable_key(self):
         """What identifies this problem's programs in another process (harness.engine.exported): the
         fingerprint; without one the problem has only an identity, and its programs are not stored."""
@@ -77,6 +99,11 @@ class Problem:
             raise Unkeyable("a Problem without a fingerprint")
         return self.fingerprint
 
+
+
+# Problem.at_precision's problems, per problem (a collapsed multirun's points call it from their threads).
+_AT_PRECISION: "weakref.WeakKeyDictionary[Problem, dict]" = weakref.WeakKeyDictionary()
+_AT_PRECISION_LOCK = threading.Lock()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -49,7 +49,7 @@ class Origin:
 
 def _nonfinite(x) -> int:
     x = np.asarray(x)
-    if not np.issubdtype(x.dtype, np.inexact):
+    if not jnp.issubdtype(x.dtype, jnp.inexact):  # jnp's: numpy does not count bfloat16 as a float
         return 0
     return int(np.size(x) - np.count_nonzero(np.isfinite(x)))
 

@@ -19,10 +19,15 @@ Everything that judges gradients or outputs runs the model in eval mode (dropout
 statistics: deterministic and per-example); activation statistics come from a train-mode forward pass, as the
 units are during training. Thresholds are :class:`Settings` (``diagnostics.model.*``), each justified where it is
 used and measured silent on the healthy builtins.
+
+They check the model's math, so they run it in float32 whatever ``precision`` says (a finite-difference gradient
+check is meaningless in bfloat16); what bfloat16 does to training is the precision check's
+(:mod:`harness.checks.training.precision`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -46,6 +51,8 @@ def sample_batch(ctx: Context, size: int) -> tuple[np.ndarray, np.ndarray]:
 
 def run(ctx: Context, settings: Settings) -> Outcome:
     outcome = Outcome(NAME)
+    if ctx.problem.model.precision != "float32":  # the model's math, in float32 (the module docstring)
+        ctx = dataclasses.replace(ctx, problem=ctx.problem.at_precision("float32"))
     problem = ctx.problem
     x, y = sample_batch(ctx, settings.batch_size)
     probe = programs.probe(problem, x, y)

@@ -19,9 +19,10 @@ import jax
 import jax.numpy as jnp
 
 from harness.errors import HarnessError
-from harness.models.adapters.base import Model, Variables, convolves
+from harness.models.adapters.base import PRECISIONS, Model, Variables, convolves, with_precision
 
-__all__ = ["FAMILIES", "FromMember", "Model", "ModelFactory", "Variables", "call_factory"]
+__all__ = ["FAMILIES", "PRECISIONS", "FromMember", "Model", "ModelFactory", "Variables", "call_factory",
+           "with_precision"]
 
 # family -> (the module whose presence in sys.modules makes the family possible, the adapter module)
 FAMILIES: dict[str, tuple[str, str]] = {
@@ -98,6 +99,7 @@ class ModelFactory:
     example_x: Any  # a small real batch (Linen and Haiku initialize from it)
     framework: str = "auto"
     target: str = "model._target_"
+    precision: str = "float32"  # the config's ``precision``: every model adapted computes in it (base.with_precision)
 
     def build(self, key, member=None, **overrides):
         kwargs = {k: v.resolve(member) if isinstance(v, FromMember) else v
@@ -135,4 +137,5 @@ class ModelFactory:
             model = adapter.adapt(build) if family == "nnx" else adapter.adapt(build, self.example_x)
         else:  # a Linen module or Haiku transform holds no arrays: built once
             model = adapter.adapt(build(jax.random.key(0)), self.example_x)
+        model = with_precision(model, self.precision)
         return family, dataclasses.replace(model, convolutions=convolves(model, self.example_x))

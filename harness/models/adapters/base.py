@@ -10,6 +10,12 @@ A :class:`Model` is a pair of pure functions, the shape init2winit, laplax and K
   ``train`` the library's training mode (dropout on, BatchNorm on batch statistics) and ``regularization=False``
   training mode with dropout off (the overfit-one-batch test).
 
+``precision`` (the config's top-level ``precision`` key) is applied here, once, around every family's
+``apply_fn`` (:func:`with_precision`): with ``bfloat16`` the trainable parameters and floating inputs are cast to
+bfloat16 inside ``apply`` and the floating outputs back to float32, so the parameters the optimizer updates stay
+float32 (master weights), the loss is computed in float32, and every program that calls the model (the checklist's
+training diagnostics, ``harness train``) computes in bfloat16.
+
 One adapter module per family (:mod:`.nnx`, :mod:`.linen`, :mod:`.equinox`, :mod:`.haiku`) turns what a model
 factory returned into a Model; nothing outside ``harness/models/adapters/`` names a model library.
 """
@@ -20,6 +26,9 @@ import dataclasses
 from typing import Any, Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
+
+PRECISIONS = ("float32", "bfloat16")  # the config's ``precision``: the dtype a Model computes in
 
 
 class Variables(NamedTuple):
@@ -37,11 +46,15 @@ class Model:
     name_path: Callable[[tuple], str]  # a parameter's tree path in the family's own spelling
     convolutions: bool = False  # its training step convolves (:func:`convolves`; engine.driver.needs_host_step_loop)
     width_masked: bool = False  # built width-masked (harness.models.width_mask): capacity's masked ladder
+    precision: str = "float32"  # the dtype it computes in (PRECISIONS); parameters and state stay as stored
 
     def apply(self, params, state, x, *, key=None, train: bool = False, regularization: bool = True):
         if key is None:
             key = jax.random.key(0)
-        return self.apply_fn(params, state, x, key, train, regularization and train)
+        if self.precision == "float32":
+            return self.apply_fn(params, state, x, key, train, regularization and train)
+        return _apply_in(jnp.dtype(self.precision), self.apply_fn, params, state, x, key, train,
+                         regularization and train)
 
     def __call__(self, params, state, x):
         """Outputs in inference mode (no dropout, BatchNorm on running statistics)."""
@@ -51,6 +64,50 @@ class Model:
         """``{"layers/0/kernel": leaf}``: parameters (or gradients, or anything shaped like them) by path."""
         leaves = jax.tree_util.tree_flatten_with_path(params)[0]
         return {self.name_path(path): leaf for path, leaf in leaves}
+
+
+def with_precision(model: Model, precision: str) -> Model:
+    """``model`` computing in ``precision`` (one of :data:`PRECISIONS`): the same init and parameters, its
+    ``apply`` cast as :func:`_apply_in` says."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return model if model.precision == precision else dataclasses.replace(model, precision=precision)
+
+
+def cast_floating(tree, dtype):
+    """The floating-point leaves of ``tree`` cast to ``dtype``; integer leaves (token ids, step counters), booleans
+    and PRNG keys as they are."""
+
+    def cast(a):
+        kind = getattr(a, "dtype", None)
+        if kind is None or not jnp.issubdtype(kind, jnp.floating) or kind == dtype:
+            return a
+        return jnp.asarray(a).astype(dtype)
+
+    return jax.tree.map(cast, tree)
+
+
+def _apply_in(dtype, apply_fn, params, state, x, key, train, regularization):
+    """Mixed precision around one family's ``apply_fn``: the parameters (float32 master weights) and floating
+    inputs cast to ``dtype`` for the forward pass (the cast is differentiable: gradients reach the float32
+    parameters as float32), the floating outputs cast back to float32 before the loss.
+
+    The non-trainable state (BatchNorm's running statistics) goes in as stored, float32, and comes back in its own
+    dtypes: running averages updated in bfloat16 would stop moving once the update falls under bfloat16's spacing,
+    an artefact no real mixed-precision setup has (jmp and Flax keep BatchNorm's statistics in float32). So a
+    layer that combines its float32 state with activations computes in float32 by JAX's type promotion, as does
+    anything mixing a float32 constant the model makes itself (a sinusoidal position table) into its activations;
+    a model that wants those layers in bfloat16 too sets its layers' own ``dtype=``."""
+    outputs, new_state = apply_fn(cast_floating(params, dtype), state, cast_floating(x, dtype), key, train,
+                                  regularization)
+    outputs = cast_floating(outputs, jnp.float32)
+    try:
+        new_state = jax.tree.map(lambda new, old: new.astype(old.dtype) if (
+            hasattr(new, "dtype") and hasattr(old, "dtype") and jnp.issubdtype(old.dtype, jnp.floating)
+            and new.dtype != old.dtype) else new, new_state, state)
+    except (ValueError, TypeError):  # a state whose structure the forward pass changes: returned as it is
+        pass
+    return outputs, new_state
 
 
 def convolves(model: Model, x) -> bool:

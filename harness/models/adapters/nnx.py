@@ -28,6 +28,19 @@ def _fresh(tree):
     return jax.tree.map(lambda a: a, tree)
 
 
+def _embed_in_parameter_dtype(model: nnx.Module) -> None:
+    """``nnx.Embed`` fixes its compute dtype when built (``dtype or param_dtype``: float32), unlike every other NNX
+    layer (``dtype=None``: the inputs' and parameters' dtype). With its parameters cast for mixed precision
+    (``precision=bfloat16``, :func:`harness.models.adapters.base.with_precision`) it would cast its table back to
+    float32, and promote the whole model after it to float32; an Embed left at its default (``dtype`` equal to
+    ``param_dtype``) computes in its table's dtype instead. A no-op for uncast parameters."""
+    for _, module in nnx.iter_modules(model):
+        if isinstance(module, nnx.Embed) and module.dtype == module.param_dtype:
+            dtype = module.embedding[...].dtype
+            if dtype != module.dtype:
+                module.dtype = dtype
+
+
 def adapt(build: Callable[[jax.Array], nnx.Module]) -> Model:
     """``build(key) -> nnx.Module``, traceable (called inside jit and vmap)."""
     abstract = nnx.eval_shape(lambda: build(jax.random.key(0)))
@@ -49,6 +62,7 @@ def adapt(build: Callable[[jax.Array], nnx.Module]) -> Model:
         del key  # NNX layers draw from the nnx.Rngs they were built with (their counters are in ``state``)
         graphdef = (train_def if regularization else quiet_def) if train else eval_def
         model = nnx.merge(graphdef, params, _fresh(state))
+        _embed_in_parameter_dtype(model)
         outputs = model(x)
         return outputs, nnx.split(model, nnx.Param, ...)[2]
 

@@ -123,9 +123,10 @@ def test_a_schedule_with_warmup_and_decay_is_applied_and_healthy(tmp_path):
     assert problems(report) == [], report["findings"]
 
 
-def test_a_model_from_another_library_trains(tmp_path):
-    _, report = train(tmp_path, "train.epochs=20", *replace_group("model", "test_train.equinox_mlp"))
-    assert report["status"] == "healthy", report["findings"]
+@pytest.mark.parametrize("factory", ["test_train.equinox_mlp", "zoo.models.linen_mlp", "zoo.models.haiku_mlp"])
+def test_models_from_other_libraries_train_healthy(tmp_path, factory):
+    _, report = train(tmp_path, "train.epochs=20", *replace_group("model", factory))
+    assert report["status"] == "healthy" and problems(report) == [], report["findings"]
     assert report["diagnostics"]["train"]["metrics"]["final_val_accuracy"] > 0.85
 
 

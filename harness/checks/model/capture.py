@@ -22,6 +22,12 @@ How activations appear in a jaxpr (jax 0.10; the same for all four libraries, wh
   ``integer_pow[y=3] mul add mul tanh add mul mul``; exact: ``mul neg mul erfc mul [copy]``) when their only
   non-constant input is the one ``x``.
 
+``softmax=True`` also records ``jax.nn.softmax`` (kind ``"softmax"``; attention weights, a softmax head): inlined
+by default (``reduce_max max broadcast_in_dim stop_gradient sub exp reduce_sum broadcast_in_dim div``), a
+``custom_jvp_call`` named ``_softmax`` under ``jax_softmax_custom_jvp``. Off, nothing changes: the model checks'
+per-layer statistics are about activation functions (``harness train`` with ``train.activations`` reads the
+softmax's input, the attention logits).
+
 Each activation is recorded with its input too (the pre-activation: the activation equation's data input, for
 GELU the first primitive's), which the per-layer saturation rule reads (tanh and sigmoid inputs beyond +-5).
 
@@ -81,6 +87,15 @@ GELU = (  # inlined jax.nn.gelu, longest first
     ("mul", "neg", "mul", "erfc", "mul", "copy"),  # approximate=False
     ("mul", "neg", "mul", "erfc", "mul"),
 )
+# jax.nn.softmax, recorded only when asked (``record_activations(..., softmax=True)``) as kind "softmax": the
+# model checks' statistics (dead, saturated, spread, growth across depth) are about activation functions, and a
+# softmax is not one of them. With jax's default ``jax_softmax_custom_jvp=False`` it is inlined (this sequence;
+# ``where=`` adds a select and is not recognized: Flax masks attention logits with ``jnp.where`` before the
+# softmax instead); with the flag on it is a ``custom_jvp_call`` named ``_softmax``.
+SOFTMAX = (("reduce_max", "max", "broadcast_in_dim", "stop_gradient", "sub", "exp", "reduce_sum",
+            "broadcast_in_dim", "div"),)
+SOFTMAX_CALLS = {"_softmax": "softmax"}
+SOFTMAX_KIND = "softmax"
 NAMED_CALLS = {"jit", "pjit", "custom_jvp_call", "custom_vjp_call"}  # may be an activation, by name
 JITS = {"jit", "pjit"}
 REMATS = {"remat2", "checkpoint", "remat"}
@@ -95,7 +110,7 @@ class Activation:
 
     name: str  # the module whose output it was applied to ("layers/0"), else "<function>_<index>"
     function: str  # "relu", "tanh", ...
-    kind: str  # rectifier | tanh | sigmoid | smooth
+    kind: str  # rectifier | tanh | sigmoid | smooth; softmax (only when recorded: ``softmax=True``)
     output: Any
     input: Any = None  # the pre-activation it was applied to (the activation equation's data input)
 
@@ -110,19 +125,21 @@ def module_path(path, name_path: Callable[[tuple], str] = slash_path) -> str:
     return name_path(path[:-1]) or name_path(path)
 
 
-def record_activations(fn: Callable, params, *args, name_path: Callable[[tuple], str] = slash_path
-                       ) -> tuple[Any, list[Activation]]:
+def record_activations(fn: Callable, params, *args, name_path: Callable[[tuple], str] = slash_path,
+                       softmax: bool = False) -> tuple[Any, list[Activation]]:
     """Evaluate ``fn(params, *args)`` and also return every activation function's output, in call order.
 
     ``params`` is a pytree of arrays (an ``nnx.State``, Linen variables, an Equinox partition, Haiku params); it and
     ``args`` may be tracers. Call it inside the traced function that computes statistics of the outputs. Layers
-    are named with ``name_path`` (a Model's own, ``harness.models.adapters.Model.name_path``)."""
+    are named with ``name_path`` (a Model's own, ``harness.models.adapters.Model.name_path``). ``softmax=True``
+    also records every ``jax.nn.softmax`` (kind ``"softmax"``, its input the logits: attention weights' and any
+    other), in call order with the activations."""
     closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(params, *args)
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     values = [x for _, x in leaves] + jax.tree.leaves(args)
     assert len(values) == len(closed.jaxpr.invars), "fn's traced inputs do not match params and args"
     labels = [("param", module_path(path, name_path)) for path, _ in leaves] + [("data", 0, None)] * (len(values) - len(leaves))
-    recorder = _Recorder()
+    recorder = _Recorder(softmax=softmax)
     outs, _ = recorder.walk(closed.jaxpr, closed.consts, values, labels)
     return jax.tree.unflatten(jax.tree.structure(out_shape), outs), recorder.activations
 
@@ -148,8 +165,8 @@ def called_jaxpr(eqn):
     return (sub.jaxpr, sub.consts) if isinstance(sub, ClosedJaxpr) else (sub, ())
 
 
-def _activation(eqn) -> str | None:
-    """The jax.nn name of the activation function an equation is, if it is one."""
+def _activation(eqn, softmax: bool = False) -> str | None:
+    """The jax.nn name of the activation function an equation is, if it is one (or ``"softmax"``, when asked)."""
     name = eqn.primitive.name
     if name in PRIMITIVES:
         return PRIMITIVES[name]
@@ -160,13 +177,15 @@ def _activation(eqn) -> str | None:
         sub = eqn.params.get("call_jaxpr", eqn.params.get("jaxpr"))
         debug = getattr(getattr(sub, "jaxpr", sub), "debug_info", None)
         function = getattr(debug, "func_name", None)
+    if softmax and function in SOFTMAX_CALLS:
+        return SOFTMAX_CALLS[function]
     return function if function in ACTIVATION_KINDS else None
 
 
-def _gelu_length(eqns, i: int) -> int:
-    """Length of an inlined ``jax.nn.gelu`` starting at ``eqns[i]`` (0 if none): the primitives in order, all
-    reading only the first one's input, each other's outputs and constants."""
-    for pattern in GELU:
+def _gelu_length(eqns, i: int, patterns=GELU) -> int:
+    """Length of an inlined ``jax.nn.gelu`` (or other ``patterns``) starting at ``eqns[i]`` (0 if none): the
+    primitives in order, all reading only the first one's input, each other's outputs and constants."""
+    for pattern in patterns:
         run = eqns[i:i + len(pattern)]
         if tuple(e.primitive.name for e in run) != pattern or len(_inputs(run[0])) != 1:
             continue
@@ -182,10 +201,20 @@ def _gelu_length(eqns, i: int) -> int:
     return 0
 
 
-def _contains_activation(jaxpr) -> bool:
+def _inlined(eqns, i: int, softmax: bool = False) -> tuple[str | None, int]:
+    """The inlined function (``"gelu"``, or ``"softmax"`` when asked) starting at ``eqns[i]`` and its length."""
+    gelu = _gelu_length(eqns, i)
+    if gelu:
+        return "gelu", gelu
+    length = _gelu_length(eqns, i, SOFTMAX) if softmax else 0
+    return ("softmax", length) if length else (None, 0)
+
+
+def _contains_activation(jaxpr, softmax: bool = False) -> bool:
     for i, eqn in enumerate(jaxpr.eqns):
         sub = called_jaxpr(eqn)
-        if _activation(eqn) or _gelu_length(jaxpr.eqns, i) or (sub and _contains_activation(sub[0])):
+        if (_activation(eqn, softmax) or _inlined(jaxpr.eqns, i, softmax)[1]
+                or (sub and _contains_activation(sub[0], softmax))):
             return True
     return False
 
@@ -194,6 +223,7 @@ def _contains_activation(jaxpr) -> bool:
 class _Recorder:
     activations: list[Activation] = dataclasses.field(default_factory=list)
     stamp: int = 0  # orders the labels: the most recently assigned wins
+    softmax: bool = False  # also record jax.nn.softmax (kind "softmax")
 
     def propagate(self, labels: list[Label]) -> Label:
         """An equation's output label from its inputs'."""
@@ -215,7 +245,8 @@ class _Recorder:
         while name in taken:
             n += 1
             name = f"{base}#{n}"
-        self.activations.append(Activation(name, function, ACTIVATION_KINDS[function], output, input_))
+        kind = SOFTMAX_KIND if function == "softmax" else ACTIVATION_KINDS[function]
+        self.activations.append(Activation(name, function, kind, output, input_))
 
     def walk(self, jaxpr, consts, args, labels: list[Label], run: bool = True) -> tuple[list, list[Label]]:
         """Evaluate ``jaxpr`` (only propagate labels when not ``run``), recording activations."""
@@ -226,9 +257,9 @@ class _Recorder:
         tag = lambda v: None if v is None or isinstance(v, Literal) else tags.get(v)  # noqa: E731
         eqns, i = jaxpr.eqns, 0
         while i < len(eqns):
-            gelu = _gelu_length(eqns, i)
-            span = eqns[i:i + gelu] if gelu else [eqns[i]]
-            function = "gelu" if gelu else _activation(eqns[i])
+            function, length = _inlined(eqns, i, self.softmax)
+            span = eqns[i:i + length] if length else [eqns[i]]
+            function = function or _activation(eqns[i], self.softmax)
             for eqn in span:
                 invals, inlabels = [read(v) for v in eqn.invars], [tag(v) for v in eqn.invars]
                 if function is None and called_jaxpr(eqn) is not None:
@@ -248,7 +279,7 @@ class _Recorder:
         """A call-like equation: walked into when it contains an activation (re-jitted / re-checkpointed, its
         activations returned as extra outputs), else bound as it is (and walked for labels only)."""
         jaxpr, consts = called_jaxpr(eqn)
-        if not (run and _contains_activation(jaxpr)):
+        if not (run and _contains_activation(jaxpr, self.softmax)):
             outs = bind_equation(eqn, invals) if run else [None] * len(eqn.outvars)
             return outs, self.walk(jaxpr, consts, [None] * len(invals), labels, run=False)[1]
         found: dict[str, Any] = {}

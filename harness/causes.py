@@ -32,7 +32,8 @@ INIT_SCALE = frozenset({"model.initial_loss", "model.exploding_activations", "mo
 
 # What a monitored run shows on the way to a blow-up and after it (harness.monitor.detectors).
 MONITOR_SYMPTOMS = frozenset({"train.nonfinite", "train.grad_spike", "train.loss_spike", "train.oscillation",
-                              "train.plateau", "train.update_ratio", "train.underfitting"})
+                              "train.plateau", "train.update_ratio", "train.underfitting", "train.dead_units",
+                              "train.saturated_units"})
 
 # cause id -> the ids of findings it can cause. Acyclic (checked below); a finding explains only findings that the
 # mechanism in the comment can produce.
@@ -51,7 +52,9 @@ EXPLAINS: dict[str, frozenset[str]] = {
     # Identical inputs with different labels cannot all be memorized, and cap what any model can learn.
     "data.conflicting_labels": frozenset({"train.overfit_batch", "train.no_signal"}),
     # Probabilities handed to a logits loss: a squashed loss surface, small gradients, slow or no learning.
-    "model.output_range": frozenset({"model.initial_loss", "model.gradient_flow"}) | TRAINING_FAILURES,
+    # In a monitored run, the logits under the second softmax grow while the loss stalls (train.output_logits).
+    "model.output_range": frozenset({"model.initial_loss", "model.gradient_flow", "train.output_logits"})
+    | TRAINING_FAILURES,
     # A wrong gradient: training follows a direction that is not downhill.
     "model.gradient_check": frozenset({"model.gradient_flow"}) | TRAINING_FAILURES,
     # Activations growing across depth: a huge loss at init, saturated or dead units, huge or vanishing gradients.
@@ -77,6 +80,12 @@ EXPLAINS: dict[str, frozenset[str]] = {
     # A monitored run whose learning rate is too low (plateau) or at the edge of stability (oscillation) ends
     # with a high loss for that reason.
     "train.plateau": frozenset({"train.underfitting"}),
+    # Units killed or pinned during training (train.activations) leave the run underfitting; attention logits
+    # grown into one-hot softmaxes are what makes a transformer's loss spike and diverge (Dehghani et al. 2023).
+    "train.dead_units": frozenset({"train.underfitting"}),
+    "train.saturated_units": frozenset({"train.underfitting"}),
+    "train.attention_logits": frozenset({"train.divergence", "train.underfitting", "train.loss_spike",
+                                         "train.grad_spike"}),
     "train.oscillation": frozenset({"train.underfitting"}),
     # A configured LR far outside the usable range: nothing else trains well at it.
     "train.learning_rate": frozenset({"train.overfit_batch", "train.no_signal", "train.capacity"}),
@@ -289,7 +298,8 @@ NAMES = {
     "data.nonfinite": "data", "data.label_range": "loss", "train.loss_increasing": "loss",
     "train.learning_rate": "learning_rate", "train.divergence": "learning_rate", "train.oscillation": "learning_rate",
     "train.plateau": "learning_rate", "train.overfitting": "overfitting", "data.leakage": "mismatch",
-    "train.precision": "precision",
+    "train.precision": "precision", "train.dead_units": "learning_rate", "train.saturated_units": "learning_rate",
+    "train.attention_logits": "learning_rate",
 }
 # The replay's stage of a non-finite step -> the alternative it names (harness.monitor.replay).
 ORIGINS = {"inputs": "data", "targets": "data", "loss": "numerics", "backward": "numerics", "forward": "numerics",

@@ -88,6 +88,10 @@ class TrainSettings:
     keep_checkpoints: int = 2
     checks: tuple[str, ...] = ("data",)  # diagnostics run before training, in the same report (fast ones: data)
     resume: bool = True  # continue from the output directory's last checkpoint; False: start afresh, set it aside
+    # harness train: record per step each layer's dead / saturated units, the largest attention logit and the
+    # output logits' scale (harness.monitor.activations), for the train.dead_units, train.attention_logits and
+    # train.output_logits detectors; off by default (it costs time per step).
+    activations: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

@@ -64,6 +64,11 @@ FINDING_IDS: tuple[str, ...] = (
     "train.underfitting",
     "train.oscillation",
     "train.plateau",
+    # With train.activations (harness.monitor.activations).
+    "train.dead_units",
+    "train.saturated_units",
+    "train.attention_logits",
+    "train.output_logits",
 )
 _ORDER = {fid: i for i, fid in enumerate(FINDING_IDS)}
 

@@ -26,6 +26,7 @@ import optax
 
 from harness import tasks
 from harness.engine.core import Problem, mean_loss
+from harness.monitor import activations as watch_activations
 from harness.monitor import monitor
 from harness.optim import make_optimizer, set_learning_rate
 
@@ -57,6 +58,9 @@ class Carry(NamedTuple):
 class Records(NamedTuple):
     loss: Any  # (log_every,) the minibatch loss of each step; NaN for a step not taken
     lr: Any  # (log_every,) the learning rate it used
+    # With ``train.activations``: a harness.monitor.activations.ActivationRecord with a leading (log_every,) axis;
+    # NaN for a step not taken. None otherwise.
+    activations: Any = None
 
 
 def make_optimizer_for(problem: Problem, history: int) -> optax.GradientTransformationExtraArgs:
@@ -76,9 +80,11 @@ def make_init(problem: Problem, schedule: Schedule, seed: int) -> Callable:
 
 
 def make_chunk(problem: Problem, schedule: Schedule, lr_schedule: Callable[[Any], Any], seed: int,
-               length: int | None = None) -> Callable:
+               length: int | None = None, activations: bool = False) -> Callable:
     """``chunk(carry, x_train, y_train) -> (carry, records)``: ``length`` steps (default ``log_every``) from
-    ``carry.step``; steps past ``schedule.steps`` or after a non-finite one are skipped."""
+    ``carry.step``; steps past ``schedule.steps`` or after a non-finite one are skipped. ``activations``: the
+    forward pass runs through the activation recorder and each step's statistics come back in
+    ``records.activations`` (:mod:`harness.monitor.activations`)."""
     length = schedule.log_every if length is None else length
     tx = make_optimizer_for(problem, schedule.history)
     dropout_key = jax.random.fold_in(jax.random.key(seed), 0xD809)
@@ -91,6 +97,12 @@ def make_chunk(problem: Problem, schedule: Schedule, lr_schedule: Callable[[Any]
         n = x_train.shape[0]
 
         def loss_and_rest(params, rest, x, y, key):
+            if activations:
+                def apply(params, x):
+                    return problem.model.apply(params, rest, x, key=key, train=True)
+
+                (outputs, new_rest), record = watch_activations.forward(apply, params, x, problem.model.name_path)
+                return mean_loss(problem.loss_fn, outputs, y), (new_rest, record)
             outputs, new_rest = problem.model.apply(params, rest, x, key=key, train=True)
             return mean_loss(problem.loss_fn, outputs, y), new_rest
 
@@ -103,6 +115,7 @@ def make_chunk(problem: Problem, schedule: Schedule, lr_schedule: Callable[[Any]
             x, y = x_train[index], y_train[index]
             (loss, new_rest), grads = jax.value_and_grad(loss_and_rest, has_aux=True)(
                 carry.params, carry.rest, x, y, jax.random.fold_in(dropout_key, t))
+            new_rest, record = new_rest if activations else (new_rest, None)
             lr = jnp.asarray(lr_schedule(t), jnp.float32)
             opt_state = carry.opt_state._replace(inner=set_learning_rate(carry.opt_state.inner, lr))
             updates, new_opt = tx.update(grads, opt_state, carry.params, value=loss)
@@ -121,11 +134,13 @@ def make_chunk(problem: Problem, schedule: Schedule, lr_schedule: Callable[[Any]
                 new_opt._replace(inner=pick(new_opt.inner, carry.opt_state.inner)),
                 jnp.where(finite, carry.bad_step, t),
             )
-            return (new_carry, perm), Records(loss, lr)
+            return (new_carry, perm), Records(loss, lr, record)
 
-        def skipped(state, _):
+        def skipped(state, xs):
             nan = jnp.full((), jnp.nan, jnp.float32)
-            return state, Records(nan, nan)
+            if not activations:
+                return state, Records(nan, nan)
+            return state, Records(nan, nan, watch_activations.nan_record(jax.eval_shape(step, state, xs)[1][2]))
 
         def maybe(state, xs):
             carry = state[0]
@@ -137,6 +152,17 @@ def make_chunk(problem: Problem, schedule: Schedule, lr_schedule: Callable[[Any]
         return carry, records
 
     return chunk
+
+
+def activation_log(problem: Problem, carry: Carry, x) -> watch_activations.ActivationLog:
+    """The host's log of a run's activation records (``train.activations``), its layers read off a trace of the
+    training forward pass on ``x`` (a batch)."""
+
+    def apply(params, x):
+        return problem.model.apply(params, carry.rest, x, key=jax.random.key(0), train=True)
+
+    return watch_activations.ActivationLog(*watch_activations.layers(apply, carry.params, x,
+                                                                     problem.model.name_path))
 
 
 def make_evaluate(problem: Problem, batch: int) -> Callable:
@@ -194,4 +220,4 @@ def epoch_steps(n_train: int, batch_size: int) -> int:
 
 
 def as_numpy(records: Records) -> Records:
-    return Records(*(np.asarray(r) for r in jax.device_get(records)))
+    return jax.tree.map(np.asarray, jax.device_get(records))

@@ -150,7 +150,8 @@ class Job:
         # Everything the programs close over: the problem's fingerprint leaves out the learning rate and weight
         # decay (the checklist traces them), which the run's programs hold as constants.
         key = (ctx.problem, schedule, rc.seed, rc.optim.lr, rc.optim.weight_decay, rc.train.warmup_steps,
-               json.dumps((rc.raw.get("train") or {}).get("schedule"), sort_keys=True, default=str))
+               json.dumps((rc.raw.get("train") or {}).get("schedule"), sort_keys=True, default=str),
+               rc.train.activations)
         return cls(rc, ctx.problem, arrays, schedule, learning_rate(rc.train, rc.optim.lr, total), run_identity(rc),
                    key)
 
@@ -187,15 +188,17 @@ def train(rc: RunConfig, output_dir: str, *, command: list[str], console=None, r
     x_train, y_train, x_val, y_val = job.arrays
     carry = job.run("init", loop.make_init(problem, schedule, rc.seed), x_train[:1])
     watch = Monitor(carry.params, learning_rate=job.lr_at, baseline_loss=no_input_loss(job, checked, carry))
+    acts = loop.activation_log(problem, carry, x_train[:schedule.batch_size]) if rc.train.activations else None
     if not rc.train.resume:
         set_aside(output_dir)
     checkpoints = Checkpoints(output_dir, keep=rc.train.keep_checkpoints)
     live = None
     try:
-        carry, wandb_id, resumed_from = resume(job, checkpoints, carry, watch)
+        carry, wandb_id, resumed_from = resume(job, checkpoints, carry, watch, acts)
         live = _live_wandb(rc, output_dir, run_name, group, wandb_id) if wandb_enabled(rc) else None
         host_steps = _host_steps(problem)
-        chunk_fn = loop.make_chunk(problem, schedule, job.lr_at, rc.seed, length=1 if host_steps else None)
+        chunk_fn = loop.make_chunk(problem, schedule, job.lr_at, rc.seed, length=1 if host_steps else None,
+                                   activations=acts is not None)
         evaluate = loop.make_evaluate(problem, min(1024, max(int(x_val.shape[0]), 1)))
         calls = schedule.log_every if host_steps else 1
         progress = Progress(console, schedule.steps, int(carry.step))
@@ -204,7 +207,8 @@ def train(rc: RunConfig, output_dir: str, *, command: list[str], console=None, r
 
         def save(step):
             nonlocal saved_at
-            checkpoints.save(step, carry, {"monitor": watch.state()},
+            host = {"monitor": watch.state(), **({"activations": acts.state()} if acts is not None else {})}
+            checkpoints.save(step, carry, host,
                              {"identity": job.identity, "config": run_config(rc), "step": step,
                               "wandb_id": live.id if live else wandb_id})
             saved_at = step
@@ -213,8 +217,11 @@ def train(rc: RunConfig, output_dir: str, *, command: list[str], console=None, r
             while int(carry.step) < schedule.steps and int(carry.bad_step) < 0:
                 losses = []
                 for _ in range(calls):
+                    before = int(carry.step)
                     carry, rec = job.run("chunk", chunk_fn, carry, x_train, y_train)
                     losses.append(loop.as_numpy(rec).loss)
+                    if acts is not None:
+                        acts.add(before, int(carry.step) - before, loop.as_numpy(rec).activations)
                 step, stopped = int(carry.step), int(carry.bad_step) >= 0
                 watch.read(carry.opt_state)
                 loss = np.concatenate(losses)
@@ -246,7 +253,8 @@ def train(rc: RunConfig, output_dir: str, *, command: list[str], console=None, r
     origin = None
     if int(carry.bad_step) >= 0:
         origin = replay(problem, carry, schedule, rc.seed, job.lr_at, x_train, y_train, int(carry.bad_step))
-    outcome = make_outcome(watch, carry, schedule, origin, resumed_from, interrupted, time.perf_counter() - start)
+    outcome = make_outcome(watch, carry, schedule, origin, resumed_from, interrupted, time.perf_counter() - start,
+                           acts)
     result = RunResult.of([*checked, outcome], time.perf_counter() - start, ctx)
     report = write_outputs(rc, result, output_dir, command=command, console=console, run_name=run_name,
                            group=group, show_report=show_report, programs_since=since, wandb_run=live)
@@ -279,9 +287,9 @@ def set_aside(output_dir: str) -> None:
         os.rename(directory, f"{directory}.{datetime.datetime.now():%Y%m%d-%H%M%S-%f}")
 
 
-def resume(job: Job, checkpoints: Checkpoints, carry, watch: Monitor):
-    """``carry`` continued from the output directory's last checkpoint (and ``watch`` loaded from it), when it
-    holds one; returns ``(carry, W&B run id, step resumed from)``."""
+def resume(job: Job, checkpoints: Checkpoints, carry, watch: Monitor, acts=None):
+    """``carry`` continued from the output directory's last checkpoint (and ``watch``, and ``acts``, loaded from
+    it), when it holds one; returns ``(carry, W&B run id, step resumed from)``."""
     latest = checkpoints.latest()
     if latest is None:
         return carry, None, None
@@ -294,6 +302,8 @@ def resume(job: Job, checkpoints: Checkpoints, carry, watch: Monitor):
             f"train into another output_dir", key="output_dir")
     restored, host, meta = checkpoints.restore(latest, jax.eval_shape(lambda: carry))
     watch.load(host["monitor"])
+    if acts is not None and "activations" in host:
+        acts.load(host["activations"])
     return restored, meta.get("wandb_id"), int(latest)
 
 
@@ -335,12 +345,15 @@ def replay(problem, carry, schedule, seed, lr_at, x_train, y_train, bad_step: in
 
 
 def make_outcome(watch: Monitor, carry, schedule, origin: Origin | None, resumed_from, interrupted: bool,
-                 seconds: float) -> Outcome:
+                 seconds: float, acts=None) -> Outcome:
     """The run as the ``train`` diagnostic (:func:`harness.monitor.report.outcome`), the non-finite finding
-    located by the replay."""
+    located by the replay; with ``acts`` (``train.activations``), the activation detectors' findings, series and
+    final values too."""
     from harness.monitor.report import outcome
 
     findings = [located(f, origin) if f.id == "train.nonfinite" else f for f in watch.findings()]
+    if acts is not None:
+        findings += acts.findings(watch)
     bad = int(carry.bad_step)
     if bad >= 0 and not any(f.id == "train.nonfinite" for f in findings):  # finite gradients, non-finite update
         findings.insert(0, located(error("train.nonfinite", f"training went non-finite at step {bad}", "",
@@ -350,6 +363,9 @@ def make_outcome(watch: Monitor, carry, schedule, origin: Origin | None, resumed
         "steps": steps, "steps_planned": schedule.steps, "epochs": steps / schedule.steps_per_epoch,
         "resumed_from_step": resumed_from, "interrupted": interrupted,
         "first_nonfinite_step": bad if bad >= 0 else None})
+    if acts is not None:
+        result.series.update(acts.outcome_series())
+        result.metrics.update(acts.metrics())
     if interrupted and steps == 0:
         result.skipped = "interrupted"
     return result

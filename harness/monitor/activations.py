@@ -258,25 +258,28 @@ MAX_LAYERS_NAMED = 5
 # Dead / saturated units: the model checks' thresholds (harness.checks.model.settings: dead_unit_fraction and
 # saturated_unit_fraction, 0.5: half of a layer's units carry nothing), reached during training: the layer's late
 # fraction at least that AND at least DIED_DURING more than its early one (a layer already half dead at init is
-# model.dead_units', named there with its init as the fix). Measured (README "Activation statistics"): healthy
-# reference MLP runs (Adam 1e-3 and 1e-2, ReLU; tanh at 1e-3 and 3e-2) end at most 14% dead, at most 1% saturated,
-# at most 8 points above their start; Adam at 0.1 kills 98% of the ReLU MLP's first layer and 89% of its second
-# within 30 steps (a run the other detectors call healthy: the loss settles at 0.65, validation accuracy 0.70
-# against 0.98) and pins 89% / 100% of the tanh MLP's units.
+# model.dead_units', named there with its init as the fix). Measured on 400-step digits runs of the reference MLP
+# and tests/test_activations.py's: healthy runs (Adam 1e-3 and 1e-2 with ReLU, 1e-3 and 3e-2 with tanh) end at
+# most 14% dead and 1% saturated, at most 8 points above their first step; Adam at 0.1 kills 98% of the ReLU MLP's
+# first layer and 89% of its second within 30 steps (a run the other detectors call healthy: the loss settles at
+# 0.65, validation accuracy 0.70 against 0.98) and pins 88% / 100% of the tanh MLP's units.
 DEAD_FRACTION = _UNITS.dead_unit_fraction
 SATURATED_FRACTION = _UNITS.saturated_unit_fraction
 DIED_DURING = 0.25
-# Attention logit growth (Dehghani et al. 2023, "Scaling Vision Transformers to 22 Billion Parameters", section
-# 3.1.1: without normalizing queries and keys the attention logits grow without bound, the attention weights turn
-# one-hot (near-zero entropy) and training diverges; Zhai et al. 2023, "Stabilizing Transformer Training by
-# Preventing Attention Entropy Collapse"; Wortsman et al. 2023, "Small-scale proxies for large-scale Transformer
-# training instabilities": the same growth in small models at high learning rates, removed by qk-layernorm). The
+# Attention logit growth (Dehghani et al. 2023, "Scaling Vision Transformers to 22 Billion Parameters", section 2,
+# "QK Normalization": without normalizing queries and keys the attention logits grow without bound, the attention
+# weights turn one-hot (near-zero entropy) and training diverges; Zhai et al. 2023, "Stabilizing Transformer
+# Training by Preventing Attention Entropy Collapse"; Wortsman et al. 2023, "Small-scale proxies for large-scale
+# Transformer training instabilities": the same growth in small models at high learning rates, removed by
+# qk-layernorm). The
 # largest logit of a softmax ends (its median over the last window) at least ATTENTION_GROWTH times its early value
 # AND at least ATTENTION_SATURATED: a key whose logit leads the others (near 0 at init) by 20 takes e^-20 = 2e-9 of
 # the weight from each of them, below float32's resolution relative to 1 (1.2e-7, reached at 16), so that
-# softmax is one-hot to working precision and passes back no gradient. Measured: the char transformer (1 and 2
-# blocks) at Adam's 1e-3 keeps its largest logit at 4-7, 0.8-1.4x its start (1e-2: 12, 2.7x); at 3e-2 it reaches
-# 460 (95x), at 0.1 5e4 (1e4x) while the loss stalls at the unigram level.
+# softmax is one-hot to working precision and passes back no gradient. Measured: experiments/char_lm.py's
+# transformer (width 64, 2 blocks, batch 128) at Adam's default 1e-3 for 3000 steps (overfitting from step 400)
+# ends at 18.8 and 19.8, 3.4x and 4.1x its start, levelling off; the tests' small ones (1 block, width 32) stay at
+# 4-7 (0.8-1.4x), at 1e-2 reach 12 (2.7x). At 3e-2 the full-size one reaches 1400 (250x); at 0.1 the small one
+# 9e4 (2e4x) within 5 steps, its loss stuck near the unigram level, a run the other detectors call healthy.
 ATTENTION_GROWTH = 10.0
 ATTENTION_SATURATED = 20.0
 # Output-logit drift (Chowdhery et al. 2022, PaLM, section 5: the auxiliary z-loss keeps the softmax normalizer
@@ -290,9 +293,10 @@ ATTENTION_SATURATED = 20.0
 # growth the loss does not see: all logits drifting together, log Z moving away from 0, or logits pushed into a
 # saturated softmax) and keep growing (the median of each third of the stretch above the one before). Measured: a
 # model that applies softmax to its own outputs before the cross-entropy (a second softmax: the loss stalls at 1.47
-# whatever the logits) grows them 3.1x over 920 flat steps; healthy digits and char-LM runs have no flat stretch of
-# 150 steps (their loss keeps falling); broken runs whose loss stalls for other reasons grow them at most 1.46x (the
-# char transformer whose attention collapsed at LR 0.1) and 1.19x (the MLP whose ReLUs died).
+# whatever the logits) grows them 3.1x over 920 flat steps. Healthy digits runs have no flat stretch of 150 steps
+# (their loss keeps falling); the char transformer at 1e-3 flattens for its last 159 of 1000 and 327 of 3000 steps,
+# its logits growing 1.06x and 1.08x there; broken runs whose loss stalls for other reasons grow them 1.46x (the
+# small char transformer whose attention collapsed at LR 0.1) and 1.19x (the MLP whose ReLUs died).
 OUTPUT_GROWTH = 2.0
 OUTPUT_FLAT = 0.1
 TREND_STEPS = 150

@@ -173,11 +173,11 @@ def test_a_linear_model_warmed_up_past_its_limit_overflows_and_diverges(regressi
 def test_the_learning_rate_is_read_per_step_from_a_schedule():
     steps = np.arange(0, 300, 7)
     warm = optax.warmup_cosine_decay_schedule(0.0, 1e-3, 50, 300)
-    np.testing.assert_allclose(hm._lr_per_step(warm, steps), [float(warm(i)) for i in steps], rtol=1e-4)
+    np.testing.assert_allclose(hm.learning_rates(warm, steps), [float(warm(i)) for i in steps], rtol=1e-4)
 
     def scalar_only(step):  # a schedule written for one step at a time
         return 1e-3 if step < 100 else 1e-4
 
-    np.testing.assert_allclose(hm._lr_per_step(scalar_only, steps), np.where(steps < 100, 1e-3, 1e-4))
-    assert hm._lr_per_step(None, steps) is None
-    np.testing.assert_array_equal(hm._lr_per_step(3e-4, steps), np.full(steps.shape, 3e-4))
+    np.testing.assert_allclose(hm.learning_rates(scalar_only, steps), np.where(steps < 100, 1e-3, 1e-4))
+    assert hm.learning_rates(None, steps) is None
+    np.testing.assert_array_equal(hm.learning_rates(3e-4, steps), np.full(steps.shape, 3e-4))

@@ -113,6 +113,10 @@ def test_a_healthy_run_trains_validates_checkpoints_and_reports(tmp_path):
     assert last_checkpoint(tmp_path) == m["steps"]
     # One program each: init, the chunk, validation, the no-input baseline (the data checks compile nothing).
     assert report["programs"]["compiles"] == 4, report["programs"]
+    # Another learning rate, seed and length (at the same chunk length): the same programs (they are arguments).
+    _, other = train(tmp_path / "other", "train.epochs=12", "train.eval_every=5", "optim.lr=3e-3", "seed=1")
+    assert other["programs"]["compiles"] == 0, other["programs"]
+    assert other["diagnostics"]["train"]["series"]["train_loss"][0] != series["train_loss"][0]  # another seed
 
 
 def test_a_schedule_with_warmup_and_decay_is_applied_and_healthy(tmp_path):
@@ -262,12 +266,12 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_bitwise(tmp_path, monkey
     real_run = train_run.Job.run
     calls = {"chunk": 0}
 
-    def interrupt_on_fourth_chunk(self, name, fn, *args):
+    def interrupt_on_fourth_chunk(self, name, fn, *args, **kwargs):
         if name == "chunk":
             calls["chunk"] += 1
             if calls["chunk"] == 4:
                 raise KeyboardInterrupt
-        return real_run(self, name, fn, *args)
+        return real_run(self, name, fn, *args, **kwargs)
 
     monkeypatch.setattr(train_run.Job, "run", interrupt_on_fourth_chunk)
     with pytest.raises(KeyboardInterrupt):

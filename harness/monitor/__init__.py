@@ -36,7 +36,7 @@ _FIELDS = ("loss", "loss_recorded", "grad_norm", "layer_grad_norm", "layer_param
            "layer_nonfinite")
 
 
-def _lr_per_step(learning_rate, steps: np.ndarray) -> np.ndarray | None:
+def learning_rates(learning_rate, steps: np.ndarray) -> np.ndarray | None:
     """The learning rate at each step: a constant, or a schedule evaluated on the host (one vectorized call, as
     optax's schedules allow; step by step for a schedule written for scalars)."""
     if learning_rate is None:
@@ -119,11 +119,11 @@ class Monitor:
         members = rows["loss"].shape[1:]  # () or (members,)
         if not members:
             return [Series(steps, **rows, paths=self.paths, val_steps=val_steps, val_loss=val,
-                           lr=_lr_per_step(self.learning_rate, steps), baseline_loss=self.baseline_loss)]
+                           lr=learning_rates(self.learning_rate, steps), baseline_loss=self.baseline_loss)]
         per_member = isinstance(self.learning_rate, (list, tuple)) or np.ndim(self.learning_rate) == 1
         return [Series(steps, **{f: v[:, m] for f, v in rows.items()}, paths=self.paths, val_steps=val_steps,
                        val_loss=None if val is None else (val if val.ndim == 1 else val[:, m]),
-                       lr=_lr_per_step(self.learning_rate[m] if per_member else self.learning_rate, steps),
+                       lr=learning_rates(self.learning_rate[m] if per_member else self.learning_rate, steps),
                        baseline_loss=self.baseline_loss)
                 for m in range(members[0])]
 

@@ -33,7 +33,9 @@ from harness.optim import make_optimizer, set_learning_rate
 
 @dataclasses.dataclass(frozen=True)
 class Schedule:
-    """The run's length and cadences, in optimizer steps (static: they shape the programs)."""
+    """The run's length and cadences, in optimizer steps. Only :meth:`shape` shapes the programs: the length, the
+    learning rates (a table per step), the seed and the cadences are the host's or traced arguments, so runs that
+    differ in them (a sweep over learning rates or seeds, a run resumed into a longer one) share programs."""
 
     steps: int  # optimizer steps of the whole run
     batch_size: int
@@ -43,6 +45,10 @@ class Schedule:
     # so a run resumes into a longer one
     eval_every: int  # a multiple of log_every
     checkpoint_every: int  # a multiple of log_every
+
+    def shape(self) -> tuple:
+        """What the compiled chunk depends on."""
+        return self.batch_size, self.steps_per_epoch, self.log_every, self.history
 
 
 class Carry(NamedTuple):
@@ -68,32 +74,37 @@ def make_optimizer_for(problem: Problem, history: int) -> optax.GradientTransfor
     return monitor(make_optimizer(optim, optim.lr, optim.weight_decay), history)
 
 
-def make_init(problem: Problem, schedule: Schedule, seed: int) -> Callable:
-    """``init(x_example) -> Carry`` at step 0."""
-    tx = make_optimizer_for(problem, schedule.history)
+def make_init(problem: Problem, history: int) -> Callable:
+    """``init(x_example, seed, lr, weight_decay) -> Carry`` at step 0 (the optimizer's hyperparameters are state,
+    :func:`harness.optim.make_optimizer`)."""
 
-    def init(x_example):
+    def init(x_example, seed, lr, weight_decay):
+        tx = monitor(make_optimizer(problem.optim, lr, weight_decay), history)
         params, rest = problem.model.init(jax.random.key(seed), x_example)
         return Carry(jnp.zeros((), jnp.int32), params, rest, tx.init(params), jnp.full((), -1, jnp.int32))
 
     return init
 
 
-def make_chunk(problem: Problem, schedule: Schedule, lr_schedule: Callable[[Any], Any], seed: int,
-               length: int | None = None, activations: bool = False) -> Callable:
-    """``chunk(carry, x_train, y_train) -> (carry, records)``: ``length`` steps (default ``log_every``) from
-    ``carry.step``; steps past ``schedule.steps`` or after a non-finite one are skipped. ``activations``: the
-    forward pass runs through the activation recorder and each step's statistics come back in
-    ``records.activations`` (:mod:`harness.monitor.activations`)."""
+def make_chunk(problem: Problem, schedule: Schedule, length: int | None = None, activations: bool = False
+               ) -> Callable:
+    """``chunk(carry, x_train, y_train, lrs, total, seed) -> (carry, records)``: ``length`` steps (default
+    ``log_every``) from ``carry.step``, step ``carry.step + i`` at the learning rate ``lrs[i]`` (:func:`chunk_lrs`:
+    the same shape for every chunk and run length); steps from ``total`` on or after a
+    non-finite one are skipped; ``seed`` draws the data order and dropout. ``activations``: the forward pass runs
+    through the activation recorder and each step's statistics come back in ``records.activations``
+    (:mod:`harness.monitor.activations`)."""
     length = schedule.log_every if length is None else length
-    tx = make_optimizer_for(problem, schedule.history)
-    dropout_key = jax.random.fold_in(jax.random.key(seed), 0xD809)
+    tx = make_optimizer_for(problem, schedule.history)  # its hyperparameters are read from the state
     spe, bs = schedule.steps_per_epoch, schedule.batch_size
 
-    def order(n, epoch):
-        return epoch_order(seed, n, epoch)
+    def chunk(carry: Carry, x_train, y_train, lrs, total, seed):
+        t0 = carry.step
+        dropout_key = jax.random.fold_in(jax.random.key(seed), 0xD809)
 
-    def chunk(carry: Carry, x_train, y_train):
+        def order(n, epoch):
+            return epoch_order(seed, n, epoch)
+
         n = x_train.shape[0]
 
         def loss_and_rest(params, rest, x, y, key):
@@ -116,7 +127,7 @@ def make_chunk(problem: Problem, schedule: Schedule, lr_schedule: Callable[[Any]
             (loss, new_rest), grads = jax.value_and_grad(loss_and_rest, has_aux=True)(
                 carry.params, carry.rest, x, y, jax.random.fold_in(dropout_key, t))
             new_rest, record = new_rest if activations else (new_rest, None)
-            lr = jnp.asarray(lr_schedule(t), jnp.float32)
+            lr = lrs[t - t0]
             opt_state = carry.opt_state._replace(inner=set_learning_rate(carry.opt_state.inner, lr))
             updates, new_opt = tx.update(grads, opt_state, carry.params, value=loss)
             params = optax.apply_updates(carry.params, updates)
@@ -144,7 +155,7 @@ def make_chunk(problem: Problem, schedule: Schedule, lr_schedule: Callable[[Any]
 
         def maybe(state, xs):
             carry = state[0]
-            go = (carry.bad_step < 0) & (carry.step < schedule.steps)
+            go = (carry.bad_step < 0) & (carry.step < total)
             return jax.lax.cond(go, step, skipped, state, xs)
 
         perm = order(n, carry.step // spe)
@@ -152,6 +163,12 @@ def make_chunk(problem: Problem, schedule: Schedule, lr_schedule: Callable[[Any]
         return carry, records
 
     return chunk
+
+
+def chunk_lrs(table: np.ndarray, start: int, length: int) -> np.ndarray:
+    """The learning rates of the ``length`` steps from ``start`` (past the table's end: its last value, for steps a
+    chunk skips anyway)."""
+    return np.asarray(table[np.minimum(np.arange(start, start + length), len(table) - 1)], np.float32)
 
 
 def activation_log(problem: Problem, carry: Carry, x) -> watch_activations.ActivationLog:

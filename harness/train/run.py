@@ -129,37 +129,37 @@ class Progress:
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-    """The static side of one training run: the problem, its arrays on the device, the schedule and the compiled
-    programs' cache key."""
+    """The static side of one training run: the problem, its arrays on the device, the schedule, and the learning
+    rate of every step (a table on the device: the programs take it as an argument)."""
 
     rc: RunConfig
     problem: Any
     arrays: tuple  # x_train, y_train, x_val, y_val on the device
     schedule: loop.Schedule
     lr_at: Callable[[Any], Any]
+    lr_table: np.ndarray  # (steps,) float32, sliced per chunk (loop.chunk_lrs)
     identity: str
-    key: tuple
 
     @classmethod
     def of(cls, rc: RunConfig, ctx) -> "Job":
+        from harness.monitor import learning_rates
+
         arrays = tuple(jax.device_put(a) for a in ctx.dataset.training_arrays())
         n_train = int(arrays[0].shape[0])
         batch_size = min(rc.batch_size, n_train)
         total = total_steps(rc.train, n_train, batch_size)
         schedule = make_schedule(rc.train, total, batch_size, n_train)
-        # Everything the programs close over: the problem's fingerprint leaves out the learning rate and weight
-        # decay (the checklist traces them), which the run's programs hold as constants.
-        key = (ctx.problem, schedule, rc.seed, rc.optim.lr, rc.optim.weight_decay, rc.train.warmup_steps,
-               json.dumps((rc.raw.get("train") or {}).get("schedule"), sort_keys=True, default=str),
-               rc.train.activations)
-        return cls(rc, ctx.problem, arrays, schedule, learning_rate(rc.train, rc.optim.lr, total), run_identity(rc),
-                   key)
+        lr_at = learning_rate(rc.train, rc.optim.lr, total)
+        table = learning_rates(lr_at, np.arange(total)).astype(np.float32)
+        return cls(rc, ctx.problem, arrays, schedule, lr_at, table, run_identity(rc))
 
-    def run(self, name: str, fn: Callable, *args):
-        """Compile (once per shape, counted in the report's programs) and run one of the run's programs."""
+    def run(self, name: str, fn: Callable, *args, shape: tuple = ()):
+        """Compile (once per problem and ``shape``, what ``fn`` closes over besides the problem; counted in the
+        report's programs) and run one of the run's programs. The learning rates, the seed and the run's length
+        are arguments: runs that differ in them share programs."""
         from harness.engine.driver import cpu_options
 
-        return programs.run(f"train/{name}", fn, *args, static_key=(f"train/{name}", *self.key),
+        return programs.run(f"train/{name}", fn, *args, static_key=(f"train/{name}", self.problem, *shape),
                             opt_level=self.rc.engine.opt_level, options=cpu_options())
 
 
@@ -186,7 +186,8 @@ def train(rc: RunConfig, output_dir: str, *, command: list[str], console=None, r
     job = Job.of(rc, ctx)
     problem, schedule = job.problem, job.schedule
     x_train, y_train, x_val, y_val = job.arrays
-    carry = job.run("init", loop.make_init(problem, schedule, rc.seed), x_train[:1])
+    carry = job.run("init", loop.make_init(problem, schedule.history), x_train[:1], np.uint32(rc.seed),
+                    np.float32(rc.optim.lr), np.float32(rc.optim.weight_decay), shape=(schedule.history,))
     watch = Monitor(carry.params, learning_rate=job.lr_at, baseline_loss=no_input_loss(job, checked, carry))
     acts = loop.activation_log(problem, carry, x_train[:schedule.batch_size]) if rc.train.activations else None
     if not rc.train.resume:
@@ -197,9 +198,12 @@ def train(rc: RunConfig, output_dir: str, *, command: list[str], console=None, r
         carry, wandb_id, resumed_from = resume(job, checkpoints, carry, watch, acts)
         live = _live_wandb(rc, output_dir, run_name, group, wandb_id) if wandb_enabled(rc) else None
         host_steps = _host_steps(problem)
-        chunk_fn = loop.make_chunk(problem, schedule, job.lr_at, rc.seed, length=1 if host_steps else None,
-                                   activations=acts is not None)
-        evaluate = loop.make_evaluate(problem, min(1024, max(int(x_val.shape[0]), 1)))
+        length = 1 if host_steps else schedule.log_every
+        chunk_fn = loop.make_chunk(problem, schedule, length=length, activations=acts is not None)
+        chunk_shape = (*schedule.shape(), length, acts is not None)
+        total, seed = np.int32(schedule.steps), np.uint32(rc.seed)
+        eval_batch = min(1024, max(int(x_val.shape[0]), 1))
+        evaluate = loop.make_evaluate(problem, eval_batch)
         calls = schedule.log_every if host_steps else 1
         progress = Progress(console, schedule.steps, int(carry.step))
         interrupted = False
@@ -218,7 +222,9 @@ def train(rc: RunConfig, output_dir: str, *, command: list[str], console=None, r
                 losses = []
                 for _ in range(calls):
                     before = int(carry.step)
-                    carry, rec = job.run("chunk", chunk_fn, carry, x_train, y_train)
+                    lrs = loop.chunk_lrs(job.lr_table, before, length)
+                    carry, rec = job.run("chunk", chunk_fn, carry, x_train, y_train, lrs, total, seed,
+                                         shape=chunk_shape)
                     losses.append(loop.as_numpy(rec).loss)
                     if acts is not None:
                         acts.add(before, int(carry.step) - before, loop.as_numpy(rec).activations)
@@ -231,7 +237,7 @@ def train(rc: RunConfig, output_dir: str, *, command: list[str], console=None, r
                 validated = step % schedule.eval_every == 0 or step >= schedule.steps or stopped
                 if validated:
                     v_loss, v_acc = (float(v) for v in job.run("evaluate", evaluate, carry.params, carry.rest, x_val,
-                                                               y_val))
+                                                               y_val, shape=(eval_batch,)))
                     watch.validation(v_loss, step - 1, accuracy=v_acc if problem.classification else None)
                     metrics["val/loss"] = v_loss
                     if problem.classification:
@@ -273,7 +279,8 @@ def no_input_loss(job: Job, checked, carry) -> float | None:
         return from_controls
     x_train, y_train = job.arrays[0], job.arrays[1]
     outputs = jax.eval_shape(job.problem.model, carry.params, carry.rest, x_train[:1])
-    value = float(job.run("baseline", baseline.make_fit(job.problem, outputs), y_train[:baseline.MAX_EXAMPLES]))
+    value = float(job.run("baseline", baseline.make_fit(job.problem, outputs), y_train[:baseline.MAX_EXAMPLES],
+                          shape=(outputs.shape[1:], str(outputs.dtype))))
     return value if np.isfinite(value) else None
 
 

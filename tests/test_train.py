@@ -240,8 +240,7 @@ def test_a_frozen_layer_is_named(tmp_path):
     _, report = train(tmp_path, "train.epochs=5", *replace_group("model", "test_train.frozen_first_layer"))
     [f] = [f for f in report["findings"] if f["id"] == "train.update_ratio"]
     assert f["evidence"]["no_gradient"] == ["first/bias", "first/kernel"], f["evidence"]
-    # Healthy twin: the same layers without the stop_gradient (the reference MLP) are silent.
-    assert "train.update_ratio" not in ids(train(tmp_path / "twin", "train.epochs=5")[1])
+    # Its healthy twin (every layer learning: the reference MLP) is test_a_healthy_run_..., silent.
 
 
 def test_overfitting_a_small_training_set_names_the_turn(tmp_path):

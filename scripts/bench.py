@@ -220,8 +220,8 @@ def bench_monitor() -> dict:
     """The training monitor's overhead on a user's own loop (harness.monitor): the reference MLP (64-128-128-10)
     trained with Adam as one jitted lax.scan of 500 steps, batch 128, with and without ``hm.monitor`` around the
     optimizer (the loss passed as ``value=``), best of five runs each, interleaved; also a depth-8 MLP, where the
-    per-leaf statistics are more leaves per FLOP. The reads between chunks are one transfer per chunk and are not
-    timed."""
+    per-leaf statistics are more leaves per FLOP, and a wide one (three hidden layers of 1024), where they are
+    fewer per FLOP. The reads between chunks are one transfer per chunk and are not timed."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -233,7 +233,8 @@ def bench_monitor() -> dict:
     x_all = jax.random.normal(jax.random.key(0), (1348, 64))
     y_all = jax.random.randint(jax.random.key(1), (1348,), 0, 10)
     out = {}
-    for label, sizes in (("reference", (64, 128, 128, 10)), ("depth8", (64,) + (128,) * 8 + (10,))):
+    for label, sizes in (("reference", (64, 128, 128, 10)), ("depth8", (64,) + (128,) * 8 + (10,)),
+                         ("wide", (64, 1024, 1024, 1024, 10))):
         keys = jax.random.split(jax.random.key(2), len(sizes) - 1)
         params = [(jax.random.normal(k, (a, b)) / np.sqrt(a), jnp.zeros(b))
                   for k, a, b in zip(keys, sizes[:-1], sizes[1:])]

@@ -242,9 +242,9 @@ def not_ruled_out(outcomes, settings: dict) -> list[str]:
     if horizon and int(horizon) <= length:
         return []  # the suite trained as long as the user does
     return [f"{said}; a longer run may still diverge (a loss that reaches log(0) or overflows after thousands of "
-            f"steps), and a plateau or overfitting later in training is not judged. Train {yours} with "
-            f"`harness diagnostics.run=[seeds] diagnostics.seeds.steps={horizon or '<steps>'}` (now {length}), or "
-            f"watch your own run with `harness.monitor` (README)."]
+            f"steps), and a plateau or overfitting later in training is not judged. Train {yours} with the "
+            f"monitor watching: `harness train train.steps={horizon or '<steps>'}`, or `harness.monitor` in your "
+            f"own loop (README)."]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -139,7 +139,7 @@ def test_a_clean_run_says_what_its_budgets_could_not_rule_out():
 
     settings = {"seeds": seeds.Settings(steps=500)}
     clean = not_ruled_out([Outcome("seeds", metrics={"seeds/diverged": 0})], settings)
-    assert len(clean) == 1 and "500 steps" in clean[0] and "diagnostics.seeds.steps" in clean[0]
+    assert len(clean) == 1 and "500 steps" in clean[0] and "harness train train.steps=" in clean[0]
     # A configured run that diverged is a finding, not a limit; no training at all rules nothing out.
     assert not_ruled_out([Outcome("seeds", metrics={"seeds/diverged": 2})], settings) == []
     assert "nothing about training" in not_ruled_out([Outcome("model")], settings)[0]

@@ -347,4 +347,4 @@ def test_wandb_gets_the_live_history_and_the_report_in_one_run(tmp_path):
     history = [r for r in records if r.get("_type") == "history" or "train/loss" in json.dumps(r)]
     assert history, records[:3]
     text = json.dumps(records)
-    assert "train/loss" in text and "val/loss" in text and "findings" in text
+    assert "train/loss" in text and "val/loss" in text and "findings" in text and "root_cause" in text

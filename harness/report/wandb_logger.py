@@ -338,7 +338,9 @@ def main_summary(report: dict, result) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "status": report["status"],
         "first_to_fix": (report.get("first_to_fix") or {}).get("id", ""),
+        "root_cause": (report.get("root_cause") or {}).get("id", ""),
         "root_cause/branch": (report.get("root_cause") or {}).get("branch", ""),
+        "root_cause/message": (report.get("root_cause") or {}).get("message", ""),
         "num_errors": report["counts"].get("error", 0),
         "num_warnings": report["counts"].get("warning", 0),
         "num_infos": report["counts"].get("info", 0),

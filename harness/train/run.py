@@ -33,7 +33,8 @@ NAME = "train"
 EVALUATIONS_PER_RUN = 20  # the default validation cadence: enough points for the overfitting detector's turn
 # Config keys that do not change what is trained: a run may resume under other values of these.
 NOT_THE_RUN = ("logger", "output_dir", "debug", "fail_on_error", "diagnostics", "budget", "collapse", "engine")
-TRAIN_KEYS_NOT_THE_RUN = ("steps", "epochs", "eval_every", "checkpoint_every", "keep_checkpoints", "resume")
+TRAIN_KEYS_NOT_THE_RUN = ("steps", "epochs", "eval_every", "checkpoint_every", "keep_checkpoints", "resume",
+                          "checks")
 
 
 def total_steps(t: TrainSettings, n_train: int, batch_size: int) -> int:

@@ -108,12 +108,24 @@ class Monitor:
         self._val.append((self._read - 1 if step is None else int(step), np.asarray(loss, np.float64),
                           np.asarray(np.nan if accuracy is None else accuracy, np.float64)))
 
-    def series(self) -> list[Series]:
-        """The steps read so far: one :class:`Series` per member (one for an unbatched run)."""
-        if not self._steps:
+    def series(self, since: int = 0) -> list[Series]:
+        """The steps read so far (from step ``since`` on: only the reads that hold them are joined, so a caller that
+        asks for the new steps after each read, :meth:`log`, does not copy the whole run every time): one
+        :class:`Series` per member (one for an unbatched run)."""
+        pieces, kept = 0, 0  # the last reads, back to the one holding step ``since``
+        for piece in reversed(self._rows["loss"]):
+            if kept and self._steps[-kept - 1] < since:
+                break
+            pieces, kept = pieces + 1, kept + len(piece)
+        if not kept:
             return []
-        rows = {f: np.concatenate(v, axis=0) for f, v in self._rows.items()}
-        steps = np.asarray(self._steps)
+        rows = {f: np.concatenate(v[len(v) - pieces:], axis=0) for f, v in self._rows.items()}
+        steps = np.asarray(self._steps[len(self._steps) - kept:])
+        if steps[0] < since:
+            keep = steps >= since
+            rows, steps = {f: v[keep] for f, v in rows.items()}, steps[keep]
+            if not steps.size:
+                return []
         val_steps = np.asarray([v[0] for v in self._val]) if self._val else None
         val = np.stack([v[1] for v in self._val]) if self._val else None
         members = rows["loss"].shape[1:]  # () or (members,)

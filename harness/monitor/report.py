@@ -85,7 +85,7 @@ def draw_curves(path: str, steps, loss, val_steps, val_loss, findings: list[Find
 def wandb_rows(watch, since: int, prefix: str = "monitor/") -> list[tuple[int, dict[str, float]]]:
     """One W&B history row per step read after step ``since``: loss, gradient norm, per-leaf gradient norm and
     update/parameter ratio (the first :data:`MAX_WANDB_LEAVES` leaves); a vmapped run logs its first member."""
-    runs = watch.series()
+    runs = watch.series(since)
     if not runs:
         return []
     s = runs[0]

@@ -234,7 +234,3 @@ def constant(lr: float) -> Callable[[Any], Any]:
 
 def epoch_steps(n_train: int, batch_size: int) -> int:
     return max(n_train // batch_size, 1)
-
-
-def as_numpy(records: Records) -> Records:
-    return jax.tree.map(np.asarray, jax.device_get(records))

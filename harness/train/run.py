@@ -220,21 +220,23 @@ def train(rc: RunConfig, output_dir: str, *, command: list[str], console=None, r
 
         try:
             while int(carry.step) < schedule.steps and int(carry.bad_step) < 0:
-                losses = []
-                for _ in range(calls):
-                    before = int(carry.step)
-                    lrs = loop.chunk_lrs(job.lr_table, before, length)
+                first = int(carry.step)
+                records = []
+                for i in range(calls):  # the host step loop's calls are dispatched without waiting on each
+                    lrs = loop.chunk_lrs(job.lr_table, first + i * length, length)
                     carry, rec = job.run("chunk", chunk_fn, carry, x_train, y_train, lrs, total, seed,
                                          shape=chunk_shape)
-                    losses.append(loop.as_numpy(rec).loss)
-                    if acts is not None:
-                        acts.add(before, int(carry.step) - before, loop.as_numpy(rec).activations)
+                    records.append(rec)
+                records = jax.device_get(records)  # one transfer per chunk
+                if acts is not None:
+                    for i, r in enumerate(records):  # a step not taken records no learning rate
+                        acts.add(first + i * length, int(np.sum(~np.isnan(r.lr))), r.activations)
                 step, stopped = int(carry.step), int(carry.bad_step) >= 0
                 watch.read(carry.opt_state)
-                loss = np.concatenate(losses)
+                loss = np.concatenate([np.asarray(r.loss) for r in records])
                 finite = loss[np.isfinite(loss)]
                 metrics = {"train/loss": float(finite.mean()) if finite.size else None,
-                           "train/lr": float(np.asarray(job.lr_at(step - 1)))}
+                           "train/lr": float(job.lr_table[step - 1])}
                 validated = step % schedule.eval_every == 0 or step >= schedule.steps or stopped
                 if validated:
                     v_loss, v_acc = (float(v) for v in job.run("evaluate", evaluate, carry.params, carry.rest, x_val,

@@ -173,6 +173,9 @@ def clear_cache():
     _CACHE.clear()
 
 
+CACHE_MAX_BYTES = 4 << 30  # JAX's persistent compilation cache: least recently used entries go beyond this
+
+
 def enable_persistent_cache(directory: str | None, *, programs: bool = True, code_roots=()):
     """Turn on JAX's persistent compilation cache so a second process skips XLA compiles, and with ``programs``
     harness's cache of traced programs in its ``programs/`` subdirectory, so it skips tracing too
@@ -190,5 +193,10 @@ def enable_persistent_cache(directory: str | None, *, programs: bool = True, cod
     # Cache every program: ours are small and compile in about a second, below JAX's default 1 s threshold.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    # Several processes share the directory (pytest-xdist workers, a sweep's jobs, runs side by side). JAX's cache
+    # writes an entry unlocked unless it evicts, and a process that reads an entry another one is still writing
+    # aborts inside XLA's deserialization (seen here: "Fatal Python error: Aborted" in get_executable_and_time). A
+    # size limit turns on its file lock (the filelock package) and bounds the directory too.
+    jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
     exported.enable(os.path.join(directory, "programs") if programs else None, code_roots)
     return directory

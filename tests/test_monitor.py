@@ -96,11 +96,12 @@ def ids(watch):
     return [f.id for f in watch.findings()]
 
 
-def test_updates_are_the_inner_optimizers_and_the_statistics_are_right(digits):
+@pytest.mark.parametrize("update_norms", [False, True])
+def test_updates_are_the_inner_optimizers_and_the_statistics_are_right(digits, update_norms):
     x, y = digits
     params = init_mlp(jax.random.key(0))
     xs, ys = batches(x, y, 30)
-    plain, watched = optax.adam(1e-3), hm.monitor(optax.adam(1e-3))
+    plain, watched = optax.adam(1e-3), hm.monitor(optax.adam(1e-3), update_norms=update_norms)
     (p1, _), _ = make_chunk(plain)(params, plain.init(params), xs, ys)
     (p2, state), losses = make_chunk(watched)(params, watched.init(params), xs, ys)
     jax.tree.map(np.testing.assert_array_equal, p1, p2)  # bitwise: the monitor only reads
@@ -115,7 +116,13 @@ def test_updates_are_the_inner_optimizers_and_the_statistics_are_right(digits):
     np.testing.assert_allclose(s.grad_norm[0], np.sqrt(np.sum(s.layer_grad_norm[0] ** 2)), rtol=1e-6)
     np.testing.assert_allclose(s.layer_param_norm[0], [np.linalg.norm(p) for p in jax.tree.leaves(params)],
                                rtol=1e-6)
-    assert np.all(s.layer_update_norm > 0) and np.all(s.layer_nonfinite == 0)
+    assert np.all(s.layer_nonfinite == 0)
+    if not update_norms:  # not a default statistic: NaN, never a made-up value
+        assert np.all(np.isnan(s.layer_update_norm))
+        return
+    # Adam's first step moves every entry by the LR (m/sqrt(v) = sign(g) when no gradient entry is 0).
+    first = [np.linalg.norm(np.where(g != 0, 1e-3, 0.0)) for g in jax.tree.leaves(grads)]
+    np.testing.assert_allclose(s.layer_update_norm[0], first, rtol=1e-3)
 
 
 def test_a_healthy_run_with_warmup_and_decay_is_silent(digits):
@@ -214,13 +221,16 @@ def test_a_spike_is_judged_against_the_highest_value_before_it_and_repeats_count
     assert spike.evidence["highest_before_step"] < 100
 
 
-def test_frozen_layers_are_named_with_why(digits):
+@pytest.mark.parametrize("update_norms", [False, True])  # from the parameter norms / from the update norms
+def test_frozen_layers_are_named_with_why(digits, update_norms):
     x, y = digits
     labels = {f"dense{i}": {"kernel": "freeze" if i == 1 else "train", "bias": "train"} for i in range(3)}
-    masked = hm.monitor(optax.multi_transform({"train": optax.adam(1e-3), "freeze": optax.set_to_zero()}, labels))
+    masked = hm.monitor(optax.multi_transform({"train": optax.adam(1e-3), "freeze": optax.set_to_zero()}, labels),
+                        update_norms=update_norms)
     [finding] = run(masked, x, y, steps=200).findings()
     assert finding.id == "train.update_ratio" and finding.evidence["not_applied"] == ["dense1/kernel"]
-    [cut] = run(hm.monitor(optax.adam(1e-3)), x, y, steps=200, cut=2).findings()  # stop_gradient on dense2
+    cut = hm.monitor(optax.adam(1e-3), update_norms=update_norms)
+    [cut] = run(cut, x, y, steps=200, cut=2).findings()  # stop_gradient on dense2
     assert cut.evidence["no_gradient"] == ["dense2/bias", "dense2/kernel"] and "receive no gradient" in cut.message
 
 

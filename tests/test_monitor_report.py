@@ -38,7 +38,7 @@ def test_log_sends_each_step_read_once_and_report_adds_the_findings(digits, tmp_
     import wandb
 
     x, y = digits
-    watch = run(hm.monitor(optax.adam(1e-3)), x, y, steps=200, chunk=100)
+    watch = run(hm.monitor(optax.adam(1e-3), update_norms=True), x, y, steps=200, chunk=100)
     wb = wandb.init(mode="offline", dir=str(tmp_path), project="harness-tests")
     assert watch.log(wb) == 200 and watch.log(wb) == 0  # nothing new since the last call
     watch.report(str(tmp_path / "report"), wandb_run=wb)

@@ -123,7 +123,10 @@ def test_a_warmup_to_a_peak_adam_cannot_hold_diverges(digits):
 
 def test_a_learning_rate_far_too_low_is_a_plateau_with_a_higher_rate_suggested(digits):
     x, y = digits
-    watch = train(hm.monitor(optax.adam(1e-6)), x, y, learning_rate=1e-6)
+    # The plateau is judged on the update/parameter ratio: without update norms (the default statistics) it is
+    # not called, and nothing else is said about the run in its place.
+    assert train(hm.monitor(optax.adam(1e-6)), x, y, learning_rate=1e-6).findings() == []
+    watch = train(hm.monitor(optax.adam(1e-6), update_norms=True), x, y, learning_rate=1e-6)
     found = only(watch, "train.plateau")
     e = found.evidence
     assert found.severity.value == "warning" and e["update_ratio"] < detectors.TINY_RATIO
@@ -134,7 +137,8 @@ def test_a_learning_rate_far_too_low_is_a_plateau_with_a_higher_rate_suggested(d
     [unknown] = [f for f in detectors.detect(dataclasses.replace(s, lr=None)) if f.id == "train.plateau"]
     assert unknown.evidence["suggested_lr"] is None and f"about {e['lr_factor']:.0f}x" in unknown.suggestion
     # The suggested rate trains: no finding, and the loss falls far below the plateau.
-    trained = train(hm.monitor(optax.adam(e["suggested_lr"])), x, y, learning_rate=e["suggested_lr"])
+    trained = train(hm.monitor(optax.adam(e["suggested_lr"]), update_norms=True), x, y,
+                    learning_rate=e["suggested_lr"])
     assert trained.findings() == [] and np.median(trained.series()[0].loss[-50:]) < 0.1 * e["loss"]
 
 

@@ -15,9 +15,10 @@
 ``Monitor(params, learning_rate=schedule)`` (a float or an optax schedule) lets the divergence, oscillation and
 plateau findings name the learning rate and suggest one (``evidence["suggested_lr"]``).
 
-In the graph (:mod:`.stats`): per parameter leaf, gradient, parameter and update norms and whether its gradient
-holds a non-finite entry, the global gradient norm and the loss, in ring buffers of the optimizer state; nothing leaves the device
-until :meth:`Monitor.read`. On the host (:mod:`.detectors`): each finding names the step and the layer.
+In the graph (:mod:`.stats`): per parameter leaf, gradient and parameter norms (and update norms with
+``monitor(tx, update_norms=True)``, for the plateau detector's learning-rate call) and whether its gradient holds a
+non-finite entry, the global gradient norm and the loss, in ring buffers of the optimizer state; nothing leaves the
+device until :meth:`Monitor.read`. On the host (:mod:`.detectors`): each finding names the step and the layer.
 """
 
 from __future__ import annotations

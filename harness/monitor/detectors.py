@@ -211,14 +211,20 @@ def loss_spike(s: Series, where: str = "") -> Finding | None:
 
 
 def update_ratio(s: Series, where: str = "") -> Finding | None:
-    """Layers that do not learn (update exactly zero over the last window: frozen, or receiving no gradient) or
-    learn far too fast (median update/parameter ratio above :data:`FAST_RATIO`), judged over the last window."""
+    """Layers that do not learn (update exactly zero over the last window, or without update norms a parameter
+    norm that did not change: frozen, or receiving no gradient) or learn far too fast (median update/parameter ratio
+    above :data:`FAST_RATIO`, when update norms were recorded), judged over the last window."""
     if len(s.steps) < MIN_HISTORY:
         return None
     last = slice(max(0, len(s.steps) - WINDOW), None)
     update, param, grad = s.layer_update_norm[last], s.layer_param_norm[last], s.layer_grad_norm[last]
-    frozen = np.flatnonzero(np.all(update == 0, axis=0))
-    moving = np.flatnonzero(np.any(update > 0, axis=0))
+    # Without update norms (harness.monitor.monitor's default), a leaf whose parameter norm is bitwise the same at
+    # every step of the window did not change: the norm of unchanged parameters is computed the same way each step,
+    # and any update (or one below float resolution, which leaves the parameters as they were) shows in it.
+    known = np.all(np.isfinite(update), axis=0)
+    still = np.where(known, np.all(update == 0, axis=0), np.all(param == param[:1], axis=0))
+    changed = np.where(known, np.any(update > 0, axis=0), np.any(param != param[:1], axis=0))
+    frozen, moving = np.flatnonzero(still), np.flatnonzero(changed)
     if frozen.size and moving.size:
         no_grad = [i for i in frozen if np.all(grad[:, i] == 0)]
         masked = [i for i in frozen if i not in no_grad]
@@ -236,7 +242,8 @@ def update_ratio(s: Series, where: str = "") -> Finding | None:
             "by the optimizer (optax.multi_transform / set_to_zero, a zero learning rate for its group).",
             frozen=_named(s.paths, frozen), no_gradient=_named(s.paths, no_grad),
             not_applied=_named(s.paths, masked), step=int(s.steps[-1]))
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: no update norms recorded
         ratio = np.nanmedian(np.where(param > 0, update / param, np.nan), axis=0)
     fast = np.flatnonzero(ratio > FAST_RATIO)
     if fast.size:

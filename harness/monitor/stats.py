@@ -9,8 +9,14 @@ at least every ``history`` steps.
 
 What is recorded per step, the quantities the seeds' checklists monitor (seeds 000-002; CS231n, "Babysitting the
 learning process": the update-to-weight ratio per layer): the loss (when the step passes ``value=loss``, optax's
-extra-argument convention), the global gradient norm, and per leaf the gradient, parameter and update norms and whether
-its gradient holds a non-finite entry.
+extra-argument convention), the global gradient norm, and per leaf the gradient and parameter norms and whether its
+gradient holds a non-finite entry; with ``update_norms=True``, per leaf the update norm too (the update/parameter
+ratio).
+
+Why the update norms are not a default statistic: reducing the updates keeps XLA from fusing the wrapped optimizer's
+update into ``optax.apply_updates`` (the updates are written out and read back), which on CPU costs more than every
+other statistic together (measured in ``scripts/bench.py --only monitor``). Sampling them every k-th step under
+``lax.cond`` costs as much again: the conditional's operands (the gradients, the optimizer state) are copied.
 """
 
 from __future__ import annotations
@@ -48,10 +54,12 @@ def _leaf_norms(tree) -> jax.Array:
     return jnp.stack([_norm(x) for x in leaves]) if leaves else jnp.zeros((0,), jnp.float32)
 
 
-def monitor(inner: optax.GradientTransformation, history: int = DEFAULT_HISTORY
+def monitor(inner: optax.GradientTransformation, history: int = DEFAULT_HISTORY, *, update_norms: bool = False
             ) -> optax.GradientTransformationExtraArgs:
     """``inner`` with per-step statistics in its state (see the module docstring). Its updates are exactly
-    ``inner``'s; pass ``value=loss`` to ``update`` to record the loss too."""
+    ``inner``'s; pass ``value=loss`` to ``update`` to record the loss too. ``update_norms``: record each leaf's
+    update norm as well (NaN otherwise), which the plateau detector (an LR too low, with a suggested value) and the
+    too-fast half of the update-ratio detector need."""
     if history < 1:
         raise ValueError(f"history must be at least 1, got {history}")
     inner = optax.with_extra_args_support(inner)
@@ -70,7 +78,8 @@ def monitor(inner: optax.GradientTransformation, history: int = DEFAULT_HISTORY
     def update_fn(updates, state: MonitorState, params=None, **extra_args):
         grads = updates
         new_updates, inner_state = inner.update(updates, state.inner, params, **extra_args)
-        layer_grad, layer_update = _leaf_norms(grads), _leaf_norms(new_updates)
+        layer_grad = _leaf_norms(grads)
+        layer_update = _leaf_norms(new_updates) if update_norms else jnp.full(layer_grad.shape, jnp.nan)
         layer_param = jnp.full(layer_grad.shape, jnp.nan) if params is None else _leaf_norms(params)
         # A leaf holds a non-finite gradient entry exactly when its norm is non-finite (or the sum of squares
         # overflowed, past 1e19 per entry): no extra pass over the gradient.

@@ -71,7 +71,7 @@ class Records(NamedTuple):
 
 def make_optimizer_for(problem: Problem, history: int) -> optax.GradientTransformationExtraArgs:
     optim = problem.optim
-    return monitor(make_optimizer(optim, optim.lr, optim.weight_decay), history)
+    return monitor(make_optimizer(optim, optim.lr, optim.weight_decay), history, update_norms=True)
 
 
 def make_init(problem: Problem, history: int) -> Callable:
@@ -79,7 +79,7 @@ def make_init(problem: Problem, history: int) -> Callable:
     :func:`harness.optim.make_optimizer`)."""
 
     def init(x_example, seed, lr, weight_decay):
-        tx = monitor(make_optimizer(problem.optim, lr, weight_decay), history)
+        tx = monitor(make_optimizer(problem.optim, lr, weight_decay), history, update_norms=True)
         params, rest = problem.model.init(jax.random.key(seed), x_example)
         return Carry(jnp.zeros((), jnp.int32), params, rest, tx.init(params), jnp.full((), -1, jnp.int32))
 

@@ -268,7 +268,11 @@ def test_terminal_report(written):
     assert "evidence: rows=[12, 40, 99], fraction=0.0022" in text
     assert "crashed: RuntimeError: shapes do not match" in text
     assert "status: unhealthy  2 errors, 1 warning, 1 info" in text
-    assert text.strip().splitlines()[-3].startswith("root cause: data.nonfinite: 3 training examples contain NaN.")
+    lines = text.strip().splitlines()
+    # The diagnosis first, above the findings; its id again on the last lines a user sees.
+    assert lines[1].startswith("root cause: data.nonfinite: 3 training examples contain NaN.")
+    assert text.index("root cause: data.nonfinite:") < text.index("Data") and "fix" in lines[2] + lines[3]
+    assert lines[-2] == "root cause: data.nonfinite (diagnosis at the top of the report)"
     assert text.strip().endswith("report: /runs/x/report.md")
 
 

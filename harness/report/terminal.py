@@ -1,8 +1,9 @@
 """The report in the terminal (rich), and the progress view while diagnostics run.
 
 The report reads top to bottom the way the checklist does: findings grouped by stage (data -> model -> training
--> hyperparameters), each with its severity, message, evidence and fix; a compact table of the diagnostics (time,
-headline metrics, why one was skipped); then the status and the first thing to fix. It renders the JSON-able
+-> hyperparameters), each with its severity, message, evidence and fix, under the root cause (first: the diagnosis);
+a compact table of the diagnostics (time, headline metrics, why one was skipped); then the status, with the root
+cause's id again on the last lines a user sees. It renders the JSON-able
 report, so ``report.json`` read back from disk prints the same.
 """
 
@@ -162,28 +163,39 @@ def footer(report: dict, output_dir: str | None) -> Group:
             text.append(f"\n  {change}: ", style="yellow").append(cost, style="dim")
         parts.append(text)
     first = report.get("first_to_fix")
-    cause = report.get("root_cause") or {}
-    if first:
-        fix = Text("root cause: ", style="bold").append(first["id"], style=SEVERITY_STYLE.get(first["severity"]))
-        fix.append(f": {first['message']}")
-        if first.get("explains"):
-            fix.append("\n  explains: ", style="magenta").append(", ".join(first["explains"]))
-        if cause.get("ruled_out"):
-            fix.append("\n  ruled out: ", style="dim bold").append("; ".join(cause["ruled_out"]), style="dim")
-        if cause.get("not_ruled_out"):
-            fix.append("\n  not ruled out: ", style="yellow").append("; ".join(cause["not_ruled_out"]))
-        fixes = cause.get("fixes") or ([first["suggestion"]] if first.get("suggestion") else [])
-        for i, line in enumerate(fixes, 1):
-            fix.append(f"\n  fix {i}: " if len(fixes) > 1 else "\n  fix: ", style="green").append(line)
-        parts.append(fix)
+    if first:  # the last line a user sees when the run ends; the whole diagnosis is the report's first block
+        parts.append(Text("root cause: ", style="bold").append(first["id"], style=SEVERITY_STYLE.get(first["severity"]))
+                     .append(" (diagnosis at the top of the report)", style="dim"))
     return Group(*parts)
+
+
+def root_cause(report: dict) -> Text | None:
+    """The diagnosis, shown first: the root cause (``report["root_cause"]``, the seeds' decision tree), what it
+    explains, what ran clean and rules alternatives out, what could not be ruled out, and the fixes in order."""
+    first = report.get("first_to_fix")
+    if not first:
+        return None
+    cause = report.get("root_cause") or {}
+    text = Text("root cause: ", style="bold").append(first["id"], style=SEVERITY_STYLE.get(first["severity"]))
+    text.append(f": {first['message']}")
+    if first.get("explains"):
+        text.append("\n  explains: ", style="magenta").append(", ".join(first["explains"]))
+    if cause.get("ruled_out"):
+        text.append("\n  ruled out: ", style="dim bold").append("; ".join(cause["ruled_out"]), style="dim")
+    if cause.get("not_ruled_out"):
+        text.append("\n  not ruled out: ", style="yellow").append("; ".join(cause["not_ruled_out"]))
+    fixes = cause.get("fixes") or ([first["suggestion"]] if first.get("suggestion") else [])
+    for i, line in enumerate(fixes, 1):
+        text.append(f"\n  fix {i}: " if len(fixes) > 1 else "\n  fix: ", style="green").append(line)
+    return text
 
 
 def renderables(report: dict, output_dir: str | None) -> list:
     """The report view as rich renderables, top to bottom (what :func:`print_report` prints; a
     :class:`harness.api.Report` yields them to any rich console)."""
-    parts = [Rule("harness report", align="left"), findings_table(report), Text(), diagnostics_table(report),
-             footer(report, output_dir)]
+    cause = root_cause(report)
+    parts = [Rule("harness report", align="left"), *([cause, Text()] if cause is not None else []),
+             findings_table(report), Text(), diagnostics_table(report), footer(report, output_dir)]
     if output_dir:
         parts.append(report_path(output_dir))
     return parts

@@ -193,7 +193,7 @@ def measure(ctx) -> tuple[float, float]:
     seeds = ctx.seed + np.arange(members)
     hp = Hparams.make(lr=ctx.optim.lr, weight_decay=ctx.optim.weight_decay, init_seed=seeds, data_seed=seeds)
 
-    def ran() -> float:  # the probe's programs' run time (a host step loop runs several)
+    def ran() -> float:  # the probe's programs' run time
         return sum(v.get("run_seconds", 0.0) for k, v in programs.STATS.by_program.items()
                    if k.startswith("budget/probe/"))
 

@@ -184,7 +184,7 @@ def test_nnx_models_from_the_bridge_train_inside_control_flow():
 
 
 # Convolutions a layer-type check would miss: a module calling jax.lax directly, a library convolution renamed or
-# wrapped. They decide how the engine trains on CPU (harness.engine.driver.needs_host_step_loop).
+# wrapped. On CPU their convolutions then run as matrix multiplications (harness.engine.convolution).
 
 
 def _lax_conv(x, kernel):  # x: (batch, 5) as a 1-D signal of one channel

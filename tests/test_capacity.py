@@ -115,13 +115,14 @@ def test_the_masked_model_at_the_configured_width_is_the_configured_model():
     assert narrow.final_train_loss[0] > 2 * built.final_train_loss[0]  # 8 live units learn far less in 30 steps
 
 
-def test_the_smaller_rungs_join_the_member_table_unless_the_model_trains_step_by_step():
+def test_the_smaller_rungs_join_the_member_table_unless_a_member_step_is_costly():
     ctx = fresh()
     [request] = capacity.requests(ctx, capacity.Settings())
     assert request.problem.covers == ctx.problem
     assert list(request.hparams.width) == [8, 16, 32, 64] and request.spec.steps == 500
     assert capacity.requests(ctx, capacity.Settings(masking=False)) == []
     cnn = build_context(compose(["logger=none", "data=digits_image", "model=cnn"]))
+    # A convolutional model's member-step costs more than a compile: its rungs train at their own widest.
     assert cnn.problem.model.convolutions and capacity.requests(cnn, capacity.Settings()) == []
 
 

@@ -5,8 +5,8 @@ setup is free of errors; one planted bug around each is named; BatchNorm, dropou
 family; the traced-program cache works for a non-NNX family across processes.
 
 Budgets: the non-slow runs use ``diagnostics.run=[data,model,overfit_batch]`` (or less) and share runs through
-``diagnose``'s cache. Convolutional models train through a host step loop on CPU (harness.engine.driver), which is
-slow: the Equinox CNN and the ResNet get their model stage here and training only in the slow tests. The full
+``diagnose``'s cache. Convolutional models cost more per step (the ResNet-18 especially): the Equinox CNN and the
+ResNet get their model stage here and training only in the slow tests. The full
 default suite per family is ``@pytest.mark.slow``.
 """
 
@@ -136,11 +136,11 @@ def test_equinox_mlp_is_configured_as_shipped():
 
 
 def test_equinox_cnn_model_stage_is_healthy():
-    """The model stage only: training a conv model is a host step loop on CPU (see the slow test)."""
+    """The model stage only (training: the slow test)."""
     r = diagnose(*EQX_CNN, "diagnostics.run=[data,model]")
     assert_healthy(r)
     model = r.context.problem.model
-    assert model.family == "equinox" and model.convolutions  # trains through the host step loop
+    assert model.family == "equinox" and model.convolutions  # on CPU: as matrix multiplications
     m = pipeline.flat_metrics(r.outcomes)
     assert {"model/grad_norm/conv1.weight", "model/grad_norm/head.weight"} <= set(m)
     assert m["model/batch_dependence/cross_gradient"] == 0.0  # per-example vmap: examples cannot mix

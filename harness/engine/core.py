@@ -328,9 +328,6 @@ def train_chunk(problem: Problem, spec: TrainSpec, state: State, hp: Hparams, ar
         return new_state, Records(recorded, jnp.where(in_range, grad_norm, jnp.nan), lr_t,
                                   jnp.where(live, update_norm, jnp.nan), jnp.where(live, param_norm, jnp.nan), evals)
 
-    if spec.steps_per_call == 1:  # the host step loop: no while loop in the program (needs_host_step_loop)
-        new_state, rec = step(state, jnp.asarray(t0))
-        return new_state, jax.tree.map(lambda a: a[None], rec)
     steps = t0 + jnp.arange(spec.steps_per_call)
     if active is None:
         return jax.lax.scan(step, state, steps)

@@ -3,8 +3,8 @@
 It pads the members to whole calls of one width (grouped by step budget, :func:`call_groups`), shards them across
 devices, cuts long runs into chunks of steps (one compiled program reused per chunk, so the host can show progress
 between them), compiles through :mod:`harness.engine.compile`, and gathers the records and evaluations into one
-:class:`SweepResult` in the caller's member order. On CPU, models with convolutions train with the step loop on
-the host instead (:func:`needs_host_step_loop`).
+:class:`SweepResult` in the caller's member order. Models with convolutions train in the same scan: on CPU their
+convolutions run as matrix multiplications (:mod:`harness.engine.convolution`).
 """
 
 from __future__ import annotations
@@ -14,13 +14,12 @@ import math
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from harness.engine import compile as programs
 from harness.engine import devices
-from harness.engine.core import (Arrays, Hparams, Problem, Records, TrainSpec, any_eval_due, batch_eval_due,
-                                 eval_due, evaluate_member, init_member, make_train, member_budget, train_chunk)
+from harness.engine.core import (Arrays, Hparams, Problem, TrainSpec, any_eval_due, batch_eval_due, make_train,
+                                 member_budget)
 
 
 def cpu_options() -> dict | None:
@@ -29,15 +28,6 @@ def cpu_options() -> dict | None:
     (3): 3.9 + 1.8; level 2 with the fusion emitters off: 1.5 + 1.9 — about the fastest run for the cheapest
     compile, so that is the default (``engine.opt_level``)."""
     return {"xla_cpu_use_fusion_emitters": False} if jax.default_backend() == "cpu" else None
-
-
-def needs_host_step_loop(problem: Problem) -> bool:
-    """XLA's CPU backend runs convolutions inside a while loop (``lax.scan``) about 50x slower than the same
-    convolution in a top-level program (measured here: 0.43 s vs 0.009 s per step of the built-in CNN on digits;
-    neither unrolling by 4 nor XLA flags helped; a full unroll compiles for 12 s). So on CPU a model with
-    convolutions trains with the step loop on the host: one compiled, vmapped *step* program called per step.
-    Accelerators keep the scan."""
-    return jax.default_backend() == "cpu" and problem.model.convolutions
 
 
 @dataclasses.dataclass
@@ -209,76 +199,6 @@ def train_members(
     def key(kind):
         return (problem, spec, kind)  # Problems with equal fingerprints share programs
 
-    host_loop = needs_host_step_loop(problem)
-    if host_loop:
-        # Chunking and evaluation cadence happen on the host here: they must not change the programs' keys.
-        step_spec = dataclasses.replace(spec, steps_per_call=1, eval_every=0, batch_eval_every=0)
-
-        def host_key(kind):
-            return (problem, step_spec, kind)
-
-        def init_states(hp, x_example):
-            return jax.vmap(lambda h: init_member(problem, h, x_example))(hp)
-
-        def one_step(state, hp, data, t):
-            return jax.vmap(lambda s, h: train_chunk(problem, step_spec, s, h, data, t))(state, hp)
-
-        def evaluate(state, hp, data, x_fit, full=True):
-            return jax.vmap(lambda s, h: evaluate_member(problem, s, h, data, x_fit, full))(state, hp)
-
-        def evaluate_batch(state, hp, data, x_fit):
-            return evaluate(state, hp, data, x_fit, False)
-
-        def host_chunk(state, hp, c, last, frozen):
-            """The same chunk as ``advance``, with the step loop on the host. XLA's default optimization level:
-            level 0 leaves CPU convolutions several times slower still. Steps from ``last`` on (every member of
-            the call is past its budget) are not run: they record what a member past its budget records, and the
-            parameters no longer change, so each kind of evaluation is computed once more (``frozen``) and reused."""
-            if state is None:
-                state = programs.run(f"{name}/init", init_states, hp, x_fit[:1], static_key=host_key("init"))
-                state = devices.shard_members(state)
-            recs, inside = [], []
-
-            def run_eval(kind, fn, done):  # ``done``: steps trained when it is due
-                if kind in frozen:
-                    return frozen[kind]
-                out = programs.run(f"{name}/{kind}", fn, state, hp, data, x_fit, static_key=host_key(kind))
-                if done >= last:
-                    frozen[kind] = out
-                return out
-
-            for t in range(c * per_call, (c + 1) * per_call):
-                if t < last:
-                    state, rec = programs.run(f"{name}/train", one_step, state, hp, data, np.int32(t),
-                                              static_key=host_key("step"))
-                    state = devices.shard_members(state)
-                    frozen.setdefault("template", rec._replace(evals=None))
-                    recs.append(rec._replace(evals=None))
-                else:
-                    recs.append(past_budget(frozen, t))
-                if bool(eval_due(spec, t, (c + 1) * per_call)):
-                    inside.append((t + 1, run_eval("eval", evaluate, t + 1)))
-                elif bool(batch_eval_due(spec, t, (c + 1) * per_call)):
-                    inside.append((t + 1, run_eval("eval_batch", evaluate_batch, t + 1)))
-            rec = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=1), *recs)
-            ev = run_eval("eval", evaluate, (c + 1) * per_call)
-            return state, rec, ev, inside
-
-        def past_budget(frozen: dict, t: int) -> Records:
-            """A step's records for members all past their budgets: NaN but the learning rate's schedule. What
-            does not change from step to step (NaN records, the members' LRs and ramps) is made once per call,
-            on the host: no device work for a skipped step."""
-            if "nan" not in frozen:
-                template = frozen["template"]
-                h = jax.tree.map(np.asarray, devices.to_host(frozen["hp"]))
-                steps = np.where(h.steps > 0, np.minimum(h.steps, spec.steps), spec.steps)  # member_budget
-                frozen["schedule"] = (h.lr, h.lr_growth, np.maximum(steps - 1, 1).astype(np.float32),
-                                      np.asarray(template.lr).dtype)
-                frozen["nan"] = jax.tree.map(lambda a: np.full(np.shape(a), np.nan, np.asarray(a).dtype), template)
-            lr0, growth, denom, dtype = frozen["schedule"]
-            lr = (lr0 * np.exp(growth * np.float32(t) / denom)).astype(dtype)[:, None]
-            return frozen["nan"]._replace(lr=lr)
-
     outputs = []
     for index, group in zip(order, groups):
         real = len(group)
@@ -286,13 +206,10 @@ def train_members(
         hp = devices.shard_members(devices.pad_members(group, width))
         records, evals, eval_steps = [], [], []
         state = None
-        frozen: dict = {"hp": hp}  # host step loop: what the call's members give once all are past their budgets
         for c in range(calls):
             inside = []  # (step, evaluation) due inside this chunk (spec.eval_every)
             active = np.arange(c * per_call, (c + 1) * per_call) < last
-            if host_loop:
-                state, rec, ev, inside = host_chunk(state, hp, c, last, frozen)
-            elif state is None:
+            if state is None:
                 state, rec, ev = programs.run(f"{name}/train", first_call, hp, data, x_fit, active,
                                               static_key=key("first"), opt_level=spec.opt_level,
                                               options=cpu_options())

@@ -86,15 +86,13 @@ def make_init(problem: Problem, history: int) -> Callable:
     return init
 
 
-def make_chunk(problem: Problem, schedule: Schedule, length: int | None = None, activations: bool = False
-               ) -> Callable:
-    """``chunk(carry, x_train, y_train, lrs, total, seed) -> (carry, records)``: ``length`` steps (default
-    ``log_every``) from ``carry.step``, step ``carry.step + i`` at the learning rate ``lrs[i]`` (:func:`chunk_lrs`:
+def make_chunk(problem: Problem, schedule: Schedule, activations: bool = False) -> Callable:
+    """``chunk(carry, x_train, y_train, lrs, total, seed) -> (carry, records)``: ``log_every`` steps from
+    ``carry.step``, step ``carry.step + i`` at the learning rate ``lrs[i]`` (:func:`chunk_lrs`:
     the same shape for every chunk and run length); steps from ``total`` on or after a
     non-finite one are skipped; ``seed`` draws the data order and dropout. ``activations``: the forward pass runs
     through the activation recorder and each step's statistics come back in ``records.activations``
     (:mod:`harness.monitor.activations`)."""
-    length = schedule.log_every if length is None else length
     tx = make_optimizer_for(problem, schedule.history)  # its hyperparameters are read from the state
     spe, bs = schedule.steps_per_epoch, schedule.batch_size
 
@@ -159,7 +157,7 @@ def make_chunk(problem: Problem, schedule: Schedule, length: int | None = None, 
             return jax.lax.cond(go, step, skipped, state, xs)
 
         perm = order(n, carry.step // spe)
-        (carry, _), records = jax.lax.scan(maybe, (carry, perm), None, length=length)
+        (carry, _), records = jax.lax.scan(maybe, (carry, perm), None, length=schedule.log_every)
         return carry, records
 
     return chunk

@@ -198,14 +198,11 @@ def train(rc: RunConfig, output_dir: str, *, command: list[str], console=None, r
     try:
         carry, wandb_id, resumed_from = resume(job, checkpoints, carry, watch, acts)
         live = _live_wandb(rc, output_dir, run_name, group, wandb_id) if wandb_enabled(rc) else None
-        host_steps = _host_steps(problem)
-        length = 1 if host_steps else schedule.log_every
-        chunk_fn = loop.make_chunk(problem, schedule, length=length, activations=acts is not None)
-        chunk_shape = (*schedule.shape(), length, acts is not None)
+        chunk_fn = loop.make_chunk(problem, schedule, activations=acts is not None)
+        chunk_shape = (*schedule.shape(), schedule.log_every, acts is not None)
         total, seed = np.int32(schedule.steps), np.uint32(rc.seed)
         eval_batch = min(1024, max(int(x_val.shape[0]), 1))
         evaluate = loop.make_evaluate(problem, eval_batch)
-        calls = schedule.log_every if host_steps else 1
         progress = Progress(console, schedule.steps, int(carry.step))
         interrupted = False
         saved_at = int(carry.step)
@@ -221,19 +218,15 @@ def train(rc: RunConfig, output_dir: str, *, command: list[str], console=None, r
         try:
             while int(carry.step) < schedule.steps and int(carry.bad_step) < 0:
                 first = int(carry.step)
-                records = []
-                for i in range(calls):  # the host step loop's calls are dispatched without waiting on each
-                    lrs = loop.chunk_lrs(job.lr_table, first + i * length, length)
-                    carry, rec = job.run("chunk", chunk_fn, carry, x_train, y_train, lrs, total, seed,
+                lrs = loop.chunk_lrs(job.lr_table, first, schedule.log_every)
+                carry, records = job.run("chunk", chunk_fn, carry, x_train, y_train, lrs, total, seed,
                                          shape=chunk_shape)
-                    records.append(rec)
                 records = jax.device_get(records)  # one transfer per chunk
-                if acts is not None:
-                    for i, r in enumerate(records):  # a step not taken records no learning rate
-                        acts.add(first + i * length, int(np.sum(~np.isnan(r.lr))), r.activations)
+                if acts is not None:  # a step not taken records no learning rate
+                    acts.add(first, int(np.sum(~np.isnan(records.lr))), records.activations)
                 step, stopped = int(carry.step), int(carry.bad_step) >= 0
                 watch.read(carry.opt_state)
-                loss = np.concatenate([np.asarray(r.loss) for r in records])
+                loss = np.asarray(records.loss)
                 finite = loss[np.isfinite(loss)]
                 metrics = {"train/loss": float(finite.mean()) if finite.size else None,
                            "train/lr": float(job.lr_table[step - 1])}
@@ -315,12 +308,6 @@ def resume(job: Job, checkpoints: Checkpoints, carry, watch: Monitor, acts=None)
     if acts is not None and "activations" in host:
         acts.load(host["activations"])
     return restored, meta.get("wandb_id"), int(latest)
-
-
-def _host_steps(problem) -> bool:
-    from harness.engine.driver import needs_host_step_loop
-
-    return needs_host_step_loop(problem)
 
 
 def _live_wandb(rc, output_dir, run_name, group, run_id):

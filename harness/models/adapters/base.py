@@ -44,16 +44,24 @@ class Model:
     init: Callable[[jax.Array, jax.Array], Variables]
     apply_fn: Callable[..., tuple[Any, Any]]  # (params, state, x, key, train, regularization)
     name_path: Callable[[tuple], str]  # a parameter's tree path in the family's own spelling
-    convolutions: bool = False  # its training step convolves (:func:`convolves`; engine.driver.needs_host_step_loop)
+    # Its training step convolves (:func:`convolves`): on CPU, apply runs its convolutions as matrix
+    # multiplications (harness.engine.convolution).
+    convolutions: bool = False
     width_masked: bool = False  # built width-masked (harness.models.width_mask): capacity's masked ladder
     precision: str = "float32"  # the dtype it computes in (PRECISIONS); parameters and state stay as stored
 
     def apply(self, params, state, x, *, key=None, train: bool = False, regularization: bool = True):
         if key is None:
             key = jax.random.key(0)
+        apply_fn = self.apply_fn
+        if self.convolutions and jax.default_backend() == "cpu":
+            from harness.engine.convolution import as_matmuls
+
+            def apply_fn(params, state, x, key, train, regularization, apply_fn=self.apply_fn):
+                return as_matmuls(lambda *a: apply_fn(*a, train, regularization))(params, state, x, key)
         if self.precision == "float32":
-            return self.apply_fn(params, state, x, key, train, regularization and train)
-        return _apply_in(jnp.dtype(self.precision), self.apply_fn, params, state, x, key, train,
+            return apply_fn(params, state, x, key, train, regularization and train)
+        return _apply_in(jnp.dtype(self.precision), apply_fn, params, state, x, key, train,
                          regularization and train)
 
     def __call__(self, params, state, x):

@@ -570,3 +570,22 @@ def test_compile_wall_time_counts_overlapping_compiles_once():
     stats = programs.ProgramStats(compile_intervals=[(0.0, 2.0), (1.0, 3.0), (5.0, 6.0), (5.5, 5.7)])
     assert stats.compile_wall_seconds == pytest.approx(4.0)  # [0, 3] and [5, 6]
     assert programs.ProgramStats().compile_wall_seconds == 0.0
+
+
+def test_entries_of_a_cache_without_a_size_limit_get_their_last_use_file(tmp_path):
+    """A cache directory written without a size limit (an older harness) has entries without JAX's ``-atime``
+    files; with the limit on, JAX reads every entry's before each write and fails them all. Indexed first, writes
+    succeed, and the least recently used entry is still the one evicted."""
+    from jax._src.lru_cache import LRUCache
+
+    from harness.engine.compile import index_unindexed_entries
+
+    (tmp_path / "old-cache").write_bytes(b"x" * 10)
+    cache = LRUCache(str(tmp_path), max_size=25)
+    with pytest.raises(FileNotFoundError):
+        cache.put("new", b"y" * 10)
+    assert index_unindexed_entries(str(tmp_path)) == 1 and index_unindexed_entries(str(tmp_path)) == 0
+    cache.put("new", b"y" * 10)
+    assert cache.get("new") == b"y" * 10
+    cache.put("newer", b"z" * 10)  # over 25 bytes: the oldest entry goes
+    assert cache.get("old") is None and cache.get("new") == b"y" * 10

@@ -176,6 +176,28 @@ def clear_cache():
 CACHE_MAX_BYTES = 4 << 30  # JAX's persistent compilation cache: least recently used entries go beyond this
 
 
+def index_unindexed_entries(directory: str) -> int:
+    """Give every entry of JAX's cache its last-use file; returns how many it gave one. With a size limit JAX
+    keeps a ``<key>-atime`` file beside each ``<key>-cache`` entry and reads *every* entry's before each write
+    (jax._src.lru_cache.LRUCache._evict_if_needed): one entry written without a size limit (by a harness before
+    2026-11-30, or by JAX on its own in the same directory) fails every later write with a warning, so nothing new
+    is cached. The entry's modification time stands in for its last use (JAX's format: nanoseconds, 8 bytes
+    little-endian)."""
+    given = 0
+    try:
+        names = set(os.listdir(directory))
+        for name in names:
+            key = name.removesuffix("-cache")
+            if key != name and f"{key}-atime" not in names:
+                mtime = os.stat(os.path.join(directory, name)).st_mtime_ns
+                with open(os.path.join(directory, f"{key}-atime"), "wb") as f:
+                    f.write(int(mtime).to_bytes(8, "little"))
+                given += 1
+    except OSError:  # a read-only or vanishing directory: JAX reports its own trouble with it
+        pass
+    return given
+
+
 def enable_persistent_cache(directory: str | None, *, programs: bool = True, code_roots=()):
     """Turn on JAX's persistent compilation cache so a second process skips XLA compiles, and with ``programs``
     harness's cache of traced programs in its ``programs/`` subdirectory, so it skips tracing too
@@ -198,5 +220,6 @@ def enable_persistent_cache(directory: str | None, *, programs: bool = True, cod
     # aborts inside XLA's deserialization (seen here: "Fatal Python error: Aborted" in get_executable_and_time). A
     # size limit turns on its file lock (the filelock package) and bounds the directory too.
     jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
+    index_unindexed_entries(directory)
     exported.enable(os.path.join(directory, "programs") if programs else None, code_roots)
     return directory

@@ -305,7 +305,7 @@ MODELS = {
     "cnn_b60": ["data=digits_image", "model=cnn", "budget=60"],
     "cnn": ["data=digits_image", "model=cnn"],
 }
-COLD_ONLY = {"cnn"}  # the CNN's full suite takes tens of minutes on 2 cores: measured once
+COLD_ONLY = {"cnn"}  # the CNN's full suite takes minutes on 2 cores: measured once
 
 
 def bench_models(workdir: str, warm_runs: int = 2, names: list[str] | None = None) -> dict:
@@ -336,14 +336,14 @@ def bench_models(workdir: str, warm_runs: int = 2, names: list[str] | None = Non
             out[name]["warm_in_process"].append(report["seconds"])
             out[name]["warm_compile"].append(report["programs"]["compile_wall_seconds"])
     for r in out.values():
+        r["cold_compile_share"] = (r["cold_programs"]["compile_wall_seconds"]
+                                   / max(r["cold_in_process_seconds"], 1e-9))
         if not r["warm_runs"]:
             r.update(warm_seconds=float("nan"), warm_compile_share=float("nan"))
             continue
         best = min(range(len(r["warm_runs"])), key=r["warm_runs"].__getitem__)
         r["warm_seconds"] = r["warm_runs"][best]
         r["warm_compile_share"] = r["warm_compile"][best] / max(r["warm_in_process"][best], 1e-9)
-        r["cold_compile_share"] = (r["cold_programs"]["compile_wall_seconds"]
-                                   / max(r["cold_in_process_seconds"], 1e-9))
     return out
 
 

@@ -55,3 +55,9 @@ def test_convolutions_inside_jitted_sub_functions_are_rewritten_and_the_rest_is_
     assert "conv_general_dilated" not in str(jax.make_jaxpr(fn)(x, w))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
                  fn(x, w), {"y": inner(x, w).sum(axis=-1), "n": jnp.tanh(x).mean()})
+
+
+def test_leaves_that_are_not_arrays_stay_static_and_tracers_are_traced():
+    fn = as_matmuls(lambda x, settings: x * settings["scale"] if settings["scale"] > 1 else -x)  # a Python branch
+    np.testing.assert_array_equal(fn(jnp.ones(3), {"scale": 2.0}), 2 * np.ones(3))
+    np.testing.assert_array_equal(jax.jit(lambda x: fn(x, {"scale": 0.5}))(jnp.ones(3)), -np.ones(3))

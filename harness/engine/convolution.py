@@ -112,9 +112,18 @@ def as_matmuls(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapped(*args):
         leaves, tree = jax.tree.flatten(args)
-        closed, out_shape = jax.make_jaxpr(lambda *xs: fn(*jax.tree.unflatten(tree, xs)), return_shape=True)(
-            *leaves)
-        outs = _evaluate(closed.jaxpr, closed.consts, leaves)
+        # Only arrays are traced inputs: any other leaf (a Python number a model reads as a constant) stays static.
+        traced = [i for i, leaf in enumerate(leaves) if isinstance(leaf, (jax.Array, np.ndarray, np.generic))]
+
+        def call(*xs):
+            full = list(leaves)
+            for i, x in zip(traced, xs):
+                full[i] = x
+            return fn(*jax.tree.unflatten(tree, full))
+
+        inputs = [leaves[i] for i in traced]
+        closed, out_shape = jax.make_jaxpr(call, return_shape=True)(*inputs)
+        outs = _evaluate(closed.jaxpr, closed.consts, inputs)
         return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
 
     return wrapped

@@ -76,7 +76,7 @@ _INLINED = {"pjit", "jit", "closed_call", "core_call"}  # sub-programs evaluated
 
 
 def _evaluate(jaxpr, consts, args) -> list:
-    """``jaxpr`` evaluated with every supported convolution replaced by :func:`conv_as_matmul` (traced by the caller:
+    """``jaxpr`` evaluated with every convolution replaced by :func:`conv_as_matmul` (traced by the caller:
     the replacement is what gets differentiated, vmapped and compiled)."""
     from jax.extend.core import Literal
 

@@ -134,6 +134,19 @@ def test_models_from_other_libraries_train_healthy(tmp_path, factory):
     assert report["diagnostics"]["train"]["metrics"]["final_val_accuracy"] > 0.85
 
 
+def test_a_convolutional_model_trains_in_the_same_compiled_chunk(tmp_path):
+    """The built-in CNN on digits images: its convolutions run as matrix multiplications on CPU
+    (harness.engine.convolution), so it trains through the same four programs as any model, activation statistics
+    included, with no step loop on the host."""
+    _, report = train(tmp_path, "train.epochs=3", "data=digits_image", "model=cnn", "train.activations=true")
+    assert report["status"] == "healthy" and problems(report) == [], report["findings"]
+    m = report["diagnostics"]["train"]["metrics"]
+    val = report["diagnostics"]["train"]["series"]["val_loss"]
+    assert m["steps"] == m["steps_planned"] and val[-1] < val[0]  # 30 steps at Adam's 1e-3: learning, slowly
+    assert report["programs"]["compiles"] == 4, report["programs"]
+    assert report["programs"]["by_program"]["train/chunk"]["compiles"] == 1
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Planted in-run failures
 

@@ -40,6 +40,7 @@ program per rung (each rung's seeds are members of its program).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import threading
 import weakref
@@ -122,8 +123,16 @@ def ladder_widths(configured: int, widths: tuple[int, ...] | None) -> list[int]:
 
 def count_params(ctx: Context, overrides: dict[str, int]) -> int:
     """Trainable parameters of the model with ``overrides``, from shapes only (no FLOPs)."""
-    model = ctx.models.adapt(**overrides)
-    variables = jax.eval_shape(model.init, jax.random.key(0), ctx.arrays.x_train[:1])
+    x = ctx.arrays.x_train[:1]
+    return _count_params(ctx.models, tuple(sorted(overrides.items())), x.shape[1:], x.dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _count_params(models, overrides: tuple, example_shape: tuple, dtype) -> int:
+    # Cached: the ladder's rungs are counted each time its requests are asked for (the budget's estimate, the
+    # member table, the run), and tracing a module's construction costs 0.1-0.2 s per rung even without FLOPs.
+    model = models.adapt(**dict(overrides))
+    variables = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, *example_shape), dtype))
     return int(sum(math.prod(x.shape) for x in jax.tree.leaves(variables.params)))
 
 

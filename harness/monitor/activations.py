@@ -375,8 +375,14 @@ def dead_units(s: ActivationSeries) -> Finding | None:
         f"gradient to come back with (CS231n, \"dying ReLU\"): lower the learning rate or warm it up, clip "
         f"gradients (optim.clip_norm), or use a leaky activation (leaky_relu, gelu). Step {first['step']} is where "
         f"{first['layer']} passed {DEAD_FRACTION:.0%}.",
-        step=first["step"], layer=first["layer"], layers={r["layer"]: round(r["late"], 4) for r in rows},
-        start={r["layer"]: round(r["early"], 4) for r in rows}, threshold=DEAD_FRACTION, rise=DIED_DURING)
+        **_units_evidence(rows, DEAD_FRACTION))
+
+
+def _units_evidence(rows: list[dict], threshold: float) -> dict:
+    """The evidence of a dead / saturated units finding: the first layer past ``threshold`` and where, and each
+    layer's fraction late and at the start."""
+    return dict(step=rows[0]["step"], layer=rows[0]["layer"], layers={r["layer"]: round(r["late"], 4) for r in rows},
+                start={r["layer"]: round(r["early"], 4) for r in rows}, threshold=threshold, rise=DIED_DURING)
 
 
 def saturated_units(s: ActivationSeries) -> Finding | None:
@@ -396,8 +402,7 @@ def saturated_units(s: ActivationSeries) -> Finding | None:
         f"The weights into these layers grew until their pre-activations sit in the flat tails: lower the learning "
         f"rate, add weight decay or a normalization layer before the activation, or use ReLU-like activations. "
         f"Step {first['step']} is where {first['layer']} passed {SATURATED_FRACTION:.0%}.",
-        step=first["step"], layer=first["layer"], layers={r["layer"]: round(r["late"], 4) for r in rows},
-        start={r["layer"]: round(r["early"], 4) for r in rows}, threshold=SATURATED_FRACTION, rise=DIED_DURING)
+        **_units_evidence(rows, SATURATED_FRACTION))
 
 
 def attention_logits(s: ActivationSeries) -> Finding | None:

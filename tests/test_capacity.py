@@ -115,15 +115,19 @@ def test_the_masked_model_at_the_configured_width_is_the_configured_model():
     assert narrow.final_train_loss[0] > 2 * built.final_train_loss[0]  # 8 live units learn far less in 30 steps
 
 
-def test_the_smaller_rungs_join_the_member_table_unless_a_member_step_is_costly():
+def test_the_smaller_rungs_join_the_member_table_unless_a_member_step_is_costly(monkeypatch):
     ctx = fresh()
     [request] = capacity.requests(ctx, capacity.Settings())
     assert request.problem.covers == ctx.problem
     assert list(request.hparams.width) == [8, 16, 32, 64] and request.spec.steps == 500
     assert capacity.requests(ctx, capacity.Settings(masking=False)) == []
     cnn = build_context(compose(["logger=none", "data=digits_image", "model=cnn"]))
-    # A convolutional model's member-step costs more than a compile: its rungs train at their own widest.
+    # On CPU a convolutional model's member-step costs more than a compile: its rungs train at their own widest.
     assert cnn.problem.model.convolutions and capacity.requests(cnn, capacity.Settings()) == []
+    # On an accelerator its convolutions stay convolutions, a member-step is cheap, and the rungs join the table.
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    [request] = capacity.requests(cnn, capacity.Settings())
+    assert request.problem.covers == cnn.problem and len(request.hparams) == 4 * capacity.Settings().seeds_per_rung
 
 
 def test_unknown_initializer_cannot_be_masked():

@@ -50,11 +50,17 @@ class Model:
     width_masked: bool = False  # built width-masked (harness.models.width_mask): capacity's masked ladder
     precision: str = "float32"  # the dtype it computes in (PRECISIONS); parameters and state stay as stored
 
+    @property
+    def convolves_on_cpu(self) -> bool:
+        """Its convolutions run as matrix multiplications here, and a member-step costs more than on an
+        accelerator by far (the built-in CNN: about 9 ms on two CPU cores)."""
+        return self.convolutions and jax.default_backend() == "cpu"
+
     def apply(self, params, state, x, *, key=None, train: bool = False, regularization: bool = True):
         if key is None:
             key = jax.random.key(0)
         apply_fn = self.apply_fn
-        if self.convolutions and jax.default_backend() == "cpu":
+        if self.convolves_on_cpu:
             from harness.engine.convolution import as_matmuls
 
             def apply_fn(params, state, x, key, train, regularization, apply_fn=self.apply_fn):

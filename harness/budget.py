@@ -1,14 +1,16 @@
-"""Time budgets: the training diagnostics sized to fit ``budget=`` seconds of training on the user's model.
+"""Time budgets: the training diagnostics sized so that the run ends within ``budget=`` seconds.
 
-The training diagnostics cost member-steps (one member's optimizer step on one minibatch): about 45,000 for the
-default suite (the member table's ~54 rows and the LR test's second round of 35 members for 500 steps, the capacity
-ladder's smaller rungs). On the reference MLP a member-step takes 0.3-0.5 ms on two CPU cores, on a 20-layer MLP
-about 4 ms and on the built-in CNN about 40 ms, so the same suite takes seconds, minutes or most of an hour. With a
-budget, harness measures the user's model (a probe: a few members for a few steps, its run timed apart from its
-compile), estimates what the configured suite would take from the diagnostics' own requests, and, when that is
-over the budget, applies the cuts of :data:`CUTS` in order until the estimate fits. The report says what was
-measured, what was cut and what each cut costs in confidence; ``budget=null`` (the default) keeps the configured
-suite.
+The training diagnostics cost member-steps (one member's optimizer step on one minibatch) and compiles: about
+45,000 member-steps for the default suite (the member table's ~54 rows and the LR test's second round of 35 members
+for 500 steps, the capacity ladder's smaller rungs) and one to a few training programs. On the reference MLP a
+member-step takes 0.2-0.5 ms on two CPU cores, on a 20-layer MLP about 4 ms and on the built-in CNN about 9 ms; a
+training program compiles in 1-10 s cold (next to nothing from a warm cache). With a budget, harness measures the
+user's model (a probe: a few members for a few steps, its run timed apart from its compile, which is also what
+one of the suite's programs costs to compile), estimates what the configured suite would take from the
+diagnostics' own requests, and, when that is over what the budget has left (the budget less the time the run has
+already spent: data and model stages, the probe), applies the cuts of :data:`CUTS` in order until the estimate
+fits. The report says what was measured, what was cut and what each cut costs in confidence; ``budget=null`` (the
+default) keeps the configured suite.
 
 The order follows what each part of the suite is for: the LR test's second round only sharpens a suggestion the
 first round already makes (``lr_range.refine_reading``); a coarser grid still brackets the best LR; the
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import numpy as np
@@ -118,27 +120,49 @@ CUTS: tuple[Cut, ...] = (
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class Measured:
+    """What the probe measured on the configured model."""
+
+    member_step: float  # seconds: one member's optimizer step on one minibatch
+    # Seconds to trace and compile one training program of this model with no cache: the probe's own (a program
+    # the plan chooses may not be in the cache, even when the probe was: another budget, another plan).
+    compile: float = 0.0
+    took: float = 0.0  # what measuring took, its compile included
+
+
 @dataclasses.dataclass
 class Plan:
     """What the budget chose, for the report (``report.json["budget"]``)."""
 
-    budget: float  # seconds of training asked for
-    member_step_seconds: float  # measured: one member's step on one minibatch
-    configured_seconds: float  # the configured suite's estimated training time
+    budget: float  # seconds for the whole run, asked for
+    measured: Measured
+    elapsed_seconds: float  # spent before the training diagnostics: data and model stages, the probe
+    configured_seconds: float  # the configured suite's estimated training and compiles
+    configured_programs: int  # the training programs it would compile
     planned_seconds: float  # the chosen suite's
+    planned_programs: int
     changes: list[str]  # the cuts applied, in order
     costs: list[str]  # what each costs in confidence
     settings: dict[str, Any]  # the diagnostics' settings the run uses
-    probe_seconds: float  # what measuring took (its compile included)
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # diagnostic -> why the budget dropped it
 
     @property
+    def left(self) -> float:
+        """Seconds the budget leaves for the training diagnostics."""
+        return self.budget - self.elapsed_seconds
+
+    @property
     def fits(self) -> bool:
-        return self.planned_seconds <= self.budget
+        return self.planned_seconds <= self.left
 
     def summary(self) -> str:
-        head = (f"{self.budget:g} s of training: a member-step takes {self.member_step_seconds * 1e3:.3g} ms on "
-                f"this model, so the configured suite needs about {self.configured_seconds:.0f} s")
+        m = self.measured
+        head = (f"{self.budget:g} s for the run, {max(self.left, 0):.0f} s of them left for the training diagnostics "
+                f"after {self.elapsed_seconds:.0f} s of data and model stages and measuring: a member-step takes "
+                f"{m.member_step * 1e3:.3g} ms on this model and a training program {m.compile:.2g} s to compile, "
+                f"so the configured suite needs about {self.configured_seconds:.0f} s "
+                f"({self.configured_programs} program{'s' if self.configured_programs != 1 else ''} to compile)")
         if not self.changes:
             return head + "; it fits, nothing was cut."
         cuts = f"{len(self.changes)} cut{'s' if len(self.changes) > 1 else ''}"
@@ -148,20 +172,30 @@ class Plan:
                 f"budget (the smallest suite harness runs):")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"budget_seconds": self.budget, "member_step_ms": self.member_step_seconds * 1e3,
-                "configured_seconds": self.configured_seconds, "planned_seconds": self.planned_seconds,
-                "fits": self.fits, "changes": self.changes, "costs": self.costs,
-                "probe_seconds": self.probe_seconds, "skipped": self.skipped, "summary": self.summary()}
+        m = self.measured
+        return {"budget_seconds": self.budget, "member_step_ms": m.member_step * 1e3,
+                "compile_seconds_per_program": m.compile, "probe_seconds": m.took,
+                "elapsed_seconds": self.elapsed_seconds, "left_seconds": self.left,
+                "configured_seconds": self.configured_seconds, "configured_programs": self.configured_programs,
+                "planned_seconds": self.planned_seconds, "planned_programs": self.planned_programs,
+                "fits": self.fits, "changes": self.changes, "costs": self.costs, "skipped": self.skipped,
+                "summary": self.summary()}
 
 
-def member_steps(ctx, settings: dict[str, Any]) -> float:
-    """The member-steps the training diagnostics in ``settings`` will train: their announced requests (each row at
-    the run's batch size, as the member table trains them; the overfit test at its own batch when its steps differ
-    from the seed runs', since it then trains alone) and follow-ups, and the capacity ladder: its configured rung
-    when it cannot be the seed runs, and its smaller rungs (announced, or :data:`CAPACITY_MEMBERS`). An estimate: follow-ups
-    beyond the announced ones (a ladder's larger rungs when the configured model underfits, a reloaded data set's
-    rerun) are not counted."""
-    total = 0.0
+class Cost(NamedTuple):
+    member_steps: float
+    programs: int  # training programs to compile
+
+
+def cost(ctx, settings: dict[str, Any]) -> Cost:
+    """What the training diagnostics in ``settings`` will train and compile after the probe: their announced
+    requests (each row at the run's batch size, as the member table trains them, in one program; the overfit test
+    at its own batch and in a program of its own when its steps differ from the seed runs', since it then trains
+    alone) and follow-ups (which reuse their request's program), and the capacity ladder: its configured rung when
+    it cannot be the seed runs, and its smaller rungs (announced, or :data:`CAPACITY_MEMBERS` in the programs of
+    :func:`harness.checks.training.capacity.own_programs`). An estimate: follow-ups beyond the announced ones (a
+    ladder's larger rungs when the configured model underfits, a reloaded data set's rerun) are not counted."""
+    steps, table, apart = 0.0, False, 0
     seeds = settings.get("seeds")
     for name, s in settings.items():
         announce = getattr(diagnostic_module(name), "requests", None)
@@ -170,22 +204,54 @@ def member_steps(ctx, settings: dict[str, Any]) -> float:
         except Exception:  # noqa: BLE001 -- the diagnostic will report its own problem
             requests = []
         for r in requests:
-            weight = 1.0
-            if r.spec.fixed_batch and (seeds is None or seeds.steps != r.spec.steps):
-                weight = r.spec.batch_size / max(ctx.batch_size, 1)
-            total += weight * (len(r.hparams) + r.follow_up) * r.spec.steps
+            alone = bool(r.spec.fixed_batch) and (seeds is None or seeds.steps != r.spec.steps)
+            weight = r.spec.batch_size / max(ctx.batch_size, 1) if alone else 1.0
+            steps += weight * (len(r.hparams) + r.follow_up) * r.spec.steps
+            apart, table = apart + alone, table or not alone
         if name == "capacity":
-            configured = 0 if seeds is not None and seeds.steps == s.steps else s.seeds_per_rung
-            total += ((0 if requests else CAPACITY_MEMBERS) + configured) * s.steps
-    return total
+            ladder = ladder_cost(ctx, s, configured_apart=seeds is None or seeds.steps != s.steps,
+                                 in_table=bool(requests))
+            steps, apart = steps + ladder.member_steps, apart + ladder.programs
+    return Cost(steps, int(table) + apart)
 
 
-def measure(ctx) -> tuple[float, float]:
-    """Seconds per member-step of the configured model, and what measuring took: a probe of a few members (on CPU,
-    where a step costs the same per member at any width; elsewhere as many as one call trains) for
-    :data:`PROBE_STEPS` steps, its run timed apart from its compile. The probe's evaluation at the end is counted
-    as training, which errs towards a smaller suite. Every process of a multi-process run uses process 0's figure,
-    so all of them choose the same suite."""
+def ladder_cost(ctx, settings, *, configured_apart: bool, in_table: bool) -> Cost:
+    """What the capacity ladder trains and compiles beyond the member table: its configured rung when it cannot be
+    the seed runs, and its smaller rungs when they are not rows of the table (:data:`CAPACITY_MEMBERS`, in the
+    programs of :func:`harness.checks.training.capacity.own_programs`)."""
+    from harness.checks.training import capacity
+
+    own = 0 if in_table else capacity.own_programs(ctx, settings)
+    members = (CAPACITY_MEMBERS if own else 0) + configured_apart * settings.seeds_per_rung
+    return Cost(members * settings.steps, int(configured_apart) + own)
+
+
+def out_of_time(ctx, needed: Cost) -> str | None:
+    """Why a training the plan kept must not start now, or None: with ``budget=``, it is estimated (the probe's
+    figures) to end after the run's deadline. The plan's estimates can be off (a program that compiles slower than
+    the probe's, a busy machine), and the budget is a promise about when the run ends. Every process of a
+    multi-process run decides as process 0 does, so all of them train the same programs."""
+    plan = ctx.shared.get("_budget")
+    if plan is None:
+        return None
+    left = plan.budget - (time.perf_counter() - ctx.started)
+    if devices.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        left = float(multihost_utils.broadcast_one_to_all(np.float64(left)))
+    seconds = needed.member_steps * plan.measured.member_step + needed.programs * plan.measured.compile
+    if seconds <= left:
+        return None
+    return (f"not run: the budget ({plan.budget:g} s for the run) had {max(left, 0):.0f} s left, and this needed "
+            f"about {seconds:.0f} s")
+
+
+def measure(ctx) -> Measured:
+    """The configured model's member-step and compile time, from a probe of a few members (on CPU, where a step
+    costs the same per member at any width; elsewhere as many as one call trains) for :data:`PROBE_STEPS` steps,
+    its run timed apart from its compile. The probe's evaluation at the end is counted as training, which errs
+    towards a smaller suite. Every process of a multi-process run uses process 0's figures, so all of them choose
+    the same suite."""
     began = time.perf_counter()
     spec = ctx.spec(PROBE_STEPS)
     members = PROBE_MEMBERS_CPU if jax.default_backend() == "cpu" else spec.max_members_per_call
@@ -193,42 +259,59 @@ def measure(ctx) -> tuple[float, float]:
     seeds = ctx.seed + np.arange(members)
     hp = Hparams.make(lr=ctx.optim.lr, weight_decay=ctx.optim.weight_decay, init_seed=seeds, data_seed=seeds)
 
-    def ran() -> float:  # the probe's programs' run time
-        return sum(v.get("run_seconds", 0.0) for k, v in programs.STATS.by_program.items()
-                   if k.startswith("budget/probe/"))
+    def stats() -> np.ndarray:  # the probe's programs' (run, compile with no cache) seconds so far
+        return np.array([sum(v.get(k, 0.0) for name, v in programs.STATS.by_program.items()
+                             if name.startswith("budget/probe/")) for k in ("run_seconds", "cold_compile_seconds")])
 
-    before = ran()
+    before = stats()
     train_members(ctx.problem, spec, hp, ctx.arrays, name="budget/probe")
-    seconds = (ran() - before) / (members * PROBE_STEPS)
+    ran, compiled = stats() - before
+    figures = np.array([ran / (members * PROBE_STEPS), compiled])
     if devices.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        seconds = float(multihost_utils.broadcast_one_to_all(np.float64(seconds)))
-    return seconds, time.perf_counter() - began
+        figures = np.asarray(multihost_utils.broadcast_one_to_all(figures.astype(np.float64)))
+    return Measured(float(figures[0]), float(figures[1]), time.perf_counter() - began)
 
 
-def plan(ctx, settings: dict[str, Any], names: list[str], budget: float,
-         step_seconds: float | None = None) -> Plan:
-    """The suite that fits ``budget`` seconds of training: the configured one if it does, else the configured one
-    with the first :data:`CUTS` that bring the estimate under the budget (all of them if none does).
-    ``step_seconds``: a measured member-step (default: :func:`measure` now)."""
-    probe = 0.0
-    if step_seconds is None:
-        step_seconds, probe = measure(ctx)
+def plan(ctx, settings: dict[str, Any], names: list[str], budget: float, measured: Measured | None = None,
+         elapsed: float | None = None) -> Plan:
+    """The suite that ends the run within ``budget`` seconds: the configured one if its estimated training and
+    compiles fit in what is left of the budget, else the configured one with the first :data:`CUTS` that bring the
+    estimate under it (all of them if none does). ``measured``: the model's figures (default: :func:`measure`
+    now); ``elapsed``: seconds the run has spent so far (default: since ``ctx.started``, the probe included)."""
+    if measured is None:
+        measured = measure(ctx)
+    if elapsed is None:
+        elapsed = time.perf_counter() - ctx.started
+        if devices.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            elapsed = float(multihost_utils.broadcast_one_to_all(np.float64(elapsed)))
+    left = budget - elapsed
+
+    def estimate(chosen: dict[str, Any]) -> tuple[float, int]:
+        c = cost(ctx, chosen)
+        return c.member_steps * measured.member_step + c.programs * measured.compile, c.programs
+
     chosen = {name: settings[name] for name in names}  # only what runs is cut
-    configured = member_steps(ctx, chosen) * step_seconds
+    configured, configured_programs = estimate(chosen)
     changes, costs, skipped = [], [], {}
-    estimate = configured
+    seconds, compiles = configured, configured_programs
     for cut in CUTS:
-        if estimate <= budget:
+        if seconds <= left:
             break
         smaller = cut.apply(chosen)
         if smaller == chosen:
             continue  # nothing to cut here (that diagnostic does not run, or is already that small)
+        smaller_seconds, smaller_compiles = estimate(smaller)
+        if smaller_seconds >= seconds:
+            continue  # it would save nothing (shorter seed runs cost programs of their own): confidence for nothing
         for name in set(chosen) - set(smaller):
-            skipped[name] = f"not run: the budget ({budget:g} s of training) dropped it; {cut.cost}"
+            skipped[name] = f"not run: the budget ({budget:g} s for the run) dropped it; {cut.cost}"
         chosen = smaller
         changes.append(cut.change)
         costs.append(cut.cost)
-        estimate = member_steps(ctx, chosen) * step_seconds
-    return Plan(budget, step_seconds, configured, estimate, changes, costs, {**settings, **chosen}, probe, skipped)
+        seconds, compiles = smaller_seconds, smaller_compiles
+    return Plan(budget, measured, elapsed, configured, configured_programs, seconds, compiles, changes, costs,
+                {**settings, **chosen}, skipped)

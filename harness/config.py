@@ -115,7 +115,7 @@ class RunConfig:
     raw: dict[str, Any]  # the full resolved config, for report.json and W&B
     framework: str = "auto"  # model.framework: the model's library, or detected from what the factory returns
     train: "TrainSettings" = dataclasses.field(default_factory=lambda: TrainSettings())
-    budget: float | None = None  # seconds of training for the training diagnostics (harness.budget); None: as set
+    budget: float | None = None  # seconds for the whole run (harness.budget); None: the configured suite
     precision: str = "float32"  # the model's compute dtype (PRECISIONS; harness.models.adapters.base.with_precision)
 
 

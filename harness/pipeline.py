@@ -105,6 +105,7 @@ def make_loss(fc: FactoryConfig, dataset: Dataset) -> tuple[Callable, str]:
 
 
 def build_context(rc: RunConfig, progress=None) -> Context:
+    started = time.perf_counter()
     data_name = rc.choices.get("data") or rc.data.target.rsplit(".", 1)[-1]
     dataset = load_dataset(rc.data, data_name)
     models = make_model_factory(rc.model, dataset, rc.framework, rc.precision)
@@ -125,6 +126,7 @@ def build_context(rc: RunConfig, progress=None) -> Context:
         engine=rc.engine,
         reload_data=lambda: load_dataset(rc.data, data_name),
         progress=progress,
+        started=started,
     )
 
 

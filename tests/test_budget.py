@@ -1,5 +1,6 @@
-"""Time budgets (harness/budget.py): the probe measures the model's member-step, the plan cuts the suite in order
-until the estimate fits, every cut leaves valid settings, and a run reports what was measured and cut."""
+"""Time budgets (harness/budget.py): the probe measures the model's member-step and compile time, the plan cuts the
+suite in order until the estimate fits what the run has left of the budget, every cut leaves valid settings, and a
+run reports what was measured and cut."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def test_budget_is_null_by_default_and_must_be_positive(rc):
 
 
 def test_a_cheap_model_keeps_the_configured_suite(rc):
-    plan = budget.plan(fresh(), rc.settings, TRAINING, budget=60, step_seconds=1e-4)
+    plan = budget.plan(fresh(), rc.settings, TRAINING, budget=60, measured=budget.Measured(1e-4), elapsed=0.0)
     assert plan.changes == [] and plan.settings == rc.settings and plan.fits
     # The default suite: the member table (~54 rows), the LR test's second round (35) and the ladder, 500 steps.
     assert 40_000 < plan.configured_seconds / 1e-4 < 50_000
@@ -35,8 +36,9 @@ def test_a_cheap_model_keeps_the_configured_suite(rc):
 
 def test_cuts_come_in_order_until_the_estimate_fits(rc):
     ctx = fresh()
-    full = budget.member_steps(ctx, {n: rc.settings[n] for n in TRAINING})
-    plan = budget.plan(ctx, rc.settings, TRAINING, budget=0.6 * full * 1e-3, step_seconds=1e-3)
+    full = budget.cost(ctx, {n: rc.settings[n] for n in TRAINING}).member_steps
+    plan = budget.plan(ctx, rc.settings, TRAINING, budget=0.6 * full * 1e-3, measured=budget.Measured(1e-3),
+                       elapsed=0.0)
     assert plan.fits and plan.planned_seconds <= plan.budget < plan.configured_seconds
     assert plan.changes == [c.change for c in budget.CUTS[:len(plan.changes)]]
     assert plan.settings["lr_range"].refine is False and plan.settings["lr_range"].grid_size == 16
@@ -48,7 +50,7 @@ def test_the_smallest_suite_keeps_the_horizons_that_are_judged(rc):
     """Steps are cut where the question stays the same: the seed runs, the controls, and the LR grid's training
     (the LR test extrapolates to the horizon it judges, which stays 500). The overfit test keeps its calibrated
     steps; the capacity ladder, which needs the full horizon for every rung, is dropped, with the reason."""
-    plan = budget.plan(fresh(), rc.settings, TRAINING, budget=1.0, step_seconds=1.0)
+    plan = budget.plan(fresh(), rc.settings, TRAINING, budget=1.0, measured=budget.Measured(1.0), elapsed=0.0)
     assert not plan.fits and len(plan.changes) == len(budget.CUTS)
     s = plan.settings
     assert s["seeds"].steps == s["controls"].steps == s["lr_range"].grid_steps == 125
@@ -61,15 +63,69 @@ def test_the_smallest_suite_keeps_the_horizons_that_are_judged(rc):
 
 
 def test_cuts_skip_what_does_not_run(rc):
-    plan = budget.plan(fresh(), rc.settings, ["seeds"], budget=1.0, step_seconds=1.0)
+    plan = budget.plan(fresh(), rc.settings, ["seeds"], budget=1.0, measured=budget.Measured(1.0), elapsed=0.0)
     # No LR test in this run: nothing of it is cut (only the seeds' rerun and steps are).
     assert plan.settings["lr_range"] == rc.settings["lr_range"]
     assert not any("learning rates" in c or "second round" in c for c in plan.changes) and len(plan.changes) == 3
 
 
+def test_the_budget_counts_the_whole_run_compiles_and_time_already_spent_included(rc):
+    """The same suite, the same member-step: what fits a budget as training alone does not once the run has
+    already spent time or its programs take long to compile; and whatever the run spent beyond the budget, the
+    plan says it is over."""
+    ctx = fresh()
+    full = {n: rc.settings[n] for n in TRAINING}
+    training = budget.cost(ctx, full).member_steps * 1e-4
+    assert budget.cost(ctx, full).programs == 1  # the reference job: one member table (the ladder's rungs in it)
+    roomy = budget.plan(ctx, rc.settings, TRAINING, budget=1.2 * training, measured=budget.Measured(1e-4),
+                        elapsed=0.0)
+    assert roomy.changes == [] and roomy.fits and roomy.configured_programs == 1
+    spent = budget.plan(ctx, rc.settings, TRAINING, budget=1.2 * training, measured=budget.Measured(1e-4),
+                        elapsed=0.5 * training)
+    compiling = budget.plan(ctx, rc.settings, TRAINING, budget=1.2 * training,
+                            measured=budget.Measured(1e-4, compile=0.5 * training), elapsed=0.0)
+    for plan in (spent, compiling):
+        assert plan.changes and plan.fits and plan.planned_seconds <= plan.left < plan.configured_seconds
+    assert compiling.configured_seconds == pytest.approx(1.5 * training)
+    # Shorter seed runs no longer are the capacity ladder's configured rung, and the overfit test then trains
+    # apart: a cut that shortens steps adds the programs it costs.
+    short = budget.plan(ctx, rc.settings, TRAINING, budget=0.3 * training, measured=budget.Measured(1e-4),
+                        elapsed=0.0)
+    assert any("half the steps" in c for c in short.changes) and short.planned_programs > 1
+    over = budget.plan(ctx, rc.settings, TRAINING, budget=10.0, measured=budget.Measured(1e-4), elapsed=12.0)
+    assert not over.fits and over.left < 0 and len(over.changes) == len(budget.CUTS) and "over the budget" in \
+        over.summary()
+
+
+def test_what_would_end_past_the_deadline_is_not_started(rc):
+    """The plan's estimates can be off; a training it kept is still not started when, at its turn, it is estimated
+    to end after the run's deadline: the LR test's second round and the capacity ladder say why instead."""
+    import time
+
+    from harness.checks.training import capacity, lr_range
+
+    ctx = fresh()
+    assert budget.out_of_time(ctx, budget.Cost(1e9, 9)) is None  # no budget: nothing is cut at run time
+    small = lr_range.Settings(grid_size=12, grid_steps=100)
+    plan = budget.plan(ctx, {**rc.settings, "lr_range": small}, TRAINING, budget=3600.0,
+                       measured=budget.Measured(1e-4, compile=1.0), elapsed=0.0)
+    assert plan.fits and not plan.changes
+    ctx.shared["_budget"] = plan
+    grid_plan, grid = lr_range.run_program(ctx, small)
+    assert isinstance(lr_range.run_refinement(ctx, grid_plan, grid), lr_range.Refinement)  # time enough
+    assert budget.out_of_time(ctx, budget.Cost(1000, 1)) is None
+    ctx.started = time.perf_counter() - 3599.95  # the run has 50 ms left; the second round needs about 150
+    late = lr_range.run_refinement(ctx, grid_plan, grid)
+    assert isinstance(late, str) and late.startswith("not run: the budget (3600 s for the run) had 0 s left")
+    assert budget.out_of_time(ctx, budget.Cost(0, 0)) is None  # nothing to train always fits
+    ladder = capacity.run(ctx, capacity.Settings())
+    assert ladder.skipped.startswith("not run: the budget") and ladder.findings == []
+
+
 def test_the_probe_measures_the_configured_model():
-    seconds, took = budget.measure(fresh())
-    assert 1e-6 < seconds < 0.05 and took > 0  # the reference MLP: well under a millisecond here
+    measured = budget.measure(fresh())
+    assert 1e-6 < measured.member_step < 0.05 and measured.took > 0  # the reference MLP: well under a ms here
+    assert 0.0 <= measured.compile <= measured.took
 
 
 def test_a_run_with_a_budget_reports_what_it_cut():
@@ -82,6 +138,7 @@ def test_a_run_with_a_budget_reports_what_it_cut():
     result = run(rc)
     b = result.budget
     assert b["budget_seconds"] == 0.01 and b["member_step_ms"] > 0 and not b["fits"]
+    assert b["elapsed_seconds"] > 0.01 and b["left_seconds"] < 0 and b["probe_seconds"] > 0
     assert b["changes"] == [c.change for c in budget.CUTS[:-1]]  # the last: already at the 100-step floor
     lr = next(o for o in result.outcomes if o.name == "lr_range").metrics
     assert lr["lr_range/horizon_steps"] == 200 and lr["lr_range/grid_steps"] == 100  # extrapolated to 200

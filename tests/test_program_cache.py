@@ -112,12 +112,17 @@ def new_process():
     programs.clear_cache()
 
 
+def entries(directory) -> list[str]:
+    """The stored programs (each traced one also has a ``<key>.seconds`` file: what tracing and compiling it took)."""
+    return [n for n in os.listdir(directory) if not n.endswith(".seconds")]
+
+
 def test_a_later_process_reuses_the_stored_program_bitwise(program_cache, user_loss):
     module = user_loss()
     reused0 = programs.STATS.traces_reused
     first = train(module.loss)
     assert module.TRACES and programs.STATS.traces_reused == reused0
-    assert len(os.listdir(program_cache)) == 1  # one program: initialization fused with the only chunk
+    assert len(entries(program_cache)) == 1  # one program: initialization fused with the only chunk
 
     new_process()
     module.TRACES.clear()
@@ -199,10 +204,30 @@ def test_a_program_that_cannot_be_exported_is_traced_once_per_process(program_ca
     np.testing.assert_array_equal(again.loss, first.loss)
 
 
+def test_a_reused_program_reports_what_it_cost_with_no_cache(program_cache, user_loss):
+    """budget= sizes the suite with what a program costs to compile when the cache does not hold it: a reused
+    program reports what the process that traced it measured, not its own (much shorter) load."""
+    module = user_loss()
+    before = dict(programs.STATS.by_program.get("train/train", {}))
+    train(module.loss)
+    traced = programs.STATS.by_program["train/train"]
+    cold = traced["cold_compile_seconds"] - before.get("cold_compile_seconds", 0.0)
+    assert cold == traced["compile_seconds"] - before.get("compile_seconds", 0.0) > 0
+    [entry] = entries(program_cache)
+    assert exported.recorded_seconds(entry) == pytest.approx(cold)
+    exported.record_seconds(entry, 1234.5)  # as if tracing and compiling it had taken that long
+    new_process()
+    reloaded = dict(programs.STATS.by_program["train/train"])
+    train(module.loss)
+    after = programs.STATS.by_program["train/train"]
+    assert after["cold_compile_seconds"] - reloaded["cold_compile_seconds"] == pytest.approx(1234.5)
+    assert after["compile_seconds"] - reloaded["compile_seconds"] < 1234.5
+
+
 def test_an_unreadable_entry_is_traced_again_and_replaced(program_cache, user_loss):
     module = user_loss()
     first = train(module.loss)
-    [entry] = os.listdir(program_cache)
+    [entry] = entries(program_cache)
     (program_cache / entry).write_bytes(b"not a program")
     new_process()
     module.TRACES.clear()
@@ -266,7 +291,7 @@ def test_the_cli_reuses_traced_programs_across_processes(tmp_path):
     first, second = (r["programs"] for r in reports)
     assert first["compiles"] == second["compiles"] >= 3
     assert first["traces_reused"] == 0 and second["traces_reused"] == second["compiles"]
-    assert len(os.listdir(cache / "programs")) == first["compiles"]
+    assert len(entries(cache / "programs")) == first["compiles"]
     assert reports[0]["metrics"] == reports[1]["metrics"]
     # The status line and report.md say so.
     n = second["compiles"]
@@ -471,7 +496,7 @@ rc = compose(["logger=none", *replace_group("data", "helpers.tiny_classification
               *replace_group("model", target), "diagnostics.run=[model]"])
 result = pipeline.run(rc)
 print(json.dumps({{"compiles": programs.STATS.compiles, "reused": programs.STATS.traces_reused,
-                  "stored": len(os.listdir(cache)),
+                  "stored": len([n for n in os.listdir(cache) if not n.endswith(".seconds")]),
                   "errors": sorted(f.id for f in result.findings if f.severity.value == "error")}}))
 '''
 

@@ -51,6 +51,8 @@ class Context:
     engine: EngineSettings = dataclasses.field(default_factory=EngineSettings)
     reload_data: Callable[[], Dataset] | None = None  # calls the data factory again (determinism checks)
     progress: Callable[[str, int, int], None] | None = None  # (task, done, total)
+    # When the run began (time.perf_counter): ``budget=`` counts the run's wall clock from here (harness.budget).
+    started: float = dataclasses.field(default_factory=time.perf_counter)
     shared: dict[str, Any] = dataclasses.field(default_factory=dict)  # results diagnostics share, by name
     # What actually trains: the engine, or a collapsed multirun's batching trainer (harness.sweeps.collapse).
     train_fn: Callable[..., SweepResult] = train_members

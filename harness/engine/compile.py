@@ -33,8 +33,9 @@ class ProgramStats:
     compile_intervals: list[tuple[float, float]] = dataclasses.field(default_factory=list)
 
     def add(self, name: str, field: str, value: float):
-        entry = self.by_program.setdefault(name, {"compiles": 0, "compile_seconds": 0.0, "runs": 0,
-                                                  "run_seconds": 0.0})
+        # cold_compile_seconds: what its compiles cost with no cache (recorded by the process that traced them)
+        entry = self.by_program.setdefault(name, {"compiles": 0, "compile_seconds": 0.0, "cold_compile_seconds": 0.0,
+                                                  "runs": 0, "run_seconds": 0.0})
         entry[field] += value
 
     @property
@@ -107,11 +108,19 @@ def _compile(name, fn, args, key, opt_level, extra_options=None):
     options = {"xla_backend_optimization_level": opt_level} if opt_level is not None else None
     if extra_options:
         options = {**(options or {}), **extra_options}
-    exe, reused = _through_program_cache(name, fn, args, key, options)
+    exe, reused, entry = _through_program_cache(name, fn, args, key, options)
     if exe is None:
         lowered = jax.jit(fn).lower(*args)
         exe = lowered.compile(options) if options else lowered.compile()
     elapsed = time.perf_counter() - start
+    # What this program costs with no cache (budget=: a program the cache does not hold costs that much): measured
+    # now when it was traced, else what the process that traced it measured.
+    cold = elapsed
+    if entry is not None:
+        if reused:
+            cold = max(elapsed, exported.recorded_seconds(entry) or 0.0)
+        else:
+            exported.record_seconds(entry, elapsed)
     with _LOCK:
         STATS.compiles += 1
         STATS.traces_reused += int(reused)
@@ -119,34 +128,36 @@ def _compile(name, fn, args, key, opt_level, extra_options=None):
         STATS.compile_intervals.append((start, start + elapsed))
         STATS.add(name, "compiles", 1)
         STATS.add(name, "compile_seconds", elapsed)
+        STATS.add(name, "cold_compile_seconds", cold)
         _CACHE[key] = exe
         _LAST_BY_NAME[name] = exe
     return exe
 
 
 def _through_program_cache(name, fn, args, key, options):
-    """(executable, whether its trace was reused) through harness.engine.exported, or (None, False) when that
-    cache is off, the program cannot be keyed across processes, or JAX cannot export it: then trace as usual."""
+    """(executable, whether its trace was reused, its entry's key) through harness.engine.exported, or (None,
+    False, None) when that cache is off, the program cannot be keyed across processes, or JAX cannot export it:
+    then trace as usual."""
     if not exported.enabled():
-        return None, False
+        return None, False, None
     static_key, opt_level, _, signature = key
     try:
         entry = exported.entry_key(static_key, signature, opt_level, options)
     except exported.Unkeyable:
-        return None, False
+        return None, False, None
     found = exported.load(entry)
     if found is exported.UNEXPORTABLE:
-        return None, False
+        return None, False, None
     reused = found is not None
     try:
         if found is None:
             found = exported.export_and_store(entry, fn, args, name)
-        return exported.compile_exported(*found, args, options), reused
+        return exported.compile_exported(*found, args, options), reused, entry
     except Exception as err:  # noqa: BLE001 - host callbacks, custom calls without a stable ABI, ...
         # The plain path traces again: a genuine error in the user's model surfaces from there, unchanged. The
         # record keeps later processes from paying for the failed attempt again.
         exported.store_unexportable(entry, name, f"{type(err).__name__}: {err}"[:500])
-        return None, False
+        return None, False, None
 
 
 def last_executable(name: str):

@@ -293,6 +293,24 @@ def _store(key: str, name: str, **content):
         pass
 
 
+def record_seconds(key: str, seconds: float):
+    """Remember what tracing and compiling the entry ``key``'s program took in the process that traced it (beside
+    the entry: the entry is written before XLA compiles it)."""
+    try:
+        _write_atomically(os.path.join(_CONFIG.directory, f"{key}.seconds"), repr(float(seconds)).encode())
+    except OSError:
+        pass
+
+
+def recorded_seconds(key: str) -> float | None:
+    """What :func:`record_seconds` recorded for ``key``; None when nothing was."""
+    try:
+        with open(os.path.join(_CONFIG.directory, f"{key}.seconds")) as f:
+            return float(f.read())
+    except (OSError, ValueError):
+        return None
+
+
 def _write_atomically(path: str, data: bytes):
     # Several processes (a sweep's jobs, pytest workers) may store the same program: each writes a temporary file
     # and renames it, so a reader sees a whole entry or none.

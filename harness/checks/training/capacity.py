@@ -255,6 +255,29 @@ def requests(ctx: Context, settings: Settings) -> list[Request]:
     return [Request("capacity", ctx.spec(settings.steps), hp, problem=problem)]
 
 
+def own_programs(ctx: Context, settings: Settings) -> int:
+    """The training programs the smaller rungs compile of their own, for the budget's estimate
+    (:func:`harness.budget.cost`): none when they are rows of the member table, one per masked group, else one
+    per rung (they stop at the first that suffices, which is not known in advance: counted in full)."""
+    configured, _ = configured_size(ctx, settings)
+    if configured is None:
+        return 0
+    rungs, _ = build_rungs(ctx, settings, configured)
+    configured_rung = next((r for r in rungs if dict(r.overrides) == configured), None)
+    if configured_rung is None or table_rungs(ctx, settings, rungs, configured_rung) is not None:
+        return 0
+    groups: dict[tuple, list[Rung]] = {}
+    for rung in rungs:
+        if rung.params < configured_rung.params:
+            groups.setdefault(tuple((k, v) for k, v in rung.overrides if k != settings.width_key), []).append(rung)
+    count = 0
+    for fixed, smaller in groups.items():
+        widest = max(r.get(settings.width_key) for r in smaller)
+        masked = settings.masking and masked_problem(ctx, settings.width_key, widest, fixed) is not None
+        count += 1 if masked else len(smaller)
+    return count
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Training.
 
@@ -529,6 +552,15 @@ def run(ctx: Context, settings: Settings) -> Outcome:
     configured_rung = next((r for r in rungs if dict(r.overrides) == configured), None)
     if configured_rung is None:
         out.skipped = "the configured model could not be built for the ladder: " + "; ".join(failures[:2])
+        return out
+    from harness import budget
+
+    spread = ctx.shared.get("seed_spread")
+    late = budget.out_of_time(ctx, budget.ladder_cost(
+        ctx, settings, configured_apart=spread is None or spread["spec"].steps != settings.steps,
+        in_table=table_rungs(ctx, settings, rungs, configured_rung) is not None))
+    if late is not None:
+        out.skipped = late
         return out
     ladder = train_ladder(ctx, settings, rungs, configured_rung)
     results = ladder.results

@@ -971,15 +971,21 @@ def run_program(ctx, settings: Settings, seed: int | None = None, horizon: Horiz
     return plan, ctx.train(request.name, request.spec, request.hparams)
 
 
-def run_refinement(ctx, plan: Plan, result: SweepResult, seed: int | None = None) -> Refinement | None:
+def run_refinement(ctx, plan: Plan, result: SweepResult, seed: int | None = None) -> Refinement | str | None:
     """The second round (:func:`refinement_hparams`), trained by the first round's program; None when the grid
-    learns nothing or ``refine`` is off."""
+    learns nothing or ``refine`` is off; why not, when ``budget=`` has no time left for it
+    (:func:`harness.budget.out_of_time`)."""
+    from harness import budget
+
     seed = ctx.seed if seed is None else seed
     reading = analyse(result, plan, ctx.shared)[1]
     made = refinement_hparams(plan, reading, seed, ctx.optim.weight_decay, result.program_width)
     if made is None:
         return None
     hparams, where = made
+    late = budget.out_of_time(ctx, budget.Cost(len(hparams) * result.loss.shape[1], 0))
+    if late is not None:
+        return late
     second = ctx.train_like(result, f"{NAME}/refine", hparams)
     return Refinement(where, second.final_val_loss, second.diverged)
 
@@ -987,6 +993,8 @@ def run_refinement(ctx, plan: Plan, result: SweepResult, seed: int | None = None
 def run(ctx, settings: Settings) -> Outcome:
     plan, result = run_program(ctx, settings)
     refinement = run_refinement(ctx, plan, result)
+    late = refinement if isinstance(refinement, str) else None
+    refinement = None if late is not None else refinement
     ramp, reading, verdict, suggestion = analyse(result, plan, ctx.shared, refinement)
     _, margin_source = noise_margin(ctx.shared, reading.untrained, settings.relative_margin)
     steps = plan.steps
@@ -1021,6 +1029,8 @@ def run(ctx, settings: Settings) -> Outcome:
         f"{NAME}/configured_direction": verdict.direction or "ok",
         f"{NAME}/configured_equivalent_lr": verdict.equivalent_lr,
     }
+    if late is not None:
+        metrics[f"{NAME}/second_round"] = late
     grid = plan.grid_rows
     members = [
         {"lr": float(lr), "seed": int(ctx.seed + k), "final_train_loss": float(tl), "final_val_loss": float(vl),

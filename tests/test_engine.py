@@ -250,7 +250,7 @@ def test_convolutional_models_train_in_the_scan_with_their_convolutions_as_matmu
     params, state = model.init(jax.random.key(0), x)
     traced = str(jax.make_jaxpr(lambda p: model.apply(p, state, x, train=True)[0])(params))
     assert "conv_general_dilated" not in traced and "dot_general" in traced
-    native = dataclasses.replace(model, convolutions=False)  # XLA's own convolution
+    native = dataclasses.replace(model, find_convolutions=None)  # XLA's own convolution
     np.testing.assert_allclose(model.apply(params, state, x)[0], native.apply(params, state, x)[0], rtol=1e-5,
                                atol=1e-6)
     reference = train_members(dataclasses.replace(problem, model=native), spec, hp, arrays, name="cnn_native")

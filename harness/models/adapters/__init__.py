@@ -138,4 +138,4 @@ class ModelFactory:
         else:  # a Linen module or Haiku transform holds no arrays: built once
             model = adapter.adapt(build(jax.random.key(0)), self.example_x)
         model = with_precision(model, self.precision)
-        return family, dataclasses.replace(model, convolutions=convolves(model, self.example_x))
+        return family, dataclasses.replace(model, find_convolutions=functools.partial(convolves, x=self.example_x))

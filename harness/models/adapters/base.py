@@ -23,6 +23,7 @@ factory returned into a Model; nothing outside ``harness/models/adapters/`` name
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -44,11 +45,17 @@ class Model:
     init: Callable[[jax.Array, jax.Array], Variables]
     apply_fn: Callable[..., tuple[Any, Any]]  # (params, state, x, key, train, regularization)
     name_path: Callable[[tuple], str]  # a parameter's tree path in the family's own spelling
-    # Its training step convolves (:func:`convolves`): on CPU, apply runs its convolutions as matrix
-    # multiplications (harness.engine.convolution).
-    convolutions: bool = False
+    # Finds whether its training step convolves (:func:`convolves`, given the model), asked once, when first
+    # needed (tracing the model costs 0.1 s or more; the capacity ladder's rungs that are only counted never ask).
+    find_convolutions: Callable[["Model"], bool] | None = None
     width_masked: bool = False  # built width-masked (harness.models.width_mask): capacity's masked ladder
     precision: str = "float32"  # the dtype it computes in (PRECISIONS); parameters and state stay as stored
+
+    @functools.cached_property
+    def convolutions(self) -> bool:
+        """Its training step convolves: on CPU, apply runs its convolutions as matrix multiplications
+        (harness.engine.convolution)."""
+        return self.find_convolutions is not None and self.find_convolutions(self)
 
     @property
     def convolves_on_cpu(self) -> bool:
@@ -131,9 +138,9 @@ def convolves(model: Model, x) -> bool:
     another module are all found, in every family."""
     from jax.extend.core import subjaxprs
 
-    def forward(key, x):
+    def forward(key, x):  # through apply_fn: Model.apply asks for the answer this computes
         params, state = model.init(key, x)
-        return model.apply(params, state, x, key=key, train=True)[0]
+        return model.apply_fn(params, state, x, key, True, True)[0]
 
     def found(jaxpr) -> bool:
         return any(eqn.primitive.name == "conv_general_dilated" for eqn in jaxpr.eqns) or any(

@@ -61,7 +61,7 @@ class Model:
     def convolves_on_cpu(self) -> bool:
         """Its convolutions run as matrix multiplications here, and a member-step costs more than on an
         accelerator by far (the built-in CNN: about 9 ms on two CPU cores)."""
-        return self.convolutions and jax.default_backend() == "cpu"
+        return jax.default_backend() == "cpu" and self.convolutions  # elsewhere, never traced for this
 
     def apply(self, params, state, x, *, key=None, train: bool = False, regularization: bool = True):
         if key is None:

@@ -80,7 +80,7 @@ def _evaluate(jaxpr, consts, args) -> list:
     the replacement is what gets differentiated, vmapped and compiled)."""
     from jax.extend.core import Literal
 
-    from harness.checks.model.capture import bind_equation
+    from harness.checks.model.capture import bind_equation, called_jaxpr
 
     env = {}
 
@@ -94,10 +94,8 @@ def _evaluate(jaxpr, consts, args) -> list:
         name = eqn.primitive.name
         if name == "conv_general_dilated":
             outs = [conv_as_matmul(*invals, **eqn.params)]
-        elif name in _INLINED and ("jaxpr" in eqn.params or "call_jaxpr" in eqn.params):
-            inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
-            inner_jaxpr, inner_consts = (inner.jaxpr, inner.consts) if hasattr(inner, "consts") else (inner, ())
-            outs = _evaluate(inner_jaxpr, inner_consts, invals)
+        elif name in _INLINED and called_jaxpr(eqn) is not None:
+            outs = _evaluate(*called_jaxpr(eqn), invals)
         else:  # everything else as it is (a convolution inside a custom_vjp or a loop keeps XLA's own)
             outs = bind_equation(eqn, invals)
         env.update(zip(eqn.outvars, outs))

@@ -255,6 +255,15 @@ def requests(ctx: Context, settings: Settings) -> list[Request]:
     return [Request("capacity", ctx.spec(settings.steps), hp, problem=problem)]
 
 
+def by_fixed(settings: Settings, rungs: list[Rung]) -> dict[tuple, list[Rung]]:
+    """``rungs`` grouped by their overrides other than the width (one group per depth of a depth ladder): a group
+    differs only in width, which masking can train as one program."""
+    groups: dict[tuple, list[Rung]] = {}
+    for rung in rungs:
+        groups.setdefault(tuple((k, v) for k, v in rung.overrides if k != settings.width_key), []).append(rung)
+    return groups
+
+
 def own_programs(ctx: Context, settings: Settings) -> int:
     """The training programs the smaller rungs compile of their own, for the budget's estimate
     (:func:`harness.budget.cost`): none when they are rows of the member table, one per masked group, else one
@@ -266,12 +275,8 @@ def own_programs(ctx: Context, settings: Settings) -> int:
     configured_rung = next((r for r in rungs if dict(r.overrides) == configured), None)
     if configured_rung is None or table_rungs(ctx, settings, rungs, configured_rung) is not None:
         return 0
-    groups: dict[tuple, list[Rung]] = {}
-    for rung in rungs:
-        if rung.params < configured_rung.params:
-            groups.setdefault(tuple((k, v) for k, v in rung.overrides if k != settings.width_key), []).append(rung)
     count = 0
-    for fixed, smaller in groups.items():
+    for fixed, smaller in by_fixed(settings, [r for r in rungs if r.params < configured_rung.params]).items():
         widest = max(r.get(settings.width_key) for r in smaller)
         masked = settings.masking and masked_problem(ctx, settings.width_key, widest, fixed) is not None
         count += 1 if masked else len(smaller)
@@ -391,10 +396,7 @@ def train_ladder(ctx: Context, settings: Settings, rungs: list[Rung], configured
         decisions.append(f"larger rungs not trained: the configured model's training loss "
                          f"{mean(cfg.train_loss):.3g} is within the margin {train_margin:.3g} of the lowest reachable "
                          f"({bound:.3g}), so no larger model can beat it by the margin")
-    groups: dict[tuple, list[Rung]] = {}
-    for rung in rungs:
-        if rung != configured:
-            groups.setdefault(tuple((k, v) for k, v in rung.overrides if k != settings.width_key), []).append(rung)
+    groups = by_fixed(settings, [r for r in rungs if r != configured])
     programs, masked_groups = 0, 0
 
     def train(name: str, problem: Problem, members: list[Rung], widths=None):

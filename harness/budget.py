@@ -5,12 +5,13 @@ The training diagnostics cost member-steps (one member's optimizer step on one m
 for 500 steps, the capacity ladder's smaller rungs) and one to a few training programs. On the reference MLP a
 member-step takes 0.2-0.5 ms on two CPU cores, on a 20-layer MLP about 4 ms and on the built-in CNN about 9 ms; a
 training program compiles in 1-10 s cold (next to nothing from a warm cache). With a budget, harness measures the
-user's model (a probe: a few members for a few steps, its run timed apart from its compile, which is also what
-one of the suite's programs costs to compile), estimates what the configured suite would take from the
-diagnostics' own requests, and, when that is over what the budget has left (the budget less the time the run has
-already spent: data and model stages, the probe), applies the cuts of :data:`CUTS` in order until the estimate
-fits. The report says what was measured, what was cut and what each cut costs in confidence; ``budget=null`` (the
-default) keeps the configured suite.
+user's model (a probe: the member table's own program, run for a few steps, its run timed apart from its compile,
+which is what one of the suite's programs costs to compile and which a suite that keeps that table does not pay
+again), estimates what the configured suite would take from the diagnostics' own requests, and, when that is
+over what the budget has left (the budget less the time the run has already spent: data and model stages, the
+probe), applies the cuts of :data:`CUTS` in order until the estimate fits; when no suite fits, only the cuts that
+save a real share of the time (:data:`MATERIAL`). The report says what was measured, what was cut and what each
+cut costs in confidence; ``budget=null`` (the default) keeps the configured suite.
 
 The order follows what each part of the suite is for: the LR test's second round only sharpens a suggestion the
 first round already makes (``lr_range.refine_reading``); a coarser grid still brackets the best LR; the
@@ -35,9 +36,17 @@ from harness.engine import devices
 from harness.engine.core import Hparams
 from harness.engine.driver import train_members
 
-PROBE_STEPS = 30  # steps of the probe: its evaluation at the end costs under a fifth of them on the reference job
+# The probe trains at least PROBE_MEMBER_STEPS member-steps and PROBE_STEPS steps. Its fixed costs (the first call
+# of a new executable, the evaluation at the end) count as training: on the reference job its member-step came out
+# about a fifth above a plain program's, which errs towards a smaller suite.
+PROBE_STEPS = 10
+PROBE_MEMBER_STEPS = 240
 PROBE_MEMBERS_CPU = 8  # a CPU step costs the same per member from about 8 members on (harness.engine.table)
 MIN_STEPS = 100  # no cut takes a training diagnostic below this many steps
+# The estimate's error, as a share of it: the probe's figures move by 10-30% with the machine's load. When no suite
+# fits the budget, a cut that saves less than this share of the estimate changes the run's end by less than the
+# estimate can tell, and is not made.
+MATERIAL = 0.1
 # The capacity ladder's smaller rungs when not in the member table: about four members, masked at half the
 # configured width or less (a quarter of the configured model's FLOPs each): one member-step per step.
 CAPACITY_MEMBERS = 1.0
@@ -129,6 +138,9 @@ class Measured:
     # the plan chooses may not be in the cache, even when the probe was: another budget, another plan).
     compile: float = 0.0
     took: float = 0.0  # what measuring took, its compile included
+    # The member table's program the probe ran (program_key), now compiled: a suite that keeps that table does not
+    # compile it again. None when the probe ran a program of its own.
+    program: Any = None
 
 
 @dataclasses.dataclass
@@ -146,6 +158,7 @@ class Plan:
     costs: list[str]  # what each costs in confidence
     settings: dict[str, Any]  # the diagnostics' settings the run uses
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # diagnostic -> why the budget dropped it
+    declined: int = 0  # cuts not made, no suite fitting, because each saved less than MATERIAL of the estimate
 
     @property
     def left(self) -> float:
@@ -162,12 +175,17 @@ class Plan:
                 f"after {self.elapsed_seconds:.0f} s of data and model stages and measuring: a member-step takes "
                 f"{m.member_step * 1e3:.3g} ms on this model and a training program {m.compile:.2g} s to compile, "
                 f"so the configured suite needs about {self.configured_seconds:.0f} s "
-                f"({self.configured_programs} program{'s' if self.configured_programs != 1 else ''} to compile)")
-        if not self.changes:
-            return head + "; it fits, nothing was cut."
-        cuts = f"{len(self.changes)} cut{'s' if len(self.changes) > 1 else ''}"
+                f"({self.configured_programs} program{'s' if self.configured_programs != 1 else ''} to compile"
+                f"{', measuring having compiled its member table' if m.program is not None else ''})")
+        cuts = f"{len(self.changes)} cut{'s' if len(self.changes) != 1 else ''}"
         if self.fits:
-            return head + f"; {cuts} bring it to about {self.planned_seconds:.0f} s:"
+            return head + (f"; {cuts} bring it to about {self.planned_seconds:.0f} s:" if self.changes else
+                           "; it fits, nothing was cut.")
+        if self.declined:
+            made = f"with {cuts}" if self.changes else "with no cut"
+            return (head + f"; no suite fits: {made} it needs about {self.planned_seconds:.0f} s, over the budget "
+                    f"({self.declined} more would each save under {MATERIAL:.0%} of that time, less than the "
+                    f"estimate can tell, and were not made){':' if self.changes else '.'}")
         return (head + f"; after every cut ({cuts}) it still needs about {self.planned_seconds:.0f} s, over the "
                 f"budget (the smallest suite harness runs):")
 
@@ -179,7 +197,40 @@ class Plan:
                 "configured_seconds": self.configured_seconds, "configured_programs": self.configured_programs,
                 "planned_seconds": self.planned_seconds, "planned_programs": self.planned_programs,
                 "fits": self.fits, "changes": self.changes, "costs": self.costs, "skipped": self.skipped,
+                "declined_cuts": self.declined,
                 "summary": self.summary()}
+
+
+def announced(ctx, settings: dict[str, Any]) -> dict[str, list]:
+    """The training requests (:class:`harness.engine.table.Request`) each diagnostic in ``settings`` announces
+    (none where it announces nothing, or fails to: the diagnostic will report its own problem)."""
+    out = {}
+    for name, s in settings.items():
+        announce = getattr(diagnostic_module(name), "requests", None)
+        try:
+            out[name] = [] if announce is None else list(announce(ctx, s))
+        except Exception:  # noqa: BLE001
+            out[name] = []
+    return out
+
+
+def table_program(ctx, settings: dict[str, Any]):
+    """The member table the training diagnostics in ``settings`` train (:meth:`Context.table`; the merged request
+    with the most member-steps), or None when they train no merged program."""
+    groups = ctx.table([r for requests in announced(ctx, settings).values() for r in requests])
+    if not groups:
+        return None
+    return max((both for _, both in groups), key=lambda b: len(b.hparams) * b.spec.steps)
+
+
+def program_key(ctx, request) -> tuple | None:
+    """What makes a merged request's program: its problem, its spec (the call width included) and its fixed
+    batch."""
+    if request is None:
+        return None
+    fixed = request.arrays.fixed_index if request.arrays is not None else None
+    return (request.problem or ctx.problem, request.spec,
+            None if fixed is None else tuple(np.asarray(fixed).tolist()))
 
 
 class Cost(NamedTuple):
@@ -197,12 +248,8 @@ def cost(ctx, settings: dict[str, Any]) -> Cost:
     ladder's larger rungs when the configured model underfits, a reloaded data set's rerun) are not counted."""
     steps, table, apart = 0.0, False, 0
     seeds = settings.get("seeds")
-    for name, s in settings.items():
-        announce = getattr(diagnostic_module(name), "requests", None)
-        try:
-            requests = [] if announce is None else announce(ctx, s)
-        except Exception:  # noqa: BLE001 -- the diagnostic will report its own problem
-            requests = []
+    for name, requests in announced(ctx, settings).items():
+        s = settings[name]
         for r in requests:
             alone = bool(r.spec.fixed_batch) and (seeds is None or seeds.steps != r.spec.steps)
             weight = r.spec.batch_size / max(ctx.batch_size, 1) if alone else 1.0
@@ -246,42 +293,54 @@ def out_of_time(ctx, needed: Cost) -> str | None:
             f"about {seconds:.0f} s")
 
 
-def measure(ctx) -> Measured:
-    """The configured model's member-step and compile time, from a probe of a few members (on CPU, where a step
-    costs the same per member at any width; elsewhere as many as one call trains) for :data:`PROBE_STEPS` steps,
-    its run timed apart from its compile. The probe's evaluation at the end is counted as training, which errs
-    towards a smaller suite. Every process of a multi-process run uses process 0's figures, so all of them choose
-    the same suite."""
+def measure(ctx, settings: dict[str, Any] | None = None) -> Measured:
+    """The configured model's member-step and compile time, from a probe of a few members for a few steps, its run
+    timed apart from its compile. The probe runs the program of the member table that ``settings`` train
+    (:func:`table_program`), at its call width, each member's budget a few steps (the rest of its scan skipped):
+    its compile is then the table's, which a suite that keeps that table does not pay again. Without a table, a
+    program of its own (on CPU, where a step costs the same per member from about :data:`PROBE_MEMBERS_CPU`
+    members on, that many; elsewhere as many as one call trains). The probe's evaluation at the end is counted as
+    training, which errs towards a smaller suite. Every process of a multi-process run uses process 0's figures,
+    so all of them choose the same suite."""
     began = time.perf_counter()
-    spec = ctx.spec(PROBE_STEPS)
-    members = PROBE_MEMBERS_CPU if jax.default_backend() == "cpu" else spec.max_members_per_call
-    members = devices.padded_size(members)
+    table = table_program(ctx, settings) if settings else None
+    if table is not None:
+        problem, spec, arrays = table.problem or ctx.problem, table.spec, table.arrays
+        members = spec.max_members_per_call  # merged_spec's call width, already whole calls
+    else:
+        problem, spec, arrays = ctx.problem, ctx.spec(PROBE_STEPS), ctx.arrays
+        members = devices.padded_size(PROBE_MEMBERS_CPU if jax.default_backend() == "cpu"
+                                      else spec.max_members_per_call)
+    steps = min(max(PROBE_MEMBER_STEPS // members, PROBE_STEPS), spec.steps)
     seeds = ctx.seed + np.arange(members)
-    hp = Hparams.make(lr=ctx.optim.lr, weight_decay=ctx.optim.weight_decay, init_seed=seeds, data_seed=seeds)
+    hp = Hparams.make(lr=ctx.optim.lr, weight_decay=ctx.optim.weight_decay, init_seed=seeds, data_seed=seeds,
+                      steps=steps)
 
     def stats() -> np.ndarray:  # the probe's programs' (run, compile with no cache) seconds so far
         return np.array([sum(v.get(k, 0.0) for name, v in programs.STATS.by_program.items()
                              if name.startswith("budget/probe/")) for k in ("run_seconds", "cold_compile_seconds")])
 
     before = stats()
-    train_members(ctx.problem, spec, hp, ctx.arrays, name="budget/probe")
+    train_members(problem, spec, hp, arrays, name="budget/probe")
     ran, compiled = stats() - before
-    figures = np.array([ran / (members * PROBE_STEPS), compiled])
+    figures = np.array([ran / (members * steps), compiled])
     if devices.process_count() > 1:
         from jax.experimental import multihost_utils
 
         figures = np.asarray(multihost_utils.broadcast_one_to_all(figures.astype(np.float64)))
-    return Measured(float(figures[0]), float(figures[1]), time.perf_counter() - began)
+    return Measured(float(figures[0]), float(figures[1]), time.perf_counter() - began, program_key(ctx, table))
 
 
 def plan(ctx, settings: dict[str, Any], names: list[str], budget: float, measured: Measured | None = None,
          elapsed: float | None = None) -> Plan:
     """The suite that ends the run within ``budget`` seconds: the configured one if its estimated training and
     compiles fit in what is left of the budget, else the configured one with the first :data:`CUTS` that bring the
-    estimate under it (all of them if none does). ``measured``: the model's figures (default: :func:`measure`
+    estimate under it; if none does, the run ends late whatever is cut, and only the cuts that each save at least
+    :data:`MATERIAL` of the estimate are made. ``measured``: the model's figures (default: :func:`measure`
     now); ``elapsed``: seconds the run has spent so far (default: since ``ctx.started``, the probe included)."""
+    chosen = {name: settings[name] for name in names}  # only what runs is cut
     if measured is None:
-        measured = measure(ctx)
+        measured = measure(ctx, chosen)
     if elapsed is None:
         elapsed = time.perf_counter() - ctx.started
         if devices.process_count() > 1:
@@ -292,26 +351,44 @@ def plan(ctx, settings: dict[str, Any], names: list[str], budget: float, measure
 
     def estimate(chosen: dict[str, Any]) -> tuple[float, int]:
         c = cost(ctx, chosen)
-        return c.member_steps * measured.member_step + c.programs * measured.compile, c.programs
+        programs = c.programs
+        if measured.program is not None and programs and measured.program == program_key(
+                ctx, table_program(ctx, chosen)):
+            programs -= 1  # the probe compiled this suite's member table
+        return c.member_steps * measured.member_step + programs * measured.compile, programs
 
-    chosen = {name: settings[name] for name in names}  # only what runs is cut
     configured, configured_programs = estimate(chosen)
-    changes, costs, skipped = [], [], {}
-    seconds, compiles = configured, configured_programs
-    for cut in CUTS:
-        if seconds <= left:
-            break
-        smaller = cut.apply(chosen)
-        if smaller == chosen:
-            continue  # nothing to cut here (that diagnostic does not run, or is already that small)
-        smaller_seconds, smaller_compiles = estimate(smaller)
-        if smaller_seconds >= seconds:
-            continue  # it would save nothing (shorter seed runs cost programs of their own): confidence for nothing
-        for name in set(chosen) - set(smaller):
-            skipped[name] = f"not run: the budget ({budget:g} s for the run) dropped it; {cut.cost}"
-        chosen = smaller
-        changes.append(cut.change)
-        costs.append(cut.cost)
-        seconds, compiles = smaller_seconds, smaller_compiles
+
+    def apply(cuts_allowed: Callable[[float, float], bool]):
+        """The cuts in order while the estimate is over what is left, each where ``cuts_allowed(before, after)``
+        (estimated seconds)."""
+        current, changes, costs, skipped, declined = chosen, [], [], {}, 0
+        seconds, compiles = configured, configured_programs
+        for cut in CUTS:
+            if seconds <= left:
+                break
+            smaller = cut.apply(current)
+            if smaller == current:
+                continue  # nothing to cut here (that diagnostic does not run, or is already that small)
+            smaller_seconds, smaller_compiles = estimate(smaller)
+            if not cuts_allowed(seconds, smaller_seconds):
+                declined += smaller_seconds < seconds
+                continue
+            for name in set(current) - set(smaller):
+                skipped[name] = f"not run: the budget ({budget:g} s for the run) dropped it; {cut.cost}"
+            current = smaller
+            changes.append(cut.change)
+            costs.append(cut.cost)
+            seconds, compiles = smaller_seconds, smaller_compiles
+        return current, changes, costs, skipped, seconds, compiles, declined
+
+    # A cut that would save nothing is passed over (shorter seed runs can cost programs of their own).
+    current, changes, costs, skipped, seconds, compiles, declined = apply(lambda before, after: after < before)
+    if seconds > left:
+        # No suite fits: the run ends late whatever is cut. A cut is then confidence traded for time only where
+        # it saves more than the estimate's own error (MATERIAL of it); on an accelerator, where training takes a
+        # second and the compiles are the run, no cut does.
+        current, changes, costs, skipped, seconds, compiles, declined = apply(
+            lambda before, after: before - after >= MATERIAL * before)
     return Plan(budget, measured, elapsed, configured, configured_programs, seconds, compiles, changes, costs,
-                {**settings, **chosen}, skipped)
+                {**settings, **current}, skipped, declined)

@@ -52,12 +52,12 @@ def test_the_pure_core_is_the_driver_without_its_bookkeeping(problem, digits, sw
     _, arrays = digits
     data, x_fit = prepare_arrays(arrays, SPEC)
     train = jax.jit(make_train(problem, SPEC))  # 40 steps in calls of 20, as the driver cuts them
-    state, records, evaluation = train(sweep.hparams, data, x_fit, np.ones(20, bool))
+    state, records, evaluation = train(sweep.hparams, data, x_fit, np.int32(20))
     close = dict(rtol=1e-4, atol=1e-5)
     stable = [0, 1, 3]  # LR 30 (member 2) is chaotic: rounding grows without bound there
     np.testing.assert_allclose(np.asarray(records.loss)[stable], sweep.loss[stable, :20], **close)
     np.testing.assert_allclose(np.asarray(evaluation[0])[stable], sweep.val_loss[stable, 0], **close)
-    state, records, evaluation = train(sweep.hparams, data, x_fit, np.ones(20, bool), state, 20)  # continued
+    state, records, evaluation = train(sweep.hparams, data, x_fit, np.int32(20), state, 20)  # continued
     np.testing.assert_allclose(np.asarray(records.loss)[stable], sweep.loss[stable, 20:], **close)
     np.testing.assert_allclose(np.asarray(evaluation[0])[stable], sweep.val_loss[stable, 1], **close)
     np.testing.assert_array_equal(np.asarray(state.first_nonfinite), sweep.first_nonfinite)

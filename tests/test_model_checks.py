@@ -512,12 +512,12 @@ def test_gradient_check_in_float32_precision_is_judged_as_such():
 
 
 def test_the_model_stage_compiles_for_one_run(monkeypatch):
-    """The model stage's programs run once: on CPU the cheaper emitter, on a GPU no autotuning (XLA's kernel
-    search pays off only over many runs); both are XLA options a compile accepts."""
-    assert model_programs.compile_options() == {"xla_cpu_use_fusion_emitters": False}
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    """The model stage's programs run once: on CPU the cheaper emitter, an XLA option a compile accepts; other
+    backends keep XLA's defaults."""
     options = model_programs.compile_options()
-    assert options == {"xla_gpu_autotune_level": 0}
+    assert options == {"xla_cpu_use_fusion_emitters": False}
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert model_programs.compile_options() is None
     monkeypatch.undo()
     double = jax.jit(lambda x: 2 * x).lower(np.ones(3, np.float32)).compile(options)  # a field XLA knows
     np.testing.assert_array_equal(double(np.ones(3, np.float32)), 2)

@@ -125,23 +125,35 @@ class Context:
             digests.append(fingerprints[id(a)][1])
         return id(problem), spec, tuple(digests), _hparams_key(hparams)
 
-    def prefetch(self, requests: list) -> int:
-        """Train the training diagnostics' announced requests (:class:`harness.engine.table.Request`) merged into
-        as few programs as can share one (:func:`harness.engine.table.plan`), and remember each request's share, so
-        that when a diagnostic makes its request, it is answered at once. Returns the number of merged programs
-        trained. A request that cannot share a program is left to its diagnostic."""
+    def table(self, requests: list) -> list[tuple[list, Any]]:
+        """The programs ``requests`` (:class:`harness.engine.table.Request`) train as when merged
+        (:func:`harness.engine.table.plan`): each group's requests and their merged request. Empty when there is
+        nothing to merge, or when a collapsed multirun's trainer merges across sweep points instead. Whether the
+        model's regularization and loss let requests share (traced once per run) is remembered."""
         from harness.engine import table
 
         if len(requests) < 2 or self.train_fn is not train_members:
-            return 0  # nothing to merge, or a collapsed multirun's trainer merges across sweep points instead
+            return []
+        traits = self.shared.setdefault("_table_traits", {}).setdefault(self.problem, {})
         mixed = len({r.spec.regularization for r in requests}) > 1  # else no need to trace the model twice
-        free = mixed and not table.regularization_matters(self.problem, self.arrays.x_train[:2])
-        repeat = table.per_example_loss(self.problem, self.arrays.x_train[:2], self.arrays.y_train[:2])
-        groups = table.plan(requests, self.arrays, self.batch_size, free, repeat, self.problem)
+        if mixed and "free" not in traits:
+            traits["free"] = not table.regularization_matters(self.problem, self.arrays.x_train[:2])
+        if "repeat" not in traits:
+            traits["repeat"] = table.per_example_loss(self.problem, self.arrays.x_train[:2], self.arrays.y_train[:2])
+        groups = table.plan(requests, self.arrays, self.batch_size, mixed and traits["free"], traits["repeat"],
+                            self.problem)
+        return [(parts, table.merged(parts, self.arrays)) for parts in ([requests[i] for i in g] for g in groups)]
+
+    def prefetch(self, requests: list) -> int:
+        """Train the training diagnostics' announced requests (:class:`harness.engine.table.Request`) merged into
+        as few programs as can share one (:meth:`table`), and remember each request's share, so that when a
+        diagnostic makes its request, it is answered at once. Returns the number of merged programs trained. A
+        request that cannot share a program is left to its diagnostic."""
+        from harness.engine import table
+
+        groups = self.table(requests)
         memo = self.shared.setdefault("_train_memo", {})
-        for members in groups:
-            parts = [requests[i] for i in members]
-            both = table.merged(parts, self.arrays)
+        for parts, both in groups:
             progress = None
             if self.progress is not None:
                 progress = lambda done, total: self.progress(both.name, done, total)  # noqa: E731

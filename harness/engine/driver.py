@@ -190,11 +190,11 @@ def train_members(
 
     train = make_train(problem, spec)
 
-    def first_call(hp, data, x_fit, active):
-        return train(hp, data, x_fit, active)
+    def first_call(hp, data, x_fit, active_steps):
+        return train(hp, data, x_fit, active_steps)
 
-    def advance(state, hp, data, x_fit, t0, active):
-        return train(hp, data, x_fit, active, state, t0)
+    def advance(state, hp, data, x_fit, t0, active_steps):
+        return train(hp, data, x_fit, active_steps, state, t0)
 
     def key(kind):
         return (problem, spec, kind)  # Problems with equal fingerprints share programs
@@ -208,7 +208,7 @@ def train_members(
         state = None
         for c in range(calls):
             inside = []  # (step, evaluation) due inside this chunk (spec.eval_every)
-            active = np.arange(c * per_call, (c + 1) * per_call) < last
+            active = np.int32(np.clip(last - c * per_call, 0, per_call))  # its steps any member trains
             if state is None:
                 state, rec, ev = programs.run(f"{name}/train", first_call, hp, data, x_fit, active,
                                               static_key=key("first"), opt_level=spec.opt_level,

@@ -42,15 +42,9 @@ RUN_ONCE_OPT_LEVEL = 0
 def compile_options() -> dict | None:
     """XLA options for the model stage's programs, which are compiled once per model and run once, so compile
     time is their cost. On CPU, the legacy elemental emitter instead of the newer fusion emitters: the init program
-    compiled in 0.7 s instead of 1.9 s of CPU time here and ran faster too (20 vs 30 ms). On a GPU, no autotuning
-    (XLA times candidate kernels to pick the fastest for runs to come, and there are none): with it off on an H200
-    the 20-layer MLP's model stage compiled in 20.5 s instead of 25.5 and the CNN's in 6.0 instead of 7.2 (one run
-    each, the flag set for the whole process); the training programs keep it, since without it the CNN trained 8x
-    slower."""
-    backend = jax.default_backend()
-    if backend == "cpu":
-        return {"xla_cpu_use_fusion_emitters": False}
-    return {"xla_gpu_autotune_level": 0} if backend in ("gpu", "cuda", "rocm") else None
+    compiled in 0.7 s instead of 1.9 s of CPU time here and ran faster too (20 vs 30 ms). On a GPU, XLA's
+    autotuning off for these programs alone compiled no faster (README, "On a GPU"), so nothing is set there."""
+    return {"xla_cpu_use_fusion_emitters": False} if jax.default_backend() == "cpu" else None
 
 
 # --------------------------------------------------------------------------------------------------------------

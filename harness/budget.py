@@ -9,9 +9,9 @@ user's model (a probe: the member table's own program, run for a few steps, its 
 which is what one of the suite's programs costs to compile and which a suite that keeps that table does not pay
 again), estimates what the configured suite would take from the diagnostics' own requests, and, when that is
 over what the budget has left (the budget less the time the run has already spent: data and model stages, the
-probe), applies the cuts of :data:`CUTS` in order until the estimate fits; when no suite fits, only the cuts that
-save a real share of the time (:data:`MATERIAL`). The report says what was measured, what was cut and what each
-cut costs in confidence; ``budget=null`` (the default) keeps the configured suite.
+probe), applies the cuts of :data:`CUTS` in order until the estimate fits (when no suite fits, all of them, or
+none if together they save less than :data:`MATERIAL` of the time). The report says what was measured, what was
+cut and what each cut costs in confidence; ``budget=null`` (the default) keeps the configured suite.
 
 The order follows what each part of the suite is for: the LR test's second round only sharpens a suggestion the
 first round already makes (``lr_range.refine_reading``); a coarser grid still brackets the best LR; the
@@ -36,16 +36,14 @@ from harness.engine import devices
 from harness.engine.core import Hparams
 from harness.engine.driver import train_members
 
-# The probe trains at least PROBE_MEMBER_STEPS member-steps and PROBE_STEPS steps. Its fixed costs (the first call
-# of a new executable, the evaluation at the end) count as training: on the reference job its member-step came out
-# about a fifth above a plain program's, which errs towards a smaller suite.
+# The probe trains at least PROBE_MEMBER_STEPS member-steps and PROBE_STEPS steps.
 PROBE_STEPS = 10
 PROBE_MEMBER_STEPS = 240
 PROBE_MEMBERS_CPU = 8  # a CPU step costs the same per member from about 8 members on (harness.engine.table)
 MIN_STEPS = 100  # no cut takes a training diagnostic below this many steps
 # The estimate's error, as a share of it: the probe's figures move by 10-30% with the machine's load. When no suite
-# fits the budget, a cut that saves less than this share of the estimate changes the run's end by less than the
-# estimate can tell, and is not made.
+# fits the budget and every cut together saves less than this share of the estimate, they change the run's end by
+# less than the estimate can tell, and none is made.
 MATERIAL = 0.1
 # The capacity ladder's smaller rungs when not in the member table: about four members, masked at half the
 # configured width or less (a quarter of the configured model's FLOPs each): one member-step per step.
@@ -158,7 +156,7 @@ class Plan:
     costs: list[str]  # what each costs in confidence
     settings: dict[str, Any]  # the diagnostics' settings the run uses
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # diagnostic -> why the budget dropped it
-    declined: int = 0  # cuts not made, no suite fitting, because each saved less than MATERIAL of the estimate
+    declined: int = 0  # cuts not made: no suite fitting, all of them saved less than MATERIAL of the estimate
 
     @property
     def left(self) -> float:
@@ -182,10 +180,8 @@ class Plan:
             return head + (f"; {cuts} bring it to about {self.planned_seconds:.0f} s:" if self.changes else
                            "; it fits, nothing was cut.")
         if self.declined:
-            made = f"with {cuts}" if self.changes else "with no cut"
-            return (head + f"; no suite fits: {made} it needs about {self.planned_seconds:.0f} s, over the budget "
-                    f"({self.declined} more would each save under {MATERIAL:.0%} of that time, less than the "
-                    f"estimate can tell, and were not made){':' if self.changes else '.'}")
+            return (head + f"; no suite fits, and all {self.declined} cuts would save under {MATERIAL:.0%} of that "
+                    f"time, less than the estimate can tell: nothing was cut.")
         return (head + f"; after every cut ({cuts}) it still needs about {self.planned_seconds:.0f} s, over the "
                 f"budget (the smallest suite harness runs):")
 
@@ -299,18 +295,20 @@ def measure(ctx, settings: dict[str, Any] | None = None) -> Measured:
     (:func:`table_program`), at its call width, each member's budget a few steps (the rest of its scan skipped):
     its compile is then the table's, which a suite that keeps that table does not pay again. Without a table, a
     program of its own (on CPU, where a step costs the same per member from about :data:`PROBE_MEMBERS_CPU`
-    members on, that many; elsewhere as many as one call trains). The probe's evaluation at the end is counted as
-    training, which errs towards a smaller suite. Every process of a multi-process run uses process 0's figures,
-    so all of them choose the same suite."""
+    members on, that many; elsewhere as many as one call trains). What the call costs whatever its steps (the
+    evaluation at its end, transfers) is counted as training, which errs towards a smaller suite (timed as the
+    difference of two budgets instead, it underestimated the CNN's suite, README). Every process of a
+    multi-process run uses process 0's figures, so all of them choose the same suite."""
     began = time.perf_counter()
     table = table_program(ctx, settings) if settings else None
     if table is not None:
         problem, spec, arrays = table.problem or ctx.problem, table.spec, table.arrays
         members = spec.max_members_per_call  # merged_spec's call width, already whole calls
     else:
-        problem, spec, arrays = ctx.problem, ctx.spec(PROBE_STEPS), ctx.arrays
+        problem, arrays = ctx.problem, ctx.arrays
         members = devices.padded_size(PROBE_MEMBERS_CPU if jax.default_backend() == "cpu"
-                                      else spec.max_members_per_call)
+                                      else ctx.engine.max_members_per_call)
+        spec = ctx.spec(max(PROBE_MEMBER_STEPS // members, PROBE_STEPS))
     steps = min(max(PROBE_MEMBER_STEPS // members, PROBE_STEPS), spec.steps)
     seeds = ctx.seed + np.arange(members)
     hp = Hparams.make(lr=ctx.optim.lr, weight_decay=ctx.optim.weight_decay, init_seed=seeds, data_seed=seeds,
@@ -335,8 +333,8 @@ def plan(ctx, settings: dict[str, Any], names: list[str], budget: float, measure
          elapsed: float | None = None) -> Plan:
     """The suite that ends the run within ``budget`` seconds: the configured one if its estimated training and
     compiles fit in what is left of the budget, else the configured one with the first :data:`CUTS` that bring the
-    estimate under it; if none does, the run ends late whatever is cut, and only the cuts that each save at least
-    :data:`MATERIAL` of the estimate are made. ``measured``: the model's figures (default: :func:`measure`
+    estimate under it (all of them if none does, unless together they save less than :data:`MATERIAL` of the
+    estimate: then none). ``measured``: the model's figures (default: :func:`measure`
     now); ``elapsed``: seconds the run has spent so far (default: since ``ctx.started``, the probe included)."""
     chosen = {name: settings[name] for name in names}  # only what runs is cut
     if measured is None:
@@ -359,36 +357,29 @@ def plan(ctx, settings: dict[str, Any], names: list[str], budget: float, measure
 
     configured, configured_programs = estimate(chosen)
 
-    def apply(cuts_allowed: Callable[[float, float], bool]):
-        """The cuts in order while the estimate is over what is left, each where ``cuts_allowed(before, after)``
-        (estimated seconds)."""
-        current, changes, costs, skipped, declined = chosen, [], [], {}, 0
+    current, changes, costs, skipped = chosen, [], [], {}
+    seconds, compiles = configured, configured_programs
+    for cut in CUTS:
+        if seconds <= left:
+            break
+        smaller = cut.apply(current)
+        if smaller == current:
+            continue  # nothing to cut here (that diagnostic does not run, or is already that small)
+        smaller_seconds, smaller_compiles = estimate(smaller)
+        if smaller_seconds >= seconds:
+            continue  # it would save nothing (shorter seed runs cost programs of their own): confidence for nothing
+        for name in set(current) - set(smaller):
+            skipped[name] = f"not run: the budget ({budget:g} s for the run) dropped it; {cut.cost}"
+        current = smaller
+        changes.append(cut.change)
+        costs.append(cut.cost)
+        seconds, compiles = smaller_seconds, smaller_compiles
+    declined = 0
+    if seconds > left and configured - seconds < MATERIAL * configured:
+        # No suite fits, and every cut together saves less than the estimate's own error: the run ends late
+        # whatever is cut, so nothing is (on an accelerator, where the compiles are the run and the whole suite
+        # trains in a second, no cut helps).
+        declined, current, changes, costs, skipped = len(changes), chosen, [], [], {}
         seconds, compiles = configured, configured_programs
-        for cut in CUTS:
-            if seconds <= left:
-                break
-            smaller = cut.apply(current)
-            if smaller == current:
-                continue  # nothing to cut here (that diagnostic does not run, or is already that small)
-            smaller_seconds, smaller_compiles = estimate(smaller)
-            if not cuts_allowed(seconds, smaller_seconds):
-                declined += smaller_seconds < seconds
-                continue
-            for name in set(current) - set(smaller):
-                skipped[name] = f"not run: the budget ({budget:g} s for the run) dropped it; {cut.cost}"
-            current = smaller
-            changes.append(cut.change)
-            costs.append(cut.cost)
-            seconds, compiles = smaller_seconds, smaller_compiles
-        return current, changes, costs, skipped, seconds, compiles, declined
-
-    # A cut that would save nothing is passed over (shorter seed runs can cost programs of their own).
-    current, changes, costs, skipped, seconds, compiles, declined = apply(lambda before, after: after < before)
-    if seconds > left:
-        # No suite fits: the run ends late whatever is cut. A cut is then confidence traded for time only where
-        # it saves more than the estimate's own error (MATERIAL of it); on an accelerator, where training takes a
-        # second and the compiles are the run, no cut does.
-        current, changes, costs, skipped, seconds, compiles, declined = apply(
-            lambda before, after: before - after >= MATERIAL * before)
     return Plan(budget, measured, elapsed, configured, configured_programs, seconds, compiles, changes, costs,
                 {**settings, **current}, skipped, declined)

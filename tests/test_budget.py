@@ -51,9 +51,7 @@ def test_the_smallest_suite_keeps_the_horizons_that_are_judged(rc):
     (the LR test extrapolates to the horizon it judges, which stays 500). The overfit test keeps its calibrated
     steps; the capacity ladder, which needs the full horizon for every rung, is dropped, with the reason."""
     plan = budget.plan(fresh(), rc.settings, TRAINING, budget=1.0, measured=budget.Measured(1.0), elapsed=0.0)
-    # No suite fits: every cut is made but the determinism rerun's, which saves about 1% of the estimate.
-    assert not plan.fits and plan.declined == 1 and len(plan.changes) == len(budget.CUTS) - 1
-    assert not any("determinism" in c for c in plan.changes) and plan.settings["seeds"].check_determinism
+    assert not plan.fits and len(plan.changes) == len(budget.CUTS) and plan.declined == 0
     s = plan.settings
     assert s["seeds"].steps == s["controls"].steps == s["lr_range"].grid_steps == 125
     assert s["lr_range"].default_horizon == 500 and s["lr_range"].grid_size == 8
@@ -95,33 +93,25 @@ def test_the_budget_counts_the_whole_run_compiles_and_time_already_spent_include
                         elapsed=0.0)
     assert any("half the steps" in c for c in short.changes) and short.planned_programs > 1
     over = budget.plan(ctx, rc.settings, TRAINING, budget=10.0, measured=budget.Measured(1e-4), elapsed=12.0)
-    assert not over.fits and over.left < 0 and len(over.changes) + over.declined == len(budget.CUTS)
-    assert "over the budget" in over.summary()
+    assert not over.fits and over.left < 0 and len(over.changes) == len(budget.CUTS) and "over the budget" in \
+        over.summary()
 
 
-def test_when_no_suite_fits_only_cuts_that_save_real_time_are_made(rc):
+def test_when_no_suite_fits_and_cuts_cannot_help_nothing_is_cut(rc):
     """What the H200 showed: a 20-layer MLP's member-step is 0.03 ms and its training program takes 25 s to
-    compile, so after the model stage and the probe no suite fits a 60 s budget, and every cut saves a fraction of
-    a second. None is made: confidence is not traded for time the estimate cannot tell apart. Where cuts do save
-    time, the same late run still makes them; and the rule only applies once nothing fits."""
+    compile, so after the model stage and the probe no suite fits a 60 s budget, and every cut together saves a
+    fraction of a second. None is made: confidence is not traded for time the estimate cannot tell apart. Where the
+    cuts do save time, the same late run makes them all; and the rule only applies once nothing fits."""
     ctx = fresh()
     compiles = budget.Measured(3.3e-5, compile=25.0)
     late = budget.plan(ctx, rc.settings, TRAINING, budget=60.0, measured=compiles, elapsed=56.0)
     assert not late.fits and late.changes == [] and late.declined >= 3 and late.skipped == {}
     assert late.settings == rc.settings and late.planned_seconds == late.configured_seconds
-    assert "no suite fits: with no cut" in late.summary() and late.to_dict()["declined_cuts"] == late.declined
+    assert "nothing was cut" in late.summary() and late.to_dict()["declined_cuts"] == late.declined
     training = budget.plan(ctx, rc.settings, TRAINING, budget=60.0, measured=budget.Measured(4e-3, compile=10.0),
                            elapsed=56.0)
-    assert not training.fits and len(training.changes) >= 5
+    assert not training.fits and len(training.changes) == len(budget.CUTS) and training.declined == 0
     assert training.planned_seconds < 0.3 * training.configured_seconds
-    chosen, before = {n: rc.settings[n] for n in TRAINING}, training.configured_seconds
-    for change in training.changes:  # each cut made saved at least MATERIAL of the estimate before it
-        chosen = next(c for c in budget.CUTS if c.change == change).apply(chosen)
-        c = budget.cost(ctx, chosen)
-        after = c.member_steps * 4e-3 + c.programs * 10.0
-        assert before - after >= budget.MATERIAL * before
-        before = after
-    assert before == pytest.approx(training.planned_seconds)
     roomy = budget.plan(ctx, rc.settings, TRAINING, budget=200.0, measured=compiles, elapsed=56.0)
     assert roomy.fits and roomy.changes == [] and roomy.declined == 0
     tight = budget.plan(ctx, rc.settings, TRAINING, budget=60.0, measured=budget.Measured(4e-3, compile=10.0),
@@ -172,9 +162,10 @@ def test_a_run_with_a_budget_reports_what_it_cut():
     assert b["budget_seconds"] == 0.01 and b["member_step_ms"] > 0 and not b["fits"]
     assert b["elapsed_seconds"] > 0.01 and b["left_seconds"] < 0 and b["probe_seconds"] > 0
     made = [c.change for c in budget.CUTS if c.change in b["changes"]]
-    assert b["changes"] == made and len(made) >= 4 and len(made) + b["declined_cuts"] < len(budget.CUTS)  # in
-    # order; none fits, so only cuts that save a tenth of the estimate (the last: already at the 100-step floor)
-    assert budget.CUTS[0].change in made and "no capacity ladder" in made
+    assert b["changes"] == made and all(c.change in made for c in budget.CUTS[:3]) and "no capacity ladder" in made
+    # One of the two halvings takes the 200-step runs to the 100-step floor: the first, unless shorter seed runs
+    # would cost more in programs than they save (then the second, once the capacity ladder is dropped).
+    assert (budget.CUTS[3].change in made) != (budget.CUTS[-1].change in made)
     lr = next(o for o in result.outcomes if o.name == "lr_range").metrics
     assert lr["lr_range/horizon_steps"] == 200 and lr["lr_range/grid_steps"] == 100  # extrapolated to 200
     capacity = next(o for o in result.outcomes if o.name == "capacity")

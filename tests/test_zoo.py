@@ -110,7 +110,6 @@ def test_every_setup_builds(setup):
     models = make_model_factory(_factory(model_node), dataset, framework=model_node.get("framework", "auto"))
     assert models.family() == setup.family
     model = models.adapt()
-    x = x_train[:8]
     loss_fn, _ = make_loss(_factory(setup.group_config("loss")), dataset)
 
     def forward(key, x, y):  # abstractly (jax.eval_shape): no compile, no FLOPs; the zoo's runs do the numbers

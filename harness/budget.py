@@ -269,6 +269,16 @@ def ladder_cost(ctx, settings, *, configured_apart: bool, in_table: bool) -> Cos
     return Cost(members * settings.steps, int(configured_apart) + own)
 
 
+def from_process_0(value) -> np.ndarray:
+    """``value`` (seconds) as process 0 of a multi-process run has it, so every process decides alike."""
+    value = np.asarray(value, np.float64)
+    if devices.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        value = np.asarray(multihost_utils.broadcast_one_to_all(value))
+    return value
+
+
 def out_of_time(ctx, needed: Cost) -> str | None:
     """Why a training the plan kept must not start now, or None: with ``budget=``, it is estimated (the probe's
     figures) to end after the run's deadline. The plan's estimates can be off (a program that compiles slower than
@@ -277,11 +287,7 @@ def out_of_time(ctx, needed: Cost) -> str | None:
     plan = ctx.shared.get("_budget")
     if plan is None:
         return None
-    left = plan.budget - (time.perf_counter() - ctx.started)
-    if devices.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        left = float(multihost_utils.broadcast_one_to_all(np.float64(left)))
+    left = float(from_process_0(plan.budget - (time.perf_counter() - ctx.started)))
     seconds = needed.member_steps * plan.measured.member_step + needed.programs * plan.measured.compile
     if seconds <= left:
         return None
@@ -321,11 +327,7 @@ def measure(ctx, settings: dict[str, Any] | None = None) -> Measured:
     before = stats()
     train_members(problem, spec, hp, arrays, name="budget/probe")
     ran, compiled = stats() - before
-    figures = np.array([ran / (members * steps), compiled])
-    if devices.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        figures = np.asarray(multihost_utils.broadcast_one_to_all(figures.astype(np.float64)))
+    figures = from_process_0(np.array([ran / (members * steps), compiled]))
     return Measured(float(figures[0]), float(figures[1]), time.perf_counter() - began, program_key(ctx, table))
 
 
@@ -340,11 +342,7 @@ def plan(ctx, settings: dict[str, Any], names: list[str], budget: float, measure
     if measured is None:
         measured = measure(ctx, chosen)
     if elapsed is None:
-        elapsed = time.perf_counter() - ctx.started
-        if devices.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            elapsed = float(multihost_utils.broadcast_one_to_all(np.float64(elapsed)))
+        elapsed = float(from_process_0(time.perf_counter() - ctx.started))
     left = budget - elapsed
 
     def estimate(chosen: dict[str, Any]) -> tuple[float, int]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import jax
 import numpy as np
@@ -45,6 +46,9 @@ class Request:
     follow_up: int = 0
 
 
+_DEAD = re.compile(r"^\s*(_:\S+\s+)+= ")  # a jaxpr equation whose outputs are all unused
+
+
 def regularization_matters(problem: Problem, x) -> bool:
     """Whether switching regularization off (dropout, stochastic depth) changes the model's training-mode program:
     the jaxprs of ``apply(..., train=True, regularization=True)`` and ``False`` compared as text (tracing only, no
@@ -58,7 +62,11 @@ def regularization_matters(problem: Problem, x) -> bool:
             return model.apply(params, rest, x, key=key, train=True, regularization=regularization)[0]
 
         params, rest = jax.eval_shape(lambda: model.init(key, x))
-        return str(jax.make_jaxpr(f)(params, rest, x))
+        # Without dead equations (every output unused, printed ``_``): the first trace in a process can carry one
+        # (an unused ``random_seed``) that later traces do not, and a model without dropout then looked as if it
+        # had some.
+        return "\n".join(line for line in str(jax.make_jaxpr(f)(params, rest, x)).splitlines()
+                         if not _DEAD.match(line))
 
     try:
         return program(True) != program(False)

@@ -304,10 +304,13 @@ def train_chunk(problem: Problem, spec: TrainSpec, state: State, hp: Hparams, ar
         def choose(new, old):
             return jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, old)
 
+        # Only what a stopped member is read for stays frozen: its parameters and model state (evaluated, returned).
+        # Its optimizer state is never read again (past its budget or non-finite, it never updates), so it takes
+        # whatever the step made of it: freezing it too (Adam's two moments) was most of the freezing's cost.
         new_state = State(
             params=choose(params, state.params),
             rest=choose(new_rest, state.rest),
-            opt_state=choose(opt_state, state.opt_state),
+            opt_state=opt_state,
             alive=state.alive & (finite | ~in_range),
             first_nonfinite=jnp.where(now_bad, t.astype(jnp.int32), state.first_nonfinite),
         )

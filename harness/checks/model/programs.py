@@ -134,9 +134,9 @@ def make_init_program(problem: Problem, with_capture: bool, steps: int):
         # The init, then ``steps`` sign-gradient steps from it (noise.sign_step: Adam's first steps). A parameter
         # whose gradient is zero at the init and along those steps does not learn from this init; a
         # zero-initialized design (a residual branch's output, a ReZero gate, LoRA's B) gets its gradient after the
-        # first step moves the zero weight. Unrolled: as a rolled loop the built-in CNN's backward pass ran 50x
-        # slower on CPU (40 s instead of 0.6 s), while the unrolled steps compile in the time the single vmapped
-        # perturbed gradient did (2.4-2.6 s for the CNN, cold, at level 0 on a loaded 2-core machine).
+        # first step moves the zero weight. A rolled loop: the model's forward and backward pass are compiled once,
+        # not once per step. (It was unrolled while XLA's CPU convolutions ran 50x slower inside a loop; on CPU they
+        # now run as matrix multiplications, harness.engine.convolution.)
         def step(params, _):
             (_, (out, per_example)), grads = jax.value_and_grad(loss, has_aux=True)(params)
             g = model.flat_params(grads)
@@ -146,7 +146,7 @@ def make_init_program(problem: Problem, with_capture: bool, steps: int):
                         finite={k: jnp.all(jnp.isfinite(v)) for k, v in g.items()})
             return sign_step(params, grads, thresholds["perturbation_scale"]), seen
 
-        _, seen = jax.lax.scan(step, params, None, length=steps + 1, unroll=True)
+        _, seen = jax.lax.scan(step, params, None, length=steps + 1)
         out, per_example, out_last = seen["out"][0], seen["per_example"][0], seen["out"][-1]
         p = model.flat_params(params)
         stats = dict(

@@ -269,6 +269,7 @@ def train_chunk(problem: Problem, spec: TrainSpec, state: State, hp: Hparams, ar
     dropout_key = jax.random.fold_in(jax.random.key(hp.init_seed), 0xD809)  # its own stream, per member
     budget = member_budget(spec, hp)
     denom = jnp.maximum(budget - 1, 1).astype(jnp.float32)  # a ramp spans the member's own budget
+    evaluating = evaluate is not None and (spec.eval_every > 0 or (spec.batch_eval_every > 0 and spec.fixed_batch))
 
     def loss_and_rest(params, rest, x, y, key):
         outputs, new_rest = problem.model.apply(params, rest, x, key=key, train=True,
@@ -316,7 +317,7 @@ def train_chunk(problem: Problem, spec: TrainSpec, state: State, hp: Hparams, ar
         )
         recorded = jnp.where(state.alive & in_range, loss, jnp.nan)
         evals = None
-        if evaluate is not None and (spec.eval_every > 0 or (spec.batch_eval_every > 0 and spec.fixed_batch)):
+        if evaluating:
             nan = jnp.full((), jnp.nan, jnp.float32)
             end = t0 + spec.steps_per_call
 
@@ -328,8 +329,10 @@ def train_chunk(problem: Problem, spec: TrainSpec, state: State, hp: Hparams, ar
                                  lambda: jax.lax.cond(batch_eval_due(spec, t, end), lambda: values(False),
                                                       lambda: (nan,) * EVALUATIONS))
         live = state.alive & in_range
-        return new_state, Records(recorded, jnp.where(in_range, grad_norm, jnp.nan), lr_t,
-                                  jnp.where(live, update_norm, jnp.nan), jnp.where(live, param_norm, jnp.nan), evals)
+        f32 = jnp.float32  # every record is a float32 scalar: the skipped steps' records are built without a trace
+        return new_state, Records(recorded.astype(f32), jnp.where(in_range, grad_norm, jnp.nan).astype(f32),
+                                  lr_t.astype(f32), jnp.where(live, update_norm, jnp.nan).astype(f32),
+                                  jnp.where(live, param_norm, jnp.nan).astype(f32), evals)
 
     steps = t0 + jnp.arange(spec.steps_per_call)
     if active_steps is None:
@@ -341,10 +344,10 @@ def train_chunk(problem: Problem, spec: TrainSpec, state: State, hp: Hparams, ar
     # steps. A loop of that length instead of a branch per step: a skipped step under ``lax.cond`` still passed
     # every member's parameters and optimizer state through the conditional (0.7 ms a step for the reference job's
     # 12-member calls on CPU, and a probe of a few steps in a 500-step program paid it 480 times).
-    records = jax.eval_shape(step, state, steps[0])[1]
     lr_all = hp.lr * jnp.exp(hp.lr_growth * steps.astype(jnp.float32) / denom)
-    skipped = jax.tree.map(lambda r: jnp.full((spec.steps_per_call, *r.shape), jnp.nan, r.dtype), records)
-    skipped = skipped._replace(lr=lr_all.astype(records.lr.dtype))
+    nan = jnp.full((spec.steps_per_call,), jnp.nan, jnp.float32)
+    skipped = Records(nan, nan, lr_all.astype(jnp.float32), nan, nan,
+                      (nan,) * EVALUATIONS if evaluating else None)
 
     def body(i, carry):
         state, out = carry

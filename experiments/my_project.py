@@ -19,7 +19,6 @@ The three contracts (see the README):
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 import time
 import traceback
 from typing import Any, Callable
@@ -22,6 +23,7 @@ from harness.checks.registry import DIAGNOSTICS, diagnostic_module, stage
 from harness.config import FactoryConfig, RunConfig
 from harness.data.dataset import Dataset, from_mapping
 from harness.engine.core import Arrays, Problem
+from harness.engine.driver import train_members
 from harness.errors import HarnessError
 from harness.models.adapters import Model, ModelFactory
 from harness.findings import Finding, Severity
@@ -179,22 +181,29 @@ def run_diagnostics(rc: RunConfig, ctx: Context, on_outcome: Callable[[Outcome],
     outcomes: list[Outcome] = []
     names = sorted(rc.diagnostics, key=list(DIAGNOSTICS).index)
     later = [n for n in names if stage(n) not in ("data", "model")]
-    for name in names:
-        if later and name == later[0]:
-            rc = fit_budget(rc, ctx, later, outcomes)
-            plan = ctx.shared.get("_budget")
-            prefetch(rc, ctx, [n for n in later if plan is None or n not in plan.skipped], outcomes)
-        outcome = _run_one(rc, ctx, name, outcomes)
-        outcomes.append(outcome)
-        if on_outcome is not None:
-            on_outcome(outcome)
+    ahead = None
+    try:
+        for name in names:
+            if ahead is None and later and stage(name) == "model":
+                ahead = compile_ahead(rc, ctx, later, outcomes)
+            if later and name == later[0]:
+                rc = fit_budget(rc, ctx, later, outcomes)
+                plan = ctx.shared.get("_budget")
+                prefetch(rc, ctx, [n for n in later if plan is None or n not in plan.skipped], outcomes)
+            outcome = _run_one(rc, ctx, name, outcomes)
+            outcomes.append(outcome)
+            if on_outcome is not None:
+                on_outcome(outcome)
+    finally:
+        if ahead is not None:  # a model stage that blocked training leaves it unused: no thread outlives the run
+            ahead.join()
     return outcomes
 
 
-def prefetch(rc: RunConfig, ctx: Context, names: list[str], previous: list[Outcome]) -> None:
-    """Train what the training diagnostics are about to ask for as few merged programs (the member table,
-    :mod:`harness.engine.table`), before they run: each then finds its first request answered. Best effort: a
-    request that fails here is left to its diagnostic, which trains it alone and reports what went wrong."""
+def announced(rc: RunConfig, ctx: Context, names: list[str], previous: list[Outcome]) -> list:
+    """The training requests (:class:`harness.engine.table.Request`) of the diagnostics ``names`` that are not
+    blocked by ``previous`` findings. Best effort: a diagnostic that fails to announce will meet (and report) the
+    same problem when it runs."""
     blocked = blocked_stages([f for o in previous for f in o.findings])
     requests = []
     for name in names:
@@ -203,10 +212,41 @@ def prefetch(rc: RunConfig, ctx: Context, names: list[str], previous: list[Outco
             continue
         try:
             requests += announce(ctx, rc.settings[name])
-        except Exception:  # noqa: BLE001 -- the diagnostic itself will meet (and report) the same problem
+        except Exception:  # noqa: BLE001
             continue
+    return requests
+
+
+def compile_ahead(rc: RunConfig, ctx: Context, names: list[str], previous: list[Outcome]):
+    """Start compiling the member table's programs (:func:`harness.engine.driver.compile_ahead`) in a thread, so
+    they compile while the model stage runs (XLA's compile releases the GIL; a training call that needs a program
+    still compiling waits for it). Returns the thread, or None without a table to compile or with ``budget=``,
+    whose probe times the table's program itself. Best effort: what fails here fails again, and is reported,
+    where the table trains."""
+    if rc.budget is not None or ctx.train_fn is not train_members:
+        return None
+    from harness.engine import driver
+
+    def work():
+        try:
+            for _, both in ctx.table(announced(rc, ctx, names, previous)):
+                driver.compile_ahead(both.problem or ctx.problem, both.spec, both.hparams, both.arrays,
+                                     name="table")
+        except Exception:  # noqa: BLE001
+            if rc.debug:
+                traceback.print_exc()
+
+    thread = threading.Thread(target=work, name="harness-compile-ahead", daemon=True)
+    thread.start()
+    return thread
+
+
+def prefetch(rc: RunConfig, ctx: Context, names: list[str], previous: list[Outcome]) -> None:
+    """Train what the training diagnostics are about to ask for as few merged programs (the member table,
+    :mod:`harness.engine.table`), before they run: each then finds its first request answered. Best effort: a
+    request that fails here is left to its diagnostic, which trains it alone and reports what went wrong."""
     try:
-        ctx.prefetch(requests)
+        ctx.prefetch(announced(rc, ctx, names, previous))
     except HarnessError:
         raise
     except Exception:  # noqa: BLE001 -- as above: the diagnostics train on their own

@@ -9,6 +9,7 @@ reuse the program, and a default run compiles one training program for seeds, co
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import numpy as np
 import pytest
@@ -16,9 +17,10 @@ from helpers import compose
 
 from harness.checks.training import controls, lr_range, overfit_batch, seeds
 from harness.engine import compile as programs
-from harness.engine import table
+from harness.engine import driver, table
 from harness.engine.core import Hparams, TrainSpec
 from harness.engine.driver import SweepResult, eval_schedule
+from harness import pipeline
 from harness.pipeline import build_context, run
 
 SMALL_LR = lr_range.Settings(grid_size=12, grid_steps=100)
@@ -171,13 +173,26 @@ def test_each_share_is_what_the_merged_program_gives_its_rows_alone(ctx):
     assert programs.STATS.compiles == before + 1
 
 
-def test_a_default_run_trains_one_program_for_the_training_diagnostics():
+def test_a_default_run_trains_one_program_for_the_training_diagnostics(monkeypatch):
     rc = compose(["logger=none", "diagnostics.seeds.steps=100", "diagnostics.overfit_batch.steps=100",
                   "diagnostics.controls.steps=100", "diagnostics.lr_range.grid_steps=100",
                   "diagnostics.capacity.steps=100",
                   "diagnostics.run=[model,overfit_batch,seeds,controls,lr_range,capacity]"])
     before = {k: dict(v) for k, v in programs.STATS.by_program.items()}
+    ahead = []  # (thread, members, steps) of each program compiled ahead
+    compile_ahead = driver.compile_ahead
+
+    def recording(problem, spec, hparams, arrays, **kw):
+        ahead.append((threading.current_thread().name, len(hparams), spec.steps))
+        return compile_ahead(problem, spec, hparams, arrays, **kw)
+
+    monkeypatch.setattr(driver, "compile_ahead", recording)
     result = run(rc)
+    # The table's program was compiled beside the model stage, in a thread that did not outlive the run.
+    table_rows = sum(len(r.hparams) for r in pipeline.announced(rc, result.context, [
+        "overfit_batch", "seeds", "controls", "lr_range", "capacity"], []))
+    assert ahead == [("harness-compile-ahead", table_rows, 100)]
+    assert not any(t.name == "harness-compile-ahead" for t in threading.enumerate())
     runs = {k: v["runs"] - before.get(k, {}).get("runs", 0) for k, v in programs.STATS.by_program.items()}
     assert result.status == "healthy", [f.message for f in result.findings]
     ran = {k for k, v in programs.STATS.by_program.items()
@@ -194,6 +209,11 @@ def test_a_default_run_trains_one_program_for_the_training_diagnostics():
     assert capacity["capacity/trained"] == 6 and runs["capacity/train"] == 1
     assert programs.STATS.by_program["lr_range/refine/train"]["compiles"] == before.get(
         "lr_range/refine/train", {}).get("compiles", 0)
+
+
+def test_nothing_is_compiled_ahead_with_a_budget_whose_probe_times_the_table(ctx):
+    budgeted = compose(["logger=none", "budget=60"])
+    assert pipeline.compile_ahead(budgeted, ctx, ["seeds", "lr_range"], []) is None
 
 
 def test_regularization_matters_only_for_a_model_with_dropout(ctx):

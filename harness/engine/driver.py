@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import numpy as np
@@ -162,6 +162,49 @@ def prepare_arrays(arrays: Arrays, spec: TrainSpec) -> tuple[Arrays, Any]:
     return devices.replicate(capped), devices.replicate(np.asarray(arrays.x_train[:n_fit]))
 
 
+class _Calls(NamedTuple):
+    """What :func:`train_members` trains with."""
+
+    spec: TrainSpec  # at its chunk length
+    data: Arrays  # on the devices
+    x_fit: Any
+    width: int  # members per call
+    budgets: np.ndarray  # each member's steps
+    order: list[np.ndarray]  # the calls' members (call_groups)
+    first_call: Callable  # the first chunk's program, which initializes the members
+    advance: Callable  # the next chunks'
+    key: Callable[[str], tuple]  # their static keys
+
+
+def _calls(problem: Problem, spec: TrainSpec, hparams: Hparams, arrays: Arrays) -> _Calls:
+    spec = dataclasses.replace(spec, steps_per_call=_chunk_plan(spec)[1])
+    data, x_fit = prepare_arrays(arrays, spec)
+    width = devices.padded_size(min(len(hparams), spec.max_members_per_call))
+    budgets = np.asarray(jax.device_get(member_budget(spec, hparams)))
+    train = make_train(problem, spec)
+
+    def first_call(hp, data, x_fit, active_steps):
+        return train(hp, data, x_fit, active_steps)
+
+    def advance(state, hp, data, x_fit, t0, active_steps):
+        return train(hp, data, x_fit, active_steps, state, t0)
+
+    def key(kind):
+        return (problem, spec, kind)  # Problems with equal fingerprints share programs
+
+    return _Calls(spec, data, x_fit, width, budgets, call_groups(budgets, width), first_call, advance, key)
+
+
+def compile_ahead(problem: Problem, spec: TrainSpec, hparams: Hparams, arrays: Arrays, *, name: str = "train"):
+    """Compile the program whose first call :func:`train_members` will make with these arguments, without running
+    it: a later ``train_members`` finds it compiled (or waits for this compile, :func:`harness.engine.compile.
+    compiled`). The pipeline compiles the member table's program this way while the model stage runs."""
+    c = _calls(problem, spec, hparams, arrays)
+    hp = devices.shard_members(devices.pad_members(hparams.take(c.order[0]), c.width))
+    programs.compiled(f"{name}/train", c.first_call, hp, c.data, c.x_fit, np.int32(0), static_key=c.key("first"),
+                      opt_level=c.spec.opt_level, options=cpu_options())
+
+
 def train_members(
     problem: Problem,
     spec: TrainSpec,
@@ -177,27 +220,10 @@ def train_members(
     """
     original_spec = spec
     calls, per_call = _chunk_plan(spec)
-    spec = dataclasses.replace(spec, steps_per_call=per_call)
-    data, x_fit = prepare_arrays(arrays, spec)
-
-    n = len(hparams)
-    width = devices.padded_size(min(n, spec.max_members_per_call))
-    budgets = np.asarray(jax.device_get(member_budget(spec, hparams)))
-    order = call_groups(budgets, width)
+    spec, data, x_fit, width, budgets, order, first_call, advance, key = _calls(problem, spec, hparams, arrays)
     groups = [hparams.take(index) for index in order]
     total_work = len(groups) * calls
     done = 0
-
-    train = make_train(problem, spec)
-
-    def first_call(hp, data, x_fit, active_steps):
-        return train(hp, data, x_fit, active_steps)
-
-    def advance(state, hp, data, x_fit, t0, active_steps):
-        return train(hp, data, x_fit, active_steps, state, t0)
-
-    def key(kind):
-        return (problem, spec, kind)  # Problems with equal fingerprints share programs
 
     outputs = []
     for index, group in zip(order, groups):

@@ -176,12 +176,13 @@ def run_diagnostics(rc: RunConfig, ctx: Context, on_outcome: Callable[[Outcome],
 
     The data and model stages run first: their errors can block what follows (:data:`BLOCKING`). Then the budget
     is fitted (:func:`fit_budget`) and the training diagnostics' announced requests are trained as one member table
-    (:func:`prefetch`), so each training diagnostic finds its training done and only reads and judges it.
+    (:func:`prefetch`), so each training diagnostic finds its training done and only reads and judges it. Without
+    a budget, the member table's program compiles while the model stage runs (:func:`compile_ahead`).
     """
     outcomes: list[Outcome] = []
     names = sorted(rc.diagnostics, key=list(DIAGNOSTICS).index)
     later = [n for n in names if stage(n) not in ("data", "model")]
-    ahead = None
+    ahead, interrupted = None, False
     try:
         for name in names:
             if ahead is None and later and stage(name) == "model":
@@ -194,9 +195,12 @@ def run_diagnostics(rc: RunConfig, ctx: Context, on_outcome: Callable[[Outcome],
             outcomes.append(outcome)
             if on_outcome is not None:
                 on_outcome(outcome)
+    except KeyboardInterrupt:
+        interrupted = True  # the user stops the run: no waiting for a compile nobody will use
+        raise
     finally:
-        if ahead is not None:  # a model stage that blocked training leaves it unused: no thread outlives the run
-            ahead.join()
+        if ahead is not None and not interrupted:  # unused after a model stage that blocked training: no thread
+            ahead.join()  # outlives the run
     return outcomes
 
 

@@ -30,7 +30,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import numpy as np
 
-from harness.checks.registry import diagnostic_module
+from harness.checks.registry import announced
 from harness.engine import compile as programs
 from harness.engine import devices
 from harness.engine.core import Hparams
@@ -195,19 +195,6 @@ class Plan:
                 "fits": self.fits, "changes": self.changes, "costs": self.costs, "skipped": self.skipped,
                 "declined_cuts": self.declined,
                 "summary": self.summary()}
-
-
-def announced(ctx, settings: dict[str, Any]) -> dict[str, list]:
-    """The training requests (:class:`harness.engine.table.Request`) each diagnostic in ``settings`` announces
-    (none where it announces nothing, or fails to: the diagnostic will report its own problem)."""
-    out = {}
-    for name, s in settings.items():
-        announce = getattr(diagnostic_module(name), "requests", None)
-        try:
-            out[name] = [] if announce is None else list(announce(ctx, s))
-        except Exception:  # noqa: BLE001
-            out[name] = []
-    return out
 
 
 def table_program(ctx, settings: dict[str, Any]):

@@ -19,11 +19,12 @@ import numpy as np
 
 from harness import losses
 from harness.checks.base import Context, Outcome
+from harness.checks import registry
 from harness.checks.registry import DIAGNOSTICS, diagnostic_module, stage
 from harness.config import FactoryConfig, RunConfig
 from harness.data.dataset import Dataset, from_mapping
 from harness.engine.core import Arrays, Problem
-from harness.engine.driver import train_members
+from harness.engine import driver
 from harness.errors import HarnessError
 from harness.models.adapters import Model, ModelFactory
 from harness.findings import Finding, Severity
@@ -205,20 +206,11 @@ def run_diagnostics(rc: RunConfig, ctx: Context, on_outcome: Callable[[Outcome],
 
 
 def announced(rc: RunConfig, ctx: Context, names: list[str], previous: list[Outcome]) -> list:
-    """The training requests (:class:`harness.engine.table.Request`) of the diagnostics ``names`` that are not
-    blocked by ``previous`` findings. Best effort: a diagnostic that fails to announce will meet (and report) the
-    same problem when it runs."""
+    """The training requests of the diagnostics ``names`` that ``previous`` findings do not block, in order
+    (:func:`harness.checks.registry.announced`)."""
     blocked = blocked_stages([f for o in previous for f in o.findings])
-    requests = []
-    for name in names:
-        announce = getattr(diagnostic_module(name), "requests", None)
-        if announce is None or stage(name) in blocked:
-            continue
-        try:
-            requests += announce(ctx, rc.settings[name])
-        except Exception:  # noqa: BLE001
-            continue
-    return requests
+    settings = {n: rc.settings[n] for n in names if n in rc.settings and stage(n) not in blocked}
+    return [r for requests in registry.announced(ctx, settings).values() for r in requests]
 
 
 def compile_ahead(rc: RunConfig, ctx: Context, names: list[str], previous: list[Outcome]):
@@ -227,9 +219,8 @@ def compile_ahead(rc: RunConfig, ctx: Context, names: list[str], previous: list[
     still compiling waits for it). Returns the thread, or None without a table to compile or with ``budget=``,
     whose probe times the table's program itself. Best effort: what fails here fails again, and is reported,
     where the table trains."""
-    if rc.budget is not None or ctx.train_fn is not train_members:
+    if rc.budget is not None or ctx.train_fn is not driver.train_members:
         return None
-    from harness.engine import driver
 
     def work():
         try:

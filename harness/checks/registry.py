@@ -33,3 +33,17 @@ def diagnostic_module(name: str) -> ModuleType:
 
 def stage(name: str) -> str:
     return DIAGNOSTICS[name][1]
+
+
+def announced(ctx, settings: dict) -> dict[str, list]:
+    """The training requests (:class:`harness.engine.table.Request`) each diagnostic in ``settings`` (name ->
+    its Settings) announces through its ``requests(ctx, settings)``: none where it announces nothing, or fails to
+    (the diagnostic will meet, and report, the same problem when it runs)."""
+    out = {}
+    for name, s in settings.items():
+        announce = getattr(diagnostic_module(name), "requests", None)
+        try:
+            out[name] = [] if announce is None else list(announce(ctx, s))
+        except Exception:  # noqa: BLE001
+            out[name] = []
+    return out

@@ -24,6 +24,7 @@ way: the budget goes to the measurements that still decide something.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -206,6 +207,25 @@ def table_program(ctx, settings: dict[str, Any]):
     return max((both for _, both in groups), key=lambda b: len(b.hparams) * b.spec.steps)
 
 
+def probe_program(ctx, settings: dict[str, Any]):
+    """The program the probe compiles and times: the configured member table's (:func:`table_program`), evaluating
+    inside the run as often as any suite the cuts make asks (their LR grids, trained shorter than the horizon they
+    are judged at, evaluate to extrapolate). A cut suite's table then trains by it (:func:`harness.engine.table.onto`:
+    fewer rows, the shorter runs as budgets) instead of compiling a program of its own, which on a deep model costs
+    as much as the probe again. None when the settings train no member table."""
+    program = table_program(ctx, settings)
+    if program is None:
+        return None
+    cadences, smaller = [program.spec.eval_every], settings
+    for cut in CUTS:
+        smaller = cut.apply(smaller)
+        table = table_program(ctx, smaller)
+        if table is not None:
+            cadences.append(table.spec.eval_every)
+    every = math.gcd(*cadences)
+    return dataclasses.replace(program, spec=dataclasses.replace(program.spec, eval_every=every))
+
+
 def program_key(ctx, request) -> tuple | None:
     """What makes a merged request's program: its problem, its spec (the call width included) and its fixed
     batch."""
@@ -285,15 +305,16 @@ def out_of_time(ctx, needed: Cost) -> str | None:
 def measure(ctx, settings: dict[str, Any] | None = None) -> Measured:
     """The configured model's member-step and compile time, from a probe of a few members for a few steps, its run
     timed apart from its compile. The probe runs the program of the member table that ``settings`` train
-    (:func:`table_program`), at its call width, each member's budget a few steps (the rest of its scan skipped):
-    its compile is then the table's, which a suite that keeps that table does not pay again. Without a table, a
+    (:func:`probe_program`), at its call width, each member's budget a few steps (the rest of its scan skipped):
+    its compile is then the table's, which the suite does not pay again, cut or not (the table trains by the
+    probe's program, ``ctx.shared["_probed_program"]``, whenever it can). Without a table, a
     program of its own (on CPU, where a step costs the same per member from about :data:`PROBE_MEMBERS_CPU`
     members on, that many; elsewhere as many as one call trains). What the call costs whatever its steps (the
     evaluation at its end, transfers) is counted as training, which errs towards a smaller suite (timed as the
     difference of two budgets instead, it underestimated the CNN's suite, README). Every process of a
     multi-process run uses process 0's figures, so all of them choose the same suite."""
     began = time.perf_counter()
-    table = table_program(ctx, settings) if settings else None
+    table = probe_program(ctx, settings) if settings else None
     if table is not None:
         problem, spec, arrays = table.problem or ctx.problem, table.spec, table.arrays
         members = spec.max_members_per_call  # merged_spec's call width, already whole calls
@@ -314,6 +335,8 @@ def measure(ctx, settings: dict[str, Any] | None = None) -> Measured:
     before = stats()
     train_members(problem, spec, hp, arrays, name="budget/probe")
     ran, compiled = stats() - before
+    if table is not None:
+        ctx.shared["_probed_program"] = table  # the member table trains by it (Context.table)
     figures = from_process_0(np.array([ran / (members * steps), compiled]))
     return Measured(float(figures[0]), float(figures[1]), time.perf_counter() - began, program_key(ctx, table))
 

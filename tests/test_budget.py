@@ -151,14 +151,20 @@ def test_the_probe_measures_the_configured_model():
 
 
 def test_a_run_with_a_budget_reports_what_it_cut():
+    from harness.engine import compile as programs
     from harness.pipeline import run
     from harness.report import writer
 
     rc = compose(["logger=none", "budget=0.01", "diagnostics.run=[seeds,lr_range,capacity]",
                   "diagnostics.seeds.steps=200", "diagnostics.lr_range.grid_steps=200",
                   "diagnostics.lr_range.default_horizon=200"])
+    before = {k: dict(v) for k, v in programs.STATS.by_program.items()}
     result = run(rc)
     b = result.budget
+    # The cut suite's member table trained by the probe's program: the probe's one compile was the training's.
+    table, earlier = programs.STATS.by_program["table/train"], before.get("table/train", {})
+    assert table["compiles"] == earlier.get("compiles", 0) and table["runs"] > earlier.get("runs", 0)
+    assert b["planned_programs"] == 0
     assert b["budget_seconds"] == 0.01 and b["member_step_ms"] > 0 and not b["fits"]
     assert b["elapsed_seconds"] > 0.01 and b["left_seconds"] < 0 and b["probe_seconds"] > 0
     made = [c.change for c in budget.CUTS if c.change in b["changes"]]

@@ -127,7 +127,8 @@ class Context:
 
     def table(self, requests: list) -> list[tuple[list, Any]]:
         """The programs ``requests`` (:class:`harness.engine.table.Request`) train as when merged
-        (:func:`harness.engine.table.plan`): each group's requests and their merged request. Empty when there is
+        (:func:`harness.engine.table.plan`): each group's requests and their merged request (trained by the budget's
+        probe's program when it can be, :func:`harness.engine.table.onto`). Empty when there is
         nothing to merge, or when a collapsed multirun's trainer merges across sweep points instead. Whether the
         model's regularization and loss let requests share (traced once per run) is remembered."""
         from harness.engine import table
@@ -142,7 +143,14 @@ class Context:
             traits["repeat"] = table.per_example_loss(self.problem, self.arrays.x_train[:2], self.arrays.y_train[:2])
         groups = table.plan(requests, self.arrays, self.batch_size, mixed and traits["free"], traits["repeat"],
                             self.problem)
-        return [(parts, table.merged(parts, self.arrays)) for parts in ([requests[i] for i in g] for g in groups)]
+        # With budget=, the probe compiled a member table's program (harness.budget.probe_program): a group it
+        # can train is trained by it, whatever the budget cut, instead of compiling a program of the cut suite's.
+        compiled = self.shared.get("_probed_program")
+        out = []
+        for parts in ([requests[i] for i in g] for g in groups):
+            both = table.merged(parts, self.arrays)
+            out.append((parts, (compiled is not None and table.onto(parts, both, compiled)) or both))
+        return out
 
     def prefetch(self, requests: list) -> int:
         """Train the training diagnostics' announced requests (:class:`harness.engine.table.Request`) merged into

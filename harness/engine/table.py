@@ -240,6 +240,42 @@ def merged(requests: list[Request], base: Arrays) -> Request:
     return Request("+".join(r.name for r in requests), spec, hparams, arrays, problem=problem)
 
 
+def onto(parts: list[Request], both: Request, program: Request) -> Request | None:
+    """``both`` (the merged request of ``parts``) trained by ``program``, a merged request whose program is already
+    compiled (the budget's probe, :func:`harness.budget.probe_program`): its spec, call width, arrays and model, the
+    rows' steps as their budgets. A smaller suite than the one ``program`` was made for (fewer rows, shorter runs)
+    then compiles nothing. None when some part cannot be read off that program: another batch, model, fixed batch
+    or chunking, more steps, parameters it does not return, or an evaluation it does not make (a request's last
+    step may be read at the first chunk end after it, evaluated after the chunk's loop, where its members have
+    stopped; an evaluation inside the loop past the call's longest budget is never computed)."""
+    s, p = both.spec, program.spec
+    if (s.steps > p.steps or (s.return_params and not p.return_params)
+            or any(getattr(s, f) != getattr(p, f) for f in ("batch_size", "regularization", "steps_per_call",
+                                                             "max_eval_examples", "opt_level"))):
+        return None
+    if both.problem is not None and both.problem != program.problem:
+        return None
+    if any(a is not b for a, b in zip(both.arrays[:4], program.arrays[:4])):
+        return None
+    if s.fixed_batch and (s.fixed_batch != p.fixed_batch
+                          or not np.array_equal(both.arrays.fixed_index, program.arrays.fixed_index)):
+        return None
+    schedule = eval_schedule(p)
+    batch_only = batch_only_evals(p)
+    chunk_ends = set(eval_schedule(dataclasses.replace(p, eval_every=0, batch_eval_every=0)))
+    for r in parts:
+        own, columns = eval_schedule(r.spec), schedule_map(r.spec, schedule)
+        if columns is None:
+            return None
+        own_batch_only = batch_only_evals(r.spec)
+        for step, column in zip(own, columns):
+            at = schedule[column]
+            if (at != step and at not in chunk_ends) or (at in batch_only and step not in own_batch_only):
+                return None
+    return Request(both.name, p, with_budget(both.hparams, s.steps, p.steps), program.arrays,
+                   problem=program.problem)
+
+
 def split(result: SweepResult, rows: slice, request: Request) -> SweepResult:
     """``request``'s share of a merged result: its rows, its steps, and the evaluations of its own schedule."""
     own = eval_schedule(request.spec)

@@ -24,7 +24,6 @@ way: the budget goes to the measurements that still decide something.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -34,7 +33,7 @@ import numpy as np
 from harness.checks.registry import announced
 from harness.engine import compile as programs
 from harness.engine import devices
-from harness.engine.core import Hparams
+from harness.engine.core import Hparams, program_spec
 from harness.engine.driver import train_members
 
 # The probe trains at least PROBE_MEMBER_STEPS member-steps and PROBE_STEPS steps.
@@ -208,31 +207,25 @@ def table_program(ctx, settings: dict[str, Any]):
 
 
 def probe_program(ctx, settings: dict[str, Any]):
-    """The program the probe compiles and times: the configured member table's (:func:`table_program`), evaluating
-    inside the run as often as any suite the cuts make asks (their LR grids, trained shorter than the horizon they
-    are judged at, evaluate to extrapolate). A cut suite's table then trains by it (:func:`harness.engine.table.onto`:
-    fewer rows, the shorter runs as budgets) instead of compiling a program of its own, which on a deep model costs
-    as much as the probe again. None when the settings train no member table."""
+    """The program the probe compiles and times: the configured member table's (:func:`table_program`), with its
+    evaluations inside the chunks compiled even where the configured suite evaluates only at their ends (the
+    cadence is an argument of the program: :func:`harness.engine.core.program_spec`). A cut suite's table then
+    trains by it (:func:`harness.engine.table.onto`: fewer rows, the shorter runs as budgets, an LR grid that
+    evaluates to extrapolate) instead of compiling a program of its own, which on a deep model costs as much as the
+    probe again. None when the settings train no member table."""
     program = table_program(ctx, settings)
     if program is None:
         return None
-    cadences, smaller = [program.spec.eval_every], settings
-    for cut in CUTS:
-        smaller = cut.apply(smaller)
-        table = table_program(ctx, smaller)
-        if table is not None:
-            cadences.append(table.spec.eval_every)
-    every = math.gcd(*cadences)
-    return dataclasses.replace(program, spec=dataclasses.replace(program.spec, eval_every=every))
+    return dataclasses.replace(program, spec=dataclasses.replace(program.spec, inside_evals=True))
 
 
 def program_key(ctx, request) -> tuple | None:
-    """What makes a merged request's program: its problem, its spec (the call width included) and its fixed
-    batch."""
+    """What makes a merged request's program: its problem, its spec (the call width included, not the evaluation
+    cadence: :func:`harness.engine.core.program_spec`) and its fixed batch."""
     if request is None:
         return None
     fixed = request.arrays.fixed_index if request.arrays is not None else None
-    return (request.problem or ctx.problem, request.spec,
+    return (request.problem or ctx.problem, program_spec(request.spec),
             None if fixed is None else tuple(np.asarray(fixed).tolist()))
 
 

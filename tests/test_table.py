@@ -225,23 +225,25 @@ def test_regularization_matters_only_for_a_model_with_dropout(ctx):
 
 def test_a_smaller_suite_trains_by_an_already_compiled_tables_program(ctx):
     """The budget's probe compiles the configured table's program; the suite its cuts leave (fewer rows, shorter
-    runs) trains by that program, its shorter runs as budgets, and compiles nothing. Each share is still bitwise
-    what that program gives its rows alone; a request the program cannot answer (more steps, an evaluation it does
-    not make) is not put onto it."""
+    runs, an LR grid that evaluates to extrapolate) trains by that program, its shorter runs as budgets and its
+    evaluation cadence passed to it, and compiles nothing. Each share is still bitwise what that program gives its
+    rows alone; a request the program cannot answer (more steps, evaluations inside a program that has none) is
+    not put onto it."""
     long_grid = lr_range.Settings(grid_size=12, grid_steps=200, default_horizon=200)
     short_grid = dataclasses.replace(long_grid, grid_steps=100)  # extrapolated to 200: evaluates every 20 steps
-    configured = (seeds.requests(ctx, seeds.Settings(steps=200, check_determinism=False))
+    configured = (overfit_batch.requests(ctx, overfit_batch.Settings(steps=200))
+                  + seeds.requests(ctx, seeds.Settings(steps=200, check_determinism=False))
                   + lr_range.requests(ctx, long_grid))
     cut = (seeds.requests(ctx, seeds.Settings(steps=100, check_determinism=False))
            + lr_range.requests(ctx, short_grid))
-    [(_, whole)] = ctx.table(configured)
+    [(_, program)] = ctx.table(configured)  # the overfit test's batch evaluated inside, every 50 steps
     [(_, smaller)] = ctx.table(cut)
-    assert whole.spec.eval_every == 0 and smaller.spec.eval_every == 20 and smaller.spec.steps == 100
-    assert table.onto(cut, smaller, whole) is None  # the configured program never evaluates inside the run
-    program = dataclasses.replace(whole, spec=dataclasses.replace(whole.spec, eval_every=20))
+    assert program.spec.eval_every == 0 and program.spec.batch_eval_every == 50
+    assert smaller.spec.eval_every == 20 and smaller.spec.steps == 100 and not smaller.spec.fixed_batch
     fresh = dataclasses.replace(ctx, shared={"_probed_program": program})
     [(parts, onto)] = fresh.table(cut)
-    assert onto.spec == program.spec and onto.arrays is program.arrays and len(onto.hparams) == len(smaller.hparams)
+    assert onto.spec == dataclasses.replace(program.spec, eval_every=20, batch_eval_every=0, inside_evals=True)
+    assert onto.arrays is program.arrays and len(onto.hparams) == len(smaller.hparams)
     assert (np.asarray(onto.hparams.steps) == 100).all()  # the cut steps, as budgets
     probe = program.hparams.take(np.arange(program.spec.max_members_per_call) % len(program.hparams))
     driver.train_members(ctx.problem, program.spec, probe, program.arrays)  # what the budget's probe compiles
@@ -250,15 +252,18 @@ def test_a_smaller_suite_trains_by_an_already_compiled_tables_program(ctx):
     first = seeds.train_seeds(fresh, 100, 4)
     assert first.loss.shape[1] == 100 and np.isfinite(first.loss).all()
     grid_plan, grid = lr_range.run_program(fresh, short_grid)
-    assert list(grid.eval_steps) == eval_schedule(smaller.spec)[:len(grid.eval_steps)]
+    assert list(grid.eval_steps) == eval_schedule(smaller.spec)
     assert np.isfinite(grid.val_loss).all()  # every evaluation it asked for was made inside the calls' budgets
-    rows = onto.hparams.take(np.arange(program.spec.max_members_per_call) % 4)  # the seed rows, a call's width
-    alone = driver.train_members(ctx.problem, program.spec, rows, program.arrays)
-    np.testing.assert_array_equal(alone.loss[:4, :100], first.loss)
+    rows = onto.hparams.take(np.arange(4))  # the seed rows (at least a call's width: the same program)
+    assert program.spec.max_members_per_call <= 4
+    alone = driver.train_members(ctx.problem, onto.spec, rows, program.arrays)
+    np.testing.assert_array_equal(alone.loss[:, :100], first.loss)
     assert programs.STATS.compiles == before
-    # Not onto it: longer runs than it trains, an evaluation it does not make.
+    # Not onto it: longer runs than it trains; evaluations inside a program that has none.
     longer = seeds.requests(ctx, seeds.Settings(steps=300, check_determinism=False)) + lr_range.requests(ctx, short_grid)
-    odd = [table.Request("odd", spec(steps=100, eval_every=7), cut[0].hparams), *cut]
-    for requests in (longer, odd):
-        for parts, both in ctx.table(requests):
-            assert table.onto(parts, both, program) is None
+    for parts, both in ctx.table(longer):
+        assert table.onto(parts, both, program) is None
+    [(_, plain)] = ctx.table(configured[1:])  # without the overfit test: no evaluation inside its chunks
+    assert table.onto(cut, smaller, plain) is None
+    capable = dataclasses.replace(plain, spec=dataclasses.replace(plain.spec, inside_evals=True))  # the probe's
+    assert table.onto(cut, smaller, capable).spec.eval_every == 20

@@ -143,7 +143,7 @@ class Context:
             traits["repeat"] = table.per_example_loss(self.problem, self.arrays.x_train[:2], self.arrays.y_train[:2])
         groups = table.plan(requests, self.arrays, self.batch_size, mixed and traits["free"], traits["repeat"],
                             self.problem)
-        # With budget=, the probe compiled a member table's program (harness.budget.probe_program): a group it
+        # With budget=, the probe compiled a member table's program (harness.budget.measure): a group it
         # can train is trained by it, whatever the budget cut, instead of compiling a program of the cut suite's.
         compiled = self.shared.get("_probed_program")
         out = []

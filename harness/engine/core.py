@@ -117,6 +117,9 @@ class TrainSpec:
     # Evaluate only the fixed batch (its loss and accuracy; the other values NaN) after every this many steps, inside
     # the chunk: overfit one batch's curve, without the validation and fit-subset passes every member would pay for.
     batch_eval_every: int = 0
+    # Compile the evaluations inside the chunks even at a cadence of 0: a program that requests evaluating at other
+    # cadences will reuse (the cadence is an argument of the compiled program, program_spec).
+    inside_evals: bool = False
     max_members_per_call: int = 64
     return_params: bool = False
     max_eval_examples: int = 2048
@@ -235,20 +238,49 @@ def member_budget(spec: TrainSpec, hp: Hparams):
     return jnp.where(hp.steps > 0, jnp.minimum(hp.steps, spec.steps), spec.steps)
 
 
-def eval_due(spec: TrainSpec, t, chunk_end, every: int | None = None):
+class Cadence(NamedTuple):
+    """The evaluations inside a chunk: after every ``eval_every`` steps (the validation set, the fit subset and the
+    fixed batch) and every ``batch_eval_every`` steps (the fixed batch only); 0 for none. A compiled program
+    takes them as traced scalars, the same for every member of a call (:func:`program_spec`), so requests that
+    differ only in how often they evaluate share one program (a budget's cut suite trains by its probe's)."""
+
+    eval_every: Any
+    batch_eval_every: Any
+
+    @classmethod
+    def of(cls, spec: TrainSpec) -> "Cadence":
+        return cls(np.int32(spec.eval_every), np.int32(spec.batch_eval_every if spec.fixed_batch else 0))
+
+
+def evaluates_inside(spec: TrainSpec) -> bool:
+    """Whether a chunk's program evaluates inside the chunk (at a cadence it is passed, :class:`Cadence`)."""
+    return spec.eval_every > 0 or (spec.batch_eval_every > 0 and bool(spec.fixed_batch)) or spec.inside_evals
+
+
+def program_spec(spec: TrainSpec) -> TrainSpec:
+    """What a compiled program of ``spec`` depends on: whether its chunks evaluate inside at all (the nested
+    ``lax.cond`` of :func:`train_chunk` and its records), not how often, which each call passes
+    (:class:`Cadence`)."""
+    inside = int(evaluates_inside(spec))
+    return dataclasses.replace(spec, eval_every=inside, batch_eval_every=inside, inside_evals=False)
+
+
+def eval_due(spec: TrainSpec, t, chunk_end, every=None):
     """Whether the evaluation after step ``t`` (0-based) happens inside the chunk (``spec.eval_every``, or
-    ``every``): due every that many steps, except at the chunk's end, where the chunk's own evaluation runs
-    anyway."""
+    ``every``, traced in a program): due every that many steps, except at the chunk's end, where the chunk's own
+    evaluation runs anyway."""
     every = spec.eval_every if every is None else every
     done = t + 1
-    return (every > 0) & (done % max(every, 1) == 0) & (done < chunk_end) & (done < spec.steps)
+    period = jnp.maximum(every, 1) if isinstance(every, jax.Array) else max(every, 1)
+    return (every > 0) & (done % period == 0) & (done < chunk_end) & (done < spec.steps)
 
 
-def batch_eval_due(spec: TrainSpec, t, chunk_end):
-    """Whether only the fixed batch is evaluated after step ``t`` (``spec.batch_eval_every``, when no full
-    evaluation is due then)."""
-    cadence = spec.batch_eval_every if spec.fixed_batch else 0
-    return eval_due(spec, t, chunk_end, cadence) & ~eval_due(spec, t, chunk_end)
+def batch_eval_due(spec: TrainSpec, t, chunk_end, cadence: Cadence | None = None):
+    """Whether only the fixed batch is evaluated after step ``t`` (``spec.batch_eval_every``, or ``cadence``'s,
+    when no full evaluation is due then)."""
+    every, batch_every = (spec.eval_every, spec.batch_eval_every) if cadence is None else cadence
+    batch_every = batch_every if spec.fixed_batch else 0
+    return eval_due(spec, t, chunk_end, batch_every) & ~eval_due(spec, t, chunk_end, every)
 
 
 def any_eval_due(spec: TrainSpec, t, chunk_end):
@@ -256,12 +288,14 @@ def any_eval_due(spec: TrainSpec, t, chunk_end):
 
 
 def train_chunk(problem: Problem, spec: TrainSpec, state: State, hp: Hparams, arrays: Arrays, t0,
-                evaluate: Callable[[State], Any] | None = None, active_steps=None):
+                evaluate: Callable[[State], Any] | None = None, active_steps=None, cadence: Cadence | None = None):
     """``spec.steps_per_call`` optimizer steps for one member, from global step ``t0``; steps past ``spec.steps``
     are masked (no update), which lets every chunk reuse one compiled program. With ``spec.eval_every`` and
     ``evaluate(state)``, the evaluations due inside the chunk run there too (``lax.cond`` on the step, which is
     the same for every member, so under vmap only the due steps pay for it): a diagnostic that wants a curve of
-    evaluations is one chunk, hence one compiled program, instead of a chunk per evaluation."""
+    evaluations is one chunk, hence one compiled program, instead of a chunk per evaluation. ``cadence``: how
+    often, traced (then ``spec`` only says whether there are any, :func:`program_spec`); default the spec's."""
+    cadence = Cadence.of(spec) if cadence is None else cadence
     n_train = arrays.x_train.shape[0]
     perm = _label_permutation(hp, n_train)
     tx = make_optimizer(problem.optim, hp.lr, hp.weight_decay)
@@ -269,7 +303,7 @@ def train_chunk(problem: Problem, spec: TrainSpec, state: State, hp: Hparams, ar
     dropout_key = jax.random.fold_in(jax.random.key(hp.init_seed), 0xD809)  # its own stream, per member
     budget = member_budget(spec, hp)
     denom = jnp.maximum(budget - 1, 1).astype(jnp.float32)  # a ramp spans the member's own budget
-    evaluating = evaluate is not None and (spec.eval_every > 0 or (spec.batch_eval_every > 0 and spec.fixed_batch))
+    evaluating = evaluate is not None and evaluates_inside(spec)
 
     def loss_and_rest(params, rest, x, y, key):
         outputs, new_rest = problem.model.apply(params, rest, x, key=key, train=True,
@@ -325,8 +359,8 @@ def train_chunk(problem: Problem, spec: TrainSpec, state: State, hp: Hparams, ar
                 return tuple(jnp.asarray(v, jnp.float32) for v in evaluate(new_state, full))
 
             # Nested conds on the step (the same for every member): under vmap only the due steps pay.
-            evals = jax.lax.cond(eval_due(spec, t, end), lambda: values(True),
-                                 lambda: jax.lax.cond(batch_eval_due(spec, t, end), lambda: values(False),
+            evals = jax.lax.cond(eval_due(spec, t, end, cadence.eval_every), lambda: values(True),
+                                 lambda: jax.lax.cond(batch_eval_due(spec, t, end, cadence), lambda: values(False),
                                                       lambda: (nan,) * EVALUATIONS))
         live = state.alive & in_range
         f32 = jnp.float32  # every record is a float32 scalar: the skipped steps' records are built without a trace
@@ -394,14 +428,16 @@ def evaluate_member(problem: Problem, state: State, hp: Hparams, arrays: Arrays,
 
 
 def make_train(problem: Problem, spec: TrainSpec) -> Callable:
-    """The pure program of one call: ``train(hparams, arrays, x_fit, active_steps, state=None, t0=0) -> (state,
-    records, evaluation)`` for every member of ``hparams`` (vmapped): the members initialized (``state`` None) or
-    continued from ``state`` at global step ``t0``, ``spec.steps_per_call`` steps (:func:`train_chunk`, with the
-    evaluations due inside), then the evaluation at the chunk's end (:func:`evaluate_member` on ``arrays`` and the
-    training subset ``x_fit``). ``active_steps``: how many of the chunk's first steps any member trains.
-    Initialization and the first chunk are one program, so a diagnostic that fits in one chunk is one compile."""
+    """The pure program of one call: ``train(hparams, arrays, x_fit, active_steps, state=None, t0=0, cadence=None)
+    -> (state, records, evaluation)`` for every member of ``hparams`` (vmapped): the members initialized (``state``
+    None) or continued from ``state`` at global step ``t0``, ``spec.steps_per_call`` steps (:func:`train_chunk`,
+    with the evaluations due inside at ``cadence``, default the spec's), then the evaluation at the chunk's end
+    (:func:`evaluate_member` on ``arrays`` and the training subset ``x_fit``). ``active_steps``: how many of the
+    chunk's first steps any member trains. Initialization and the first chunk are one program, so a diagnostic that
+    fits in one chunk is one compile."""
 
-    def train(hparams: Hparams, arrays: Arrays, x_fit, active_steps, state: State | None = None, t0=0):
+    def train(hparams: Hparams, arrays: Arrays, x_fit, active_steps, state: State | None = None, t0=0,
+              cadence: Cadence | None = None):
         def member(s, h):
             if s is None:
                 s = init_member(problem, h, x_fit[:1])
@@ -409,7 +445,7 @@ def make_train(problem: Problem, spec: TrainSpec) -> Callable:
             def evaluate(st, full=True):
                 return evaluate_member(problem, st, h, arrays, x_fit, full)
 
-            s, rec = train_chunk(problem, spec, s, h, arrays, t0, evaluate, active_steps)
+            s, rec = train_chunk(problem, spec, s, h, arrays, t0, evaluate, active_steps, cadence)
             return s, rec, evaluate(s)
 
         return jax.vmap(member)(state, hparams)

@@ -18,8 +18,8 @@ import numpy as np
 
 from harness.engine import compile as programs
 from harness.engine import devices
-from harness.engine.core import (Arrays, Hparams, Problem, TrainSpec, any_eval_due, batch_eval_due, make_train,
-                                 member_budget)
+from harness.engine.core import (Arrays, Cadence, Hparams, Problem, TrainSpec, any_eval_due, batch_eval_due,
+                                 make_train, member_budget, program_spec)
 
 
 def cpu_options() -> dict | None:
@@ -174,6 +174,7 @@ class _Calls(NamedTuple):
     first_call: Callable  # the first chunk's program, which initializes the members
     advance: Callable  # the next chunks'
     key: Callable[[str], tuple]  # their static keys
+    cadence: Cadence  # the evaluations inside the chunks, an argument of both programs
 
 
 def _calls(problem: Problem, spec: TrainSpec, hparams: Hparams, arrays: Arrays) -> _Calls:
@@ -181,18 +182,20 @@ def _calls(problem: Problem, spec: TrainSpec, hparams: Hparams, arrays: Arrays) 
     data, x_fit = prepare_arrays(arrays, spec)
     width = devices.padded_size(min(len(hparams), spec.max_members_per_call))
     budgets = np.asarray(jax.device_get(member_budget(spec, hparams)))
-    train = make_train(problem, spec)
+    static = program_spec(spec)  # the evaluation cadence is an argument: requests that differ in it share
+    train = make_train(problem, static)
 
-    def first_call(hp, data, x_fit, active_steps):
-        return train(hp, data, x_fit, active_steps)
+    def first_call(hp, data, x_fit, active_steps, cadence):
+        return train(hp, data, x_fit, active_steps, cadence=cadence)
 
-    def advance(state, hp, data, x_fit, t0, active_steps):
-        return train(hp, data, x_fit, active_steps, state, t0)
+    def advance(state, hp, data, x_fit, t0, active_steps, cadence):
+        return train(hp, data, x_fit, active_steps, state, t0, cadence)
 
     def key(kind):
-        return (problem, spec, kind)  # Problems with equal fingerprints share programs
+        return (problem, static, kind)  # Problems with equal fingerprints share programs
 
-    return _Calls(spec, data, x_fit, width, budgets, call_groups(budgets, width), first_call, advance, key)
+    return _Calls(spec, data, x_fit, width, budgets, call_groups(budgets, width), first_call, advance, key,
+                  Cadence.of(spec))
 
 
 def compile_ahead(problem: Problem, spec: TrainSpec, hparams: Hparams, arrays: Arrays, *, name: str = "train"):
@@ -201,8 +204,8 @@ def compile_ahead(problem: Problem, spec: TrainSpec, hparams: Hparams, arrays: A
     compiled`). The pipeline compiles the member table's program this way while the model stage runs."""
     c = _calls(problem, spec, hparams, arrays)
     hp = devices.shard_members(devices.pad_members(hparams.take(c.order[0]), c.width))
-    programs.compiled(f"{name}/train", c.first_call, hp, c.data, c.x_fit, np.int32(0), static_key=c.key("first"),
-                      opt_level=c.spec.opt_level, options=cpu_options())
+    programs.compiled(f"{name}/train", c.first_call, hp, c.data, c.x_fit, np.int32(0), c.cadence,
+                      static_key=c.key("first"), opt_level=c.spec.opt_level, options=cpu_options())
 
 
 def train_members(
@@ -220,7 +223,8 @@ def train_members(
     """
     original_spec = spec
     calls, per_call = _chunk_plan(spec)
-    spec, data, x_fit, width, budgets, order, first_call, advance, key = _calls(problem, spec, hparams, arrays)
+    spec, data, x_fit, width, budgets, order, first_call, advance, key, cadence = _calls(problem, spec, hparams,
+                                                                                           arrays)
     groups = [hparams.take(index) for index in order]
     total_work = len(groups) * calls
     done = 0
@@ -236,12 +240,12 @@ def train_members(
             inside = []  # (step, evaluation) due inside this chunk (spec.eval_every)
             active = np.int32(np.clip(last - c * per_call, 0, per_call))  # its steps any member trains
             if state is None:
-                state, rec, ev = programs.run(f"{name}/train", first_call, hp, data, x_fit, active,
+                state, rec, ev = programs.run(f"{name}/train", first_call, hp, data, x_fit, active, cadence,
                                               static_key=key("first"), opt_level=spec.opt_level,
                                               options=cpu_options())
             else:
                 state, rec, ev = programs.run(f"{name}/train", advance, state, hp, data, x_fit,
-                                              np.int32(c * per_call), active, static_key=key("next"),
+                                              np.int32(c * per_call), active, cadence, static_key=key("next"),
                                               opt_level=spec.opt_level, options=cpu_options())
             # Re-place the state on the member sharding so every continuation call sees the same input layout
             # and one executable serves them all (another layout would be another program).

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from harness.engine import devices
-from harness.engine.core import Arrays, Hparams, Problem, TrainSpec
+from harness.engine.core import Arrays, Hparams, Problem, TrainSpec, evaluates_inside, program_spec
 from harness.engine.driver import SweepResult, batch_only_evals, eval_schedule
 
 
@@ -242,10 +242,13 @@ def merged(requests: list[Request], base: Arrays) -> Request:
 
 def onto(parts: list[Request], both: Request, program: Request) -> Request | None:
     """``both`` (the merged request of ``parts``) trained by ``program``, a merged request whose program is already
-    compiled (the budget's probe, :func:`harness.budget.probe_program`): its spec, call width, arrays and model, the
-    rows' steps as their budgets. A smaller suite than the one ``program`` was made for (fewer rows, shorter runs)
-    then compiles nothing. None when some part cannot be read off that program: another batch, model, fixed batch
-    or chunking, more steps, parameters it does not return, or an evaluation it does not make (a request's last
+    compiled (the budget's probe, which compiles its evaluations inside the chunks whatever the cadence): its spec,
+    call width, arrays and model, at ``both``'s evaluation cadence (an argument of the program,
+    :func:`harness.engine.core.program_spec`), the rows' steps as their budgets. A
+    smaller suite than the one ``program`` was made for (fewer rows, shorter runs, an LR grid that evaluates to
+    extrapolate) then compiles nothing. None when that is another program (another batch, model, fixed batch or
+    chunking; evaluations inside the chunks where ``program`` has none), when ``both`` trains more steps or wants
+    parameters ``program`` does not return, or when an evaluation of a part would not be made (a request's last
     step may be read at the first chunk end after it, evaluated after the chunk's loop, where its members have
     stopped; an evaluation inside the loop past the call's longest budget is never computed)."""
     s, p = both.spec, program.spec
@@ -260,9 +263,13 @@ def onto(parts: list[Request], both: Request, program: Request) -> Request | Non
     if s.fixed_batch and (s.fixed_batch != p.fixed_batch
                           or not np.array_equal(both.arrays.fixed_index, program.arrays.fixed_index)):
         return None
-    schedule = eval_schedule(p)
-    batch_only = batch_only_evals(p)
-    chunk_ends = set(eval_schedule(dataclasses.replace(p, eval_every=0, batch_eval_every=0)))
+    spec = dataclasses.replace(p, eval_every=s.eval_every, batch_eval_every=s.batch_eval_every,
+                               inside_evals=evaluates_inside(p))
+    if program_spec(spec) != program_spec(p):
+        return None
+    schedule = eval_schedule(spec)
+    batch_only = batch_only_evals(spec)
+    chunk_ends = set(eval_schedule(dataclasses.replace(spec, eval_every=0, batch_eval_every=0)))
     for r in parts:
         own, columns = eval_schedule(r.spec), schedule_map(r.spec, schedule)
         if columns is None:
@@ -272,7 +279,7 @@ def onto(parts: list[Request], both: Request, program: Request) -> Request | Non
             at = schedule[column]
             if (at != step and at not in chunk_ends) or (at in batch_only and step not in own_batch_only):
                 return None
-    return Request(both.name, p, with_budget(both.hparams, s.steps, p.steps), program.arrays,
+    return Request(both.name, spec, with_budget(both.hparams, s.steps, p.steps), program.arrays,
                    problem=program.problem)
 
 

@@ -181,7 +181,8 @@ def test_long_healthy_runs_are_silent_though_single_batches_stand_out_of_their_w
     assert loss["local"].size  # the window alone would have called a spike: the false alarm this run covers
     assert loss["record"].max() < hm.detectors.SPIKE_RECORD / 10  # measured: at most 0.05 of the highest before
     if name == "rmsprop_batch128":
-        assert grad["local"].size and grad["record"].max() < hm.detectors.SPIKE_RECORD / 10  # measured: 0.063
+        # Measured: 0.063 on an AVX-512 machine, 0.33 on an AVX2 one (another rounding, another trajectory).
+        assert grad["local"].size and grad["record"].max() < hm.detectors.SPIKE_RECORD / 4
 
 
 @pytest.mark.parametrize("inputs", [30.0, 1.0])

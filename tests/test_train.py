@@ -152,23 +152,31 @@ def test_a_convolutional_model_trains_in_the_same_compiled_chunk(tmp_path):
 
 
 def test_log0_in_a_hand_written_loss_stops_cleanly_late_and_is_located_in_the_loss(tmp_path):
+    """log(softmax) at Adam 0.1 on 64 examples reaches log(0) late. Where it first does depends on the trajectory,
+    which another CPU's rounding changes: on some machines a training batch (the run stops there, its checkpoint
+    the last finite state), on others only held-out examples, while every training loss stays finite (the
+    validation loss goes inf: the same bug, located by a replay on the validation set). Either way, one error,
+    located in the loss, and the root cause."""
     _, report = train(tmp_path, *SMALL, "train.steps=4000", "optim.lr=0.1", "loss._target_=test_train.naive_ce",
                       "+loss._partial_=true")
     m = report["diagnostics"]["train"]["metrics"]
     bad = m["first_nonfinite_step"]
-    assert bad is not None and bad > 100 and m["steps"] == bad + 1 < 4000  # late, and the run stopped there
     [f] = [f for f in report["findings"] if f["id"] == "train.nonfinite"]
-    assert f["severity"] == "error" and f["evidence"]["step"] == bad and f"step {bad}" in f["message"]
+    step = f["evidence"]["step"]
+    assert f["severity"] == "error" and step > 100 and f"step {step}" in f["message"]
     assert f["evidence"]["origin"] == "loss" and "log_softmax" in f["suggestion"]
+    if bad is not None:
+        assert step == bad and m["steps"] == bad + 1 < 4000  # late, and the run stopped there
+        assert last_checkpoint(tmp_path) == bad + 1  # the checkpoint holds the last finite state
+    else:
+        assert f["evidence"]["split"] == "validation" and m["steps"] == 4000 and "validation set" in f["message"]
     assert report["first_to_fix"]["id"] == "train.nonfinite" and report["status"] == "unhealthy"
     # One root cause in the decision tree: NaN -> the loss's log(0); the data and the precision ruled out.
     cause = report["root_cause"]
-    assert cause["id"] == "train.nonfinite" and cause["branch"] == "nonfinite" and cause["step"] == bad
+    assert cause["id"] == "train.nonfinite" and cause["branch"] == "nonfinite" and cause["step"] == step
     assert any(r.startswith("the data:") for r in cause["ruled_out"])
     assert any(r.startswith("the numerical precision:") for r in cause["ruled_out"])
     assert cause["fixes"][0] == f["suggestion"]
-    # The checkpoint holds the last finite state.
-    assert last_checkpoint(tmp_path) == bad + 1
     # The same run with a numerically safe loss trains through.
     _, healthy = train(tmp_path / "stable", *SMALL, "train.steps=1000", "optim.lr=0.1")
     assert "train.nonfinite" not in ids(healthy)

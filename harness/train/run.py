@@ -256,7 +256,7 @@ def train(rc: RunConfig, output_dir: str, *, command: list[str], console=None, r
     if int(carry.bad_step) >= 0:
         origin = replay(problem, carry, schedule, rc.seed, job.lr_at, x_train, y_train, int(carry.bad_step))
     outcome = make_outcome(watch, carry, schedule, origin, resumed_from, interrupted, time.perf_counter() - start,
-                           acts)
+                           acts, validation=lambda: replay_validation(problem, carry, x_val, y_val))
     result = RunResult.of([*checked, outcome], time.perf_counter() - start, ctx)
     report = write_outputs(rc, result, output_dir, command=command, console=console, run_name=run_name,
                            group=group, show_report=show_report, programs_since=since, wandb_run=live)
@@ -341,11 +341,29 @@ def replay(problem, carry, schedule, seed, lr_at, x_train, y_train, bad_step: in
     return locate(apply, problem.loss_fn, carry.params, x, y, update=update, name_path=problem.model.name_path)
 
 
+# The validation examples a replay of a non-finite validation loss evaluates (one forward pass, on the host's
+# schedule: after the run).
+REPLAYED_VALIDATION = 1024
+
+
+def replay_validation(problem, carry, x_val, y_val) -> Origin:
+    """Where the validation loss is non-finite with the run's last parameters: its forward pass and loss in
+    inference mode, on the first :data:`REPLAYED_VALIDATION` validation examples."""
+    x, y = np.asarray(x_val)[:REPLAYED_VALIDATION], np.asarray(y_val)[:REPLAYED_VALIDATION]
+
+    def apply(params, x):
+        return problem.model.apply(params, carry.rest, x, key=jax.random.key(0), train=False)[0]
+
+    return locate(apply, problem.loss_fn, carry.params, x, y, name_path=problem.model.name_path)
+
+
 def make_outcome(watch: Monitor, carry, schedule, origin: Origin | None, resumed_from, interrupted: bool,
-                 seconds: float, acts=None) -> Outcome:
+                 seconds: float, acts=None, validation: Callable[[], Origin] | None = None) -> Outcome:
     """The run as the ``train`` diagnostic (:func:`harness.monitor.report.outcome`), the non-finite finding
     located by the replay; with ``acts`` (``train.activations``), the activation detectors' findings, series and
-    final values too."""
+    final values too. A validation loss that goes non-finite while training stays finite is the same bug seen on
+    held-out examples (a log(0) the training batches happened not to reach): a ``train.nonfinite`` error too,
+    located by ``validation()`` (:func:`replay_validation`)."""
     from harness.monitor.report import outcome
 
     findings = [located(f, origin) if f.id == "train.nonfinite" else f for f in watch.findings()]
@@ -355,6 +373,20 @@ def make_outcome(watch: Monitor, carry, schedule, origin: Origin | None, resumed
     if bad >= 0 and not any(f.id == "train.nonfinite" for f in findings):  # finite gradients, non-finite update
         findings.insert(0, located(error("train.nonfinite", f"training went non-finite at step {bad}", "",
                                          step=bad), origin))
+    val_steps, val_loss, _ = watch.validations()
+    val_loss = np.asarray(val_loss).reshape(len(val_steps), -1)[:, 0] if len(val_steps) else np.zeros(0)
+    if bad < 0 and not np.isfinite(val_loss).all() and not any(f.id == "train.nonfinite" for f in findings):
+        first = int(np.flatnonzero(~np.isfinite(val_loss))[0])
+        step = int(val_steps[first])
+        found = error("train.nonfinite",
+                      f"the validation loss went non-finite at step {step} ({val_loss[first]:g}) while every "
+                      f"training loss stayed finite",
+                      "The loss overflows on held-out examples the training batches did not reach: make it "
+                      "numerically safe.", step=step, split="validation",
+                      nonfinite_validations=int((~np.isfinite(val_loss)).sum()), validations=int(val_loss.size))
+        if validation is not None:
+            found = located(found, validation(), "replayed on the validation set with the run's last parameters")
+        findings.insert(0, found)
     steps = int(carry.step)
     result = outcome(watch, NAME, seconds=seconds, findings=findings, metrics={
         "steps": steps, "steps_planned": schedule.steps, "epochs": steps / schedule.steps_per_epoch,
@@ -368,8 +400,8 @@ def make_outcome(watch: Monitor, carry, schedule, origin: Origin | None, resumed
     return result
 
 
-def located(f: Finding, origin: Origin | None) -> Finding:
-    """The monitor's non-finite finding with the replay's answer to where it started."""
+def located(f: Finding, origin: Origin | None, replayed: str = "replayed from the last finite state") -> Finding:
+    """The monitor's non-finite finding with the replay's answer to where it started (``replayed``: how)."""
     if origin is None:
         return f
     fix = {
@@ -390,5 +422,5 @@ def located(f: Finding, origin: Origin | None) -> Finding:
     }[origin.stage]
     evidence = {**f.evidence, "origin": origin.stage, "origin_detail": origin.where, **{
         f"origin_{k}": v for k, v in origin.detail.items()}}
-    message = f.message.split(";")[0] + f"; replayed from the last finite state, it started in {origin.describe()}"
+    message = f.message.split(";")[0] + f"; {replayed}, it started in {origin.describe()}"
     return dataclasses.replace(f, message=message, suggestion=fix, evidence=evidence)

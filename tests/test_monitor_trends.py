@@ -143,9 +143,16 @@ def test_a_learning_rate_far_too_low_is_a_plateau_with_a_higher_rate_suggested(d
 
 
 def test_plain_sgd_at_the_edge_of_stability_oscillates(digits):
-    """Plain SGD at 1.0 on the MLP: it neither learns (the loss swings around 1.2) nor collapses."""
+    """Plain SGD at 1.0 on the MLP: it neither learns (the loss swings around 1.2) nor collapses. At the edge of
+    stability the trajectory is chaotic, and another CPU's rounding takes another one: on AVX2 machines the same
+    run swings down to 0.34 by its end, and then no trend may be called."""
     x, y = digits
-    found = only(train(hm.monitor(optax.sgd(1.0)), x, y, learning_rate=1.0), "train.oscillation")
+    watch = train(hm.monitor(optax.sgd(1.0)), x, y, learning_rate=1.0)
+    loss = watch.series()[0].loss
+    if np.median(loss[-50:]) < 0.5 * np.median(loss[:50]):  # it learned: no oscillation to call
+        assert [f.id for f in watch.findings() if f.id in TRENDS] == []
+        return
+    found = only(watch, "train.oscillation")
     e = found.evidence
     assert found.severity.value == "warning" and e["step"] == 400 and e["final_step"] == STEPS - 1
     assert e["autocorrelation"] > detectors.OSC_AUTOCORR and e["suggested_lr"] == 0.5

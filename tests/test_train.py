@@ -38,6 +38,23 @@ def naive_ce(logits, y):
     return -jnp.log(jnp.take_along_axis(p, y[:, None], axis=1)[:, 0])
 
 
+def relative_error(outputs, y):
+    """A hand-written relative squared error, ((prediction - target) / target)^2: infinite where a target is 0."""
+    return jnp.square((outputs.reshape(y.shape) - y) / y)
+
+
+def targets_near_three(zero_in_validation: bool = True):
+    """Regression with targets around 3 (never 0 in training); with ``zero_in_validation``, one validation target
+    is exactly 0."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(600, 8)).astype(np.float32)
+    y = (0.3 * x @ rng.normal(size=8) + 3.0).astype(np.float32)
+    y_val = y[500:].copy()
+    if zero_in_validation:
+        y_val[7] = 0.0
+    return {"x_train": x[:500], "y_train": y[:500], "x_val": x[500:], "y_val": y_val}
+
+
 def digits_subset(n_train: int = 64, nan_rows: int = 0):
     """scikit-learn's digits: ``n_train`` training examples, 500 for validation; ``nan_rows`` training rows NaN."""
     from sklearn.datasets import load_digits
@@ -149,6 +166,27 @@ def test_a_convolutional_model_trains_in_the_same_compiled_chunk(tmp_path):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Planted in-run failures
+
+
+@pytest.mark.parametrize("zero", [True, False])
+def test_a_loss_that_overflows_only_on_held_out_examples_is_named_and_located(tmp_path, zero):
+    """A relative error divides by the target: one validation target of 0 makes the validation loss inf at every
+    evaluation while every training loss is finite. An error, replayed on the validation set to the loss (one
+    example of 100), the root cause; the run trains to its end. The same data without that target: no such
+    finding."""
+    _, report = train(tmp_path, *replace_group("data", "test_train.targets_near_three", zero_in_validation=zero),
+                      "train.steps=300", "loss._target_=test_train.relative_error", "+loss._partial_=true")
+    m = report["diagnostics"]["train"]["metrics"]
+    found = [f for f in report["findings"] if f["id"] == "train.nonfinite"]
+    assert m["first_nonfinite_step"] is None and m["steps"] == 300
+    if not zero:
+        assert found == [] and report["status"] == "healthy", report["findings"]
+        return
+    [f] = found
+    assert f["severity"] == "error" and f["evidence"]["split"] == "validation" and f["evidence"]["origin"] == "loss"
+    assert f["evidence"]["nonfinite_validations"] == f["evidence"]["validations"] > 0
+    assert "1 of 100" in f["evidence"]["origin_detail"] and "validation set" in f["message"]
+    assert report["root_cause"]["id"] == "train.nonfinite" and report["status"] == "unhealthy"
 
 
 def test_log0_in_a_hand_written_loss_stops_cleanly_late_and_is_located_in_the_loss(tmp_path):

@@ -223,8 +223,9 @@ def train_members(
     """
     original_spec = spec
     calls, per_call = _chunk_plan(spec)
-    spec, data, x_fit, width, budgets, order, first_call, advance, key, cadence = _calls(problem, spec, hparams,
-                                                                                           arrays)
+    prepared = _calls(problem, spec, hparams, arrays)
+    spec, data, x_fit, width, cadence = prepared.spec, prepared.data, prepared.x_fit, prepared.width, prepared.cadence
+    order, key = prepared.order, prepared.key
     groups = [hparams.take(index) for index in order]
     total_work = len(groups) * calls
     done = 0
@@ -232,7 +233,7 @@ def train_members(
     outputs = []
     for index, group in zip(order, groups):
         real = len(group)
-        last = int(budgets[index].max())  # the call trains until its longest-running member's budget
+        last = int(prepared.budgets[index].max())  # the call trains until its longest-running member's budget
         hp = devices.shard_members(devices.pad_members(group, width))
         records, evals, eval_steps = [], [], []
         state = None
@@ -240,11 +241,11 @@ def train_members(
             inside = []  # (step, evaluation) due inside this chunk (spec.eval_every)
             active = np.int32(np.clip(last - c * per_call, 0, per_call))  # its steps any member trains
             if state is None:
-                state, rec, ev = programs.run(f"{name}/train", first_call, hp, data, x_fit, active, cadence,
+                state, rec, ev = programs.run(f"{name}/train", prepared.first_call, hp, data, x_fit, active, cadence,
                                               static_key=key("first"), opt_level=spec.opt_level,
                                               options=cpu_options())
             else:
-                state, rec, ev = programs.run(f"{name}/train", advance, state, hp, data, x_fit,
+                state, rec, ev = programs.run(f"{name}/train", prepared.advance, state, hp, data, x_fit,
                                               np.int32(c * per_call), active, cadence, static_key=key("next"),
                                               opt_level=spec.opt_level, options=cpu_options())
             # Re-place the state on the member sharding so every continuation call sees the same input layout

@@ -376,8 +376,10 @@ def root_cause(findings: list[Finding], outcomes, *, precision: str = "float32")
     if root.explains:
         supported.append(f"it explains {', '.join(root.explains)}")
     if root.evidence.get("origin_detail"):
-        supported.append(f"replaying step {root.evidence.get('step')} from the last finite state: "
-                         f"{root.evidence['origin']} ({root.evidence['origin_detail']})")
+        replayed = ("replaying the validation set with the run's last parameters"
+                    if root.evidence.get("split") == "validation" else
+                    f"replaying step {root.evidence.get('step')} from the last finite state")
+        supported.append(f"{replayed}: {root.evidence['origin']} ({root.evidence['origin_detail']})")
     ruled, still_open = [], []
     for alt in BRANCH_ALTERNATIVES[branch]:
         if alt == named:

@@ -8,7 +8,7 @@
     for step in range(steps):                    # or chunks of a lax.scan: read at least every `history` steps
         params, opt_state, loss = train_step(params, opt_state, batch)   # tx.update(grads, s, params, value=loss)
         watch.read(opt_state)
-        watch.validation(val_loss)               # optional: for the overfitting detector
+        watch.validation(val_loss)               # optional: overfitting, a held-out non-finite loss
     for finding in watch.findings():             # train.nonfinite, train.divergence, train.plateau, ...
         print(finding.id, finding.message)
 
@@ -105,7 +105,8 @@ class Monitor:
 
     def validation(self, loss, step: int | None = None, accuracy=None) -> None:
         """Record a validation loss (one per member for a vmapped run) measured after ``step`` (default: the last
-        step read): the overfitting detector compares it with the training loss. ``accuracy``: for the report."""
+        step read): the overfitting detector compares it with the training loss; a NaN or inf, training finite, is
+        a ``train.nonfinite`` error. ``accuracy``: for the report."""
         self._val.append((self._read - 1 if step is None else int(step), np.asarray(loss, np.float64),
                           np.asarray(np.nan if accuracy is None else accuracy, np.float64)))
 

@@ -78,7 +78,41 @@ def _named(paths: list[str], index) -> list[str]:
 def nonfinite(s: Series, where: str = "") -> Finding | None:
     """The first step whose gradient (or recorded loss) is non-finite, the layers whose gradients went non-finite
     there, and which came first: a non-finite loss (the forward pass or the loss) or a finite loss with a
-    non-finite gradient (the backward pass)."""
+    non-finite gradient (the backward pass). When training stayed finite, a non-finite validation loss is the same
+    bug seen on held-out examples (a log(0) or a division the training batches happened not to reach), and the same
+    error: with ``split="validation"`` in its evidence."""
+    return _nonfinite_training(s, where) or _nonfinite_validation(s, where)
+
+
+def _first_nonfinite_validation(s: Series) -> int | None:
+    """The index of the first recorded validation loss that is NaN or inf."""
+    if s.val_loss is None or not len(s.val_loss):
+        return None
+    bad = np.flatnonzero(~np.isfinite(np.asarray(s.val_loss, np.float64)))
+    return int(bad[0]) if bad.size else None
+
+
+def _nonfinite_validation(s: Series, where: str = "") -> Finding | None:
+    i = _first_nonfinite_validation(s)
+    if i is None:
+        return None
+    val = np.asarray(s.val_loss, np.float64)
+    step = int(s.val_steps[i])
+    evidence = dict(step=step, split="validation", loss=float(val[i]),
+                    nonfinite_validations=int((~np.isfinite(val)).sum()), validations=int(val.size))
+    if i:
+        evidence.update(last_finite_step=int(s.val_steps[i - 1]), last_finite_loss=float(val[i - 1]))
+    return error(
+        "train.nonfinite",
+        f"{where}the validation loss went non-finite at step {step} ({val[i]:g}) while training stayed finite "
+        f"({evidence['nonfinite_validations']} of {val.size} validations non-finite)",
+        "The loss or the forward pass overflows on held-out examples the training batches did not reach (log(0), "
+        "a division by a zero target, an exp that overflows): make it numerically safe (log_softmax instead of "
+        "log(softmax), clip before a log, guard divisions), then look for the examples that trigger it.",
+        **evidence)
+
+
+def _nonfinite_training(s: Series, where: str = "") -> Finding | None:
     bad_grad = (s.layer_nonfinite > 0).any(axis=1) | ~np.isfinite(s.grad_norm)
     bad_loss = s.loss_recorded & ~np.isfinite(s.loss)
     bad = np.flatnonzero(bad_grad | bad_loss)
@@ -602,9 +636,15 @@ def detect(s: Series, where: str = "") -> list[Finding]:
     """Every detector's finding on one run. After the first non-finite step the statistics say nothing more, so
     the other detectors judge the steps before it."""
     first = nonfinite(s, where)
-    if first is not None:
+    if first is not None and first.evidence.get("split") == "validation":
+        # Training is judged whole; the validation detectors see the evaluations before the first non-finite one.
+        cut = _first_nonfinite_validation(s)
+        s = dataclasses.replace(s, val_steps=s.val_steps[:cut], val_loss=s.val_loss[:cut])
+    elif first is not None:
         cut = int(np.searchsorted(s.steps, first.evidence["step"]))
         keep = None if s.val_steps is None else np.asarray(s.val_steps) < first.evidence["step"]
+        if keep is not None and _first_nonfinite_validation(s) is not None:
+            keep[_first_nonfinite_validation(s):] = False  # a held-out overflow before training's: judged to it
         s = dataclasses.replace(
             s, **{f.name: getattr(s, f.name)[:cut] for f in dataclasses.fields(Series)
                   if f.name not in ("paths", "val_steps", "val_loss", "baseline_loss")

@@ -54,9 +54,9 @@ def _nonfinite(x) -> int:
     return int(np.size(x) - np.count_nonzero(np.isfinite(x)))
 
 
-def _examples(bad_rows: np.ndarray, total: int) -> str:
+def _examples(bad_rows: np.ndarray, total: int, of: str) -> str:
     rows = [int(i) for i in np.flatnonzero(bad_rows)[:MAX_NAMED]]
-    return f"{int(bad_rows.sum())} of {total} examples (batch rows {', '.join(map(str, rows))})"
+    return f"{int(bad_rows.sum())} of {total} examples ({of} rows {', '.join(map(str, rows))})"
 
 
 def _leaves(tree, name_path) -> list[tuple[str, Any]]:
@@ -64,16 +64,17 @@ def _leaves(tree, name_path) -> list[tuple[str, Any]]:
 
 
 def locate(apply: Callable, loss_fn: Callable, params, x, y, *, update: Callable | None = None,
-           name_path: Callable[[tuple], str] = slash_path) -> Origin:
+           name_path: Callable[[tuple], str] = slash_path, rows_of: str = "batch") -> Origin:
     """Replay one step: ``apply(params, x) -> outputs`` (pure, inference or training mode as the step ran it),
     ``loss_fn(outputs, y)`` per example, and optionally ``update(grads) -> updates`` (the optimizer from the
     state before the step). Returns the first stage that holds a non-finite value. ``name_path`` spells the
-    layers' paths (the model family's own, :attr:`harness.models.adapters.Model.name_path`)."""
+    layers' paths (the model family's own, :attr:`harness.models.adapters.Model.name_path`); ``rows_of`` names
+    what the rows of ``x`` are (the step's batch, a validation set)."""
     x, y = np.asarray(x), np.asarray(y)
     for stage, arr in (("inputs", x), ("targets", y)):
         if _nonfinite(arr):
             rows = ~np.isfinite(arr.reshape(arr.shape[0], -1)).all(axis=1)
-            return Origin(stage, _examples(rows, arr.shape[0]), {"nonfinite_values": _nonfinite(arr)})
+            return Origin(stage, _examples(rows, arr.shape[0], rows_of), {"nonfinite_values": _nonfinite(arr)})
 
     bad = [(path, _nonfinite(p)) for path, p in _leaves(params, name_path) if _nonfinite(p)]
     if bad:
@@ -103,7 +104,7 @@ def locate(apply: Callable, loss_fn: Callable, params, x, y, *, update: Callable
     flat = per_example.reshape(per_example.shape[0], -1) if per_example.ndim else per_example.reshape(1, 1)
     bad_rows = ~np.isfinite(flat).all(axis=1)
     if bad_rows.any():
-        return Origin("loss", _examples(bad_rows, flat.shape[0]),
+        return Origin("loss", _examples(bad_rows, flat.shape[0], rows_of),
                       {"examples": [int(i) for i in np.flatnonzero(bad_rows)[:MAX_NAMED]],
                        "nonfinite_examples": int(bad_rows.sum())})
 

@@ -354,39 +354,36 @@ def replay_validation(problem, carry, x_val, y_val) -> Origin:
     def apply(params, x):
         return problem.model.apply(params, carry.rest, x, key=jax.random.key(0), train=False)[0]
 
-    return locate(apply, problem.loss_fn, carry.params, x, y, name_path=problem.model.name_path)
+    return locate(apply, problem.loss_fn, carry.params, x, y, name_path=problem.model.name_path,
+                  rows_of="validation")
 
 
 def make_outcome(watch: Monitor, carry, schedule, origin: Origin | None, resumed_from, interrupted: bool,
                  seconds: float, acts=None, validation: Callable[[], Origin] | None = None) -> Outcome:
     """The run as the ``train`` diagnostic (:func:`harness.monitor.report.outcome`), the non-finite finding
-    located by the replay; with ``acts`` (``train.activations``), the activation detectors' findings, series and
-    final values too. A validation loss that goes non-finite while training stays finite is the same bug seen on
-    held-out examples (a log(0) the training batches happened not to reach): a ``train.nonfinite`` error too,
-    located by ``validation()`` (:func:`replay_validation`)."""
+    located by the replay (a non-finite validation loss, by ``validation()``: :func:`replay_validation`); with
+    ``acts`` (``train.activations``), the activation detectors' findings, series and final values too."""
     from harness.monitor.report import outcome
 
-    findings = [located(f, origin) if f.id == "train.nonfinite" else f for f in watch.findings()]
+    def locate_nonfinite(f: Finding) -> Finding:
+        if f.evidence.get("split") != "validation":
+            return located(f, origin)
+        found = None if validation is None else validation()
+        if found is None or found.stage != "none":
+            return located(f, found, f"replayed on the validation set (its first {REPLAYED_VALIDATION} examples) "
+                                     "with the run's last parameters")
+        return dataclasses.replace(f, message=f"{f.message}; with the run's last parameters the first "
+                                              f"{REPLAYED_VALIDATION} validation examples give a finite loss",
+                                   evidence={**f.evidence, "origin": "none"})
+
+    bad = int(carry.bad_step)
+    findings = [locate_nonfinite(f) if f.id == "train.nonfinite" else f for f in watch.findings()
+                if not (bad >= 0 and f.evidence.get("split") == "validation")]  # training's own is the finding
     if acts is not None:
         findings += acts.findings(watch)
-    bad = int(carry.bad_step)
     if bad >= 0 and not any(f.id == "train.nonfinite" for f in findings):  # finite gradients, non-finite update
         findings.insert(0, located(error("train.nonfinite", f"training went non-finite at step {bad}", "",
                                          step=bad), origin))
-    val_steps, val_loss, _ = watch.validations()
-    val_loss = np.asarray(val_loss).reshape(len(val_steps), -1)[:, 0] if len(val_steps) else np.zeros(0)
-    if bad < 0 and not np.isfinite(val_loss).all() and not any(f.id == "train.nonfinite" for f in findings):
-        first = int(np.flatnonzero(~np.isfinite(val_loss))[0])
-        step = int(val_steps[first])
-        found = error("train.nonfinite",
-                      f"the validation loss went non-finite at step {step} ({val_loss[first]:g}) while every "
-                      f"training loss stayed finite",
-                      "The loss overflows on held-out examples the training batches did not reach: make it "
-                      "numerically safe.", step=step, split="validation",
-                      nonfinite_validations=int((~np.isfinite(val_loss)).sum()), validations=int(val_loss.size))
-        if validation is not None:
-            found = located(found, validation(), "replayed on the validation set with the run's last parameters")
-        findings.insert(0, found)
     steps = int(carry.step)
     result = outcome(watch, NAME, seconds=seconds, findings=findings, metrics={
         "steps": steps, "steps_planned": schedule.steps, "epochs": steps / schedule.steps_per_epoch,

@@ -222,6 +222,31 @@ def test_a_spike_is_judged_against_the_highest_value_before_it_and_repeats_count
     assert spike.evidence["highest_before_step"] < 100
 
 
+def test_a_validation_overflow_is_judged_with_training_first_and_hides_no_overfitting():
+    """On recorded statistics: the validation loss falls, then is inf at every evaluation after step 250 (steps
+    299, 349, 399). Training finite: one train.nonfinite on the validation split at step 299, and the inf
+    validations raise no overfitting.
+    Training going NaN later (step 300): the training's own finding, at its step, and still no overfitting."""
+    steps, n = 400, 2
+    loss = np.linspace(2.0, 0.5, steps) * np.exp(np.random.default_rng(0).normal(0, 0.02, steps))
+
+    def series(train_loss, grad_norm):
+        val_steps = np.arange(49, steps, 50)
+        val = np.where(val_steps >= 250, np.inf, np.linspace(2.0, 0.6, val_steps.size))
+        return hm.Series(np.arange(steps), train_loss, np.ones(steps, bool), grad_norm, np.ones((steps, n)),
+                         np.ones((steps, n)), np.full((steps, n), 1e-3), np.zeros((steps, n), int), ["a", "b"],
+                         val_steps=val_steps, val_loss=val)
+
+    [found] = hm.detectors.detect(series(loss, np.ones(steps)))
+    assert found.id == "train.nonfinite" and found.evidence["split"] == "validation"
+    assert found.evidence["step"] == 299 and found.evidence["last_finite_step"] == 249
+    assert found.evidence["nonfinite_validations"] == 3 and found.evidence["validations"] == 8
+    late_nan, grad = loss.copy(), np.ones(steps)
+    late_nan[350:] = grad[350:] = np.nan
+    [found] = hm.detectors.detect(series(late_nan, grad))
+    assert found.id == "train.nonfinite" and "split" not in found.evidence and found.evidence["step"] == 350
+
+
 @pytest.mark.parametrize("update_norms", [False, True])  # from the parameter norms / from the update norms
 def test_frozen_layers_are_named_with_why(digits, update_norms):
     x, y = digits

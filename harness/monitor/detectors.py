@@ -643,8 +643,9 @@ def detect(s: Series, where: str = "") -> list[Finding]:
     elif first is not None:
         cut = int(np.searchsorted(s.steps, first.evidence["step"]))
         keep = None if s.val_steps is None else np.asarray(s.val_steps) < first.evidence["step"]
-        if keep is not None and _first_nonfinite_validation(s) is not None:
-            keep[_first_nonfinite_validation(s):] = False  # a held-out overflow before training's: judged to it
+        held_out = _first_nonfinite_validation(s)
+        if held_out is not None:
+            keep[held_out:] = False  # a held-out overflow before training's: the validations are judged to it
         s = dataclasses.replace(
             s, **{f.name: getattr(s, f.name)[:cut] for f in dataclasses.fields(Series)
                   if f.name not in ("paths", "val_steps", "val_loss", "baseline_loss")

@@ -129,6 +129,35 @@ def test_randomness_outside_the_key_is_caught_by_building_twice():
     assert seeds.init_difference(healthy, x, 0) is None
 
 
+class CallbackInitMLP(MLP):
+    """Draws from numpy's RNG when the program runs (a host callback), not when it is traced."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        bias = self.out.bias
+        draw = jax.pure_callback(lambda: np.random.normal(size=bias[...].shape).astype(np.float32),
+                                 jax.ShapeDtypeStruct(bias[...].shape, np.float32))
+        bias[...] = bias[...] + draw
+
+
+def test_builds_are_compared_by_their_traces_and_run_only_when_those_cannot_tell():
+    """Two traces of a healthy build are the same program (so nothing is run); numpy drawn at trace time gives two
+    programs with other constants; a host callback gives two identical programs that draw when run: that build
+    is run twice, and the leaf that differs is named."""
+    x = np.zeros((1, 4), np.float32)
+
+    def traces(factory):
+        model = adapters.ModelFactory(factory, dict(width=8), (4,), 3, x).adapt()
+        return [jax.make_jaxpr(lambda: model.init(jax.random.key(0), x).params)() for _ in range(2)]
+
+    assert seeds.same_program(*traces(MLP))
+    assert not seeds.same_program(*traces(NumpyInitMLP))
+    assert not seeds.same_program(*traces(CallbackInitMLP))
+    callback = adapters.ModelFactory(CallbackInitMLP, dict(width=8), (4,), 3, x).adapt()
+    found = seeds.init_difference(callback, x, 0)
+    assert found is not None and found["leaves_differing"] == 1 and found["worst_leaf"] == "out/bias"
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The noise floor comes only from members that trained.
 

@@ -203,10 +203,9 @@ class Records(NamedTuple):
 
 def tree_norms(*trees) -> tuple:
     """The global L2 norm of each of several pytrees of one structure (``optax.tree.norm`` of each), in one
-    variadic reduction per leaf for all of them. A reduction per leaf per tree is a kernel each for XLA to compile:
-    on a 20-layer MLP the training step's three norms (126 kernels) were about a fifth of its program's compile.
-    Stacking the trees' leaves into one array to reduce compiled as fast but copied them every step (10% slower
-    training on the reference job); a variadic ``lax.reduce`` reads them where they are."""
+    variadic reduction per leaf for all of them: a reduction per leaf per tree is a kernel each for XLA to compile
+    (README, "Performance"). A variadic ``lax.reduce`` reads the leaves where they are; stacking them into one array
+    to reduce would copy them every step."""
     totals = [jnp.zeros((), jnp.float32) for _ in trees]
     for leaves in zip(*(jax.tree.leaves(t) for t in trees)):
         squares = tuple(jnp.real(x * jnp.conj(x)) for x in leaves)
@@ -374,8 +373,7 @@ def train_chunk(problem: Problem, spec: TrainSpec, state: State, hp: Hparams, ar
 
             # A cond on the step (the same for every member): under vmap only the due steps pay. One evaluation
             # traced, whose validation and training-subset passes are a cond on ``full`` inside it: a branch for
-            # the fixed batch alone traced its forward pass a second time (on the 20-layer MLP the two branches
-            # were about a fifth of the program's compile).
+            # the fixed batch alone would trace its forward pass a second time, more to compile.
             full = eval_due(spec, t, end, cadence.eval_every)
             evals = jax.lax.cond(full | batch_eval_due(spec, t, end, cadence), lambda: values(full),
                                  lambda: (nan,) * EVALUATIONS)

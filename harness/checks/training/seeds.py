@@ -254,7 +254,8 @@ def init_difference(model: Model, x, seed: int) -> dict[str, Any] | None:
     lands in the traced program (a constant, a shape, an equation): the build is traced twice first
     (``jax.make_jaxpr``: no FLOPs, no compile), and two identical programs given the same key build identical
     parameters. Only builds whose programs differ, or call back to the host (which draws when run), are run, eagerly,
-    to name the leaves that differ: running every build cost about half a second on the reference MLP."""
+    to name the leaves that differ: run op by op, every eager operation compiles once per process (README,
+    "Performance")."""
     def build():
         return model.init(jax.random.key(seed), x).params
 

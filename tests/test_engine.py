@@ -129,6 +129,28 @@ def test_members_past_their_budget_cost_nothing_and_keep_their_rows(problem, dig
     np.testing.assert_allclose(mixed.lr[1], 3e-3)  # the schedule is recorded for every step
 
 
+def test_a_chunk_that_trains_no_step_still_evaluates_its_members(problem, digits):
+    """A call whose members' budgets end in its first chunk: its second chunk trains no step (no update, its
+    records those of steps past the budget) and its end evaluation is that of the unchanged members, the same as
+    the first chunk's and a 10-step program's. The end evaluation is made inside the chunk's loop, at its last
+    trip, so this chunk makes one trip past every budget."""
+    _, arrays = digits
+    seeds = np.arange(2)
+    hp = Hparams.make(lr=3e-3, init_seed=seeds, data_seed=seeds, steps=10)
+    spec = dataclasses.replace(SPEC, steps=40, steps_per_call=20, max_members_per_call=2)
+    out = train_members(problem, spec, hp, arrays, name="budget_chunks")
+    alone = train_members(problem, dataclasses.replace(spec, steps=10, steps_per_call=10), hp, arrays,
+                          name="budget_chunks_alone")
+    assert list(out.eval_steps) == [20, 40]
+    np.testing.assert_array_equal(out.val_loss[:, 1], out.val_loss[:, 0])
+    np.testing.assert_array_equal(out.train_eval_loss[:, 1], out.train_eval_loss[:, 0])
+    np.testing.assert_allclose(out.val_loss[:, 0], alone.final_val_loss, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(out.loss[:, :10], alone.loss, rtol=1e-6, atol=1e-7)
+    assert np.isnan(out.loss[:, 10:]).all() and np.isnan(out.grad_norm[:, 10:]).all()
+    np.testing.assert_allclose(out.lr, 3e-3)
+    assert (out.first_nonfinite == -1).all()
+
+
 def test_result_shapes_and_eval_points(sweep):
     assert sweep.loss.shape == (4, 40)
     assert sweep.val_loss.shape == (4, 2)

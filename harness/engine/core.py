@@ -302,11 +302,12 @@ def any_eval_due(spec: TrainSpec, t, chunk_end):
 
 
 def train_chunk(problem: Problem, spec: TrainSpec, state: State, hp: Hparams, arrays: Arrays, t0,
-                evaluate: Callable[[State], Any] | None = None, active_steps=None, cadence: Cadence | None = None):
+                evaluate: Callable[[State, Any], Any] | None = None, active_steps=None, cadence: Cadence | None = None):
     """``spec.steps_per_call`` optimizer steps for one member, from global step ``t0``; steps past ``spec.steps``
-    are masked (no update), which lets every chunk reuse one compiled program. With ``spec.eval_every`` and
-    ``evaluate(state)``, the evaluations due inside the chunk run there too (``lax.cond`` on the step, which is
-    the same for every member, so under vmap only the due steps pay for it): a diagnostic that wants a curve of
+    are masked (no update), which lets every chunk reuse one compiled program. Returns the state, the records and,
+    with ``evaluate(state, full)``, the evaluation after the chunk's last trained step (else None). With
+    ``spec.eval_every`` the evaluations due inside the chunk run there too (``lax.cond`` on the step, which is the
+    same for every member, so under vmap only the due steps pay for it): a diagnostic that wants a curve of
     evaluations is one chunk, hence one compiled program, instead of a chunk per evaluation. ``cadence``: how
     often, traced (then ``spec`` only says whether there are any, :func:`program_spec`); default the spec's."""
     cadence = Cadence.of(spec) if cadence is None else cadence
@@ -317,14 +318,24 @@ def train_chunk(problem: Problem, spec: TrainSpec, state: State, hp: Hparams, ar
     dropout_key = jax.random.fold_in(jax.random.key(hp.init_seed), 0xD809)  # its own stream, per member
     budget = member_budget(spec, hp)
     denom = jnp.maximum(budget - 1, 1).astype(jnp.float32)  # a ramp spans the member's own budget
-    evaluating = evaluate is not None and evaluates_inside(spec)
+    inside = evaluate is not None and evaluates_inside(spec)
+    # Only the chunk's first ``active`` steps train (the call's longest budget within the chunk; the same for
+    # every member, so under vmap the loop stays a loop of that many trips): the rest record what a member past its
+    # budget records anyway, except the evaluations inside the chunk, which a request never reads past its own
+    # steps. A loop of that length instead of a branch per step: a skipped step under ``lax.cond`` still passed
+    # every member's parameters and optimizer state through the conditional (0.7 ms a step for the reference job's
+    # 12-member calls on CPU, and a probe of a few steps in a 500-step program paid it 480 times). A chunk that
+    # trains no step still makes one trip, past every member's budget (no update), for its evaluation.
+    active = spec.steps_per_call if active_steps is None else jnp.minimum(active_steps, spec.steps_per_call)
+    trips = jnp.maximum(active, 1)
 
     def loss_and_rest(params, rest, x, y, key):
         outputs, new_rest = problem.model.apply(params, rest, x, key=key, train=True,
                                                 regularization=spec.regularization)
         return mean_loss(problem.loss_fn, outputs, y), new_rest
 
-    def step(state: State, t):
+    def step(state: State, i):
+        t = t0 + i
         # i.i.d. minibatches: O(batch) per step whatever the dataset size, identical across reruns.
         idx = jax.random.randint(jax.random.fold_in(data_key, t), (spec.batch_size,), 0, n_train)
         if spec.fixed_batch:
@@ -363,47 +374,48 @@ def train_chunk(problem: Problem, spec: TrainSpec, state: State, hp: Hparams, ar
             first_nonfinite=jnp.where(now_bad, t.astype(jnp.int32), state.first_nonfinite),
         )
         recorded = jnp.where(state.alive & in_range, loss, jnp.nan)
-        evals = None
-        if evaluating:
+        evals = final = None
+        if evaluate is not None:
             nan = jnp.full((), jnp.nan, jnp.float32)
-            end = t0 + spec.steps_per_call
+            last = i == trips - 1
+            full = batch = jnp.array(False)
+            if inside:
+                end = t0 + spec.steps_per_call
+                trained = i < active
+                full = eval_due(spec, t, end, cadence.eval_every) & trained
+                batch = batch_eval_due(spec, t, end, cadence) & trained
 
             def values(full):
                 return tuple(jnp.asarray(v, jnp.float32) for v in evaluate(new_state, full))
 
             # A cond on the step (the same for every member): under vmap only the due steps pay. One evaluation
-            # traced, whose validation and training-subset passes are a cond on ``full`` inside it: a branch for
-            # the fixed batch alone would trace its forward pass a second time, more to compile.
-            full = eval_due(spec, t, end, cadence.eval_every)
-            evals = jax.lax.cond(full | batch_eval_due(spec, t, end, cadence), lambda: values(full),
-                                 lambda: (nan,) * EVALUATIONS)
+            # traced, for those inside the chunk and the one after its last step alike, whose validation and
+            # training-subset passes are a cond on ``full`` inside it: each further trace of the model's forward
+            # passes (a branch for the fixed batch alone, the chunk's end evaluation after the loop) is more to
+            # compile.
+            ev = jax.lax.cond(full | batch | last, lambda: values(full | last), lambda: (nan,) * EVALUATIONS)
+            final = ev
+            if inside:  # what an inside evaluation records: the fixed batch's values alone when only it was due
+                evals = tuple(jnp.where(full | (batch & (j >= EVALUATIONS - 2)), v, nan) for j, v in enumerate(ev))
         live = state.alive & in_range
         f32 = jnp.float32  # every record is a float32 scalar: the skipped steps' records are built without a trace
         return new_state, Records(recorded.astype(f32), jnp.where(in_range, grad_norm, jnp.nan).astype(f32),
                                   lr_t.astype(f32), jnp.where(live, update_norm, jnp.nan).astype(f32),
-                                  jnp.where(live, param_norm, jnp.nan).astype(f32), evals)
+                                  jnp.where(live, param_norm, jnp.nan).astype(f32), evals), final
 
     steps = t0 + jnp.arange(spec.steps_per_call)
-    if active_steps is None:
-        return jax.lax.scan(step, state, steps)
-
-    # Only the chunk's first ``active_steps`` steps train (the call's longest budget within the chunk; the same for
-    # every member, so under vmap the loop stays a loop of that many trips): the rest record what a member past its
-    # budget records anyway, except the evaluations inside the chunk, which a request never reads past its own
-    # steps. A loop of that length instead of a branch per step: a skipped step under ``lax.cond`` still passed
-    # every member's parameters and optimizer state through the conditional (0.7 ms a step for the reference job's
-    # 12-member calls on CPU, and a probe of a few steps in a 500-step program paid it 480 times).
     lr_all = hp.lr * jnp.exp(hp.lr_growth * steps.astype(jnp.float32) / denom)
     nan = jnp.full((spec.steps_per_call,), jnp.nan, jnp.float32)
-    skipped = Records(nan, nan, lr_all.astype(jnp.float32), nan, nan,
-                      (nan,) * EVALUATIONS if evaluating else None)
+    skipped = Records(nan, nan, lr_all.astype(jnp.float32), nan, nan, (nan,) * EVALUATIONS if inside else None)
+    final = None if evaluate is None else (jnp.full((), jnp.nan, jnp.float32),) * EVALUATIONS
 
     def body(i, carry):
-        state, out = carry
-        state, rec = step(state, t0 + i)
-        return state, jax.tree.map(lambda o, r: jax.lax.dynamic_update_index_in_dim(o, r, i, 0), out, rec)
+        state, out, final = carry
+        state, rec, ev = step(state, i)
+        out = jax.tree.map(lambda o, r: jax.lax.dynamic_update_index_in_dim(o, r, i, 0), out, rec)
+        return state, out, ev if ev is None else tuple(jnp.where(i == trips - 1, e, f) for e, f in zip(ev, final))
 
-    return jax.lax.fori_loop(0, jnp.minimum(active_steps, spec.steps_per_call), body, (state, skipped))
+    return jax.lax.fori_loop(0, trips, body, (state, skipped, final))
 
 
 # What every evaluation returns: validation loss and accuracy, the loss on a fixed training subset, and the loss and
@@ -458,9 +470,9 @@ def make_train(problem: Problem, spec: TrainSpec) -> Callable:
     """The pure program of one call: ``train(hparams, arrays, x_fit, active_steps, state=None, t0=0, cadence=None)
     -> (state, records, evaluation)`` for every member of ``hparams`` (vmapped): the members initialized (``state``
     None) or continued from ``state`` at global step ``t0``, ``spec.steps_per_call`` steps (:func:`train_chunk`,
-    with the evaluations due inside at ``cadence``, default the spec's), then the evaluation at the chunk's end
-    (:func:`evaluate_member` on ``arrays`` and the training subset ``x_fit``). ``active_steps``: how many of the
-    chunk's first steps any member trains. Initialization and the first chunk are one program, so a diagnostic that
+    with the evaluations due inside at ``cadence``, default the spec's, and the chunk's end evaluation after its
+    last trained step: :func:`evaluate_member` on ``arrays`` and the training subset ``x_fit``). ``active_steps``:
+    how many of the chunk's first steps any member trains (None: all of them). Initialization and the first chunk are one program, so a diagnostic that
     fits in one chunk is one compile."""
 
     def train(hparams: Hparams, arrays: Arrays, x_fit, active_steps, state: State | None = None, t0=0,
@@ -472,8 +484,7 @@ def make_train(problem: Problem, spec: TrainSpec) -> Callable:
             def evaluate(st, full=True):
                 return evaluate_member(problem, st, h, arrays, x_fit, full)
 
-            s, rec = train_chunk(problem, spec, s, h, arrays, t0, evaluate, active_steps, cadence)
-            return s, rec, evaluate(s)
+            return train_chunk(problem, spec, s, h, arrays, t0, evaluate, active_steps, cadence)
 
         return jax.vmap(member)(state, hparams)
 

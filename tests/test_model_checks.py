@@ -740,3 +740,22 @@ def test_bad_settings_name_the_key(key, value):
     with pytest.raises(HarnessError) as err:
         settings_from(model.Settings, {key: value}, "diagnostics.model")
     assert f"diagnostics.model.{key}" in str(err.value)
+
+
+def test_a_gradient_leafs_summary_is_its_norm_and_whether_it_is_all_zero_and_all_finite():
+    """The init program's per-leaf statistics, one variadic reduction each, against what each is on its own."""
+    rng = np.random.default_rng(0)
+    leaves = [rng.normal(size=(7, 5)).astype(np.float32), np.zeros((3,), np.float32),
+              np.array([1.0, np.nan], np.float32), np.array(2.5, np.float32),
+              jnp.asarray(rng.normal(size=(4, 4)), jnp.bfloat16), np.array([0.0, -0.0, 3.0], np.float32)]
+    for leaf in leaves:
+        norm, zero, finite = jax.jit(model_programs.leaf_summary)(leaf)
+        expected = float(optax.tree.norm(jnp.asarray(leaf, jnp.float32)))
+        if np.isfinite(expected):
+            np.testing.assert_allclose(float(norm), expected, rtol=1e-6)
+        else:
+            assert np.isnan(float(norm))
+        assert bool(zero) == bool(np.all(np.asarray(leaf, np.float32) == 0))
+        assert bool(finite) == bool(np.all(np.isfinite(np.asarray(leaf, np.float32))))
+    batched = jax.vmap(model_programs.leaf_summary)(np.stack([leaves[0], np.zeros_like(leaves[0])]))
+    assert [bool(z) for z in batched[1]] == [False, True]

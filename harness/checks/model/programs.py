@@ -120,6 +120,19 @@ class InitStats(NamedTuple):
     confident_losses: dict  # margin -> mean loss of confidently correct logits (losses.confident_losses)
 
 
+def leaf_summary(v) -> tuple:
+    """A gradient leaf's L2 norm, whether every element is zero and whether every one is finite, in one variadic
+    reduction: a reduction per statistic per leaf is a kernel each for XLA to compile (as the training step's
+    norms, :func:`harness.engine.core.tree_norms`)."""
+    v = jnp.asarray(v)
+    squares = jnp.real(v * jnp.conj(v)).astype(jnp.float32)
+    axes = tuple(range(v.ndim))
+    total, zero, finite = jax.lax.reduce(
+        (squares, v == 0, jnp.isfinite(v)), (jnp.float32(0), jnp.array(True), jnp.array(True)),
+        lambda a, b: (a[0] + b[0], a[1] & b[1], a[2] & b[2]), axes)
+    return jnp.sqrt(total), zero, finite
+
+
 def make_init_program(problem: Problem, with_capture: bool, steps: int):
     model = problem.model
 
@@ -140,10 +153,10 @@ def make_init_program(problem: Problem, with_capture: bool, steps: int):
         def step(params, _):
             (_, (out, per_example)), grads = jax.value_and_grad(loss, has_aux=True)(params)
             g = model.flat_params(grads)
-            seen = dict(out=out, per_example=per_example,
-                        norm={k: optax.tree.norm(v) for k, v in g.items()},
-                        zero={k: jnp.all(v == 0) for k, v in g.items()},
-                        finite={k: jnp.all(jnp.isfinite(v)) for k, v in g.items()})
+            norm, zero, finite = {}, {}, {}
+            for k, v in g.items():
+                norm[k], zero[k], finite[k] = leaf_summary(v)
+            seen = dict(out=out, per_example=per_example, norm=norm, zero=zero, finite=finite)
             return sign_step(params, grads, thresholds["perturbation_scale"]), seen
 
         _, seen = jax.lax.scan(step, params, None, length=steps + 1)

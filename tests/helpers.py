@@ -49,9 +49,14 @@ def replace_group(group: str, target: str, **kwargs) -> list[str]:
 
 
 def compose(overrides: Sequence[str] = ()):
-    """``harness <overrides>`` as a validated :class:`harness.config.RunConfig` (raises HarnessError on bad input)."""
+    """``harness <overrides>`` as a validated :class:`harness.config.RunConfig` (raises HarnessError on bad input).
+    Without a persistent compilation cache unless the overrides name one: a run in this process that enables the
+    default one (``harness train``, the app) would leave JAX reading and writing the user's ``~/.cache`` for every
+    later test, whose code path (traced programs from harness's cache) would then depend on the tests' order."""
     from harness.config import from_hydra
 
+    if not any(o.lstrip("+~").startswith("engine.compilation_cache") for o in overrides):
+        overrides = [*overrides, "engine.compilation_cache=null"]
     cfg, choices = compose_config(overrides)
     return from_hydra(cfg, choices)
 

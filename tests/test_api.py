@@ -21,7 +21,8 @@ from families import equinox_mlp, haiku_mlp, linen_mlp
 from helpers import tiny_classification
 from harness.errors import HarnessError
 
-FAST = ["diagnostics.run=[data,model]", "engine.compilation_cache=null"]
+NO_CACHE = ["engine.compilation_cache=null"]
+FAST = ["diagnostics.run=[data,model]", *NO_CACHE]
 DATA_ONLY = ["diagnostics.run=[data]", "engine.compilation_cache=null"]
 
 
@@ -183,7 +184,7 @@ def test_bad_arguments_are_errors_naming_the_argument(tmp_path):
     ]
     for kwargs, message in cases:
         with pytest.raises(HarnessError, match=message):
-            harness.diagnose(**kwargs, output_dir=tmp_path)
+            harness.diagnose(**{"overrides": NO_CACHE, **kwargs}, output_dir=tmp_path)
     assert not os.path.exists(tmp_path / "report.json")
 
 

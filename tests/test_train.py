@@ -382,7 +382,7 @@ def test_resuming_another_run_is_a_clear_error(tmp_path):
 def _cli(argv):
     # In-process, Hydra must not reconfigure logging (test_cli.NO_HYDRA_LOGGING: it would close pytest's streams).
     with pytest.raises(SystemExit) as exit_:
-        cli.main([*argv, "hydra/job_logging=none", "hydra/hydra_logging=none"])
+        cli.main([*argv, "engine.compilation_cache=null", "hydra/job_logging=none", "hydra/hydra_logging=none"])
     return exit_.value.code
 
 

@@ -302,7 +302,8 @@ def any_eval_due(spec: TrainSpec, t, chunk_end):
 
 
 def train_chunk(problem: Problem, spec: TrainSpec, state: State, hp: Hparams, arrays: Arrays, t0,
-                evaluate: Callable[[State, Any], Any] | None = None, active_steps=None, cadence: Cadence | None = None):
+                evaluate: Callable[[State, Any], Any] | None = None, active_steps=None,
+                cadence: Cadence | None = None):
     """``spec.steps_per_call`` optimizer steps for one member, from global step ``t0``; steps past ``spec.steps``
     are masked (no update), which lets every chunk reuse one compiled program. Returns the state, the records and,
     with ``evaluate(state, full)``, the evaluation after the chunk's last trained step (else None). With
@@ -334,7 +335,7 @@ def train_chunk(problem: Problem, spec: TrainSpec, state: State, hp: Hparams, ar
                                                 regularization=spec.regularization)
         return mean_loss(problem.loss_fn, outputs, y), new_rest
 
-    def step(state: State, i):
+    def step(state: State, i, last):
         t = t0 + i
         # i.i.d. minibatches: O(batch) per step whatever the dataset size, identical across reruns.
         idx = jax.random.randint(jax.random.fold_in(data_key, t), (spec.batch_size,), 0, n_train)
@@ -374,10 +375,9 @@ def train_chunk(problem: Problem, spec: TrainSpec, state: State, hp: Hparams, ar
             first_nonfinite=jnp.where(now_bad, t.astype(jnp.int32), state.first_nonfinite),
         )
         recorded = jnp.where(state.alive & in_range, loss, jnp.nan)
-        evals = final = None
+        evals = ev = None
         if evaluate is not None:
             nan = jnp.full((), jnp.nan, jnp.float32)
-            last = i == trips - 1
             full = batch = jnp.array(False)
             if inside:
                 end = t0 + spec.steps_per_call
@@ -394,14 +394,13 @@ def train_chunk(problem: Problem, spec: TrainSpec, state: State, hp: Hparams, ar
             # passes (a branch for the fixed batch alone, the chunk's end evaluation after the loop) is more to
             # compile.
             ev = jax.lax.cond(full | batch | last, lambda: values(full | last), lambda: (nan,) * EVALUATIONS)
-            final = ev
             if inside:  # what an inside evaluation records: the fixed batch's values alone when only it was due
                 evals = tuple(jnp.where(full | (batch & (j >= EVALUATIONS - 2)), v, nan) for j, v in enumerate(ev))
         live = state.alive & in_range
         f32 = jnp.float32  # every record is a float32 scalar: the skipped steps' records are built without a trace
         return new_state, Records(recorded.astype(f32), jnp.where(in_range, grad_norm, jnp.nan).astype(f32),
                                   lr_t.astype(f32), jnp.where(live, update_norm, jnp.nan).astype(f32),
-                                  jnp.where(live, param_norm, jnp.nan).astype(f32), evals), final
+                                  jnp.where(live, param_norm, jnp.nan).astype(f32), evals), ev
 
     steps = t0 + jnp.arange(spec.steps_per_call)
     lr_all = hp.lr * jnp.exp(hp.lr_growth * steps.astype(jnp.float32) / denom)
@@ -411,9 +410,10 @@ def train_chunk(problem: Problem, spec: TrainSpec, state: State, hp: Hparams, ar
 
     def body(i, carry):
         state, out, final = carry
-        state, rec, ev = step(state, i)
+        last = i == trips - 1
+        state, rec, ev = step(state, i, last)
         out = jax.tree.map(lambda o, r: jax.lax.dynamic_update_index_in_dim(o, r, i, 0), out, rec)
-        return state, out, ev if ev is None else tuple(jnp.where(i == trips - 1, e, f) for e, f in zip(ev, final))
+        return state, out, ev if ev is None else tuple(jnp.where(last, e, f) for e, f in zip(ev, final))
 
     return jax.lax.fori_loop(0, trips, body, (state, skipped, final))
 
@@ -472,8 +472,8 @@ def make_train(problem: Problem, spec: TrainSpec) -> Callable:
     None) or continued from ``state`` at global step ``t0``, ``spec.steps_per_call`` steps (:func:`train_chunk`,
     with the evaluations due inside at ``cadence``, default the spec's, and the chunk's end evaluation after its
     last trained step: :func:`evaluate_member` on ``arrays`` and the training subset ``x_fit``). ``active_steps``:
-    how many of the chunk's first steps any member trains (None: all of them). Initialization and the first chunk are one program, so a diagnostic that
-    fits in one chunk is one compile."""
+    how many of the chunk's first steps any member trains (None: all of them). Initialization and the first chunk
+    are one program, so a diagnostic that fits in one chunk is one compile."""
 
     def train(hparams: Hparams, arrays: Arrays, x_fit, active_steps, state: State | None = None, t0=0,
               cadence: Cadence | None = None):

@@ -27,7 +27,6 @@ import dataclasses
 import time
 from typing import Any, Callable, NamedTuple
 
-import jax
 import numpy as np
 
 from harness.checks.registry import announced
@@ -39,7 +38,6 @@ from harness.engine.driver import train_members
 # The probe trains at least PROBE_MEMBER_STEPS member-steps and PROBE_STEPS steps.
 PROBE_STEPS = 10
 PROBE_MEMBER_STEPS = 240
-PROBE_MEMBERS_CPU = 8  # a CPU step costs the same per member from about 8 members on (harness.engine.table)
 MIN_STEPS = 100  # no cut takes a training diagnostic below this many steps
 # The estimate's error, as a share of it: the probe's figures move by 10-30% with the machine's load. When no suite
 # fits the budget and every cut together saves less than this share of the estimate, they change the run's end by
@@ -301,8 +299,7 @@ def measure(ctx, settings: dict[str, Any] | None = None) -> Measured:
     (:func:`probe_program`), at its call width, each member's budget a few steps (the rest of its scan skipped):
     its compile is then the table's, which the suite does not pay again, cut or not (the table trains by the
     probe's program, ``ctx.shared["_probed_program"]``, whenever it can). Without a table, a
-    program of its own (on CPU, where a step costs the same per member from about :data:`PROBE_MEMBERS_CPU`
-    members on, that many; elsewhere as many as one call trains). What the call costs whatever its steps (the
+    program of its own, as many members as one call trains (``engine.max_members_per_call``). What the call costs whatever its steps (the
     evaluation at its end, transfers) is counted as training, which errs towards a smaller suite (timed as the
     difference of two budgets instead, it underestimated the CNN's suite, README). Every process of a
     multi-process run uses process 0's figures, so all of them choose the same suite."""
@@ -313,8 +310,7 @@ def measure(ctx, settings: dict[str, Any] | None = None) -> Measured:
         members = spec.max_members_per_call  # merged_spec's call width, already whole calls
     else:
         problem, arrays = ctx.problem, ctx.arrays
-        members = devices.padded_size(PROBE_MEMBERS_CPU if jax.default_backend() == "cpu"
-                                      else ctx.engine.max_members_per_call)
+        members = devices.padded_size(ctx.engine.members_per_call())
         spec = ctx.spec(max(PROBE_MEMBER_STEPS // members, PROBE_STEPS))
     steps = min(max(PROBE_MEMBER_STEPS // members, PROBE_STEPS), spec.steps)
     seeds = ctx.seed + np.arange(members)

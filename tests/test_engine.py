@@ -298,3 +298,23 @@ def test_the_steps_norms_are_optaxs_tree_norms_in_one_reduction_per_leaf():
     want = [[float(optax.tree.norm(jax.tree.map(lambda x, m=m: x[m], t))) for m in range(2)] for t in stacked]
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6)
     assert [float(n) for n in tree_norms({}, {})] == [0.0, 0.0]
+
+
+def test_call_width_auto_is_a_few_members_per_cpu_device_and_a_count_wins():
+    """``engine.max_members_per_call=auto`` (the default) resolves per backend: on CPU a few members per device
+    (wider calls train a convolutional model's member-steps slower, README), and every diagnostic's spec gets it;
+    an explicit count is used as given, and anything else is a one-line error naming the key."""
+    from helpers import compose
+
+    from harness.checks.base import CPU_MEMBERS_PER_DEVICE, EngineSettings
+    from harness.engine import devices
+    from harness.errors import HarnessError
+
+    cfg = compose()
+    assert cfg.engine.max_members_per_call == "auto"
+    assert cfg.engine.members_per_call() == CPU_MEMBERS_PER_DEVICE * devices.device_count()
+    assert compose(["engine.max_members_per_call=64"]).engine.members_per_call() == 64
+    assert EngineSettings(max_members_per_call=5).members_per_call() == 5
+    for bad in ("wide", 0):
+        with pytest.raises(HarnessError, match="engine.max_members_per_call"):
+            compose([f"engine.max_members_per_call={bad}"])

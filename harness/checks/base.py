@@ -13,9 +13,11 @@ import dataclasses
 import time
 from typing import Any, Callable
 
+import jax
 import numpy as np
 
 from harness.data.dataset import Dataset
+from harness.engine import devices
 from harness.engine.core import Arrays, Hparams, Problem, TrainSpec
 from harness.engine.driver import SweepResult, train_members
 from harness.errors import HarnessError
@@ -23,18 +25,40 @@ from harness.findings import Finding, InternalError
 from harness.optim import OptimSpec
 
 
+# engine.max_members_per_call=auto. On CPU, a few members per device keep the per-step overhead amortized on the
+# smallest models while a convolutional model's activations (tens of MB per member) stay few per step; wider calls
+# ran its member-steps slower and padded a short table's last call with more idle members (README, Performance).
+CPU_MEMBERS_PER_DEVICE = 3
+ACCELERATOR_MEMBERS_PER_CALL = 64
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineSettings:
     """How training programs are cut and compiled (config group ``engine``)."""
 
     steps_per_call: int = 500
-    max_members_per_call: int = 64
+    max_members_per_call: int | str = "auto"  # a count, or auto: members_per_call()
     opt_level: int | None = 2
     max_eval_examples: int = 2048
 
     def validate(self, key: str):
+        if isinstance(self.max_members_per_call, str) and self.max_members_per_call != "auto":
+            raise HarnessError(f"must be auto or a positive integer, got {self.max_members_per_call!r}",
+                               key=f"{key}.max_members_per_call")
         for name in ("steps_per_call", "max_members_per_call", "max_eval_examples"):
-            require_at_least(self, key, name, 1)
+            if not isinstance(getattr(self, name), str):
+                require_at_least(self, key, name, 1)
+
+    def members_per_call(self) -> int:
+        """``max_members_per_call``, with ``auto`` resolved for this run's backend: on an accelerator
+        :data:`ACCELERATOR_MEMBERS_PER_CALL` (members run in parallel there, so a call is as wide as memory allows);
+        on CPU :data:`CPU_MEMBERS_PER_DEVICE` per device, since each CPU device (one per core) runs its members' steps
+        one after another and a wider call only grows the working set each step sweeps through memory."""
+        if self.max_members_per_call != "auto":
+            return int(self.max_members_per_call)
+        if jax.default_backend() != "cpu":
+            return ACCELERATOR_MEMBERS_PER_CALL
+        return CPU_MEMBERS_PER_DEVICE * devices.device_count()
 
 
 @dataclasses.dataclass
@@ -63,7 +87,7 @@ class Context:
             steps=steps,
             batch_size=self.batch_size,
             steps_per_call=self.engine.steps_per_call,
-            max_members_per_call=self.engine.max_members_per_call,
+            max_members_per_call=self.engine.members_per_call(),
             opt_level=self.engine.opt_level,
             max_eval_examples=self.engine.max_eval_examples,
         )

@@ -176,13 +176,13 @@ PADDING_ALLOWED = 0.05
 
 def call_width(parts: list[tuple[int, int]], follow_ups: list[tuple[int, int]], max_width: int) -> int:
     """How many members one call of the table's program trains; ``parts`` and ``follow_ups``: (members, steps).
-    On accelerators, as many as allowed: members run in parallel there. On CPU a step costs the same per member
-    whatever the call width (measured on the reference job: 54 members in calls of 54, 27, 18 or 9 run within 5%
-    of each other, the cores are busy from 9 on), so the width that matters is the one that wastes least on
-    padding: the widest whose calls hold the table's members of each step count (calls are grouped by budget,
-    :func:`harness.engine.driver.call_groups`) and each follow-up (padded to whole calls, to reuse the program)
-    within ``PADDING_ALLOWED`` of their member-steps. 54 table rows and the LR test's 35-member second round, all
-    500 steps: calls of 18, 90 rows trained instead of 108 in calls of 54."""
+    On accelerators, as many as allowed (``max_width``): members run in parallel there. On CPU, where a padded
+    member costs as much as a real one and ``max_width`` is already narrow (``engine.max_members_per_call=auto``,
+    :meth:`harness.checks.base.EngineSettings.members_per_call`), the widest width up to it whose calls hold the
+    table's members of each step count (calls are grouped by budget, :func:`harness.engine.driver.call_groups`)
+    and each follow-up (padded to whole calls, to reuse the program) within ``PADDING_ALLOWED`` of their
+    member-steps. 54 table rows and the LR test's 35-member second round, all 500 steps, on two CPU devices:
+    calls of 6, 90 rows trained (calls of 54 would train 108)."""
     by_steps: dict[int, int] = {}
     for n, steps in parts:
         by_steps[steps] = by_steps.get(steps, 0) + n

@@ -106,3 +106,20 @@ def test_training_after_a_broken_model_is_skipped_with_why():
     assert [f.id for f in model.findings if f.severity.value == "error"] == ["model.forward"]
     assert seeds.skipped and seeds.skipped.startswith("skipped: model.forward")
     assert controls.skipped == seeds.skipped and not seeds.findings and not seeds.metrics
+
+
+def test_a_request_of_its_own_trains_in_even_calls():
+    """Members beyond one call's width split evenly over as few calls as the width allows (a padded member costs
+    a real one's step on CPU): 7 members at 6 per call train in 2 calls of 4, and their results are the rows asked
+    for; a follow-up padded to whole calls of the first request's program keeps that program's width."""
+    from harness.engine import devices, driver
+
+    spec = fresh().spec(10, max_members_per_call=6)
+    assert driver.even_calls(spec, 7).max_members_per_call == devices.padded_size(4)
+    assert driver.even_calls(spec, 6) is spec and driver.even_calls(spec, 3) is spec
+    assert driver.even_calls(spec, 12).max_members_per_call == 6  # whole calls keep the width
+    assert driver.even_calls(spec, 13).max_members_per_call == min(devices.padded_size(5), 6)
+    ctx = fresh()
+    hp = Hparams.make(lr=[1e-3] * 7, init_seed=range(7))
+    result = ctx.train("own", ctx.spec(10, max_members_per_call=6), hp)
+    assert result.program_width == devices.padded_size(4) and result.loss.shape == (7, 10)

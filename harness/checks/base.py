@@ -19,7 +19,7 @@ import numpy as np
 from harness.data.dataset import Dataset
 from harness.engine import devices
 from harness.engine.core import Arrays, Hparams, Problem, TrainSpec
-from harness.engine.driver import SweepResult, train_members
+from harness.engine.driver import SweepResult, even_calls, train_members
 from harness.errors import HarnessError
 from harness.findings import Finding, InternalError
 from harness.optim import OptimSpec
@@ -116,6 +116,8 @@ class Context:
         if self.progress is not None:
             progress = lambda done, total: self.progress(name, done, total)  # noqa: E731
         # A failed request is not remembered: the next asker tries again.
+        if self.train_fn is train_members:  # (a collapsed multirun's trainer sizes the calls of its merged programs)
+            spec = even_calls(spec, len(hparams))
         result = self.train_fn(problem, spec, hparams, arrays, name=name, progress=progress)
         memo.setdefault(key, result)
         return result

@@ -109,6 +109,19 @@ def batch_only_evals(spec: TrainSpec) -> set[int]:
             if bool(batch_eval_due(spec, t, (c + 1) * per_call))}
 
 
+def even_calls(spec: TrainSpec, members: int) -> TrainSpec:
+    """``spec`` for a request of its own (no other request shares its program) with its ``members`` split evenly:
+    as few calls as ``spec.max_members_per_call`` allows, each as narrow as they then can be. On CPU, where a padded
+    member costs as much as a real one, 7 members at 6 per call train as 2 calls of 4, not 6 and 6 (the second
+    padded with 5). Members that fill whole calls keep the width (a follow-up padded to the calls of its first
+    request's program, :meth:`harness.checks.base.Context.train_like`, still reuses it)."""
+    cap = spec.max_members_per_call
+    if members <= cap:
+        return spec
+    calls = -(-members // cap)
+    return dataclasses.replace(spec, max_members_per_call=min(devices.padded_size(-(-members // calls)), cap))
+
+
 def call_groups(budgets: np.ndarray, width: int) -> list[np.ndarray]:
     """Which members train together, as index arrays of at most ``width`` (each call is padded to ``width``). A
     call runs until its longest budget (:func:`member_budget`), so members are grouped by budget when that costs

@@ -298,9 +298,9 @@ def measure(ctx, settings: dict[str, Any] | None = None) -> Measured:
     timed apart from its compile. The probe runs the program of the member table that ``settings`` train
     (:func:`probe_program`), at its call width, each member's budget a few steps (the rest of its scan skipped):
     its compile is then the table's, which the suite does not pay again, cut or not (the table trains by the
-    probe's program, ``ctx.shared["_probed_program"]``, whenever it can). Without a table, a
-    program of its own, as many members as one call trains (``engine.max_members_per_call``). What the call costs whatever its steps (the
-    evaluation at its end, transfers) is counted as training, which errs towards a smaller suite (timed as the
+    probe's program, ``ctx.shared["_probed_program"]``, whenever it can). Without a table, a program of its own,
+    as many members as one call trains (``engine.max_members_per_call``). What the call costs whatever its steps
+    (the evaluation at its end, transfers) is counted as training, which errs towards a smaller suite (timed as the
     difference of two budgets instead, it underestimated the CNN's suite, README). Every process of a
     multi-process run uses process 0's figures, so all of them choose the same suite."""
     began = time.perf_counter()

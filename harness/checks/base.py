@@ -115,9 +115,9 @@ class Context:
         progress = None
         if self.progress is not None:
             progress = lambda done, total: self.progress(name, done, total)  # noqa: E731
-        # A failed request is not remembered: the next asker tries again.
         if self.train_fn is train_members:  # (a collapsed multirun's trainer sizes the calls of its merged programs)
             spec = even_calls(spec, len(hparams))
+        # A failed request is not remembered: the next asker tries again.
         result = self.train_fn(problem, spec, hparams, arrays, name=name, progress=progress)
         memo.setdefault(key, result)
         return result

@@ -82,7 +82,7 @@ def train(x, y, x_val, y_val, *, lr=LR, seed=0, width=128, steps=STEPS, batch=BA
         if (step + 1) % EVAL_EVERY == 0 or step + 1 == steps:
             with torch.no_grad():
                 val.append(nn.functional.cross_entropy(model(x_val), y_val).item())
-    return {"losses": losses, "val": val, "params": [p.detach().clone() for p in model.parameters()]}
+    return {"losses": losses, "val": val, "model": model}
 
 
 def overfit_batch(x, y, x_val, y_val) -> None:
@@ -96,7 +96,8 @@ def seeds(x, y, x_val, y_val) -> None:
     first = [train(x, y, x_val, y_val, seed=s) for s in range(4)]
     again = [train(x, y, x_val, y_val, seed=s) for s in range(4)]
     for a, b in zip(first, again):
-        assert a["losses"] == b["losses"] and all(torch.equal(p, q) for p, q in zip(a["params"], b["params"]))
+        assert a["losses"] == b["losses"] and all(
+            torch.equal(p, q) for p, q in zip(a["model"].parameters(), b["model"].parameters()))
 
 
 def controls(x, y, x_val, y_val) -> None:

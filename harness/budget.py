@@ -78,8 +78,8 @@ def _grid(size: int) -> Callable[[dict], dict]:
 # The steps a budget cuts: the seed runs and controls (the noise floor and the controls are read after a shorter
 # run) and the LR grid's training (the LR test extrapolates its validation curves to the horizon it judges, which
 # stays train.steps or diagnostics.lr_range.default_horizon). Cut together, they keep sharing one program. Never cut:
-# the overfit test's steps (its target is calibrated for them, and alone at its own batch of 32 it is cheap) and
-# the capacity ladder's (a larger model is ahead early in any run, so a short ladder would call a healthy model too
+# the overfit test's steps (its target is calibrated for them; see joins_table for where it then trains) and the
+# capacity ladder's (a larger model is ahead early in any run, so a short ladder would call a healthy model too
 # small); the ladder is dropped instead.
 STEP_SETTINGS = (("seeds", "steps"), ("controls", "steps"), ("lr_range", "grid_steps"))
 
@@ -134,8 +134,8 @@ class Measured:
     # the plan chooses may not be in the cache, even when the probe was: another budget, another plan).
     compile: float = 0.0
     took: float = 0.0  # what measuring took, its compile included
-    # The member table's program the probe ran (program_key), now compiled: a suite that keeps that table does not
-    # compile it again. None when the probe ran a program of its own.
+    # The member table's merged request whose program the probe ran, now compiled: the suite's table trains by it,
+    # cut or not (harness.engine.table.onto). None when the probe ran a program of its own.
     program: Any = None
 
 
@@ -232,20 +232,36 @@ class Cost(NamedTuple):
     programs: int  # training programs to compile
 
 
-def cost(ctx, settings: dict[str, Any]) -> Cost:
-    """What the training diagnostics in ``settings`` will train and compile after the probe: their announced
-    requests (each row at the run's batch size, as the member table trains them, in one program; the overfit test
-    at its own batch and in a program of its own when its steps differ from the seed runs', since it then trains
-    alone) and follow-ups (which reuse their request's program), and the capacity ladder: its configured rung when
-    it cannot be the seed runs, and its smaller rungs (announced, or :data:`CAPACITY_MEMBERS` in the programs of
-    :func:`harness.checks.training.capacity.own_programs`). An estimate: follow-ups beyond the announced ones (a
-    ladder's larger rungs when the configured model underfits, a reloaded data set's rerun) are not counted."""
+def joins_table(request, batch_size: int, measured: Measured | None) -> bool:
+    """Whether a request that trains only on its fixed batch (the overfit test), whose steps differ from the member
+    table's (a budget cut the others'), trains in the probe's program anyway, its batch repeated to the table's
+    (:func:`harness.engine.table.plan`), rather than in a program of its own at its own batch: when the compile
+    that saves (the probe's, measured with no cache) is more than the compute the larger batch adds. On a deep MLP
+    the compile wins; on a CNN, whose step costs its batch, the compute does. Without a probe, or when the probe's
+    program has no fixed batch to train on, never."""
+    if measured is None or measured.program is None or not measured.program.spec.fixed_batch:
+        return False
+    spec = request.spec
+    added = (1 - spec.batch_size / max(batch_size, 1)) * (len(request.hparams) + request.follow_up) * spec.steps
+    return added * measured.member_step < measured.compile
+
+
+def cost(ctx, settings: dict[str, Any], measured: Measured | None = None) -> Cost:
+    """What the training diagnostics in ``settings`` will train and compile after the probe (``measured``): their
+    announced requests (each row at the run's batch size, as the member table trains them, in one program; the
+    overfit test at its own batch and in a program of its own when its steps differ from the seed runs', unless it
+    :func:`joins_table`) and follow-ups (which reuse their request's program), and the capacity ladder: its
+    configured rung when it cannot be the seed runs, and its smaller rungs (announced, or :data:`CAPACITY_MEMBERS`
+    in the programs of :func:`harness.checks.training.capacity.own_programs`). An estimate: follow-ups beyond the
+    announced ones (a ladder's larger rungs when the configured model underfits, a reloaded data set's rerun) are
+    not counted."""
     steps, table, apart = 0.0, False, 0
     seeds = settings.get("seeds")
     for name, requests in announced(ctx, settings).items():
         s = settings[name]
         for r in requests:
-            alone = bool(r.spec.fixed_batch) and (seeds is None or seeds.steps != r.spec.steps)
+            alone = (bool(r.spec.fixed_batch) and (seeds is None or seeds.steps != r.spec.steps)
+                     and not joins_table(r, ctx.batch_size, measured))
             weight = r.spec.batch_size / max(ctx.batch_size, 1) if alone else 1.0
             steps += weight * (len(r.hparams) + r.follow_up) * r.spec.steps
             apart, table = apart + alone, table or not alone
@@ -298,11 +314,12 @@ def measure(ctx, settings: dict[str, Any] | None = None) -> Measured:
     timed apart from its compile. The probe runs the program of the member table that ``settings`` train
     (:func:`probe_program`), at its call width, each member's budget a few steps (the rest of its scan skipped):
     its compile is then the table's, which the suite does not pay again, cut or not (the table trains by the
-    probe's program, ``ctx.shared["_probed_program"]``, whenever it can). Without a table, a program of its own,
-    as many members as one call trains (``engine.max_members_per_call``). What the call costs whatever its steps
-    (the evaluation at its end, transfers) is counted as training, which errs towards a smaller suite (timed as the
-    difference of two budgets instead, it underestimated the CNN's suite, README). Every process of a
-    multi-process run uses process 0's figures, so all of them choose the same suite."""
+    probe's program whenever it can). Without a table, a program of its own, as many members as one call trains
+    (``engine.max_members_per_call``). What the call costs whatever its steps (the evaluation at its end,
+    transfers) is counted as training, which errs towards a smaller suite (timed as the difference of two budgets
+    instead, it underestimated the CNN's suite, README). Every process of a multi-process run uses process 0's
+    figures, so all of them choose the same suite. The figures go to ``ctx.shared["_probe"]``, for
+    :meth:`harness.checks.base.Context.table`."""
     began = time.perf_counter()
     table = probe_program(ctx, settings) if settings else None
     if table is not None:
@@ -324,10 +341,10 @@ def measure(ctx, settings: dict[str, Any] | None = None) -> Measured:
     before = stats()
     train_members(problem, spec, hp, arrays, name="budget/probe")
     ran, compiled = stats() - before
-    if table is not None:
-        ctx.shared["_probed_program"] = table  # the member table trains by it (Context.table)
     figures = from_process_0(np.array([ran / (members * steps), compiled]))
-    return Measured(float(figures[0]), float(figures[1]), time.perf_counter() - began, program_key(ctx, table))
+    measured = Measured(float(figures[0]), float(figures[1]), time.perf_counter() - began, table)
+    ctx.shared["_probe"] = measured  # the member table trains by its program (Context.table)
+    return measured
 
 
 def plan(ctx, settings: dict[str, Any], names: list[str], budget: float, measured: Measured | None = None,
@@ -345,9 +362,9 @@ def plan(ctx, settings: dict[str, Any], names: list[str], budget: float, measure
     left = budget - elapsed
 
     def estimate(chosen: dict[str, Any]) -> tuple[float, int]:
-        c = cost(ctx, chosen)
+        c = cost(ctx, chosen, measured)
         programs = c.programs
-        if measured.program is not None and programs and measured.program == program_key(
+        if measured.program is not None and programs and program_key(ctx, measured.program) == program_key(
                 ctx, table_program(ctx, chosen)):
             programs -= 1  # the probe compiled this suite's member table
         return c.member_steps * measured.member_step + programs * measured.compile, programs

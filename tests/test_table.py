@@ -20,7 +20,7 @@ from harness.engine import compile as programs
 from harness.engine import driver, table
 from harness.engine.core import Hparams, TrainSpec
 from harness.engine.driver import SweepResult, eval_schedule
-from harness import pipeline
+from harness import budget, pipeline
 from harness.pipeline import build_context, run
 
 SMALL_LR = lr_range.Settings(grid_size=12, grid_steps=100)
@@ -240,7 +240,7 @@ def test_a_smaller_suite_trains_by_an_already_compiled_tables_program(ctx):
     [(_, smaller)] = ctx.table(cut)
     assert program.spec.eval_every == 0 and program.spec.batch_eval_every == 50
     assert smaller.spec.eval_every == 20 and smaller.spec.steps == 100 and not smaller.spec.fixed_batch
-    fresh = dataclasses.replace(ctx, shared={"_probed_program": program})
+    fresh = dataclasses.replace(ctx, shared={"_probe": budget.Measured(1e-3, program=program)})
     [(parts, onto)] = fresh.table(cut)
     assert onto.spec == dataclasses.replace(program.spec, eval_every=20, batch_eval_every=0, inside_evals=True)
     assert onto.arrays is program.arrays and len(onto.hparams) == len(smaller.hparams)
@@ -267,3 +267,48 @@ def test_a_smaller_suite_trains_by_an_already_compiled_tables_program(ctx):
     assert table.onto(cut, smaller, plain) is None
     capable = dataclasses.replace(plain, spec=dataclasses.replace(plain.spec, inside_evals=True))  # the probe's
     assert table.onto(cut, smaller, capable).spec.eval_every == 20
+
+
+def test_a_cut_suite_takes_the_overfit_test_into_the_probes_program_when_its_compile_costs_more(ctx):
+    """A budget that shortens the other runs leaves the overfit test's steps as they are, so it no longer shares
+    their step count. It joins the probe's program anyway (its fixed batch repeated to the table's batch, its rows
+    in calls of their own) when the compile that saves is more than the compute it adds, and trains apart at its
+    own batch when not (harness.budget.joins_table): both ways its diagnosis is the same."""
+    from harness.checks.training.overfit_batch import requests as overfit_requests
+
+    overfit = overfit_batch.Settings(steps=200)
+    long_grid = lr_range.Settings(grid_size=12, grid_steps=200, default_horizon=200)
+    configured = (overfit_requests(ctx, overfit) + seeds.requests(ctx, seeds.Settings(steps=200,
+                                                                                       check_determinism=False))
+                  + lr_range.requests(ctx, long_grid))
+    cut = (overfit_requests(ctx, overfit) + seeds.requests(ctx, seeds.Settings(steps=100, check_determinism=False))
+           + lr_range.requests(ctx, dataclasses.replace(long_grid, grid_steps=100)))
+    [(_, program)] = ctx.table(configured)
+    program = dataclasses.replace(program, spec=dataclasses.replace(program.spec, inside_evals=True))  # the probe's
+    fixed = cut[0]
+    # The overfit test's rows at 128 examples instead of 32: 3/4 of (members x 200 steps) member-steps added.
+    added = 0.75 * len(fixed.hparams) * 200
+    dear_compile = budget.Measured(1e-3, compile=2.0 * added * 1e-3, program=program)
+    cheap_compile = budget.Measured(1e-3, compile=0.5 * added * 1e-3, program=program)
+    assert budget.joins_table(fixed, ctx.batch_size, dear_compile)
+    assert not budget.joins_table(fixed, ctx.batch_size, cheap_compile)
+    assert not budget.joins_table(fixed, ctx.batch_size, None)
+    no_fixed = dataclasses.replace(program, spec=dataclasses.replace(program.spec, fixed_batch=0))
+    assert not budget.joins_table(fixed, ctx.batch_size, dataclasses.replace(dear_compile, program=no_fixed))
+
+    outcomes = {}
+    for label, probe in (("joined", dear_compile), ("apart", cheap_compile)):
+        fresh = dataclasses.replace(ctx, shared={"_probe": probe})
+        [(parts, trained)] = fresh.table(cut)
+        assert (fixed in parts) == (label == "joined")
+        assert budget.program_key(fresh, trained) == budget.program_key(fresh, program)  # the probe's program
+        fresh.prefetch(cut)
+        outcomes[label] = overfit_batch.run(fresh, overfit)
+        # What the budget's estimate counts: the overfit test's own program only when it trains apart.
+        settings = {"overfit_batch": overfit, "seeds": seeds.Settings(steps=100, check_determinism=False)}
+        assert budget.cost(fresh, settings, probe).programs == (1 if label == "joined" else 2)
+    joined, apart = (outcomes[k].metrics for k in ("joined", "apart"))
+    assert joined["overfit_batch/passed"] and apart["overfit_batch/passed"]
+    assert [f.code for f in outcomes["joined"].findings] == [f.code for f in outcomes["apart"].findings]
+    assert joined["overfit_batch/final_loss"] == pytest.approx(apart["overfit_batch/final_loss"], rel=0.2, abs=1e-3)
+    assert abs(joined["overfit_batch/steps_to_target"] - apart["overfit_batch/steps_to_target"]) <= 10

@@ -157,6 +157,7 @@ class Context:
         probe's program when it can be, :func:`harness.engine.table.onto`). Empty when there is
         nothing to merge, or when a collapsed multirun's trainer merges across sweep points instead. Whether the
         model's regularization and loss let requests share (traced once per run) is remembered."""
+        from harness import budget
         from harness.engine import table
 
         if len(requests) < 2 or self.train_fn is not train_members:
@@ -167,11 +168,12 @@ class Context:
             traits["free"] = not table.regularization_matters(self.problem, self.arrays.x_train[:2])
         if "repeat" not in traits:
             traits["repeat"] = table.per_example_loss(self.problem, self.arrays.x_train[:2], self.arrays.y_train[:2])
-        groups = table.plan(requests, self.arrays, self.batch_size, mixed and traits["free"], traits["repeat"],
-                            self.problem)
         # With budget=, the probe compiled a member table's program (harness.budget.measure): a group it
         # can train is trained by it, whatever the budget cut, instead of compiling a program of the cut suite's.
-        compiled = self.shared.get("_probed_program")
+        probe = self.shared.get("_probe")
+        compiled = None if probe is None else probe.program
+        groups = table.plan(requests, self.arrays, self.batch_size, mixed and traits["free"], traits["repeat"],
+                            self.problem, join_fixed=lambda r: budget.joins_table(r, self.batch_size, probe))
         out = []
         for parts in ([requests[i] for i in g] for g in groups):
             both = table.merged(parts, self.arrays)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from typing import Callable
 
 import jax
 import numpy as np
@@ -114,14 +115,17 @@ def _group_key(request: Request, base: Arrays, batch_size: int, free_regularizat
 
 
 def plan(requests: list[Request], base: Arrays, batch_size: int, free_regularization: bool,
-         repeat_fixed: bool = True, problem: Problem | None = None) -> list[list[int]]:
+         repeat_fixed: bool = True, problem: Problem | None = None,
+         join_fixed: Callable[[Request], bool] = lambda request: False) -> list[list[int]]:
     """Groups of request indices that share a program (groups of one are left to train on their own). At most one
     fixed batch per group: a second one starts a group of its own. Requests of different step counts share one
     when each can read its own evaluations off the merged program's (:func:`schedule_map`): the shorter ones'
     members get their steps as budgets; a request that trains only on its fixed batch (repeated to the run's
-    batch size) joins only requests of its own step count, and only when ``repeat_fixed`` (the loss is per
-    example: :func:`per_example_loss`). ``batch_size``: the run's; ``problem``: the run's, which a request's own
-    problem must cover (at most one such problem per group)."""
+    batch size) joins only when ``repeat_fixed`` (the loss is per example: :func:`per_example_loss`), and only
+    requests of its own step count unless ``join_fixed(request)``: its rows then train in calls of their own at
+    the others' batch size, more compute for one compile fewer (:func:`harness.budget.joins_table` weighs the
+    two). ``batch_size``: the run's; ``problem``: the run's, which a request's own problem must cover (at most one
+    such problem per group)."""
     groups: dict[tuple, list[list[int]]] = {}
     for i, r in enumerate(requests):
         key = _group_key(r, base, batch_size, free_regularization, repeat_fixed, problem)
@@ -137,7 +141,8 @@ def plan(requests: list[Request], base: Arrays, batch_size: int, free_regulariza
             if r.problem is not None and own is not None and r.problem != own:
                 continue
             candidate = [requests[j] for j in members] + [r]
-            if any(fixed_only(q) for q in candidate) and len({q.spec.steps for q in candidate}) > 1:
+            if len({q.spec.steps for q in candidate}) > 1 and not all(
+                    join_fixed(q) for q in candidate if fixed_only(q)):
                 # Its rows would train in calls of their own anyway (by budget), at the others' batch size:
                 # the overfit test's 32 examples repeated to 128 cost 4x its compute to save one compile.
                 continue

@@ -9,6 +9,9 @@ Sections (each prints ratios measured side by side in this one run, since shared
             the reference job, one plain training loop after another) as a fresh process, when torch is installed;
             the default and models sections print their ratios to it beside the issue's 18 s figure (with both
             sections, it is measured again before the models section, whose ratios use that measurement)
+  paired    rounds of three fresh processes back to back: the PyTorch reference, the default run cold (its own
+            empty cache) and warm; each round's ratios to PyTorch, since the machine's speed drifts between
+            sections (needs torch)
   machine   float32 matmul FLOP/s of this machine (the roofline the training programs are compared against)
   default   the whole default `harness` run as a fresh process, cold (empty JAX compilation cache) and warm, with
             its compile share and each program's compile vs run seconds (from report.json)
@@ -76,6 +79,23 @@ def bench_pytorch(workdir: str) -> dict | None:
                           workdir, os.path.join(workdir, "unused-cache"))
     with open(out) as f:
         return {"process_seconds": seconds, "parts": json.load(f)}
+
+
+def bench_paired(workdir: str, rounds: int = 2) -> list[dict] | None:
+    """``rounds`` rounds of the PyTorch reference, then the default run cold (an empty cache of its own), then warm
+    (that cache), as fresh processes back to back: a ratio within a round is measured minutes apart, where the
+    sections of one bench run can be an hour apart on a machine whose speed drifts by 1.5x. None without torch."""
+    out = []
+    for i in range(rounds):
+        pytorch = bench_pytorch(workdir)
+        if pytorch is None:
+            return None
+        cache = os.path.join(workdir, f"jax-cache-paired-{i}")
+        shutil.rmtree(cache, ignore_errors=True)
+        cold = run_process(harness_command("logger=none"), workdir, cache)
+        warm = run_process(harness_command("logger=none"), workdir, cache)
+        out.append(dict(pytorch_seconds=pytorch["process_seconds"], cold_seconds=cold, warm_seconds=warm))
+    return out
 
 
 def torch_ratios(seconds: float, pytorch: dict | None) -> str:
@@ -422,7 +442,8 @@ def bench_families(workdir: str, warm_runs: int = 3) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="pytorch,machine,default,models,grid,floor,monitor,sweep,families")
+    parser.add_argument("--only",
+                        default="pytorch,paired,machine,default,models,grid,floor,monitor,sweep,families")
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--model-warm-runs", type=int, default=2, help="warm rounds of the models section")
     parser.add_argument("--models", default=None,
@@ -442,6 +463,17 @@ def main():
             print(f"pytorch: the default suite's runs in sequential PyTorch take {pytorch['process_seconds']:.1f} s "
                   f"as a process here ({pytorch['parts']['total']:.1f} s training: {parts}); the issue's figure "
                   f"is {PYTORCH_PROCESS_SECONDS:.0f} s")
+    if "paired" in only:
+        rounds = results["paired"] = bench_paired(workdir)
+        if rounds is None:
+            print("paired: not measured (torch is not installed)")
+        else:
+            print("paired: the default run beside the PyTorch reference, round by round, as fresh processes "
+                  "(targets: cold 0.50x, warm 0.35x)")
+            for i, r in enumerate(rounds):
+                print(f"  round {i + 1}: PyTorch {r['pytorch_seconds']:.1f} s, harness cold {r['cold_seconds']:.1f} s "
+                      f"({r['cold_seconds'] / r['pytorch_seconds']:.2f}x), warm {r['warm_seconds']:.1f} s "
+                      f"({r['warm_seconds'] / r['pytorch_seconds']:.2f}x)")
     if "machine" in only:
         results["machine"] = bench_machine()
         print(f"machine: float32 matmul {results['machine']['matmul_gflops']:.0f} GFLOP/s")

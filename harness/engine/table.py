@@ -144,7 +144,8 @@ def plan(requests: list[Request], base: Arrays, batch_size: int, free_regulariza
             if len({q.spec.steps for q in candidate}) > 1 and not all(
                     join_fixed(q) for q in candidate if fixed_only(q)):
                 # Its rows would train in calls of their own anyway (by budget), at the others' batch size:
-                # the overfit test's 32 examples repeated to 128 cost 4x its compute to save one compile.
+                # the overfit test's 32 examples repeated to 128 cost 4x its compute to save one compile, worth it
+                # only where that compile costs more (join_fixed).
                 continue
             spec = merged_spec(candidate)
             if all(schedule_map(requests[j].spec, eval_schedule(spec)) is not None for j in [*members, i]):

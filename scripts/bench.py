@@ -499,6 +499,8 @@ def main():
         chosen = None if args.models is None else ["reference", *(n for n in args.models.split(",") if n != "reference")]
         if chosen is not None and set(chosen) - set(MODELS):
             parser.error(f"--models: unknown {sorted(set(chosen) - set(MODELS))}; known: {', '.join(MODELS)}")
+        if pytorch is None and results.get("paired"):
+            pytorch = {"process_seconds": results["paired"][-1]["pytorch_seconds"]}  # the paired section's last
         if pytorch is not None and "default" in only:
             # Measured again beside this section: these machines' speed drifts by 1.5x within an hour.
             pytorch = results["pytorch_beside_models"] = bench_pytorch(workdir)

@@ -305,6 +305,11 @@ def test_progress_on_a_terminal_tracks_diagnostics(monkeypatch):
         assert description(view) == "checklist: model (2/2)  1 error so far"
         # A finished diagnostic hides its own bars only: "seeds" may still be training beside it.
         assert set(view._tasks) == {"seeds"}
+        # A training bar says how long it has left; the checklist line, whose items differ in length, does not.
+        remaining = next(c for c in view._progress.columns if isinstance(c, terminal.TrainingTimeRemaining))
+        tasks = {t.id: t for t in view._progress.tasks}
+        assert remaining.render(tasks[view._overall]).plain == ""
+        assert remaining.render(tasks[view._tasks["seeds"]]).plain != ""
 
 
 # ----------------------------------------------------------------------------------------------------------------

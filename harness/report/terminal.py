@@ -14,7 +14,7 @@ import os
 
 from rich import box
 from rich.console import Console, Group
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.rule import Rule
 from rich.table import Table
 from rich.text import Text
@@ -46,7 +46,7 @@ class ProgressView:
         self._tasks: dict[str, int] = {}
         self._overall = None
         if progress is not None and self._names:
-            self._overall = progress.add_task(self._describe(), total=len(self._names))
+            self._overall = progress.add_task(self._describe(), total=len(self._names), checklist=True)
 
     def _describe(self) -> str:
         found = fmt.counts_text(self._counts) if any(self._counts.values()) else ""
@@ -82,6 +82,14 @@ def show_progress(console: Console) -> bool:
     return console.is_terminal and not console.is_dumb_terminal and not os.environ.get("CI")
 
 
+class TrainingTimeRemaining(TimeRemainingColumn):
+    """The time a training program has left, from its calls so far (a deep model's or a CNN's suite trains for
+    minutes on a CPU); none for the checklist line, whose diagnostics take anything from milliseconds to minutes."""
+
+    def render(self, task):
+        return Text("") if task.fields.get("checklist") else super().render(task)
+
+
 @contextlib.contextmanager
 def progress(console: Console, names: tuple[str, ...] = ()):
     """A transient progress display while the diagnostics run (it disappears when the report prints)."""
@@ -89,8 +97,8 @@ def progress(console: Console, names: tuple[str, ...] = ()):
         yield ProgressView(None, names)
         return
     bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=30),
-                   TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=console,
-                   transient=True)
+                   TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), TrainingTimeRemaining(),
+                   console=console, transient=True)
     with bar:
         yield ProgressView(bar, names)
 

@@ -34,6 +34,7 @@ from harness.engine import compile as programs
 from harness.engine import devices
 from harness.engine.core import Hparams, program_spec
 from harness.engine.driver import train_members
+from harness.engine.table import repeats_fixed
 
 # The probe trains at least PROBE_MEMBER_STEPS member-steps and PROBE_STEPS steps.
 PROBE_STEPS = 10
@@ -249,7 +250,8 @@ def joins_table(request, batch_size: int, measured: Measured | None) -> bool:
 def cost(ctx, settings: dict[str, Any], measured: Measured | None = None) -> Cost:
     """What the training diagnostics in ``settings`` will train and compile after the probe (``measured``): their
     announced requests (each row at the run's batch size, as the member table trains them, in one program; the
-    overfit test at its own batch and in a program of its own when its steps differ from the seed runs', unless it
+    overfit test at its own batch and in a program of its own when its loss cannot repeat its batch to the run's
+    (:func:`harness.engine.table.repeats_fixed`), or when its steps differ from the seed runs' and it does not
     :func:`joins_table`) and follow-ups (which reuse their request's program), and the capacity ladder: its
     configured rung when it cannot be the seed runs, and its smaller rungs (announced, or :data:`CAPACITY_MEMBERS`
     in the programs of :func:`harness.checks.training.capacity.own_programs`). An estimate: follow-ups beyond the
@@ -260,8 +262,9 @@ def cost(ctx, settings: dict[str, Any], measured: Measured | None = None) -> Cos
     for name, requests in announced(ctx, settings).items():
         s = settings[name]
         for r in requests:
-            alone = (bool(r.spec.fixed_batch) and (seeds is None or seeds.steps != r.spec.steps)
-                     and not joins_table(r, ctx.batch_size, measured))
+            joins = repeats_fixed(r, ctx.batch_size, ctx.loss_per_example()) and (
+                (seeds is not None and seeds.steps == r.spec.steps) or joins_table(r, ctx.batch_size, measured))
+            alone = bool(r.spec.fixed_batch) and not joins
             weight = r.spec.batch_size / max(ctx.batch_size, 1) if alone else 1.0
             steps += weight * (len(r.hparams) + r.follow_up) * r.spec.steps
             apart, table = apart + alone, table or not alone

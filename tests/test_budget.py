@@ -4,11 +4,14 @@ run reports what was measured and cut."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from helpers import compose
 from reference_job import fresh
 
 from harness import budget
+from harness.checks.registry import announced
 from harness.errors import HarnessError
 
 TRAINING = ["overfit_batch", "seeds", "controls", "lr_range", "capacity"]
@@ -201,3 +204,38 @@ def test_the_probe_runs_the_member_tables_own_program_which_the_table_then_reuse
     for name in ("seeds", "controls"):
         a, c = (next(o for o in r.outcomes if o.name == name) for r in (plain, budgeted))
         assert a.metrics == c.metrics and [f.id for f in a.findings] == [f.id for f in c.findings]
+
+
+def batch_mean_cross_entropy(outputs, targets):
+    """A user's loss that averages over its batch itself: a scalar, not one value per example."""
+    import optax
+
+    return optax.softmax_cross_entropy_with_integer_labels(outputs, targets).mean()
+
+
+def test_the_estimate_trains_the_overfit_test_where_the_member_table_will(rc):
+    """The overfit test joins the member table only with its batch repeated to the run's, which needs a loss per
+    example (a loss that averages its batch itself would see the repeats): with such a loss it is a program of its
+    own at any step count, and the estimate counts it so, the same suite at the same steps as the table trains it.
+    With a per-example loss and the seed runs' steps, it is a row of the table; under a cut to other steps, it
+    joins the probe's program only when that program's compile costs more than the batch it adds."""
+    from harness.pipeline import build_context
+
+    settings = {n: rc.settings[n] for n in ("overfit_batch", "seeds")}
+    per_example = fresh()
+    assert per_example.loss_per_example()
+    assert budget.cost(per_example, settings).programs == 1
+    scalar = build_context(compose(["logger=none", "~loss",
+                                    "+loss={_target_:test_budget.batch_mean_cross_entropy,_partial_:true}"]))
+    assert not scalar.loss_per_example()
+    assert budget.cost(scalar, settings).programs == 2
+    [(parts, _)] = scalar.table([r for requests in announced(scalar, settings).values() for r in requests])
+    assert all(r.name != "overfit_batch" for r in parts)  # what the estimate said: it trains apart
+    probe = budget.Measured(1e-6, compile=100.0, program=budget.probe_program(per_example, settings))
+    assert probe.program.spec.fixed_batch  # the configured table's program holds the fixed batch
+    short = {**settings, "seeds": dataclasses.replace(settings["seeds"], steps=250)}
+    assert budget.cost(per_example, short).programs == 2  # no probe: apart
+    assert budget.cost(per_example, short, probe).programs == 1  # a dear compile: joined
+    cheap = dataclasses.replace(probe, member_step=1.0, compile=1.0)
+    assert budget.cost(per_example, short, cheap).programs == 2
+    assert budget.cost(scalar, short, probe).programs == 2  # it cannot join, whatever the compile

@@ -166,19 +166,27 @@ class Context:
         mixed = len({r.spec.regularization for r in requests}) > 1  # else no need to trace the model twice
         if mixed and "free" not in traits:
             traits["free"] = not table.regularization_matters(self.problem, self.arrays.x_train[:2])
-        if "repeat" not in traits:
-            traits["repeat"] = table.per_example_loss(self.problem, self.arrays.x_train[:2], self.arrays.y_train[:2])
         # With budget=, the probe compiled a member table's program (harness.budget.measure): a group it
         # can train is trained by it, whatever the budget cut, instead of compiling a program of the cut suite's.
         probe = self.shared.get("_probe")
         compiled = None if probe is None else probe.program
-        groups = table.plan(requests, self.arrays, self.batch_size, mixed and traits["free"], traits["repeat"],
+        groups = table.plan(requests, self.arrays, self.batch_size, mixed and traits["free"], self.loss_per_example(),
                             self.problem, join_fixed=lambda r: budget.joins_table(r, self.batch_size, probe))
         out = []
         for parts in ([requests[i] for i in g] for g in groups):
             both = table.merged(parts, self.arrays)
             out.append((parts, (compiled is not None and table.onto(parts, both, compiled)) or both))
         return out
+
+    def loss_per_example(self) -> bool:
+        """Whether the loss returns one value per example (:func:`harness.engine.table.per_example_loss`, traced
+        once per run): then a fixed batch repeated to fill the run's batch trains as the fixed batch alone."""
+        from harness.engine import table
+
+        traits = self.shared.setdefault("_table_traits", {}).setdefault(self.problem, {})
+        if "repeat" not in traits:
+            traits["repeat"] = table.per_example_loss(self.problem, self.arrays.x_train[:2], self.arrays.y_train[:2])
+        return traits["repeat"]
 
     def prefetch(self, requests: list) -> int:
         """Train the training diagnostics' announced requests (:class:`harness.engine.table.Request`) merged into

@@ -99,6 +99,13 @@ def fixed_only(request: Request) -> bool:
         np.all(np.asarray(request.hparams.fixed_batch) > 0))
 
 
+def repeats_fixed(request: Request, batch_size: int, repeat_fixed: bool) -> bool:
+    """Whether a request that trains only on its fixed batch can train at the run's ``batch_size``, the fixed batch
+    repeated to fill it: the same loss and gradient when the loss is per example (``repeat_fixed``,
+    :func:`per_example_loss`) and the batch a whole number of fixed batches."""
+    return repeat_fixed and fixed_only(request) and batch_size % request.spec.fixed_batch == 0
+
+
 def _group_key(request: Request, base: Arrays, batch_size: int, free_regularization: bool, repeat_fixed: bool,
                problem: Problem):
     spec, arrays = request.spec, request.arrays if request.arrays is not None else base
@@ -106,9 +113,7 @@ def _group_key(request: Request, base: Arrays, batch_size: int, free_regularizat
         return None  # other arrays (reloaded data, a control's own): a program of its own
     if request.problem is not None and request.problem.covers != problem:  # equal fingerprints: equal programs
         return None  # another model: a program of its own
-    batch = spec.batch_size
-    if repeat_fixed and fixed_only(request) and batch_size % spec.fixed_batch == 0:
-        batch = batch_size  # the fixed batch repeated to fill the others' batches: the same loss and gradient
+    batch = batch_size if repeats_fixed(request, batch_size, repeat_fixed) else spec.batch_size
     regularization = True if free_regularization else spec.regularization
     return (batch, regularization, spec.steps_per_call, spec.max_members_per_call, spec.max_eval_examples,
             spec.opt_level)

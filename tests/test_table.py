@@ -269,11 +269,9 @@ def test_a_smaller_suite_trains_by_an_already_compiled_tables_program(ctx):
     assert table.onto(cut, smaller, capable).spec.eval_every == 20
 
 
-def test_a_cut_suite_takes_the_overfit_test_into_the_probes_program_when_its_compile_costs_more(ctx):
-    """A budget that shortens the other runs leaves the overfit test's steps as they are, so it no longer shares
-    their step count. It joins the probe's program anyway (its fixed batch repeated to the table's batch, its rows
-    in calls of their own) when the compile that saves is more than the compute it adds, and trains apart at its
-    own batch when not (harness.budget.joins_table): both ways its diagnosis is the same."""
+def _overfit_both_ways(ctx) -> dict:
+    """The overfit test of a cut suite (the others' steps halved) trained in the probe's program (a dear compile)
+    and apart (a cheap one): its outcome each way, after checking the rule, the grouping and the estimate."""
     from harness.checks.training.overfit_batch import requests as overfit_requests
 
     overfit = overfit_batch.Settings(steps=200)
@@ -307,8 +305,25 @@ def test_a_cut_suite_takes_the_overfit_test_into_the_probes_program_when_its_com
         # What the budget's estimate counts: the overfit test's own program only when it trains apart.
         settings = {"overfit_batch": overfit, "seeds": seeds.Settings(steps=100, check_determinism=False)}
         assert budget.cost(fresh, settings, probe).programs == (1 if label == "joined" else 2)
+    return outcomes
+
+
+def test_a_cut_suite_takes_the_overfit_test_into_the_probes_program_when_its_compile_costs_more(ctx):
+    """A budget that shortens the other runs leaves the overfit test's steps as they are, so it no longer shares
+    their step count. It joins the probe's program anyway (its fixed batch repeated to the table's batch, its rows
+    in calls of their own) when the compile that saves is more than the compute it adds, and trains apart at its
+    own batch when not (harness.budget.joins_table): both ways its diagnosis is the same, on a healthy setup and
+    on a planted learning rate 100x too low."""
+    outcomes = _overfit_both_ways(ctx)
     joined, apart = (outcomes[k].metrics for k in ("joined", "apart"))
     assert joined["overfit_batch/passed"] and apart["overfit_batch/passed"]
-    assert [f.code for f in outcomes["joined"].findings] == [f.code for f in outcomes["apart"].findings]
+    assert [f.id for f in outcomes["joined"].findings] == [f.id for f in outcomes["apart"].findings]
     assert joined["overfit_batch/final_loss"] == pytest.approx(apart["overfit_batch/final_loss"], rel=0.2, abs=1e-3)
     assert abs(joined["overfit_batch/steps_to_target"] - apart["overfit_batch/steps_to_target"]) <= 10
+
+    outcomes = _overfit_both_ways(build_context(compose(["logger=none", "optim.lr=1e-5"])))
+    joined, apart = (outcomes[k].metrics for k in ("joined", "apart"))
+    assert not joined["overfit_batch/passed"] and not apart["overfit_batch/passed"]
+    assert joined["overfit_batch/failure"] == apart["overfit_batch/failure"]
+    codes = [f.id for f in outcomes["joined"].findings]
+    assert codes and codes == [f.id for f in outcomes["apart"].findings]

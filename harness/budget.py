@@ -11,7 +11,9 @@ again), estimates what the configured suite would take from the diagnostics' own
 over what the budget has left (the budget less the time the run has already spent: data and model stages, the
 probe), applies the cuts of :data:`CUTS` in order until the estimate fits (when no suite fits, all of them, or
 none if together they save less than :data:`MATERIAL` of the time). The report says what was measured, what was
-cut and what each cut costs in confidence; ``budget=null`` (the default) keeps the configured suite.
+cut (with the config overrides each cut set) and what each cut costs in confidence, and gives the overrides that
+run the chosen suite again without a budget (:func:`overrides`); ``budget=null`` (the default) keeps the
+configured suite.
 
 The order follows what each part of the suite is for: the LR test's second round only sharpens a suggestion the
 first round already makes (``lr_range.refine_reading``); a coarser grid still brackets the best LR; the
@@ -105,25 +107,56 @@ def _without(name: str) -> Callable[[dict], dict]:
     return apply
 
 
+# Halving the seed runs', the controls' and the LR grid's steps: the fourth cut, and the last one again.
+HALF_STEPS = Cut("half the steps for the seed runs, the controls and the LR grid",
+                 "the noise floor and the controls come from a shorter run, and the LR test judges the same horizon "
+                 "from validation curves extrapolated past what it trained", _steps(0.5))
+
 CUTS: tuple[Cut, ...] = (
-    Cut("the LR test's second round off (diagnostics.lr_range.refine=false)",
+    Cut("the LR test's second round off",
         "the suggested LR rests on one run per grid LR: on a small or noisy validation set it can be a grid point "
         "or two from the best", _set("lr_range", refine=False)),
-    Cut("an LR grid of 16 learning rates (diagnostics.lr_range.grid_size=16)",
+    Cut("an LR grid of 16 learning rates",
         "grid points 2.1x apart instead of 1.45x: the suggestion is that much coarser", _grid(16)),
-    Cut("no determinism rerun (diagnostics.seeds.check_determinism=false)",
+    Cut("no determinism rerun",
         "a nondeterministic platform or data pipeline goes unnoticed", _set("seeds", check_determinism=False)),
-    Cut("half the steps for the seed runs, the controls and the LR grid (diagnostics.seeds.steps, "
-        "diagnostics.controls.steps, diagnostics.lr_range.grid_steps)",
-        "the noise floor and the controls come from a shorter run, and the LR test judges the same horizon from "
-        "validation curves extrapolated past what it trained", _steps(0.5)),
-    Cut("an LR grid of 8 learning rates (diagnostics.lr_range.grid_size=8)",
+    HALF_STEPS,
+    Cut("an LR grid of 8 learning rates",
         "grid points 5x apart: the suggestion brackets the best LR within a factor of about 2", _grid(8)),
     Cut("no capacity ladder",
         "whether the model is too small is not asked: a fair ladder trains every rung for the full horizon",
         _without("capacity")),
-    Cut("half those steps again", "as above, from a shorter run still", _steps(0.5)),
+    HALF_STEPS,
 )
+
+
+# Settings whose config default follows another's (``conf/diagnostics/lr_range/default.yaml``: the LR test's
+# default horizon is ``diagnostics.seeds.steps``): source -> the one that follows it.
+FOLLOWS = {("seeds", "steps"): ("lr_range", "default_horizon")}
+
+
+def _value(v) -> str:
+    """A setting's value as a command-line override writes it."""
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(_value(x) for x in v) + "]"
+    return "null" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def overrides(before: dict[str, Any], after: dict[str, Any], run: tuple[str, ...]) -> list[str]:
+    """The command-line overrides that turn the diagnostics' settings ``before`` into ``after``: each changed
+    field as ``diagnostics.<name>.<field>=<value>``, and a diagnostic ``after`` drops as the ``diagnostics.run``
+    list (``run``: the run's, in order) without it."""
+    changed = [(name, f.name) for name, s in before.items() if name in after
+               for f in dataclasses.fields(s) if getattr(s, f.name) != getattr(after[name], f.name)]
+    # A cut leaves these as they were, but the config derives them from a key it changed: written, they stay.
+    changed += [(name, field) for source, (name, field) in FOLLOWS.items()
+                if source in changed and name in after and (name, field) not in changed]
+    out = [f"diagnostics.{name}.{field}={_value(getattr(after[name], field))}" for name, field in changed]
+    if any(name not in after for name in before):
+        out.append("diagnostics.run=[" + ",".join(n for n in run if n in after or n not in before) + "]")
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +189,10 @@ class Plan:
     settings: dict[str, Any]  # the diagnostics' settings the run uses
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # diagnostic -> why the budget dropped it
     declined: int = 0  # cuts not made: no suite fitting, all of them saved less than MATERIAL of the estimate
+    # The command-line overrides each cut made (:func:`overrides`), and those that run the chosen suite without a
+    # budget (the same suite every time, where a budget's choice moves with the machine's speed).
+    change_overrides: list[list[str]] = dataclasses.field(default_factory=list)
+    overrides: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def left(self) -> float:
@@ -192,7 +229,8 @@ class Plan:
                 "configured_seconds": self.configured_seconds, "configured_programs": self.configured_programs,
                 "planned_seconds": self.planned_seconds, "planned_programs": self.planned_programs,
                 "fits": self.fits, "changes": self.changes, "costs": self.costs, "skipped": self.skipped,
-                "declined_cuts": self.declined,
+                "declined_cuts": self.declined, "change_overrides": self.change_overrides,
+                "overrides": self.overrides,
                 "summary": self.summary()}
 
 
@@ -351,12 +389,13 @@ def measure(ctx, settings: dict[str, Any] | None = None) -> Measured:
 
 
 def plan(ctx, settings: dict[str, Any], names: list[str], budget: float, measured: Measured | None = None,
-         elapsed: float | None = None) -> Plan:
+         elapsed: float | None = None, run: tuple[str, ...] | None = None) -> Plan:
     """The suite that ends the run within ``budget`` seconds: the configured one if its estimated training and
     compiles fit in what is left of the budget, else the configured one with the first :data:`CUTS` that bring the
     estimate under it (all of them if none does, unless together they save less than :data:`MATERIAL` of the
     estimate: then none). ``measured``: the model's figures (default: :func:`measure`
-    now); ``elapsed``: seconds the run has spent so far (default: since ``ctx.started``, the probe included)."""
+    now); ``elapsed``: seconds the run has spent so far (default: since ``ctx.started``, the probe included);
+    ``run``: the run's ``diagnostics.run`` (default ``names``), for the overrides that drop a diagnostic."""
     chosen = {name: settings[name] for name in names}  # only what runs is cut
     if measured is None:
         measured = measure(ctx, chosen)
@@ -374,7 +413,8 @@ def plan(ctx, settings: dict[str, Any], names: list[str], budget: float, measure
 
     configured, configured_programs = estimate(chosen)
 
-    current, changes, costs, skipped = chosen, [], [], {}
+    run = tuple(names) if run is None else tuple(run)
+    current, changes, costs, skipped, keys, running = chosen, [], [], {}, [], run
     seconds, compiles = configured, configured_programs
     for cut in CUTS:
         if seconds <= left:
@@ -387,6 +427,8 @@ def plan(ctx, settings: dict[str, Any], names: list[str], budget: float, measure
             continue  # it would save nothing (shorter seed runs cost programs of their own): confidence for nothing
         for name in set(current) - set(smaller):
             skipped[name] = f"not run: the budget ({budget:g} s for the run) dropped it; {cut.cost}"
+        keys.append(overrides(current, smaller, running))
+        running = tuple(n for n in running if n in smaller or n not in current)
         current = smaller
         changes.append(cut.change)
         costs.append(cut.cost)
@@ -396,7 +438,7 @@ def plan(ctx, settings: dict[str, Any], names: list[str], budget: float, measure
         # No suite fits, and every cut together saves less than the estimate's own error: the run ends late
         # whatever is cut, so nothing is (on an accelerator, where the compiles are the run and the whole suite
         # trains in a second, no cut helps).
-        declined, current, changes, costs, skipped = len(changes), chosen, [], [], {}
+        declined, current, changes, costs, skipped, keys = len(changes), chosen, [], [], {}, []
         seconds, compiles = configured, configured_programs
     return Plan(budget, measured, elapsed, configured, configured_programs, seconds, compiles, changes, costs,
-                {**settings, **current}, skipped, declined)
+                {**settings, **current}, skipped, declined, keys, overrides(chosen, current, run))

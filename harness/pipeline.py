@@ -261,7 +261,7 @@ def fit_budget(rc: RunConfig, ctx: Context, names: list[str], previous: list[Out
     from harness import budget
 
     try:
-        plan = budget.plan(ctx, rc.settings, training, rc.budget)
+        plan = budget.plan(ctx, rc.settings, training, rc.budget, run=rc.diagnostics)
     except HarnessError:
         raise
     except Exception:  # noqa: BLE001

@@ -65,6 +65,34 @@ def test_the_smallest_suite_keeps_the_horizons_that_are_judged(rc):
     assert "over the budget" in plan.summary()
 
 
+def test_the_report_gives_the_overrides_that_run_the_chosen_suite_without_a_budget(rc):
+    """Each cut names the config keys it set, at the values it set them to (the two halvings: 250, then 125 steps),
+    and the plan gives the overrides that run the chosen suite again without a budget, whose choice moves with the
+    machine's speed: composed, they give the settings the budget chose, the dropped ladder left out of the run."""
+    plan = budget.plan(fresh(), rc.settings, TRAINING, budget=1.0, measured=budget.Measured(1.0), elapsed=0.0,
+                       run=rc.diagnostics)
+    keys = dict(zip(plan.changes, plan.change_overrides))
+    assert plan.change_overrides[0] == ["diagnostics.lr_range.refine=false"]
+    halvings = [k for c, k in zip(plan.changes, plan.change_overrides) if c == budget.HALF_STEPS.change]
+    # The LR test's horizon, which the config derives from the seed runs' steps, stays 500 and is written so.
+    assert halvings == [[f"diagnostics.seeds.steps={n}", f"diagnostics.controls.steps={n}",
+                         f"diagnostics.lr_range.grid_steps={n}", "diagnostics.lr_range.default_horizon=500"]
+                        for n in (250, 125)]
+    assert keys["no capacity ladder"] == ["diagnostics.run=[data,model,overfit_batch,seeds,controls,lr_range]"]
+    again = compose(["logger=none", *plan.overrides])
+    assert again.diagnostics == ("data", "model", "overfit_batch", "seeds", "controls", "lr_range")
+    assert all(again.settings[name] == plan.settings[name] for name in again.diagnostics)
+    assert len(plan.overrides) == len(set(k.split("=")[0] for k in plan.overrides))  # each key once, its last value
+    # What the report shows: each cut with its keys, and the suite's overrides after budget=null.
+    from harness.report import format as fmt
+
+    d = plan.to_dict()
+    assert fmt.budget_rerun(d) == " ".join(["budget=null", *plan.overrides[:-1], f"'{plan.overrides[-1]}'"])
+    assert [keys for _, keys, _ in fmt.budget_cuts(d)][0] == "diagnostics.lr_range.refine=false"
+    kept = budget.plan(fresh(), rc.settings, TRAINING, budget=60, measured=budget.Measured(1e-4), elapsed=0.0)
+    assert kept.overrides == [] and fmt.budget_rerun(kept.to_dict()) is None
+
+
 def test_cuts_skip_what_does_not_run(rc):
     plan = budget.plan(fresh(), rc.settings, ["seeds"], budget=1.0, measured=budget.Measured(1.0), elapsed=0.0)
     # No LR test in this run: nothing of it is cut (only the seeds' rerun and steps are).
@@ -156,6 +184,7 @@ def test_the_probe_measures_the_configured_model():
 def test_a_run_with_a_budget_reports_what_it_cut():
     from harness.engine import compile as programs
     from harness.pipeline import run
+    from harness.report import format as fmt
     from harness.report import writer
 
     rc = compose(["logger=none", "budget=0.01", "diagnostics.run=[seeds,lr_range,capacity]",
@@ -171,10 +200,12 @@ def test_a_run_with_a_budget_reports_what_it_cut():
     assert b["budget_seconds"] == 0.01 and b["member_step_ms"] > 0 and not b["fits"]
     assert b["elapsed_seconds"] > 0.01 and b["left_seconds"] < 0 and b["probe_seconds"] > 0
     made = [c.change for c in budget.CUTS if c.change in b["changes"]]
-    assert b["changes"] == made and all(c.change in made for c in budget.CUTS[:3]) and "no capacity ladder" in made
+    assert all(c.change in made for c in budget.CUTS[:3]) and "no capacity ladder" in made
     # One of the two halvings takes the 200-step runs to the 100-step floor: the first, unless shorter seed runs
     # would cost more in programs than they save (then the second, once the capacity ladder is dropped).
-    assert (budget.CUTS[3].change in made) != (budget.CUTS[-1].change in made)
+    assert b["changes"].count(budget.HALF_STEPS.change) == 1
+    assert b["change_overrides"][b["changes"].index(budget.HALF_STEPS.change)] == [
+        "diagnostics.seeds.steps=100", "diagnostics.lr_range.grid_steps=100", "diagnostics.lr_range.default_horizon=200"]
     lr = next(o for o in result.outcomes if o.name == "lr_range").metrics
     assert lr["lr_range/horizon_steps"] == 200 and lr["lr_range/grid_steps"] == 100  # extrapolated to 200
     capacity = next(o for o in result.outcomes if o.name == "capacity")
@@ -183,6 +214,8 @@ def test_a_run_with_a_budget_reports_what_it_cut():
     assert report["budget"] == b and report["diagnostics"]["capacity"]["skipped"] == capacity.skipped
     markdown = writer.render_markdown(report)
     assert "## Budget" in markdown and b["changes"][0] in markdown
+    assert f"add `{fmt.budget_rerun(b)}`" in markdown and "'diagnostics.run=[seeds,lr_range]'" in markdown
+    assert {"diagnostics.lr_range.refine=false", "diagnostics.run=[seeds,lr_range]"} <= set(b["overrides"])
 
 
 def test_the_probe_runs_the_member_tables_own_program_which_the_table_then_reuses():

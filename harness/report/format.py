@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from typing import Any, Iterable
 
 from harness.findings import FINDING_IDS
@@ -164,6 +165,19 @@ def skip_reason(reason: str) -> str:
         if reason.startswith(prefix):
             return reason[len(prefix):].strip()
     return reason
+
+
+def budget_cuts(b: dict) -> list[tuple[str, str, str]]:
+    """A budget's cuts (``report["budget"]``, :class:`harness.budget.Plan`): (what changed, the overrides that
+    made it, what it costs in confidence)."""
+    keys = b.get("change_overrides") or [[] for _ in b["changes"]]
+    return [(change, " ".join(map(shlex.quote, k)), cost) for change, k, cost in zip(b["changes"], keys, b["costs"])]
+
+
+def budget_rerun(b: dict) -> str | None:
+    """The overrides that run a budget's chosen suite again without a budget (the same suite on any machine), or
+    None when it cut nothing. Quoted for a shell (``diagnostics.run=[...]`` is a glob pattern to zsh)."""
+    return " ".join(map(shlex.quote, ["budget=null", *b["overrides"]])) if b.get("overrides") else None
 
 
 def seconds(s: float | None) -> str:

@@ -167,8 +167,12 @@ def footer(report: dict, output_dir: str | None) -> Group:
     budget = report.get("budget")
     if budget:
         text = Text("budget: ", style="bold").append(budget["summary"])
-        for change, cost in zip(budget["changes"], budget["costs"]):
-            text.append(f"\n  {change}: ", style="yellow").append(cost, style="dim")
+        for change, keys, cost in fmt.budget_cuts(budget):
+            label = f"\n  {change}" + (f" ({keys})" if keys else "") + ": "
+            text.append(label, style="yellow").append(cost, style="dim")
+        rerun = fmt.budget_rerun(budget)
+        if rerun:
+            text.append("\n  the same suite without a budget: ", style="dim").append(rerun)
         parts.append(text)
     first = report.get("first_to_fix")
     if first:  # the last line a user sees when the run ends; the whole diagnosis is the report's first block

@@ -341,8 +341,13 @@ def render_markdown(report: dict, *, image_src=None) -> str:
     if report.get("budget"):
         b = report["budget"]
         lines += ["## Budget", "", b["summary"], ""]
-        lines += [f"- {change}: {cost}" for change, cost in zip(b["changes"], b["costs"])]
+        lines += [f"- {change} (`{keys}`): {cost}" if keys else f"- {change}: {cost}"
+                  for change, keys, cost in fmt.budget_cuts(b)]
         lines += [""] if b["changes"] else []
+        rerun = fmt.budget_rerun(b)
+        if rerun:
+            lines += [f"The same suite without a budget, whatever the machine's speed: add `{rerun}` to the "
+                      "command.", ""]
 
     lines += ["## Diagnostics", ""] + _diagnostics_md(report)
 

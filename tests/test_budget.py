@@ -186,6 +186,7 @@ def test_a_run_with_a_budget_reports_what_it_cut():
     from harness.pipeline import run
     from harness.report import format as fmt
     from harness.report import writer
+    from harness.report.wandb_logger import main_summary
 
     rc = compose(["logger=none", "budget=0.01", "diagnostics.run=[seeds,lr_range,capacity]",
                   "diagnostics.seeds.steps=200", "diagnostics.lr_range.grid_steps=200",
@@ -215,6 +216,10 @@ def test_a_run_with_a_budget_reports_what_it_cut():
     markdown = writer.render_markdown(report)
     assert "## Budget" in markdown and b["changes"][0] in markdown
     assert f"add `{fmt.budget_rerun(b)}`" in markdown and "'diagnostics.run=[seeds,lr_range]'" in markdown
+    # W&B: the main run's summary tells runs whose cuts differ apart (their config is the same).
+    summary = main_summary(report, result)
+    assert summary["budget/seconds"] == 0.01 and summary["budget/fits"] is False
+    assert summary["budget/cuts"] == len(b["changes"]) and summary["budget/overrides"] == " ".join(b["overrides"])
     assert {"diagnostics.lr_range.refine=false", "diagnostics.run=[seeds,lr_range]"} <= set(b["overrides"])
 
 

@@ -350,6 +350,11 @@ def main_summary(report: dict, result) -> dict[str, Any]:
         "harness/compile_seconds": report["programs"].get("compile_seconds"),
         "harness/compile_wall_seconds": report["programs"].get("compile_wall_seconds"),
     }
+    b = report.get("budget")
+    if b:  # what budget= chose: runs whose cuts differ are told apart (their config is the same)
+        summary.update({"budget/seconds": b["budget_seconds"], "budget/fits": b["fits"],
+                        "budget/cuts": len(b["changes"]), "budget/member_step_ms": b["member_step_ms"],
+                        "budget/overrides": " ".join(b.get("overrides") or [])})
     for f in reversed(report["findings"]):  # most severe last, so it wins
         summary[f"finding/{f['id']}"] = f["severity"]
     for e in report.get("internal_errors") or []:  # a crashed diagnostic: its exception's type and message

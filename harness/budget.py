@@ -139,8 +139,6 @@ def _value(v) -> str:
     """A setting's value as a command-line override writes it."""
     if isinstance(v, bool):
         return str(v).lower()
-    if isinstance(v, (list, tuple)):
-        return "[" + ",".join(_value(x) for x in v) + "]"
     return "null" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
 
 

@@ -53,37 +53,9 @@ reference and regression jobs two seed-to-seed standard deviations of the valida
 3 seeds) are 0.9% of the untrained loss; the tiny wine and breast_cancer validation sets (45 and 142 examples) are
 noisier (4-6%), which is where the seeds diagnostic's measured spread takes over.
 
-Measured quality (``scripts/lr_quality.py --baseline 4f44d28``, the commit before this rule; 2-core CPU, 2026-11-30):
-validation loss after training at each rule's LR for the horizon, with the job's optimizer and batch size (mean of
-8 held-out seeds; wine 32), divided by the best of 48 fixed LRs trained the same way (the lowest running mean of
-three neighbours, which the winner's curse does not pull below every LR's expected loss); mean over 3 LR range
-runs (ramp seeds), worst in brackets. ``noise``: relative standard error of a seed mean near the optimum; smaller
-differences are seed luck. "before": this module's previous rule (a single-seed 200-step grid, the ramp's valley
-within 10%).
-
-=================  =======  =====  ============  ============  ======  ========  =========
-500 steps          best LR  noise  ours          before        valley  steepest  Lightning
-=================  =======  =====  ============  ============  ======  ========  =========
-digits (ref. job)  2.2e-3   6%     1.04x (1.11)  1.10x (1.12)  1.08x   1.25x     31x
-wine (32 seeds)    1.9e-4   8%     1.08x (1.17)  1.20x (1.40)  2.54x   1.09x     5.4x
-regression         0.020    3%     1.01x (1.07)  1.19x (1.21)  1.23x   2.79x     13894x
-breast_cancer      8.2e-4   8%     1.00x (1.00)  1.12x (1.18)  1.27x   2.22x     11803x
-=================  =======  =====  ============  ============  ======  ========  =========
-
-Wine stays above 1.05x: its 45 validation examples make one run's loss scatter by about 45%, so a window of three
-runs cannot place its narrow optimum closer than about one grid step (windows of 5-9, the tied set's lowest or
-centre LR, and a parabola over the basin were no better when replayed on recorded runs).
-
-Horizons past ``grid_steps`` (``--steps 2000``: the grid trains 500 steps, the suggestion is extrapolated):
-regression 1.00x (b = 0; before 1.10x), breast_cancer 0.99x (b = -1: 6.1e-4 carried to 1.5e-4; unextrapolated
-1.14x). Replayed on recorded runs: wine 1.02x, digits 1.19x, where even a grid trained the full 2,000 steps gets
-only 1.14x (its validation loss rises with overfitting below a flat basin).
-
-Cost: on the reference job the test takes 5.7-6.1 s instead of 2.5-3.1 s (`harness diagnostics.run=[lr_range]
-logger=none`, 2-core CPU, warm compile cache): 500 steps per member instead of 200. ``grid_steps=300`` trains
-40% fewer steps and extrapolates the last 200: replayed on recorded runs (8 held-out seeds for digits and wine, 3
-for the others) it was 1.00-1.06x on the four jobs, against 1.00-1.07x with 500 (wine 1.06x instead of 1.01x);
-200 misses regression's best LR, which still rises between 200 and 500 steps (1.18x).
+How well this suggests (``scripts/lr_quality.py``: validation loss at the suggested LR over held-out seeds,
+divided by the best of a fine grid of fixed LRs, beside fastai's valley and the steepest slope), for horizons past
+``grid_steps`` too, and what ``grid_steps`` costs: README, "Diagnosis quality", LR suggestions.
 """
 
 from __future__ import annotations

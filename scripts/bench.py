@@ -17,7 +17,8 @@ Sections (each prints ratios measured side by side in this one run, since shared
             its compile share and each program's compile vs run seconds (from report.json)
   models    the default run on the reference MLP, the built-in MLP at depth 20 and the built-in CNN on 8x8 digits
             images (each also with budget=60), cold and warm, with compile share and the ratios to the reference MLP
-            and to PyTorch
+            and to PyTorch; with torch installed, the deep MLP's and the CNN's full suites written in sequential
+            PyTorch too, and harness's runs as a fraction of those
   grid      the LR grid (32 LRs x 200 steps, reference job) vmapped in one program vs the same jitted training
             called once per LR; achieved FLOP/s of the vmapped program (XLA's cost analysis / run time)
   floor     the LR grid written by hand in plain JAX (no harness engine) and the import time of jax, flax and
@@ -67,16 +68,16 @@ def run_process(args: list[str], cwd: str, cache_dir: str, timeout: float = 1800
     return elapsed
 
 
-def bench_pytorch(workdir: str) -> dict | None:
+def bench_pytorch(workdir: str, model: str = "mlp") -> dict | None:
     """The sequential PyTorch reference as a fresh process (None without torch): wall seconds, and its own
-    seconds per diagnostic."""
+    seconds per diagnostic. ``model``: the reference MLP, or another of torch_reference.MODELS."""
     try:
         import torch  # noqa: F401
     except ImportError:
         return None
     out = os.path.join(workdir, "torch.json")
-    seconds = run_process([sys.executable, os.path.join(REPO, "scripts", "torch_reference.py"), "--json", out],
-                          workdir, os.path.join(workdir, "unused-cache"))
+    seconds = run_process([sys.executable, os.path.join(REPO, "scripts", "torch_reference.py"), "--json", out,
+                           "--model", model], workdir, os.path.join(workdir, "unused-cache"))
     with open(out) as f:
         return {"process_seconds": seconds, "parts": json.load(f)}
 
@@ -352,6 +353,10 @@ MODELS = {
     "cnn": ["data=digits_image", "model=cnn"],
 }
 COLD_ONLY = {"cnn"}  # the CNN's full suite takes minutes on 2 cores: measured once
+# The models whose full suite scripts/torch_reference.py also writes by hand: the same runs in sequential PyTorch,
+# so a model's cost to harness is read beside its cost to a practitioner's loop (a 20-layer MLP has 12x the
+# reference MLP's FLOPs per example, the CNN 23x: no engine trains them in the reference's time).
+TORCH_MODELS = {"mlp_depth20": "mlp_depth20", "cnn": "cnn"}
 
 
 def bench_models(workdir: str, warm_runs: int = 2, names: list[str] | None = None) -> dict:
@@ -520,6 +525,17 @@ def main():
                   f"{r['cold_programs']['compiles']:8d}   {r['warm_seconds']:7.1f} "
                   f"{r['warm_seconds'] / ref['warm_seconds']:5.2f} {r['warm_compile_share']:8.0%}   "
                   f"{r['cold_seconds'] / torch_seconds:10.2f} {r['warm_seconds'] / torch_seconds:10.2f}")
+        own = {name: bench_pytorch(workdir, TORCH_MODELS[name]) for name in m if name in TORCH_MODELS}
+        own = {name: t for name, t in own.items() if t is not None}
+        if own:
+            results["pytorch_per_model"] = own
+            print("  the same model's suite in sequential PyTorch (scripts/torch_reference.py --model), measured "
+                  "after the runs above; harness's runs as a fraction of it:")
+            for name, t in own.items():
+                r, seconds = m[name], t["process_seconds"]
+                warm = f", warm {r['warm_seconds'] / seconds:.2f}x" if r["warm_runs"] else ""
+                print(f"  {name:16s} PyTorch {seconds:7.1f} s ({seconds / torch_seconds:.1f}x the reference "
+                      f"job's); harness cold {r['cold_seconds'] / seconds:.2f}x{warm}")
     if "grid" in only:
         g = results["grid"] = bench_grid()
         v, lp = g["vmapped"], g["loop"]

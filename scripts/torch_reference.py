@@ -2,6 +2,7 @@
 
     python scripts/torch_reference.py           # needs torch (CPU wheel: pip install torch --index-url
                                                 # https://download.pytorch.org/whl/cpu); prints seconds per part
+    python scripts/torch_reference.py --model cnn   # the same suite on harness's built-in CNN (or mlp_depth20)
 
 The reference job's training diagnostics written the way a practitioner would by hand: one plain PyTorch training
 loop, called once per run, one run after another. It trains the same runs as harness's default suite on the
@@ -14,6 +15,12 @@ reference job (an MLP 64-128-128-10, ReLU, Adam at 1e-3, batch 128, 500 steps on
   LR range           fastai's LR ramp (1e-5 to 1, stopped at 4x the best smoothed loss), a grid of 32 fixed LRs,
                      then 7 LRs around the grid's best with 5 fresh seeds each
   capacity           widths 8, 16, 32, 64 (the configured width is the seed runs)
+
+``--model`` trains the same suite on the other models `scripts/bench.py` times: ``mlp_depth20`` (harness's
+``model.depth=20``: 20 hidden layers of 128) and ``cnn`` (``data=digits_image model=cnn``: two 3x3 convolutions of
+32 channels, 'same' padding, global average pooling, a dense head, on 8x8x1 images). The capacity ladder trains
+the rungs harness trains on each: the smaller widths, and for the CNN, whose configured width underfits, width 64
+too (on the MLPs the configured model fits, and no larger rung is trained).
 
 Each run evaluates the validation loss every 50 steps and at its end, as harness's do. Nothing is shared between
 runs but the data, which is what "sequential" means: the point of the comparison is what harness's one vmapped
@@ -35,26 +42,46 @@ from torch import nn
 STEPS, BATCH, LR, EVAL_EVERY = 500, 128, 1e-3, 50
 
 
-def load() -> tuple[torch.Tensor, ...]:
+def load(image: bool = False) -> tuple[torch.Tensor, ...]:
     x, y = load_digits(return_X_y=True)
     order = np.random.default_rng(0).permutation(len(x))
     x, y = x[order].astype(np.float32) / 16.0, y[order].astype(np.int64)
+    if image:
+        x = x.reshape(-1, 1, 8, 8)  # PyTorch's (N, C, H, W)
     n_val = len(x) // 4
     return (torch.from_numpy(x[n_val:]), torch.from_numpy(y[n_val:]),
             torch.from_numpy(x[:n_val]), torch.from_numpy(y[:n_val]))
 
 
-def mlp(width: int, seed: int) -> nn.Module:
+def mlp(width: int, seed: int, depth: int = 2) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
+    sizes = [64] + [width] * depth
+    layers = [m for a, b in zip(sizes[:-1], sizes[1:]) for m in (nn.Linear(a, b), nn.ReLU())]
+    return nn.Sequential(*layers, nn.Linear(width, 10))
 
 
-def train(x, y, x_val, y_val, *, lr=LR, seed=0, width=128, steps=STEPS, batch=BATCH, target=None,
+def cnn(width: int, seed: int, depth: int = 2) -> nn.Module:
+    torch.manual_seed(seed)
+    channels = [1] + [width] * depth
+    layers = [m for a, b in zip(channels[:-1], channels[1:]) for m in (nn.Conv2d(a, b, 3, padding="same"), nn.ReLU())]
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 10))
+
+
+# name -> (model builder, image inputs, configured width, the capacity ladder's rungs other than the configured one)
+MODELS = {
+    "mlp": (mlp, False, 128, (8, 16, 32, 64)),
+    "mlp_depth20": (lambda width, seed: mlp(width, seed, depth=20), False, 128, (8, 16, 32, 64)),
+    "cnn": (cnn, True, 32, (2, 4, 8, 16, 64)),
+}
+BUILD, WIDTH, RUNGS = mlp, 128, MODELS["mlp"][3]
+
+
+def train(x, y, x_val, y_val, *, lr=LR, seed=0, width=None, steps=STEPS, batch=BATCH, target=None,
           lr_schedule=None, stop_factor=None) -> dict:
     """One run: sampled minibatches (a fresh permutation each epoch), Adam, the validation loss every EVAL_EVERY.
     It stops at a non-finite loss, at `target`, or (fastai's lr_find) once the bias-corrected EMA of the loss
     exceeds `stop_factor` times its lowest."""
-    model = mlp(width, seed)
+    model = BUILD(WIDTH if width is None else width, seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     order, pos, losses, val = torch.randperm(len(x), generator=gen), 0, [], []
@@ -120,15 +147,18 @@ def lr_range(x, y, x_val, y_val) -> None:
 
 
 def capacity(x, y, x_val, y_val) -> None:
-    for width in (8, 16, 32, 64):
+    for width in RUNGS:
         train(x, y, x_val, y_val, width=width)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the seconds per part here")
+    parser.add_argument("--model", choices=sorted(MODELS), default="mlp", help="the model the suite trains")
     args = parser.parse_args()
-    data = load()
+    global BUILD, WIDTH, RUNGS
+    BUILD, image, WIDTH, RUNGS = MODELS[args.model]
+    data = load(image)
     seconds = {}
     for part in (overfit_batch, seeds, controls, lr_range, capacity):
         start = time.perf_counter()

@@ -73,7 +73,7 @@ MODELS = {
     "mlp_depth20": (lambda width, seed: mlp(width, seed, depth=20), False, 128, (8, 16, 32, 64)),
     "cnn": (cnn, True, 32, (2, 4, 8, 16, 64)),
 }
-BUILD, WIDTH, RUNGS = mlp, 128, MODELS["mlp"][3]
+BUILD, _, WIDTH, RUNGS = MODELS["mlp"]  # main() sets the one --model names
 
 
 def train(x, y, x_val, y_val, *, lr=LR, seed=0, width=None, steps=STEPS, batch=BATCH, target=None,
